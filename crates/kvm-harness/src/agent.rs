@@ -1,0 +1,204 @@
+//! The guest agent: a vCPU running `guest_payloads::GUEST_AGENT`, driven by
+//! host commands, so a scenario reads as "guest, do X" next to the checks.
+
+use guest_payloads::protocol::*;
+
+use crate::error::{Error, Result};
+use crate::vcpu::{Exit, GuestCall, Vcpu};
+
+/// One agent command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read the u64 at a GPA.
+    Read(u64),
+    /// Write a u64 to a GPA.
+    Write(u64, u64),
+    /// Fill `len` bytes at `gpa` with a u64 pattern.
+    Fill {
+        /// Start.
+        gpa: u64,
+        /// Bytes (multiple of 8).
+        len: u64,
+        /// Pattern.
+        pattern: u64,
+    },
+    /// Check `len` bytes at `gpa` hold a u64 pattern.
+    Check {
+        /// Start.
+        gpa: u64,
+        /// Bytes (multiple of 8).
+        len: u64,
+        /// Pattern.
+        pattern: u64,
+    },
+    /// Call code at a GPA; result is its rax.
+    Exec(u64),
+    /// KVM hypercall.
+    Hypercall {
+        /// Number (rax).
+        nr: u64,
+        /// rbx, rcx, rdx, rsi.
+        args: [u64; 4],
+    },
+    /// Touch one u64 per `stride` bytes.
+    Touch {
+        /// Start.
+        gpa: u64,
+        /// Bytes.
+        len: u64,
+        /// Step.
+        stride: u64,
+        /// Write (else read).
+        write: bool,
+    },
+    /// Report DONE.
+    Done,
+}
+
+impl Op {
+    fn encode(self) -> (u64, [u64; 5]) {
+        match self {
+            Self::Read(gpa) => (OP_READ, [gpa, 0, 0, 0, 0]),
+            Self::Write(gpa, value) => (OP_WRITE, [gpa, value, 0, 0, 0]),
+            Self::Fill { gpa, len, pattern } => (OP_FILL, [gpa, len, pattern, 0, 0]),
+            Self::Check { gpa, len, pattern } => (OP_CHECK, [gpa, len, pattern, 0, 0]),
+            Self::Exec(gpa) => (OP_EXEC, [gpa, 0, 0, 0, 0]),
+            Self::Hypercall { nr, args: [a, b, c, d] } => (OP_HYPERCALL, [nr, a, b, c, d]),
+            Self::Touch { gpa, len, stride, write } => (OP_TOUCH, [gpa, len, stride, u64::from(write), 0]),
+            Self::Done => (OP_DONE, [0; 5]),
+        }
+    }
+}
+
+/// A vCPU running the guest agent, parked at `READY`.
+#[derive(Debug)]
+pub struct Agent {
+    vcpu: Vcpu,
+}
+
+impl Agent {
+    /// Runs `vcpu` (created on a VM with the `GUEST_AGENT` payload) to its first `READY`.
+    pub fn start(mut vcpu: Vcpu) -> Result<Self> {
+        match vcpu.next_ok_call()? {
+            GuestCall::Ready(_) => Ok(Self { vcpu }),
+            other => Err(Error::Guest(format!("vCPU {}: agent did not start: {other:x?}", vcpu.id()))),
+        }
+    }
+
+    /// The underlying vCPU, e.g. to run it by hand after [`Self::submit`].
+    pub fn vcpu(&mut self) -> &mut Vcpu {
+        &mut self.vcpu
+    }
+
+    /// Writes `op` into the mailbox without running the vCPU.
+    pub fn submit(&mut self, op: Op) -> Result<()> {
+        let (code, args) = op.encode();
+        let (memory, mailbox) = self.vcpu.mailbox()?;
+        for (i, arg) in args.iter().enumerate() {
+            memory.write_u64(mailbox + MAILBOX_ARG0 + 8 * i as u64, *arg);
+        }
+        memory.write_u64(mailbox + MAILBOX_OP, code);
+        Ok(())
+    }
+
+    /// Runs until the agent reports `READY(result)` after `what`.
+    pub fn wait_ready(&mut self, what: &str) -> Result<u64> {
+        let exit = self.vcpu.run()?;
+        self.ready_from_exit(exit, what)
+    }
+
+    /// Interprets an exit that should be the agent's `READY` after `what`.
+    pub fn ready_from_exit(&mut self, exit: Exit, what: &str) -> Result<u64> {
+        let call = self.vcpu.call_from_exit(exit, &format!("guest agent doing {what}"))?;
+        match call {
+            GuestCall::Ready(result) => Ok(result),
+            GuestCall::AssertFail { .. } => {
+                // The agent abandons the command after reporting; park it at
+                // READY again so the scenario can go on using it.
+                let failure = other_failure(&call);
+                match self.vcpu.next_call()? {
+                    GuestCall::Ready(_) => {
+                        Err(Error::Guest(format!("vCPU {} doing {what}: {failure}", self.vcpu.id())))
+                    }
+                    next => Err(Error::Guest(format!(
+                        "vCPU {} doing {what}: {failure}; then, instead of READY: {next:x?}",
+                        self.vcpu.id()
+                    ))),
+                }
+            }
+            other => Err(Error::Guest(match other.failure() {
+                Some(failure) => format!("vCPU {} doing {what}: {failure}", self.vcpu.id()),
+                None => format!("vCPU {} doing {what}: expected READY, got {other:x?}", self.vcpu.id()),
+            })),
+        }
+    }
+
+    /// Submits `op` and waits for its result.
+    pub fn perform(&mut self, op: Op) -> Result<u64> {
+        self.submit(op)?;
+        self.wait_ready(&format!("{op:x?}"))
+    }
+
+    /// The guest reads the u64 at `gpa`.
+    pub fn read(&mut self, gpa: u64) -> Result<u64> {
+        self.perform(Op::Read(gpa))
+    }
+
+    /// The guest writes `value` at `gpa`.
+    pub fn write(&mut self, gpa: u64, value: u64) -> Result<()> {
+        self.perform(Op::Write(gpa, value)).map(drop)
+    }
+
+    /// The guest fills `[gpa, gpa + len)` with `pattern`.
+    pub fn fill(&mut self, gpa: u64, len: u64, pattern: u64) -> Result<()> {
+        self.perform(Op::Fill { gpa, len, pattern }).map(drop)
+    }
+
+    /// The guest checks `[gpa, gpa + len)` holds `pattern`; a mismatch is an
+    /// error naming the first differing GPA and both values.
+    pub fn check(&mut self, gpa: u64, len: u64, pattern: u64) -> Result<()> {
+        self.perform(Op::Check { gpa, len, pattern }).map(drop)
+    }
+
+    /// The guest calls code at `gpa`.
+    pub fn exec(&mut self, gpa: u64) -> Result<u64> {
+        self.perform(Op::Exec(gpa))
+    }
+
+    /// The guest touches `[gpa, gpa + len)` every `stride` bytes.
+    pub fn touch(&mut self, gpa: u64, len: u64, stride: u64, write: bool) -> Result<u64> {
+        self.perform(Op::Touch { gpa, len, stride, write })
+    }
+
+    /// The guest makes hypercall `nr`; each `KVM_EXIT_HYPERCALL` on the way
+    /// goes to `on_exit(vcpu, nr, args)`, whose value becomes the guest's rax.
+    pub fn hypercall(
+        &mut self,
+        nr: u64,
+        args: [u64; 4],
+        mut on_exit: impl FnMut(&mut Vcpu, u64, [u64; 6]) -> Result<u64>,
+    ) -> Result<u64> {
+        let op = Op::Hypercall { nr, args };
+        self.submit(op)?;
+        loop {
+            match self.vcpu.run()? {
+                Exit::Hypercall { nr, args, .. } => {
+                    let ret = on_exit(&mut self.vcpu, nr, args)?;
+                    self.vcpu.set_hypercall_ret(ret)?;
+                }
+                exit => return self.ready_from_exit(exit, &format!("{op:x?}")),
+            }
+        }
+    }
+
+    /// The guest reports `DONE`; the agent is finished.
+    pub fn done(mut self) -> Result<Vcpu> {
+        self.submit(Op::Done)?;
+        self.vcpu.expect_done()?;
+        Ok(self.vcpu)
+    }
+}
+
+fn other_failure(call: &GuestCall) -> String {
+    call.failure().unwrap_or_else(|| format!("{call:x?}"))
+}

@@ -1,0 +1,31 @@
+//! Harness for KVM private-memory selftests.
+//!
+//! It owns every raw ioctl and every `unsafe` of the suite. Tests speak in
+//! domain terms: a [`Kvm`] system fd, a [`Vm`] of a [`VmType`], memslots
+//! ([`Region`]) backed by anonymous memory or a [`GuestMemfd`], vCPUs
+//! ([`Vcpu`]) running a payload in long mode, guest calls ([`GuestCall`]),
+//! the command-driven [`Agent`], and expected outcomes ([`expect_errno`]).
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod error;
+pub mod kvm;
+pub mod memory;
+pub mod runner;
+pub mod uapi;
+pub mod vcpu;
+pub mod vm;
+pub mod watchdog;
+pub mod x86;
+
+pub use agent::{Agent, Op};
+pub use error::{errno_name, expect_eq, expect_errno, expect_ok, Error, Result};
+pub use kvm::{Cap, Kvm, VmType};
+/// The uAPI structs and constants, for tests that spell out raw requests.
+pub use kvm_bindings as bindings;
+pub use memory::{page_size, GuestMemfd, HostMemory};
+pub use nix::errno::Errno;
+pub use runner::{Need, Suite};
+pub use vcpu::{Exit, ExitReport, GuestCall, Vcpu};
+pub use vm::{GmemBinding, Region, Vm};

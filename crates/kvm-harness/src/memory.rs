@@ -1,0 +1,237 @@
+//! Host memory backing guest memory: anonymous mappings and guest_memfd.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+use nix::sys::stat::{fstat, FileStat};
+
+use crate::error::{Error, Result, SysContext};
+
+/// Host page size.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).expect("sysconf(_SC_PAGESIZE) is positive")
+}
+
+/// A host mapping (anonymous or of a file) that is unmapped on drop.
+///
+/// Guest memory is written concurrently by vCPUs, so all access goes through
+/// raw-pointer copies, never through Rust references into the mapping.
+#[derive(Debug)]
+pub struct HostMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access is by raw
+// copies that tolerate concurrent writers (the guest), so sharing it across
+// threads adds nothing a vCPU does not already do.
+unsafe impl Send for HostMemory {}
+// SAFETY: as for Send: no method hands out references into the mapping.
+unsafe impl Sync for HostMemory {}
+
+impl HostMemory {
+    /// A private anonymous read-write mapping of `len` bytes (zero-filled).
+    pub fn anonymous(len: u64) -> Result<Self> {
+        let size = std::num::NonZeroUsize::new(len as usize)
+            .ok_or_else(|| Error::Config("a host mapping cannot be empty".into()))?;
+        // SAFETY: a fresh anonymous mapping aliases nothing.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .sys(|| format!("mmap(anonymous, {len:#x} bytes)"))?;
+        Ok(Self { ptr: ptr.cast(), len: len as usize })
+    }
+
+    /// A mapping of `fd` at `offset` with the given flags (`MAP_SHARED`, `MAP_PRIVATE`).
+    pub fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, flags: MapFlags) -> Result<Self> {
+        let size = std::num::NonZeroUsize::new(len as usize)
+            .ok_or_else(|| Error::Config("a host mapping cannot be empty".into()))?;
+        // SAFETY: a new mapping chosen by the kernel aliases no Rust object.
+        let ptr =
+            unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, flags, fd, offset as libc::off_t) }
+                .sys(|| format!("mmap(fd {}, offset {offset:#x}, {len:#x} bytes, {flags:?})", fd.as_raw_fd()))?;
+        Ok(Self { ptr: ptr.cast(), len: len as usize })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Whether the mapping is empty (never, by construction).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Host virtual address, for `userspace_addr`.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    fn check(&self, offset: u64, len: usize) -> *mut u8 {
+        assert!(
+            offset.checked_add(len as u64).is_some_and(|end| end <= self.len as u64),
+            "access [{offset:#x}, +{len:#x}) outside a {:#x}-byte mapping",
+            self.len
+        );
+        // SAFETY: offset + len is within the mapping, checked above.
+        unsafe { self.ptr.as_ptr().add(offset as usize) }
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let dst = self.check(offset, data.len());
+        // SAFETY: dst..dst+len is inside our live mapping; the source is a
+        // distinct Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+    }
+
+    /// Copies bytes at `offset` into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+        let src = self.check(offset, buf.len());
+        // SAFETY: src..src+len is inside our live mapping; buf is distinct.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+    }
+
+    /// Reads a little-endian u64.
+    pub fn read_u64(&self, offset: u64) -> u64 {
+        let mut buf = [0; 8];
+        self.read(offset, &mut buf);
+        u64::from_le_bytes(buf)
+    }
+
+    /// Writes a little-endian u64.
+    pub fn write_u64(&self, offset: u64, value: u64) {
+        self.write(offset, &value.to_le_bytes());
+    }
+
+    /// Fills `len` bytes at `offset` with the repeated u64 `pattern`.
+    pub fn fill_u64(&self, offset: u64, len: u64, pattern: u64) {
+        let chunk: Vec<u8> = std::iter::repeat_n(pattern.to_le_bytes(), (len / 8) as usize).flatten().collect();
+        self.write(offset, &chunk);
+    }
+
+    /// The first u64 in `[offset, offset + len)` that differs from `pattern`,
+    /// as `(offset, value)`.
+    pub fn find_mismatch_u64(&self, offset: u64, len: u64, pattern: u64) -> Option<(u64, u64)> {
+        let mut buf = vec![0; len as usize];
+        self.read(offset, &mut buf);
+        buf.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+            .enumerate()
+            .find(|&(_, v)| v != pattern)
+            .map(|(i, v)| (offset + 8 * i as u64, v))
+    }
+
+    /// `madvise(MADV_HUGEPAGE)` on the whole mapping (THP for 2 MiB scenarios).
+    pub fn advise_hugepages(&self) -> Result<()> {
+        // SAFETY: the range is exactly our mapping; MADV_HUGEPAGE only changes
+        // how the kernel backs it.
+        let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) };
+        if ret != 0 {
+            return Err(Error::last_os("madvise(MADV_HUGEPAGE)", ""));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping and nothing refers into it any more.
+        if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            eprintln!("munmap of {:#x} bytes failed: {e}", self.len);
+        }
+    }
+}
+
+/// A guest_memfd: guest-private memory that the host cannot map unless the
+/// `MMAP` flag allows it.
+#[derive(Debug)]
+pub struct GuestMemfd {
+    fd: OwnedFd,
+    size: u64,
+    flags: u64,
+}
+
+impl GuestMemfd {
+    pub(crate) fn new(fd: OwnedFd, size: u64, flags: u64) -> Self {
+        Self { fd, size, flags }
+    }
+
+    /// Size requested at creation.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Flags requested at creation.
+    pub fn flags(&self) -> u64 {
+        self.flags
+    }
+
+    /// `fallocate(mode = 0)`: allocate `[offset, offset + len)`.
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.fallocate(FallocateFlags::empty(), offset, len)
+    }
+
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: free `[offset, offset + len)`.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        self.fallocate(FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+
+    /// `fallocate` with explicit flags.
+    pub fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> Result<()> {
+        fallocate(&self.fd, flags, offset as libc::off_t, len as libc::off_t)
+            .sys(|| format!("fallocate(guest_memfd, {flags:?}, offset {offset:#x}, len {len:#x})"))
+    }
+
+    /// `fstat` of the fd.
+    pub fn stat(&self) -> Result<FileStat> {
+        fstat(&self.fd).sys(|| "fstat(guest_memfd)".to_string())
+    }
+
+    /// mmap()s `[offset, offset + len)` with `flags`.
+    pub fn map(&self, offset: u64, len: u64, flags: MapFlags) -> Result<HostMemory> {
+        HostMemory::map_fd(self.fd.as_fd(), offset, len, flags)
+    }
+
+    /// `read(2)` into `buf`.
+    pub fn read(&self, buf: &mut [u8]) -> Result<usize> {
+        nix::unistd::read(&self.fd, buf).sys(|| "read(guest_memfd)".to_string())
+    }
+
+    /// `write(2)` from `buf`.
+    pub fn write(&self, buf: &[u8]) -> Result<usize> {
+        nix::unistd::write(&self.fd, buf).sys(|| "write(guest_memfd)".to_string())
+    }
+
+    /// `pread(2)` at `offset`.
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        nix::sys::uio::pread(&self.fd, buf, offset as libc::off_t).sys(|| format!("pread(guest_memfd, {offset:#x})"))
+    }
+
+    /// `pwrite(2)` at `offset`.
+    pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<usize> {
+        nix::sys::uio::pwrite(&self.fd, buf, offset as libc::off_t).sys(|| format!("pwrite(guest_memfd, {offset:#x})"))
+    }
+}
+
+impl AsFd for GuestMemfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for GuestMemfd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}

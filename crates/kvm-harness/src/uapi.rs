@@ -1,0 +1,58 @@
+//! KVM uAPI items that kvm-bindings 0.14 does not carry yet.
+//!
+//! Each mirrors a definition in the named kernel header; keep the values in
+//! sync with `include/uapi/linux/kvm.h` and
+//! `arch/x86/include/uapi/asm/kvm_para.h`, `include/uapi/linux/kvm_para.h`.
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` (include/uapi/linux/kvm.h): the
+/// `KVM_CREATE_GUEST_MEMFD` flags a VM accepts.
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+/// `KVM_CAP_USER_MEMORY2` (include/uapi/linux/kvm.h).
+pub const KVM_CAP_USER_MEMORY2: u32 = 231;
+
+/// `GUEST_MEMFD_FLAG_MMAP` (include/uapi/linux/kvm.h): the guest_memfd can be mmap()ed.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED` (include/uapi/linux/kvm.h): memory starts shared.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// `KVM_HC_MAP_GPA_RANGE` (include/uapi/linux/kvm_para.h).
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_4K` (arch/x86/include/uapi/asm/kvm_para.h).
+pub const KVM_MAP_GPA_RANGE_PAGE_SZ_4K: u64 = 0;
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M` (arch/x86/include/uapi/asm/kvm_para.h).
+pub const KVM_MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED` (arch/x86/include/uapi/asm/kvm_para.h): convert to private.
+pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// `KVM_MAP_GPA_RANGE_DECRYPTED` (arch/x86/include/uapi/asm/kvm_para.h): convert to shared.
+pub const KVM_MAP_GPA_RANGE_DECRYPTED: u64 = 0;
+
+/// Bits of the slot id that select the address space (`KVM_SET_USER_MEMORY_REGION`).
+pub const ADDRESS_SPACE_SHIFT: u32 = 16;
+
+const KVMIO: u64 = 0xAE;
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+/// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
+pub const KVM_PRE_FAULT_MEMORY: u64 = ioc(IOC_READ | IOC_WRITE, 0xd5, size_of::<kvm_bindings::kvm_pre_fault_memory>());
+/// `KVM_SET_USER_MEMORY_REGION2`: `_IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)`.
+pub const KVM_SET_USER_MEMORY_REGION2: u64 =
+    ioc(IOC_WRITE, 0x49, size_of::<kvm_bindings::kvm_userspace_memory_region2>());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(KVM_RUN, 0xAE80);
+        assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION2, 0x40A0_AE49);
+    }
+}

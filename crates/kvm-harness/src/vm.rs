@@ -1,0 +1,396 @@
+//! VMs: creation by type, memslots (anonymous or guest_memfd-backed),
+//! memory attributes, and vCPUs in long mode.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use guest_payloads::{layout, Payload, GUEST_RUNTIME};
+use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_enable_cap, kvm_memory_attributes, kvm_regs, kvm_userspace_memory_region,
+    kvm_userspace_memory_region2, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+};
+
+use crate::error::{Error, Result, SysContext};
+use crate::kvm::{Cap, Kvm, VmType};
+use crate::memory::{GuestMemfd, HostMemory};
+use crate::vcpu::Vcpu;
+use crate::{uapi, watchdog, x86};
+
+/// What a memslot's guest_memfd binding points at.
+#[derive(Debug, Clone)]
+pub enum GmemBinding {
+    /// A guest_memfd (kept alive by the slot).
+    Memfd(Arc<GuestMemfd>),
+    /// Any fd, for tests that check what the kernel rejects.
+    RawFd(RawFd),
+}
+
+impl GmemBinding {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Self::Memfd(gmem) => gmem.as_raw_fd(),
+            Self::RawFd(fd) => *fd,
+        }
+    }
+}
+
+/// A `KVM_SET_USER_MEMORY_REGION(2)` request.
+///
+/// The harness keeps `memory` (and a guest_memfd binding) alive for as long
+/// as the kernel holds the slot, so a guest never writes into freed memory.
+#[derive(Debug, Clone)]
+pub struct Region {
+    /// Slot id including the address space in bits 16 and up.
+    pub slot: u32,
+    /// `KVM_MEM_*` flags.
+    pub flags: u32,
+    /// First guest physical address.
+    pub gpa: u64,
+    /// Size in bytes (0 deletes the slot).
+    pub size: u64,
+    /// Host memory backing the shared view (None: userspace_addr 0).
+    pub memory: Option<Arc<HostMemory>>,
+    /// Offset of the slot's first byte in `memory`.
+    pub memory_offset: u64,
+    /// guest_memfd and offset (sets `KVM_MEM_GUEST_MEMFD` when present only if you add the flag).
+    pub guest_memfd: Option<(GmemBinding, u64)>,
+}
+
+impl Region {
+    /// A slot backed by `memory` from its start.
+    pub fn new(slot: u32, gpa: u64, memory: Arc<HostMemory>) -> Self {
+        let size = memory.len();
+        Self { slot, flags: 0, gpa, size, memory: Some(memory), memory_offset: 0, guest_memfd: None }
+    }
+
+    /// Binds a guest_memfd at `offset` and sets `KVM_MEM_GUEST_MEMFD`.
+    pub fn with_guest_memfd(mut self, gmem: GmemBinding, offset: u64) -> Self {
+        self.flags |= kvm_bindings::KVM_MEM_GUEST_MEMFD;
+        self.guest_memfd = Some((gmem, offset));
+        self
+    }
+
+    /// Places the slot in address space `as_id`.
+    pub fn in_address_space(mut self, as_id: u16) -> Self {
+        self.slot = (self.slot & 0xffff) | u32::from(as_id) << uapi::ADDRESS_SPACE_SHIFT;
+        self
+    }
+
+    /// The same slot with size 0: the delete request.
+    pub fn deletion(&self) -> Self {
+        Self { size: 0, ..self.clone() }
+    }
+
+    fn userspace_addr(&self) -> Result<u64> {
+        match &self.memory {
+            None => Ok(0),
+            Some(memory) => {
+                if self.memory_offset.checked_add(self.size).is_none_or(|end| end > memory.len()) {
+                    return Err(Error::Config(format!(
+                        "slot {:#x}: [{:#x}, +{:#x}) exceeds its {:#x}-byte backing",
+                        self.slot,
+                        self.memory_offset,
+                        self.size,
+                        memory.len()
+                    )));
+                }
+                Ok(memory.addr() + self.memory_offset)
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        let gmem = match &self.guest_memfd {
+            Some((b, off)) => format!(", guest_memfd fd {} offset {off:#x}", b.raw_fd()),
+            None => String::new(),
+        };
+        format!(
+            "slot {} as_id {}, flags {:#x}, gpa {:#x}, size {:#x}{gmem}",
+            self.slot & 0xffff,
+            self.slot >> uapi::ADDRESS_SPACE_SHIFT,
+            self.flags,
+            self.gpa,
+            self.size
+        )
+    }
+}
+
+/// A VM: its fd, the memslots the harness installed, and the system memory
+/// holding page tables, GDT, IDT, runtime and payload.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Arc<Kvm>,
+    fd: kvm_ioctls::VmFd,
+    vm_type: u64,
+    slots: Mutex<BTreeMap<u32, Region>>,
+    system: Option<Arc<HostMemory>>,
+    payload: Option<&'static Payload>,
+    timeout: Duration,
+}
+
+/// Slot id of the system memslot.
+pub const SYSTEM_SLOT: u32 = 0;
+
+impl Vm {
+    /// A VM of `vm_type` with no memslots.
+    pub fn bare(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Self> {
+        Self::with_raw_type(kvm, vm_type.raw())
+    }
+
+    /// `KVM_CREATE_VM` with any type value, for the VM-type rules.
+    pub fn with_raw_type(kvm: &Arc<Kvm>, vm_type: u64) -> Result<Self> {
+        let fd = kvm.create_vm_fd(vm_type)?;
+        Ok(Self {
+            kvm: kvm.clone(),
+            fd,
+            vm_type,
+            slots: Mutex::new(BTreeMap::new()),
+            system: None,
+            payload: None,
+            timeout: watchdog::configured_timeout()?,
+        })
+    }
+
+    /// A VM of `vm_type` ready to run `payload`: system memslot 0 at GPA 0
+    /// with long-mode tables, the guest runtime and the payload loaded.
+    pub fn with_payload(kvm: &Arc<Kvm>, vm_type: VmType, payload: &'static Payload) -> Result<Self> {
+        let mut vm = Self::bare(kvm, vm_type)?;
+        let system = Arc::new(HostMemory::anonymous(layout::SYSTEM_SLOT_SIZE)?);
+        x86::write_page_tables(&system);
+        x86::write_gdt(&system);
+        x86::write_idt(&system, &GUEST_RUNTIME);
+        system.write(GUEST_RUNTIME.load_gpa, GUEST_RUNTIME.code);
+        system.write(payload.load_gpa, payload.code);
+        if let Some(&(_, site)) = payload.labels.iter().find(|(name, _)| *name == "hypercall") {
+            // The payload is assembled with AMD's vmmcall; Intel needs vmcall.
+            let insn: [u8; 3] = if kvm.is_amd_like()? { [0x0f, 0x01, 0xd9] } else { [0x0f, 0x01, 0xc1] };
+            system.write(site, &insn);
+        }
+        vm.set_region(&Region::new(SYSTEM_SLOT, 0, system.clone()))?;
+        vm.system = Some(system);
+        vm.payload = Some(payload);
+        Ok(vm)
+    }
+
+    /// The `/dev/kvm` this VM came from.
+    pub fn kvm(&self) -> &Arc<Kvm> {
+        &self.kvm
+    }
+
+    /// The raw VM type it was created with.
+    pub fn raw_type(&self) -> u64 {
+        self.vm_type
+    }
+
+    /// The raw VM fd (to check that the kernel rejects it where a guest_memfd belongs).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM fd.
+    pub fn cap(&self, cap: Cap) -> i32 {
+        self.fd.check_extension_raw(cap.raw().into())
+    }
+
+    /// `KVM_ENABLE_CAP` on the VM fd.
+    pub fn enable_cap(&self, cap: Cap, args: [u64; 4]) -> Result<()> {
+        let request = kvm_enable_cap { cap: cap.raw(), args, ..Default::default() };
+        self.fd.enable_cap(&request).sys(|| format!("KVM_ENABLE_CAP({cap}, {args:#x?})"))
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD`.
+    pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<GuestMemfd> {
+        let request = kvm_create_guest_memfd { size, flags, ..Default::default() };
+        let fd = self
+            .fd
+            .create_guest_memfd(request)
+            .sys(|| format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})"))?;
+        // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(GuestMemfd::new(fd, size, flags))
+    }
+
+    fn slots(&self) -> MutexGuard<'_, BTreeMap<u32, Region>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, region: &Region) {
+        let mut slots = self.slots();
+        if region.size == 0 {
+            slots.remove(&region.slot);
+        } else {
+            slots.insert(region.slot, region.clone());
+        }
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION2` with `region`.
+    pub fn set_region(&self, region: &Region) -> Result<()> {
+        let (guest_memfd, guest_memfd_offset) = match &region.guest_memfd {
+            Some((binding, offset)) => (binding.raw_fd() as u32, *offset),
+            None => (0, 0),
+        };
+        let raw = kvm_userspace_memory_region2 {
+            slot: region.slot,
+            flags: region.flags,
+            guest_phys_addr: region.gpa,
+            memory_size: region.size,
+            userspace_addr: region.userspace_addr()?,
+            guest_memfd_offset,
+            guest_memfd,
+            ..Default::default()
+        };
+        // SAFETY: userspace_addr is 0 or inside `region.memory`, which the
+        // slot table keeps alive until the kernel drops the slot, so the
+        // guest can only ever touch memory we own.
+        unsafe { self.fd.set_user_memory_region2(raw) }
+            .sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe()))?;
+        self.record(region);
+        Ok(())
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION` (v1) with `region`; a guest_memfd binding
+    /// is not expressible there and is ignored.
+    pub fn set_region_v1(&self, region: &Region) -> Result<()> {
+        let raw = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags: region.flags,
+            guest_phys_addr: region.gpa,
+            memory_size: region.size,
+            userspace_addr: region.userspace_addr()?,
+        };
+        // SAFETY: as in `set_region`: the backing outlives the slot.
+        unsafe { self.fd.set_user_memory_region(raw) }
+            .sys(|| format!("KVM_SET_USER_MEMORY_REGION({})", region.describe()))?;
+        self.record(region);
+        Ok(())
+    }
+
+    /// Adds a slot of fresh anonymous memory; returns the host view of it.
+    pub fn add_memory(&self, slot: u32, gpa: u64, size: u64) -> Result<Arc<HostMemory>> {
+        let memory = Arc::new(HostMemory::anonymous(size)?);
+        self.set_region(&Region::new(slot, gpa, memory.clone()))?;
+        Ok(memory)
+    }
+
+    /// Adds a slot whose private view is `gmem` at `offset` and whose shared
+    /// view is fresh anonymous memory; returns the shared view.
+    pub fn add_private_memory(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        gmem: &Arc<GuestMemfd>,
+        offset: u64,
+    ) -> Result<Arc<HostMemory>> {
+        let memory = Arc::new(HostMemory::anonymous(size)?);
+        let region = Region::new(slot, gpa, memory.clone()).with_guest_memfd(GmemBinding::Memfd(gmem.clone()), offset);
+        self.set_region(&region)?;
+        Ok(memory)
+    }
+
+    /// Deletes slot `slot` (id including address space bits).
+    pub fn delete_slot(&self, slot: u32) -> Result<()> {
+        let region = self
+            .slots()
+            .get(&slot)
+            .cloned()
+            .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
+        self.set_region(&region.deletion())
+    }
+
+    /// Moves slot `slot` to `new_gpa` (delete + re-create, as userspace must).
+    pub fn move_slot(&self, slot: u32, new_gpa: u64) -> Result<()> {
+        let region = self
+            .slots()
+            .get(&slot)
+            .cloned()
+            .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
+        self.set_region(&region.deletion())?;
+        self.set_region(&Region { gpa: new_gpa, ..region })
+    }
+
+    /// The installed slot containing `gpa` in address space 0.
+    pub fn slot_at(&self, gpa: u64) -> Option<Region> {
+        self.slots()
+            .values()
+            .find(|r| r.slot >> uapi::ADDRESS_SPACE_SHIFT == 0 && (r.gpa..r.gpa + r.size).contains(&gpa))
+            .cloned()
+    }
+
+    /// The host's shared view of `[gpa, gpa + len)`: the backing memory and offset.
+    pub fn shared_view(&self, gpa: u64, len: u64) -> Result<(Arc<HostMemory>, u64)> {
+        let region = self.slot_at(gpa).ok_or_else(|| Error::Config(format!("no memslot at GPA {gpa:#x}")))?;
+        if gpa + len > region.gpa + region.size {
+            return Err(Error::Config(format!("[{gpa:#x}, +{len:#x}) crosses the end of its memslot")));
+        }
+        let memory = region.memory.ok_or_else(|| Error::Config(format!("slot at {gpa:#x} has no host memory")))?;
+        Ok((memory, region.memory_offset + gpa - region.gpa))
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES` with flags 0.
+    pub fn set_memory_attributes(&self, gpa: u64, size: u64, attributes: u64) -> Result<()> {
+        self.set_memory_attributes_raw(kvm_memory_attributes { address: gpa, size, attributes, flags: 0 })
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES` exactly as given.
+    pub fn set_memory_attributes_raw(&self, request: kvm_memory_attributes) -> Result<()> {
+        self.fd.set_memory_attributes(request).sys(|| {
+            format!(
+                "KVM_SET_MEMORY_ATTRIBUTES(gpa {:#x}, size {:#x}, attributes {:#x}, flags {:#x})",
+                request.address, request.size, request.attributes, request.flags
+            )
+        })
+    }
+
+    /// Marks `[gpa, gpa + size)` private.
+    pub fn make_private(&self, gpa: u64, size: u64) -> Result<()> {
+        self.set_memory_attributes(gpa, size, u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    }
+
+    /// Marks `[gpa, gpa + size)` shared.
+    pub fn make_shared(&self, gpa: u64, size: u64) -> Result<()> {
+        self.set_memory_attributes(gpa, size, 0)
+    }
+
+    /// A vCPU with no state set up (for VMs without system memory).
+    pub fn bare_vcpu(&self, id: u64) -> Result<Vcpu> {
+        let fd = self.fd.create_vcpu(id).sys(|| format!("KVM_CREATE_VCPU({id})"))?;
+        Ok(Vcpu { fd, id, system: self.system.clone(), payload: self.payload, timeout: self.timeout })
+    }
+
+    /// A vCPU in long mode at the payload's entry, with `args` in rdi, rsi,
+    /// rdx, rcx, `r15` pointing at its mailbox and its own stack.
+    pub fn vcpu(&self, id: u64, args: [u64; 4]) -> Result<Vcpu> {
+        let payload =
+            self.payload.ok_or_else(|| Error::Config("this VM has no payload; use Vm::with_payload".into()))?;
+        if id >= layout::MAX_VCPUS {
+            return Err(Error::Config(format!("vCPU id {id} exceeds the layout's {} vCPUs", layout::MAX_VCPUS)));
+        }
+        let vcpu = self.bare_vcpu(id)?;
+        // Under SVM, KVM refuses EFER.LME until the guest CPUID is set.
+        vcpu.fd.set_cpuid2(self.kvm.supported_cpuid()?).sys(|| format!("KVM_SET_CPUID2(vCPU {id})"))?;
+        let mut sregs = vcpu.fd.get_sregs().sys(|| format!("KVM_GET_SREGS(vCPU {id})"))?;
+        x86::set_long_mode(&mut sregs);
+        vcpu.fd.set_sregs(&sregs).sys(|| format!("KVM_SET_SREGS(vCPU {id}, long mode)"))?;
+        let regs = kvm_regs {
+            rip: payload.entry,
+            rsp: layout::STACKS_TOP - id * layout::STACK_SIZE,
+            rflags: 0x2,
+            rdi: args[0],
+            rsi: args[1],
+            rdx: args[2],
+            rcx: args[3],
+            r15: layout::MAILBOX_GPA + id * layout::MAILBOX_STRIDE,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs)?;
+        Ok(vcpu)
+    }
+
+    /// Enables `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`.
+    pub fn enable_map_gpa_range_exits(&self) -> Result<()> {
+        self.enable_cap(Cap::ExitHypercall, [1 << uapi::KVM_HC_MAP_GPA_RANGE, 0, 0, 0])
+    }
+}

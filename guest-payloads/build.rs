@@ -1,0 +1,346 @@
+//! Assembles the guest payloads with iced-x86 and writes `payloads.rs` into
+//! `OUT_DIR`: one `Payload` per program with its bytes, load GPA, entry point
+//! and label addresses.
+
+use std::{env, fmt::Write as _, fs, path::PathBuf};
+
+use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
+
+include!("src/abi.rs");
+
+use layout::*;
+use protocol::*;
+
+type Result<T> = std::result::Result<T, IcedError>;
+
+/// A payload under construction: the assembler plus named labels.
+struct Program {
+    name: &'static str,
+    doc: &'static str,
+    load_gpa: u64,
+    asm: CodeAssembler,
+    labels: Vec<(&'static str, CodeLabel)>,
+}
+
+impl Program {
+    fn new(name: &'static str, doc: &'static str, load_gpa: u64) -> Result<Self> {
+        Ok(Self { name, doc, load_gpa, asm: CodeAssembler::new(64)?, labels: Vec::new() })
+    }
+
+    /// Defines an exported label at the current position.
+    fn export(&mut self, name: &'static str) -> Result<CodeLabel> {
+        let mut label = self.asm.create_label();
+        self.asm.set_label(&mut label)?;
+        self.labels.push((name, label));
+        Ok(label)
+    }
+
+    /// `out PORT, eax = code`: a guest call; arguments must already be in place.
+    fn call_host(&mut self, code: u32) -> Result<()> {
+        let a = &mut self.asm;
+        a.mov(edx, PORT as u32)?;
+        a.mov(eax, code)?;
+        a.out(dx, eax)
+    }
+
+    /// Reports DONE forever: the host must not resume a finished payload, and
+    /// if it does it sees DONE again instead of running off the end.
+    fn done(&mut self) -> Result<()> {
+        let mut again = self.asm.create_label();
+        self.done_at(&mut again)
+    }
+
+    /// [`Self::done`] starting at `label`, which must not be set yet.
+    fn done_at(&mut self, label: &mut CodeLabel) -> Result<()> {
+        self.asm.set_label(label)?;
+        self.call_host(CALL_DONE)?;
+        self.asm.jmp(*label)
+    }
+
+    fn finish(mut self, out: &mut String) -> Result<()> {
+        assert!(self.load_gpa == RUNTIME_GPA || self.load_gpa == PAYLOAD_GPA);
+        let result = self.asm.assemble_options(self.load_gpa, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+        let bytes = result.inner.code_buffer.clone();
+        assert!((bytes.len() as u64) <= PAYLOAD_MAX, "{} is too big", self.name);
+        let mut labels = String::new();
+        for (name, label) in &self.labels {
+            write!(labels, "(\"{name}\", {:#x}), ", result.label_ip(label)?).unwrap();
+        }
+        let ident = self.name.to_uppercase();
+        writeln!(
+            out,
+            "#[doc = {doc:?}]\npub static {ident}: Payload = Payload {{ name: {name:?}, load_gpa: {gpa:#x}, \
+             entry: {gpa:#x}, code: &{bytes:?}, labels: &[{labels}] }};",
+            doc = self.doc,
+            name = self.name,
+            gpa = self.load_gpa,
+        )
+        .unwrap();
+        Ok(())
+    }
+}
+
+/// Exception stubs: vector n pushes a zero error code where the CPU does not,
+/// then the vector, and reports `EXCEPTION(vector, error, rip, cr2)`.
+fn guest_runtime() -> Result<Program> {
+    let mut p = Program::new(
+        "guest_runtime",
+        "Exception stubs for vectors 0..32 (labels `vector_N`), each reporting EXCEPTION to the host.",
+        RUNTIME_GPA,
+    )?;
+    let mut common = p.asm.create_label();
+    const NAMES: [&str; 32] = [
+        "vector_0",
+        "vector_1",
+        "vector_2",
+        "vector_3",
+        "vector_4",
+        "vector_5",
+        "vector_6",
+        "vector_7",
+        "vector_8",
+        "vector_9",
+        "vector_10",
+        "vector_11",
+        "vector_12",
+        "vector_13",
+        "vector_14",
+        "vector_15",
+        "vector_16",
+        "vector_17",
+        "vector_18",
+        "vector_19",
+        "vector_20",
+        "vector_21",
+        "vector_22",
+        "vector_23",
+        "vector_24",
+        "vector_25",
+        "vector_26",
+        "vector_27",
+        "vector_28",
+        "vector_29",
+        "vector_30",
+        "vector_31",
+    ];
+    for (vector, name) in NAMES.iter().enumerate() {
+        p.export(name)?;
+        let has_error_code = matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30);
+        if !has_error_code {
+            p.asm.push(0)?;
+        }
+        p.asm.push(vector as i32)?;
+        p.asm.jmp(common)?;
+    }
+    p.asm.set_label(&mut common)?;
+    p.asm.pop(rdi)?;
+    p.asm.pop(rsi)?;
+    p.asm.mov(r8, qword_ptr(rsp))?;
+    p.asm.mov(r9, cr2)?;
+    let mut again = p.asm.create_label();
+    p.asm.set_label(&mut again)?;
+    p.call_host(CALL_EXCEPTION)?;
+    p.asm.jmp(again)?;
+    Ok(p)
+}
+
+/// Reports SYNC(seed), SYNC(!seed), SYNC(seed rotated left by 17), then DONE.
+fn sync_roundtrip() -> Result<Program> {
+    let mut p = Program::new(
+        "sync_roundtrip",
+        "SYNC(rdi), SYNC(!rdi), SYNC(rdi rotated left by 17), DONE; the seed is kept in rbx across the exits.",
+        PAYLOAD_GPA,
+    )?;
+    let a = &mut p.asm;
+    a.mov(rbx, rdi)?; // callee-saved across our own calls; the seed
+    p.call_host(CALL_SYNC)?;
+    let a = &mut p.asm;
+    a.mov(rdi, rbx)?;
+    a.not(rdi)?;
+    p.call_host(CALL_SYNC)?;
+    let a = &mut p.asm;
+    a.mov(rdi, rbx)?;
+    a.rol(rdi, 17)?;
+    p.call_host(CALL_SYNC)?;
+    p.done()?;
+    Ok(p)
+}
+
+/// An endless loop for the watchdog; `spin` is the looping instruction.
+fn spin_forever() -> Result<Program> {
+    let mut p = Program::new("spin_forever", "Jumps to itself forever (label `spin`).", PAYLOAD_GPA)?;
+    let spin = p.export("spin")?;
+    p.asm.jmp(spin)?;
+    Ok(p)
+}
+
+/// Fails an assertion with fixed values, for the protocol decoder.
+fn assert_fail() -> Result<Program> {
+    let mut p = Program::new("assert_fail", "ASSERT_FAIL(id = rdi, values = rsi, rsi+1, rsi+2, rsi+3).", PAYLOAD_GPA)?;
+    let a = &mut p.asm;
+    a.lea(r8, qword_ptr(rsi + 1))?;
+    a.lea(r9, qword_ptr(rsi + 2))?;
+    a.lea(r10, qword_ptr(rsi + 3))?;
+    p.call_host(CALL_ASSERT_FAIL)?;
+    p.done()?;
+    Ok(p)
+}
+
+/// Raises #UD, so the runtime's stub must report vector 6.
+fn raise_ud() -> Result<Program> {
+    let mut p = Program::new("raise_ud", "Executes ud2 (label `fault`).", PAYLOAD_GPA)?;
+    p.export("fault")?;
+    p.asm.ud2()?;
+    p.done()?;
+    Ok(p)
+}
+
+/// A command interpreter: reports READY(result), reads a command from its
+/// mailbox (r15), executes it, repeats. Lets a scenario's host code say
+/// "guest, read this GPA" right where it checks the outcome.
+fn guest_agent() -> Result<Program> {
+    let mut p = Program::new(
+        "guest_agent",
+        "Runs host commands from the vCPU mailbox (protocol::OP_*); label `hypercall` is the \
+         vendor-specific hypercall instruction the host patches.",
+        PAYLOAD_GPA,
+    )?;
+    let mut ready = p.asm.create_label();
+    let mut dispatch_done = p.asm.create_label();
+    let mut op_read = p.asm.create_label();
+    let mut op_write = p.asm.create_label();
+    let mut op_fill = p.asm.create_label();
+    let mut op_check = p.asm.create_label();
+    let mut op_exec = p.asm.create_label();
+    let mut op_hypercall = p.asm.create_label();
+    let mut op_touch = p.asm.create_label();
+    let mut op_done = p.asm.create_label();
+
+    p.asm.xor(edi, edi)?;
+    p.asm.set_label(&mut ready)?;
+    p.call_host(CALL_READY)?;
+    let a = &mut p.asm;
+    a.mov(rax, qword_ptr(r15 + MAILBOX_OP))?;
+    a.mov(r8, qword_ptr(r15 + MAILBOX_ARG0))?;
+    a.mov(r9, qword_ptr(r15 + (MAILBOX_ARG0 + 8)))?;
+    a.mov(r10, qword_ptr(r15 + (MAILBOX_ARG0 + 16)))?;
+    a.mov(r11, qword_ptr(r15 + (MAILBOX_ARG0 + 24)))?;
+    for (op, label) in [
+        (OP_READ, op_read),
+        (OP_WRITE, op_write),
+        (OP_FILL, op_fill),
+        (OP_CHECK, op_check),
+        (OP_EXEC, op_exec),
+        (OP_HYPERCALL, op_hypercall),
+        (OP_TOUCH, op_touch),
+        (OP_DONE, op_done),
+    ] {
+        a.cmp(rax, op as i32)?;
+        a.je(label)?;
+    }
+    // Unknown op: report it, then wait for the next command.
+    a.mov(rdi, ASSERT_UNKNOWN_OP)?;
+    a.mov(rsi, rax)?;
+    p.call_host(CALL_ASSERT_FAIL)?;
+    p.asm.xor(edi, edi)?;
+    p.asm.jmp(ready)?;
+
+    let a = &mut p.asm;
+    a.set_label(&mut op_read)?;
+    a.mov(rdi, qword_ptr(r8))?;
+    a.jmp(ready)?;
+
+    a.set_label(&mut op_write)?;
+    a.mov(qword_ptr(r8), r9)?;
+    a.jmp(dispatch_done)?;
+
+    a.set_label(&mut op_fill)?;
+    a.mov(rdi, r8)?;
+    a.mov(rcx, r9)?;
+    a.shr(rcx, 3)?;
+    a.mov(rax, r10)?;
+    a.cld()?;
+    a.rep().stosq()?;
+    a.jmp(dispatch_done)?;
+
+    // r8 = cursor, r9 = end, r10 = expected.
+    let mut check_loop = a.create_label();
+    let mut check_next = a.create_label();
+    a.set_label(&mut op_check)?;
+    a.add(r9, r8)?;
+    a.set_label(&mut check_loop)?;
+    a.cmp(r8, r9)?;
+    a.jae(dispatch_done)?;
+    a.mov(rax, qword_ptr(r8))?;
+    a.cmp(rax, r10)?;
+    a.je(check_next)?;
+    a.mov(rdi, ASSERT_PATTERN_MISMATCH)?;
+    a.mov(rsi, r8)?;
+    a.mov(r8, r10)?;
+    a.mov(r9, rax)?;
+    p.call_host(CALL_ASSERT_FAIL)?;
+    // Report only the first mismatch, then finish the command.
+    let a = &mut p.asm;
+    a.jmp(dispatch_done)?;
+    a.set_label(&mut check_next)?;
+    a.add(r8, 8)?;
+    a.jmp(check_loop)?;
+
+    a.set_label(&mut op_exec)?;
+    a.call(r8)?;
+    a.mov(rdi, rax)?;
+    a.jmp(ready)?;
+
+    a.set_label(&mut op_hypercall)?;
+    a.mov(rax, r8)?;
+    a.mov(rbx, r9)?;
+    a.mov(rcx, r10)?;
+    a.mov(rdx, r11)?;
+    a.mov(rsi, qword_ptr(r15 + (MAILBOX_ARG0 + 32)))?;
+    p.export("hypercall")?;
+    p.asm.vmmcall()?;
+    let a = &mut p.asm;
+    a.mov(rdi, rax)?;
+    a.jmp(ready)?;
+
+    // r8 = cursor, r9 = end, r10 = stride, r11 = write?, rdi = count.
+    let mut touch_loop = a.create_label();
+    let mut touch_read = a.create_label();
+    let mut touch_next = a.create_label();
+    a.set_label(&mut op_touch)?;
+    a.add(r9, r8)?;
+    a.xor(edi, edi)?;
+    a.set_label(&mut touch_loop)?;
+    a.cmp(r8, r9)?;
+    a.jae(ready)?;
+    a.test(r11, r11)?;
+    a.jz(touch_read)?;
+    a.mov(qword_ptr(r8), r8)?;
+    a.jmp(touch_next)?;
+    a.set_label(&mut touch_read)?;
+    a.mov(rax, qword_ptr(r8))?;
+    a.set_label(&mut touch_next)?;
+    a.inc(rdi)?;
+    a.add(r8, r10)?;
+    a.jmp(touch_loop)?;
+
+    a.set_label(&mut dispatch_done)?;
+    a.xor(edi, edi)?;
+    a.jmp(ready)?;
+
+    p.done_at(&mut op_done)?;
+    Ok(p)
+}
+
+fn main() -> Result<()> {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/abi.rs");
+    let mut out = String::from("// Generated by guest-payloads/build.rs.\n\n");
+    for program in [guest_runtime()?, sync_roundtrip()?, spin_forever()?, assert_fail()?, raise_ud()?, guest_agent()?] {
+        program.finish(&mut out)?;
+    }
+    let path = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("payloads.rs");
+    fs::write(path, out).expect("write payloads.rs");
+    Ok(())
+}

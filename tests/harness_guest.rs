@@ -1,0 +1,118 @@
+//! The harness against real KVM: guest calls, exceptions, and the watchdog
+//! turning a guest stuck in a loop into a prompt failure.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER};
+use kvm_harness::{ensure, Agent, Error, GuestCall, Suite, Vm, VmType};
+
+fn main() -> ExitCode {
+    let mut suite = Suite::new("harness_guest");
+
+    suite.test("watchdog_turns_infinite_loop_into_timeout_failure", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &SPIN_FOREVER)?;
+        let mut vcpu = vm.vcpu(0, [0; 4])?;
+        let deadline = Duration::from_millis(500);
+        vcpu.set_timeout(deadline);
+        let start = Instant::now();
+        let outcome = vcpu.run();
+        let elapsed = start.elapsed();
+        let spin = SPIN_FOREVER.label("spin");
+        match outcome {
+            Err(Error::Timeout { rip, ref symbol, .. }) if rip == spin => {
+                ensure!(
+                    symbol.as_deref() == Some("spin_forever:spin+0x0"),
+                    "the timeout names the payload label",
+                    "{symbol:?}"
+                );
+                // Not a speed target: proves the kick fired at the deadline
+                // rather than some other exit ending the run.
+                ensure!(elapsed >= deadline, "the watchdog waits for its deadline", "kicked after {elapsed:?}");
+                println!("watchdog: deadline {deadline:?}, vCPU kicked out after {elapsed:?}");
+                Ok(())
+            }
+            other => Err(Error::rule(
+                "a guest looping forever ends in a watchdog timeout at the looping RIP",
+                format!("expected Timeout at {spin:#x}, got {other:?}"),
+            )),
+        }
+    });
+
+    suite.test("vcpu_runs_again_after_a_watchdog_timeout", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &SPIN_FOREVER)?;
+        let mut vcpu = vm.vcpu(0, [0; 4])?;
+        vcpu.set_timeout(Duration::from_millis(100));
+        for round in 0..3 {
+            match vcpu.run() {
+                Err(Error::Timeout { .. }) => {}
+                other => {
+                    return Err(Error::rule(
+                        "each run of a spinning guest times out",
+                        format!("round {round}: {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    });
+
+    suite.test("guest_assert_fail_reaches_host_with_values", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &ASSERT_FAIL)?;
+        let mut vcpu = vm.vcpu(0, [42, 0x1000, 0, 0])?;
+        let call = vcpu.next_call()?;
+        let expected = GuestCall::AssertFail { id: 42, values: [0x1000, 0x1001, 0x1002, 0x1003] };
+        ensure!(call == expected, "ASSERT_FAIL carries id and four values", "got {call:x?}");
+        Ok(())
+    });
+
+    suite.test("guest_exception_is_reported_with_vector_and_rip", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &RAISE_UD)?;
+        let mut vcpu = vm.vcpu(0, [0; 4])?;
+        let call = vcpu.next_call()?;
+        let fault = RAISE_UD.label("fault");
+        match call {
+            GuestCall::Exception { vector: 6, error_code: 0, rip, .. } if rip == fault => Ok(()),
+            other => Err(Error::rule(
+                "ud2 raises #UD reported by the runtime stub",
+                format!("expected #UD at {fault:#x}, got {other:x?}"),
+            )),
+        }
+    });
+
+    suite.test("agent_reads_writes_and_checks_guest_memory", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &GUEST_AGENT)?;
+        let gpa = guest_payloads::layout::TEST_AREA_GPA;
+        let host = vm.add_memory(1, gpa, 2 << 20)?;
+        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+        host.write_u64(0x100, 0xfeed_f00d);
+        let seen = guest.read(gpa + 0x100)?;
+        ensure!(seen == 0xfeed_f00d, "the guest reads what the host wrote", "read {seen:#x}");
+        guest.fill(gpa, 0x1000, 0x5a5a_5a5a_5a5a_5a5a)?;
+        ensure!(
+            host.find_mismatch_u64(0, 0x1000, 0x5a5a_5a5a_5a5a_5a5a).is_none(),
+            "the host sees what the guest filled",
+            "{:x?}",
+            host.find_mismatch_u64(0, 0x1000, 0x5a5a_5a5a_5a5a_5a5a)
+        );
+        guest.check(gpa, 0x1000, 0x5a5a_5a5a_5a5a_5a5a)?;
+        host.write_u64(0x808, 1);
+        match guest.check(gpa, 0x1000, 0x5a5a_5a5a_5a5a_5a5a) {
+            Err(Error::Guest(msg)) if msg.contains(&format!("at GPA {:#x}", gpa + 0x808)) => {}
+            other => return Err(Error::rule("a pattern mismatch names the GPA", format!("{other:?}"))),
+        }
+        let touched = guest.touch(gpa, 2 << 20, 4096, true)?;
+        ensure!(touched == 512, "touch visits every page", "touched {touched}");
+        guest.done().map(drop)
+    });
+
+    suite.host_test("payload_labels_are_inside_their_code", || {
+        for payload in guest_payloads::ALL.iter().chain([&&guest_payloads::GUEST_RUNTIME]) {
+            for (name, gpa) in payload.labels {
+                ensure!(payload.contains(*gpa), "labels point into the payload", "{}:{name} = {gpa:#x}", payload.name);
+            }
+        }
+        Ok(())
+    });
+    suite.run()
+}
