@@ -25,6 +25,9 @@ pub const STRICT_ENV: &str = "KVM_SELFTESTS_STRICT";
 /// Environment variable: a file each binary appends one JSON line per test to.
 pub const RESULTS_ENV: &str = "KVM_SELFTESTS_RESULTS";
 
+/// A custom requirement: `Err(reason)` when unmet.
+pub type CheckFn = dyn Fn(&Arc<Kvm>) -> Result<(), String> + Send + Sync;
+
 /// A precondition on the running kernel; unmet means "skip" (or fail in strict mode).
 pub enum Need {
     /// `KVM_CAP_VM_TYPES` advertises the type.
@@ -35,7 +38,7 @@ pub enum Need {
     VmCap(VmType, Cap),
     /// Anything else: `Err(reason)` to skip; the reason must name the
     /// capability and the value the kernel reported.
-    Check(Box<dyn Fn(&Arc<Kvm>) -> Result<(), String> + Send + Sync>),
+    Check(Box<CheckFn>),
 }
 
 impl std::fmt::Debug for Need {

@@ -357,8 +357,10 @@ impl Vcpu {
                 let mut data = [0u8; 8];
                 let n = usize::from(io.size).min(8);
                 // SAFETY: data_offset points inside the kvm_run mapping (the
-                // kernel's contract for KVM_EXIT_IO), and size <= 8.
-                unsafe { std::ptr::copy_nonoverlapping(run_base.add(io.data_offset as usize), data.as_mut_ptr(), n) };
+                // kernel's contract for KVM_EXIT_IO).
+                let src = unsafe { run_base.add(io.data_offset as usize) };
+                // SAFETY: src has at least `size` (<= 8) readable bytes; data is distinct.
+                unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), n) };
                 Exit::Io {
                     port: io.port,
                     out: u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT,

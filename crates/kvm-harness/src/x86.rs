@@ -32,6 +32,9 @@ pub const DATA_SELECTOR: u16 = 0x10;
 pub const TSS_SELECTOR: u16 = 0x18;
 const TSS_LIMIT: u32 = 0x67;
 
+// The page directories must end before the mailboxes start.
+const _: () = assert!(PD_GPA + IDENTITY_MAP_GIB * 0x1000 <= MAILBOX_GPA);
+
 /// Writes page tables identity-mapping the first `IDENTITY_MAP_GIB` GiB with
 /// 2 MiB pages into `system` (the memslot at GPA 0).
 pub fn write_page_tables(system: &HostMemory) {
@@ -143,7 +146,6 @@ mod tests {
         let last_gib = IDENTITY_MAP_GIB - 1;
         assert_eq!(mem.read_u64(PDPT_GPA + last_gib * 8), (PD_GPA + last_gib * 0x1000) | 3);
         let last_pde = mem.read_u64(PD_GPA + last_gib * 0x1000 + 511 * 8);
-        assert_eq!(last_pde, (IDENTITY_MAP_GIB << 30) - HUGE_PAGE | 0x83);
-        assert!(PD_GPA + IDENTITY_MAP_GIB * 0x1000 <= MAILBOX_GPA, "page directories overlap the mailboxes");
+        assert_eq!(last_pde, ((IDENTITY_MAP_GIB << 30) - HUGE_PAGE) | 0x83);
     }
 }
