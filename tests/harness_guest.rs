@@ -2,10 +2,11 @@
 //! turning a guest stuck in a loop into a prompt failure.
 
 use std::process::ExitCode;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER};
-use kvm_harness::{ensure, Agent, Error, GuestCall, Suite, Vm, VmType};
+use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER, SYNC_ROUNDTRIP};
+use kvm_harness::{ensure, Agent, Error, GuestCall, Result, Suite, Vm, VmType};
 
 fn main() -> ExitCode {
     let mut suite = Suite::new("harness_guest");
@@ -104,6 +105,48 @@ fn main() -> ExitCode {
         let touched = guest.touch(gpa, 2 << 20, 4096, true)?;
         ensure!(touched == 512, "touch visits every page", "touched {touched}");
         guest.done().map(drop)
+    });
+
+    suite.test("vcpus_on_their_own_threads_run_concurrently", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &SYNC_ROUNDTRIP)?;
+        let vcpus = (0..4u64).map(|id| vm.vcpu(id, [id << 32 | 0xabc, 0, 0, 0])).collect::<Result<Vec<_>>>()?;
+        let start = Barrier::new(vcpus.len());
+        std::thread::scope(|s| {
+            let runs: Vec<_> = vcpus
+                .into_iter()
+                .map(|mut vcpu| {
+                    let start = &start;
+                    s.spawn(move || -> Result<()> {
+                        start.wait();
+                        let seed = vcpu.id() << 32 | 0xabc;
+                        vcpu.expect_sync(seed)?;
+                        vcpu.expect_sync(!seed)?;
+                        vcpu.expect_sync(seed.rotate_left(17))?;
+                        vcpu.expect_done()
+                    })
+                })
+                .collect();
+            runs.into_iter().try_for_each(|run| run.join().expect("vCPU thread panicked"))
+        })
+    });
+
+    suite.test("watchdog_kicks_only_the_stuck_vcpu", vec![], |kvm| {
+        let spinning = Vm::with_payload(kvm, VmType::Default, &SPIN_FOREVER)?;
+        let syncing = Vm::with_payload(kvm, VmType::Default, &SYNC_ROUNDTRIP)?;
+        let mut stuck = spinning.vcpu(0, [0; 4])?;
+        stuck.set_timeout(Duration::from_millis(300));
+        let mut healthy = syncing.vcpu(0, [7, 0, 0, 0])?;
+        std::thread::scope(|s| {
+            let stuck = s.spawn(move || stuck.run());
+            healthy.expect_sync(7)?;
+            healthy.expect_sync(!7)?;
+            healthy.expect_sync(7u64.rotate_left(17))?;
+            healthy.expect_done()?;
+            match stuck.join().expect("vCPU thread panicked") {
+                Err(Error::Timeout { .. }) => Ok(()),
+                other => Err(Error::rule("the spinning vCPU times out", format!("{other:?}"))),
+            }
+        })
     });
 
     suite.host_test("payload_labels_are_inside_their_code", || {
