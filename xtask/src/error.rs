@@ -1,0 +1,100 @@
+//! Every way an xtask command can fail, each naming what was wrong.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}\n\nRun `cargo xtask help` for usage.")]
+    Usage(String),
+
+    #[error("cannot run `{cmd}`: {source}")]
+    Spawn { cmd: String, source: io::Error },
+
+    #[error("`{cmd}` failed ({status})")]
+    CommandFailed { cmd: String, status: ExitStatus },
+
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+
+    #[error("missing host prerequisites: {missing}; install them with `apt-get install {packages}` (as root)")]
+    MissingTools { missing: String, packages: String },
+
+    #[error("{} is not a kernel source tree (no Makefile and Kconfig)", .0.display())]
+    NotAKernelTree(PathBuf),
+
+    #[error(
+        "required kernel options did not stick in {}: {}",
+        config.display(),
+        options.join(", ")
+    )]
+    ConfigNotApplied { config: PathBuf, options: Vec<String> },
+
+    #[error("kernel build failed ({status}); last output:\n{tail}")]
+    KernelBuild { status: ExitStatus, tail: String },
+
+    #[error("kernel image {} does not exist", .0.display())]
+    NoKernelImage(PathBuf),
+
+    #[error("cargo reported no integration-test executables for package `kvm-selftests`")]
+    NoTestBinaries,
+
+    #[error("test executable {} does not exist", .0.display())]
+    NoSuchTestBinary(PathBuf),
+
+    #[error("guest did not reach init within {0} s (kernel hung or failed to mount the 9p root)")]
+    BootTimeout(u64),
+
+    #[error("guest run exceeded {0} s; QEMU was killed")]
+    RunTimeout(u64),
+
+    #[error("guest kernel panicked{}", if *.during_tests { " while running tests" } else { " during boot" })]
+    KernelPanic { during_tests: bool },
+
+    #[error("QEMU exited ({status}) before the guest finished{}", if *.booted { "" } else { " booting" })]
+    QemuExited { status: ExitStatus, booted: bool },
+
+    #[error("guest kernel has no /dev/kvm (is CONFIG_KVM/KVM_AMD built in and does the vCPU model have SVM/VMX?)")]
+    GuestNoKvm,
+
+    #[error("guest KVM lacks a required feature: {0}")]
+    GuestMissingFeature(String),
+
+    #[error("guest could not mount the results share or set up its environment: {0}")]
+    GuestSetup(String),
+
+    #[error("{}:{line}: malformed result record: {source}", path.display())]
+    BadResult { path: PathBuf, line: usize, source: serde_json::Error },
+
+    #[error("no tests ran (does the filter match any test?)")]
+    NoTestsRan,
+
+    #[error("guest probe: {0}")]
+    Probe(String),
+
+    #[error("bisect demo: {0}")]
+    Demo(String),
+}
+
+impl Error {
+    /// Whether the failure is the kernel's (it does not build, boot or offer
+    /// the features under test) rather than the host's or the user's: the
+    /// distinction `git bisect run` needs between "skip" and "abort".
+    pub fn is_kernel_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::NotAKernelTree(_)
+                | Error::ConfigNotApplied { .. }
+                | Error::KernelBuild { .. }
+                | Error::NoKernelImage(_)
+                | Error::BootTimeout(_)
+                | Error::KernelPanic { during_tests: false }
+                | Error::QemuExited { booted: false, .. }
+                | Error::GuestNoKvm
+                | Error::GuestMissingFeature(_)
+        )
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

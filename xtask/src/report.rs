@@ -1,0 +1,254 @@
+//! Test results (the JSON lines the test binaries append) and the KTAP and
+//! JUnit reports made from them.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::util::{self, io_err};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TestResult {
+    pub binary: String,
+    pub test: String,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Read a results file; a missing file means no test reported anything.
+pub fn read_results(path: &Path) -> Result<Vec<TestResult>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| Error::BadResult { path: path.to_path_buf(), line: i + 1, source })
+        })
+        .collect()
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub pass: usize,
+    pub fail: usize,
+    pub skip: usize,
+}
+
+pub fn summarize(results: &[TestResult]) -> Summary {
+    results.iter().fold(Summary::default(), |mut s, r| {
+        match r.outcome {
+            Outcome::Pass => s.pass += 1,
+            Outcome::Fail => s.fail += 1,
+            Outcome::Skip => s.skip += 1,
+        }
+        s
+    })
+}
+
+/// Results grouped by binary, in order of first appearance.
+fn by_binary(results: &[TestResult]) -> Vec<(&str, Vec<&TestResult>)> {
+    let mut groups: Vec<(&str, Vec<&TestResult>)> = Vec::new();
+    for r in results {
+        match groups.iter_mut().find(|(b, _)| *b == r.binary) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((&r.binary, vec![r])),
+        }
+    }
+    groups
+}
+
+/// KTAP v1 with one subtest per binary, as kselftest/KUnit nest them.
+pub fn ktap(results: &[TestResult]) -> String {
+    let groups = by_binary(results);
+    let mut out = format!("KTAP version 1\n1..{}\n", groups.len());
+    for (n, (binary, tests)) in groups.iter().enumerate() {
+        let _ = writeln!(out, "    KTAP version 1\n    # Subtest: {binary}\n    1..{}", tests.len());
+        for (i, t) in tests.iter().enumerate() {
+            let name = ktap_name(&t.test);
+            match t.outcome {
+                Outcome::Pass => {
+                    let _ = writeln!(out, "    ok {} {name}", i + 1);
+                }
+                Outcome::Skip => {
+                    let _ = writeln!(out, "    ok {} {name} # SKIP {}", i + 1, one_line(&t.message));
+                }
+                Outcome::Fail => {
+                    for line in t.message.lines() {
+                        let _ = writeln!(out, "    # {line}");
+                    }
+                    let _ = writeln!(out, "    not ok {} {name}", i + 1);
+                }
+            }
+        }
+        let failed = tests.iter().any(|t| t.outcome == Outcome::Fail);
+        let all_skipped = tests.iter().all(|t| t.outcome == Outcome::Skip);
+        let verdict = if failed { "not ok" } else { "ok" };
+        let skip = if all_skipped && !failed { " # SKIP all tests skipped" } else { "" };
+        let _ = writeln!(out, "{verdict} {} {}{skip}", n + 1, ktap_name(binary));
+    }
+    out
+}
+
+/// KTAP names end at `#`, which would turn the rest into a directive.
+fn ktap_name(name: &str) -> String {
+    one_line(name).replace('#', "_")
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub fn junit(results: &[TestResult]) -> String {
+    let s = summarize(results);
+    let secs = |ms: u64| format!("{:.3}", ms as f64 / 1000.0);
+    let total_ms: u64 = results.iter().map(|r| r.duration_ms).sum();
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"kvm-selftests\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{}\">",
+        results.len(),
+        s.fail,
+        s.skip,
+        secs(total_ms)
+    );
+    for (binary, tests) in by_binary(results) {
+        let owned: Vec<TestResult> = tests.iter().map(|t| (*t).clone()).collect();
+        let gs = summarize(&owned);
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{}\">",
+            xml(binary),
+            tests.len(),
+            gs.fail,
+            gs.skip,
+            secs(tests.iter().map(|t| t.duration_ms).sum())
+        );
+        for t in tests {
+            let _ = write!(
+                out,
+                "    <testcase classname=\"{}\" name=\"{}\" time=\"{}\"",
+                xml(binary),
+                xml(&t.test),
+                secs(t.duration_ms)
+            );
+            match t.outcome {
+                Outcome::Pass => out.push_str("/>\n"),
+                Outcome::Skip => {
+                    let _ = writeln!(out, ">\n      <skipped message=\"{}\"/>\n    </testcase>", xml(&t.message));
+                }
+                Outcome::Fail => {
+                    let first = t.message.lines().next().unwrap_or("failed");
+                    let _ = writeln!(
+                        out,
+                        ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>",
+                        xml(first),
+                        xml(&t.message)
+                    );
+                }
+            }
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+/// Escape for XML text and attributes, dropping characters XML 1.0 forbids.
+fn xml(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\n' | '\t' | '\r' => out.push(c),
+            c if (c as u32) < 0x20 => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Write `<stem>.ktap` and `<stem>.junit.xml` under target/kvm-selftests and
+/// print their paths.
+pub fn write_reports(results: &[TestResult], stem: &str) -> Result<(PathBuf, PathBuf)> {
+    let dir = util::output_dir();
+    util::create_dir_all(&dir)?;
+    let ktap_path = dir.join(format!("{stem}.ktap"));
+    let junit_path = dir.join(format!("{stem}.junit.xml"));
+    fs::write(&ktap_path, ktap(results)).map_err(io_err(&ktap_path))?;
+    fs::write(&junit_path, junit(results)).map_err(io_err(&junit_path))?;
+    eprintln!("xtask: KTAP report:  {}", ktap_path.display());
+    eprintln!("xtask: JUnit report: {}", junit_path.display());
+    Ok((ktap_path, junit_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(binary: &str, test: &str, outcome: Outcome, message: &str) -> TestResult {
+        TestResult { binary: binary.into(), test: test.into(), outcome, duration_ms: 5, message: message.into() }
+    }
+
+    #[test]
+    fn ktap_nests_per_binary() {
+        let results = [
+            r("a", "one", Outcome::Pass, ""),
+            r("b", "two", Outcome::Fail, "boom\nline 2"),
+            r("a", "three", Outcome::Skip, "no cap"),
+        ];
+        let k = ktap(&results);
+        assert_eq!(
+            k,
+            "KTAP version 1\n1..2\n\
+             \x20   KTAP version 1\n    # Subtest: a\n    1..2\n    ok 1 one\n    ok 2 three # SKIP no cap\nok 1 a\n\
+             \x20   KTAP version 1\n    # Subtest: b\n    1..1\n    # boom\n    # line 2\n    not ok 1 two\nnot ok 2 b\n"
+        );
+    }
+
+    #[test]
+    fn junit_escapes() {
+        let j = junit(&[r("a", "x<y", Outcome::Fail, "\"&\u{1}")]);
+        assert!(j.contains("name=\"x&lt;y\""));
+        assert!(j.contains("<failure message=\"&quot;&amp;\">&quot;&amp;</failure>"));
+        assert!(j.contains("failures=\"1\""));
+    }
+
+    #[test]
+    fn parses_contract_records() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("r.jsonl");
+        fs::write(
+            &f,
+            "{\"binary\":\"vm_types\",\"test\":\"t\",\"outcome\":\"skip\",\"duration_ms\":12,\"message\":\"m\"}\n\nnot json\n",
+        )
+        .unwrap();
+        let err = read_results(&f).unwrap_err();
+        assert!(matches!(err, Error::BadResult { line: 3, .. }), "{err}");
+        fs::write(&f, "{\"binary\":\"v\",\"test\":\"t\",\"outcome\":\"pass\"}\n").unwrap();
+        assert_eq!(read_results(&f).unwrap()[0].outcome, Outcome::Pass);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
