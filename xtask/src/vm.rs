@@ -129,6 +129,9 @@ pub fn host_can_nest() -> bool {
 pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     util::ensure_requirements(&[req("qemu-system-x86_64", "qemu-system-x86"), req("busybox", "busybox-static")])?;
     let busybox = util::find_in_path("busybox").expect("just ensured");
+    if let Some(k) = opts.kernel.as_ref().filter(|k| !k.is_file()) {
+        return Err(Error::NoKernelImage(k.clone()));
+    }
     // Built first: a broken test build is the host's problem and should stop
     // a bisection before any kernel work.
     let binaries = if opts.binaries.is_empty() {
@@ -144,8 +147,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             .collect::<Result<_>>()?
     };
     let kernel = match &opts.kernel {
-        Some(k) if k.is_file() => k.canonicalize().map_err(io_err(k))?,
-        Some(k) => return Err(Error::NoKernelImage(k.clone())),
+        Some(k) => k.canonicalize().map_err(io_err(k))?,
         None => kernel::build(&opts.kernel_opts)?,
     };
 
