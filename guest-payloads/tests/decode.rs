@@ -3,6 +3,7 @@
 
 use guest_payloads::{
     protocol, Payload, ALL, ASSERT_FAIL, GUEST_AGENT, GUEST_RUNTIME, RAISE_UD, SPIN_FOREVER, SYNC_ROUNDTRIP,
+    WATCH_MEMSLOT,
 };
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 use rstest::rstest;
@@ -46,6 +47,7 @@ fn call_codes(payload: &Payload) -> Vec<u32> {
 #[case::assert_fail(&ASSERT_FAIL)]
 #[case::raise_ud(&RAISE_UD)]
 #[case::guest_agent(&GUEST_AGENT)]
+#[case::watch_memslot(&WATCH_MEMSLOT)]
 fn decodes_completely_with_branches_inside(#[case] payload: &Payload) {
     let insns = decode(payload);
     let decoded_len: usize = insns.iter().map(Instruction::len).sum();
@@ -68,6 +70,7 @@ fn decodes_completely_with_branches_inside(#[case] payload: &Payload) {
 #[case::sync_roundtrip(&SYNC_ROUNDTRIP, vec![protocol::CALL_SYNC, protocol::CALL_SYNC, protocol::CALL_SYNC, protocol::CALL_DONE])]
 #[case::assert_fail(&ASSERT_FAIL, vec![protocol::CALL_ASSERT_FAIL, protocol::CALL_DONE])]
 #[case::spin_forever(&SPIN_FOREVER, vec![])]
+#[case::watch_memslot(&WATCH_MEMSLOT, vec![protocol::CALL_SYNC, protocol::CALL_SYNC, protocol::CALL_DONE])]
 #[case::runtime(&GUEST_RUNTIME, vec![protocol::CALL_EXCEPTION])]
 fn guest_calls_use_the_protocol_port_and_codes(#[case] payload: &Payload, #[case] expected: Vec<u32>) {
     assert_eq!(call_codes(payload), expected);
@@ -129,4 +132,15 @@ fn all_lists_every_test_payload_once() {
     names.dedup();
     assert_eq!(names.len(), ALL.len());
     assert!(ALL.iter().all(|p| p.load_gpa == guest_payloads::layout::PAYLOAD_GPA));
+}
+
+#[test]
+fn watch_memslot_spin_loop_reloads_the_watched_value() {
+    let insns = decode(&WATCH_MEMSLOT);
+    let (start, end) = (WATCH_MEMSLOT.label("spin"), WATCH_MEMSLOT.label("spin_end"));
+    let body: Vec<&Instruction> = insns.iter().filter(|i| (start..end).contains(&i.ip())).collect();
+    let mnemonics: Vec<Mnemonic> = body.iter().map(|i| i.mnemonic()).collect();
+    assert_eq!(mnemonics, vec![Mnemonic::Mov, Mnemonic::Cmp, Mnemonic::Je]);
+    assert_eq!(body[0].op1_kind(), OpKind::Memory, "the loop must re-read guest memory each time");
+    assert_eq!(body[2].near_branch_target(), start);
 }

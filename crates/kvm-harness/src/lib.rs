@@ -9,9 +9,11 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod child;
 pub mod error;
 pub mod kvm;
 pub mod memory;
+pub mod memslot_ops;
 pub mod runner;
 pub mod uapi;
 pub mod vcpu;
@@ -20,6 +22,7 @@ pub mod watchdog;
 pub mod x86;
 
 pub use agent::{Agent, Op};
+pub use child::{Access, ChildFate};
 pub use error::{errno_name, expect_eq, expect_errno, expect_ok, Error, Result};
 pub use kvm::{Cap, Kvm, VmType};
 /// The uAPI structs and constants, for tests that spell out raw requests.

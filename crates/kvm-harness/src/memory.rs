@@ -177,9 +177,10 @@ impl GuestMemfd {
         self.flags
     }
 
-    /// `fallocate(mode = 0)`: allocate `[offset, offset + len)`.
+    /// `fallocate(KEEP_SIZE)`: allocate `[offset, offset + len)` (guest_memfd
+    /// refuses any mode without `KEEP_SIZE`: its size is immutable).
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        self.fallocate(FallocateFlags::empty(), offset, len)
+        self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: free `[offset, offset + len)`.

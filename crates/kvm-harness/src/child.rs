@@ -1,0 +1,121 @@
+//! Memory accesses that are expected to kill the accessing process.
+//!
+//! A guest_memfd mapping raises SIGBUS on pages the host may not touch. The
+//! test runner executes tests on threads of one process, so such an access
+//! runs in a forked child instead, and the test asserts how the child ended.
+
+use std::fmt;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+
+use crate::error::{Error, Result, SysContext};
+use crate::memory::HostMemory;
+
+/// What the child does to each byte of the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A volatile one-byte load.
+    Read,
+    /// A volatile one-byte store of the value (like `memset`).
+    Write(u8),
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read => f.write_str("read"),
+            Self::Write(v) => write!(f, "write of {v:#04x}"),
+        }
+    }
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildFate {
+    /// `_exit(status)`: 0 means every access completed.
+    Exited(i32),
+    /// Killed by a signal.
+    Signaled(Signal),
+}
+
+impl fmt::Display for ChildFate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exited(0) => f.write_str("completed every access (exit status 0)"),
+            Self::Exited(status) => write!(f, "exited with status {status}"),
+            Self::Signaled(signal) => write!(f, "was killed by {}", signal.as_str()),
+        }
+    }
+}
+
+impl HostMemory {
+    /// Forks; the child performs `access` on every byte of
+    /// `[offset, offset + len)` of this mapping in ascending order, then
+    /// exits with status 0. Returns how the child ended.
+    ///
+    /// Stores that complete before a fault stay visible to the parent when
+    /// the mapping is shared (`MAP_SHARED`). The child dumps no core.
+    pub fn access_in_child(&self, offset: u64, len: u64, access: Access) -> Result<ChildFate> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(Error::Config(format!(
+                "child access [{offset:#x}, +{len:#x}) outside a {:#x}-byte mapping",
+                self.len()
+            )));
+        }
+        let start = (self.addr() + offset) as *mut u8;
+        let len = len as usize;
+        // SAFETY: the child runs only async-signal-safe code (signal(),
+        // setrlimit(), volatile accesses to a range checked above to lie in
+        // this live mapping, _exit()) and never returns into Rust code or
+        // allocates, so the other threads' locks copied by fork() are never
+        // touched.
+        match unsafe { fork() }.sys(|| "fork()".to_string())? {
+            ForkResult::Child => {
+                // SAFETY: see above; this process only touches the mapping and exits.
+                unsafe { child_body(start, len, access) }
+            }
+            ForkResult::Parent { child } => loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, status)) => return Ok(ChildFate::Exited(status)),
+                    Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(ChildFate::Signaled(signal)),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(errno) => {
+                        return Err(Error::Sys { op: format!("waitpid({child})"), errno, context: String::new() })
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The forked child: default fault dispositions, no core dump, the accesses, `_exit(0)`.
+///
+/// # Safety
+/// `[start, start + len)` must be a live mapping of this process; must only
+/// be called in a freshly forked child.
+unsafe fn child_body(start: *mut u8, len: usize, access: Access) -> ! {
+    for signal in [libc::SIGBUS, libc::SIGSEGV] {
+        // SAFETY: restoring the default disposition is a plain syscall; the
+        // runtime's fault handlers must not intercept the fault we observe.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+    for i in 0..len {
+        // SAFETY: the caller guarantees the range lies in a live mapping; a
+        // fault on it ends this process, which is what is being observed.
+        let byte = unsafe { start.add(i) };
+        match access {
+            // SAFETY: as above; volatile so every byte is really accessed.
+            Access::Read => drop(unsafe { std::ptr::read_volatile(byte) }),
+            // SAFETY: as above.
+            Access::Write(value) => unsafe { std::ptr::write_volatile(byte, value) },
+        }
+    }
+    // SAFETY: _exit skips atexit handlers and stdio flushing, as a forked
+    // child of a multi-threaded process must.
+    unsafe { libc::_exit(0) }
+}

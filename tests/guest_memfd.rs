@@ -1,0 +1,600 @@
+//! guest_memfd rules (`KVM_CREATE_GUEST_MEMFD` and the file it returns),
+//! ported from upstream's `guest_memfd_test.c` (6.12 and the newest in
+//! torvalds/linux) and checked against `virt/kvm/guest_memfd.c`.
+//!
+//! Every rule runs once per (VM type, guest_memfd flags) combination the
+//! running kernel supports: VM types from `KVM_CAP_VM_TYPES`, flags among 0,
+//! MMAP and MMAP|INIT_SHARED from `KVM_CAP_GUEST_MEMFD_FLAGS` on that VM's
+//! fd (absent, as on 6.12, means only 0). Nothing is decided by version.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use guest_payloads::{layout, GUEST_AGENT};
+use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
+use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use kvm_harness::{
+    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, Access, Agent, Cap, ChildFate, Errno, Error,
+    GmemBinding, GuestMemfd, Kvm, Need, Region, Result, Suite, Vm, VmType,
+};
+use nix::fcntl::FallocateFlags;
+use nix::sys::mman::MapFlags;
+use nix::sys::signal::Signal;
+
+/// A test body, boxed so one closure can register them all.
+type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
+
+/// Pages in the guest_memfd most rules use (upstream: 4).
+const PAGES: u64 = 4;
+
+/// A (VM type, guest_memfd flags) combination: the subject of one test.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    vm_type: VmType,
+    flags: u64,
+}
+
+impl Case {
+    fn flags_label(self) -> &'static str {
+        match self.flags {
+            0 => "noflags",
+            GUEST_MEMFD_FLAG_MMAP => "mmap",
+            f if f == GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED => "mmap_init_shared",
+            _ => "other",
+        }
+    }
+
+    fn name(self, rule: &str) -> String {
+        format!("{}_vm_{}_{rule}", self.vm_type.short(), self.flags_label())
+    }
+
+    /// The parameters, for failure messages.
+    fn describe(self) -> String {
+        format!("{}, guest_memfd flags {:#x}", self.vm_type, self.flags)
+    }
+
+    fn rule(self, rule: &str) -> String {
+        format!("{rule} [{}]", self.describe())
+    }
+
+    fn vm(self, kvm: &Arc<Kvm>) -> Result<Vm> {
+        Vm::bare(kvm, self.vm_type)
+    }
+
+    fn total() -> u64 {
+        PAGES * page_size()
+    }
+
+    /// A VM of the type and a guest_memfd of `size` bytes with the flags.
+    fn gmem(self, kvm: &Arc<Kvm>, size: u64) -> Result<(Vm, GuestMemfd)> {
+        let vm = self.vm(kvm)?;
+        let gmem = expect_ok(&self.rule(&format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}) succeeds")), || {
+            vm.create_guest_memfd(size, self.flags)
+        })?;
+        Ok((vm, gmem))
+    }
+}
+
+fn keep_size() -> FallocateFlags {
+    FallocateFlags::FALLOC_FL_KEEP_SIZE
+}
+
+fn punch() -> FallocateFlags {
+    FallocateFlags::FALLOC_FL_KEEP_SIZE | FallocateFlags::FALLOC_FL_PUNCH_HOLE
+}
+
+/// Flags `KVM_CAP_GUEST_MEMFD_FLAGS` advertises on a fresh VM of the type (0 when absent).
+fn supported_flags(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<u64> {
+    let vm = Vm::bare(kvm, vm_type)?;
+    Ok(u64::from(vm.cap(Cap::GuestMemfdFlags) as u32))
+}
+
+/// The flag combinations to run for `vm_type`: 0 always, MMAP and
+/// MMAP|INIT_SHARED where the VM advertises them.
+fn flag_cases(kvm: Option<&Arc<Kvm>>, vm_type: VmType) -> Vec<u64> {
+    let supported = kvm.filter(|k| k.supports(vm_type)).and_then(|k| supported_flags(k, vm_type).ok()).unwrap_or(0);
+    [0, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED]
+        .into_iter()
+        .filter(|f| f & !supported == 0)
+        .collect()
+}
+
+/// Collects every failing item of a sweep so one bad value never hides another.
+fn sweep<T: Copy + std::fmt::Debug>(
+    rule: &str,
+    items: impl IntoIterator<Item = T>,
+    mut check: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    let failures: Vec<String> =
+        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {e}"))).collect();
+    match failures.len() {
+        0 => Ok(()),
+        n => Err(Error::rule(rule, format!("{n} value(s) failed; first: {}", failures[..n.min(3)].join("; ")))),
+    }
+}
+
+// ---- creation ----
+
+/// Bit `bit` alone in the flags: accepted exactly when the VM advertises it.
+fn create_flag_bit(kvm: &Arc<Kvm>, vm_type: VmType, bit: u32) -> Result<()> {
+    let vm = Vm::bare(kvm, vm_type)?;
+    let advertised = u64::from(vm.cap(Cap::GuestMemfdFlags) as u32);
+    let flag = 1u64 << bit;
+    let rule = format!(
+        "{vm_type}: KVM_CREATE_GUEST_MEMFD(flags {flag:#x}) succeeds iff {} ({advertised:#x}) has the bit, else EINVAL",
+        Cap::GuestMemfdFlags
+    );
+    match (advertised & flag != 0, vm.create_guest_memfd(page_size(), flag)) {
+        (true, Ok(_)) => Ok(()),
+        (false, Err(e)) if e.errno() == Some(Errno::EINVAL) => Ok(()),
+        (true, Err(e)) => Err(Error::rule(rule, format!("advertised, but {e}"))),
+        (false, Ok(_)) => Err(Error::rule(rule, "not advertised, but the guest_memfd was created")),
+        (false, Err(e)) => Err(Error::rule(rule, format!("not advertised: expected EINVAL, got {e}"))),
+    }
+}
+
+fn create_rejects_sizes(kvm: &Arc<Kvm>, case: Case, sizes: impl IntoIterator<Item = u64>, what: &str) -> Result<()> {
+    let vm = case.vm(kvm)?;
+    let rule = case.rule(&format!("KVM_CREATE_GUEST_MEMFD rejects {what} with EINVAL"));
+    sweep(&rule, sizes, |size| {
+        expect_errno(&rule, Errno::EINVAL, || vm.create_guest_memfd(size, case.flags).map(|g| g.size()))
+    })?;
+    // Control: the same flags with a valid size work, so only the size was at fault.
+    expect_ok(&case.rule("KVM_CREATE_GUEST_MEMFD with one page succeeds"), || {
+        vm.create_guest_memfd(page_size(), case.flags).map(drop)
+    })
+}
+
+fn multiple_fds(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let page = page_size();
+    let vm = case.vm(kvm)?;
+    let rule = case.rule("each guest_memfd reports its own st_size and inode");
+    let first = vm.create_guest_memfd(page, case.flags)?;
+    let st1 = first.stat()?;
+    expect_eq(&rule, "first fd st_size", st1.st_size as u64, page)?;
+    let second = vm.create_guest_memfd(2 * page, case.flags)?;
+    let st2 = second.stat()?;
+    expect_eq(&rule, "second fd st_size", st2.st_size as u64, 2 * page)?;
+    let st1 = first.stat()?;
+    expect_eq(&rule, "first fd st_size after creating the second", st1.st_size as u64, page)?;
+    ensure!(st1.st_ino != st2.st_ino, rule, "both fds report inode {}", st1.st_ino);
+    Ok(())
+}
+
+fn file_size(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let (_vm, gmem) = case.gmem(kvm, Case::total())?;
+    let st = gmem.stat()?;
+    let rule = case.rule("fstat reports the requested size and the page size as st_blksize");
+    expect_eq(&rule, "st_size", st.st_size as u64, Case::total())?;
+    expect_eq(&rule, "st_blksize", st.st_blksize as u64, page_size())
+}
+
+// ---- file operations ----
+
+/// guest_memfd has no read/write file operations: `vfs_read`/`vfs_write`
+/// return EINVAL (no FMODE_CAN_READ/WRITE); the file is not opened with
+/// FMODE_PREAD/PWRITE, so `pread`/`pwrite` stop earlier with ESPIPE.
+#[derive(Debug, Clone, Copy)]
+enum Io {
+    Read,
+    Write,
+    Pread,
+    Pwrite,
+}
+
+impl Io {
+    const ALL: [Io; 4] = [Io::Read, Io::Write, Io::Pread, Io::Pwrite];
+
+    fn name(self) -> &'static str {
+        match self {
+            Io::Read => "read",
+            Io::Write => "write",
+            Io::Pread => "pread",
+            Io::Pwrite => "pwrite",
+        }
+    }
+
+    fn expected(self) -> Errno {
+        match self {
+            Io::Read | Io::Write => Errno::EINVAL,
+            Io::Pread | Io::Pwrite => Errno::ESPIPE,
+        }
+    }
+
+    fn run(self, gmem: &GuestMemfd) -> Result<usize> {
+        let mut buf = [0u8; 64];
+        match self {
+            Io::Read => gmem.read(&mut buf),
+            Io::Write => gmem.write(&buf),
+            Io::Pread => gmem.pread(&mut buf, 0),
+            Io::Pwrite => gmem.pwrite(&buf, 0),
+        }
+    }
+}
+
+fn io_fails(kvm: &Arc<Kvm>, case: Case, io: Io) -> Result<()> {
+    let (_vm, gmem) = case.gmem(kvm, Case::total())?;
+    let rule = case.rule(&format!("{}(2) on a guest_memfd fails with {}", io.name(), errno_name(io.expected())));
+    expect_errno(&rule, io.expected(), || io.run(&gmem))
+}
+
+// ---- fallocate ----
+
+#[derive(Debug, Clone, Copy)]
+enum Falloc {
+    AllocateAll,
+    RejectUnalignedOffset { punch: bool },
+    RejectUnalignedLength { punch: bool },
+    AllocateAtEnd,
+    AllocatePastEnd,
+    AllocateAcrossEnd,
+    PunchAtEnd,
+    PunchPastEnd,
+    PunchThenRefill,
+    RequireKeepSize,
+}
+
+impl Falloc {
+    const ALL: [Falloc; 12] = [
+        Falloc::AllocateAll,
+        Falloc::RejectUnalignedOffset { punch: false },
+        Falloc::RejectUnalignedOffset { punch: true },
+        Falloc::RejectUnalignedLength { punch: false },
+        Falloc::RejectUnalignedLength { punch: true },
+        Falloc::AllocateAtEnd,
+        Falloc::AllocatePastEnd,
+        Falloc::AllocateAcrossEnd,
+        Falloc::PunchAtEnd,
+        Falloc::PunchPastEnd,
+        Falloc::PunchThenRefill,
+        Falloc::RequireKeepSize,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Falloc::AllocateAll => "fallocate_whole_file_succeeds",
+            Falloc::RejectUnalignedOffset { punch: false } => "fallocate_rejects_unaligned_offset",
+            Falloc::RejectUnalignedOffset { punch: true } => "punch_hole_rejects_unaligned_offset",
+            Falloc::RejectUnalignedLength { punch: false } => "fallocate_rejects_unaligned_length",
+            Falloc::RejectUnalignedLength { punch: true } => "punch_hole_rejects_unaligned_length",
+            Falloc::AllocateAtEnd => "fallocate_at_end_fails",
+            Falloc::AllocatePastEnd => "fallocate_past_end_fails",
+            Falloc::AllocateAcrossEnd => "fallocate_across_end_fails",
+            Falloc::PunchAtEnd => "punch_hole_at_end_succeeds",
+            Falloc::PunchPastEnd => "punch_hole_past_end_succeeds",
+            Falloc::PunchThenRefill => "punch_hole_then_refill_succeeds",
+            Falloc::RequireKeepSize => "fallocate_without_keep_size_is_unsupported",
+        }
+    }
+}
+
+fn fallocate_rule(kvm: &Arc<Kvm>, case: Case, which: Falloc) -> Result<()> {
+    let (page, total) = (page_size(), Case::total());
+    let (_vm, gmem) = case.gmem(kvm, total)?;
+    let ok = |rule: &str, mode: FallocateFlags, offset: u64, len: u64| {
+        expect_ok(&case.rule(rule), || gmem.fallocate(mode, offset, len))
+    };
+    let fails = |rule: &str, errno: Errno, mode: FallocateFlags, offset: u64, len: u64| {
+        expect_errno(&case.rule(rule), errno, || gmem.fallocate(mode, offset, len))
+    };
+    let mode = |punch_hole: bool| if punch_hole { punch() } else { keep_size() };
+    match which {
+        Falloc::AllocateAll => ok("fallocate of the whole file succeeds", keep_size(), 0, total),
+        Falloc::RejectUnalignedOffset { punch } => {
+            // In bounds and page-sized: only the offset's alignment is wrong.
+            fails("fallocate at offset page-1 fails with EINVAL", Errno::EINVAL, mode(punch), page - 1, page)
+        }
+        Falloc::RejectUnalignedLength { punch } => {
+            fails("fallocate with length page-1 fails with EINVAL", Errno::EINVAL, mode(punch), page, page - 1)
+        }
+        Falloc::AllocateAtEnd => {
+            fails("fallocate starting at the size fails with EINVAL", Errno::EINVAL, keep_size(), total, page)
+        }
+        Falloc::AllocatePastEnd => {
+            fails("fallocate starting past the size fails with EINVAL", Errno::EINVAL, keep_size(), total + page, page)
+        }
+        Falloc::AllocateAcrossEnd => fails(
+            "fallocate of the last page plus one beyond the size fails with EINVAL",
+            Errno::EINVAL,
+            keep_size(),
+            total - page,
+            2 * page,
+        ),
+        Falloc::PunchAtEnd => ok("PUNCH_HOLE starting at the size succeeds", punch(), total, page),
+        Falloc::PunchPastEnd => ok("PUNCH_HOLE starting past the size succeeds", punch(), total + page, page),
+        Falloc::PunchThenRefill => {
+            ok("fallocate of the whole file succeeds", keep_size(), 0, total)?;
+            ok("PUNCH_HOLE of the second page succeeds", punch(), page, page)?;
+            ok("fallocate refills the punched page", keep_size(), page, page)?;
+            ok("PUNCH_HOLE of the last page succeeds", punch(), total - page, page)?;
+            ok("fallocate refills the last page", keep_size(), total - page, page)
+        }
+        Falloc::RequireKeepSize => {
+            // kvm_gmem_fallocate: the size is immutable, so mode 0 is EOPNOTSUPP.
+            fails(
+                "fallocate without KEEP_SIZE fails with EOPNOTSUPP",
+                Errno::EOPNOTSUPP,
+                FallocateFlags::empty(),
+                0,
+                page,
+            )
+        }
+    }
+}
+
+/// The ten invalid PUNCH_HOLE (offset, len) pairs of upstream, in page units
+/// plus a byte delta: `(offset_pages, offset_delta, len_pages, len_delta)`.
+const BAD_PUNCHES: [(&str, u64, i64, u64, i64); 10] = [
+    ("off_0_len_1", 0, 0, 0, 1),
+    ("off_0_len_page_minus_1", 0, 0, 1, -1),
+    ("off_0_len_page_plus_1", 0, 0, 1, 1),
+    ("off_1_len_1", 0, 1, 0, 1),
+    ("off_1_len_page_minus_1", 0, 1, 1, -1),
+    ("off_1_len_page", 0, 1, 1, 0),
+    ("off_1_len_page_plus_1", 0, 1, 1, 1),
+    ("off_page_len_1", 1, 0, 0, 1),
+    ("off_page_len_page_minus_1", 1, 0, 1, -1),
+    ("off_page_len_page_plus_1", 1, 0, 1, 1),
+];
+
+fn bad_punch(kvm: &Arc<Kvm>, case: Case, (_, op, od, lp, ld): (&str, u64, i64, u64, i64)) -> Result<()> {
+    let page = page_size();
+    let offset = (op * page).wrapping_add_signed(od);
+    let len = (lp * page).wrapping_add_signed(ld);
+    let (_vm, gmem) = case.gmem(kvm, Case::total())?;
+    let rule = case.rule(&format!("PUNCH_HOLE(offset {offset:#x}, len {len:#x}) is not page-aligned: EINVAL"));
+    expect_errno(&rule, Errno::EINVAL, || gmem.fallocate(punch(), offset, len))
+}
+
+// ---- mmap ----
+
+fn mmap_not_supported(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let (_vm, gmem) = case.gmem(kvm, Case::total())?;
+    // 6.12 has no mmap file operation; newer kernels refuse without the
+    // MMAP flag. Both end in ENODEV.
+    for len in [page_size(), Case::total()] {
+        let rule =
+            case.rule(&format!("mmap(MAP_SHARED, {len:#x} bytes) without GUEST_MEMFD_FLAG_MMAP fails with ENODEV"));
+        expect_errno(&rule, Errno::ENODEV, || gmem.map(0, len, MapFlags::MAP_SHARED))?;
+    }
+    Ok(())
+}
+
+fn mmap_private_fails(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let (_vm, gmem) = case.gmem(kvm, Case::total())?;
+    let rule = case.rule("mmap(MAP_PRIVATE) of a guest_memfd (copy-on-write) fails with EINVAL");
+    expect_errno(&rule, Errno::EINVAL, || gmem.map(0, Case::total(), MapFlags::MAP_PRIVATE))
+}
+
+/// The first byte in `[offset, offset + len)` of `mem` that is not `value`.
+fn first_mismatch(mem: &kvm_harness::HostMemory, offset: u64, len: u64, value: u8) -> Option<(u64, u8)> {
+    let mut buf = vec![0u8; len as usize];
+    mem.read(offset, &mut buf);
+    buf.iter().position(|&b| b != value).map(|i| (offset + i as u64, buf[i]))
+}
+
+fn expect_bytes(rule: &str, mem: &kvm_harness::HostMemory, offset: u64, len: u64, value: u8) -> Result<()> {
+    match first_mismatch(mem, offset, len, value) {
+        None => Ok(()),
+        Some((at, got)) => Err(Error::rule(
+            rule,
+            format!("byte at offset {at:#x} of [{offset:#x}, +{len:#x}) is {got:#04x}, expected {value:#04x}"),
+        )),
+    }
+}
+
+fn mmap_supported(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let (page, total) = (page_size(), Case::total());
+    let (_vm, gmem) = case.gmem(kvm, total)?;
+    let mem = expect_ok(&case.rule("mmap(MAP_SHARED) of an INIT_SHARED guest_memfd succeeds"), || {
+        gmem.map(0, total, MapFlags::MAP_SHARED)
+    })?;
+    mem.write(0, &vec![0xaa; total as usize]);
+    expect_bytes(&case.rule("bytes written through the mapping read back"), &mem, 0, total, 0xaa)?;
+
+    // Punch the first page, then the last: each reads back as zeros, the rest keeps its data.
+    for (label, hole) in [("first", 0), ("last", total - page)] {
+        expect_ok(&case.rule(&format!("PUNCH_HOLE of the {label} page succeeds")), || gmem.punch_hole(hole, page))?;
+        let rule = case.rule(&format!("after PUNCH_HOLE of the {label} page, it reads zero and the rest is intact"));
+        expect_bytes(&rule, &mem, hole, page, 0)?;
+        let (before, after) = (hole, total - hole - page);
+        expect_bytes(&rule, &mem, 0, before, 0xaa)?;
+        expect_bytes(&rule, &mem, hole + page, after, 0xaa)?;
+        mem.write(hole, &vec![0xaa; page as usize]);
+        expect_bytes(&case.rule("the punched page is writable again"), &mem, 0, total, 0xaa)?;
+    }
+    Ok(())
+}
+
+fn expect_fate(rule: &str, what: &str, actual: ChildFate, expected: ChildFate) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::rule(rule, format!("{what}: expected the child to end as \"{expected}\", but it {actual}")))
+    }
+}
+
+fn fault_overflow(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let total = Case::total();
+    let (_vm, gmem) = case.gmem(kvm, total)?;
+    // A mapping four times the file: pages past the size have no backing.
+    let mem = gmem.map(0, 4 * total, MapFlags::MAP_SHARED)?;
+    let rule = case.rule("access to a guest_memfd mapping past the file size raises SIGBUS");
+    let sigbus = ChildFate::Signaled(Signal::SIGBUS);
+    let fate = mem.access_in_child(0, 4 * total, Access::Write(0xaa))?;
+    expect_fate(&rule, &format!("writing all {:#x} mapped bytes", 4 * total), fate, sigbus)?;
+    let fate = mem.access_in_child(total, 1, Access::Read)?;
+    expect_fate(&rule, &format!("reading the byte at the size ({total:#x})"), fate, sigbus)?;
+    let fate = mem.access_in_child(total - 1, 1, Access::Read)?;
+    expect_fate(&rule, "reading the last byte inside the file", fate, ChildFate::Exited(0))?;
+    // The child's stores before the fault went to the shared file.
+    expect_bytes(&case.rule("stores before the SIGBUS landed in the file"), &mem, 0, total, 0xaa)
+}
+
+fn fault_private(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let total = Case::total();
+    let (_vm, gmem) = case.gmem(kvm, total)?;
+    let mem = expect_ok(&case.rule("mmap(MAP_SHARED) with GUEST_MEMFD_FLAG_MMAP succeeds"), || {
+        gmem.map(0, total, MapFlags::MAP_SHARED)
+    })?;
+    let rule = case.rule("without INIT_SHARED every page is private: any host access raises SIGBUS");
+    let sigbus = ChildFate::Signaled(Signal::SIGBUS);
+    for (what, offset, access) in [
+        ("reading the first byte", 0, Access::Read),
+        ("writing the first byte", 0, Access::Write(0xaa)),
+        ("reading the last byte", total - 1, Access::Read),
+        ("writing the last byte", total - 1, Access::Write(0xaa)),
+    ] {
+        let fate = mem.access_in_child(offset, 1, access)?;
+        expect_fate(&rule, what, fate, sigbus)?;
+    }
+    Ok(())
+}
+
+// ---- lifetime and guest access ----
+
+fn outlives_vm(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let total = Case::total();
+    let (vm, gmem) = case.gmem(kvm, total)?;
+    drop(vm);
+    expect_ok(&case.rule("fallocate on a guest_memfd succeeds after its VM fd is closed"), || gmem.allocate(0, total))?;
+    expect_ok(&case.rule("PUNCH_HOLE on a guest_memfd succeeds after its VM fd is closed"), || {
+        gmem.punch_hole(0, total)
+    })
+}
+
+/// How the guest_memfd slot of the guest-access scenario is given to KVM.
+#[derive(Debug, Clone, Copy)]
+enum GmemSlot {
+    /// `userspace_addr` 0, as upstream: the guest can only reach the memory
+    /// through the guest_memfd.
+    WithoutUserspaceAddr,
+    /// `userspace_addr` pointing at the guest_memfd's own host mapping.
+    UserspaceAddrIsGmemMapping,
+}
+
+fn guest_access(kvm: &Arc<Kvm>, case: Case, how: GmemSlot) -> Result<()> {
+    let size = page_size();
+    let gpa = layout::TEST_AREA_GPA;
+    let vm = Vm::with_payload(kvm, case.vm_type, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    // Control: anonymous memory at the same GPA is reachable, so a failure
+    // below is the guest_memfd path's, not the GPA's or the page tables'.
+    let anon = vm.add_memory(1, gpa, size)?;
+    anon.fill_u64(0, size, 0x5555_5555_5555_5555);
+    agent.check(gpa, size, 0x5555_5555_5555_5555)?;
+    vm.delete_slot(1)?;
+
+    let gmem = Arc::new(vm.create_guest_memfd(size, case.flags)?);
+    let host = Arc::new(gmem.map(0, size, MapFlags::MAP_SHARED)?);
+    let (memory, what) = match how {
+        GmemSlot::WithoutUserspaceAddr => (None, "a guest_memfd memslot with userspace_addr 0"),
+        GmemSlot::UserspaceAddrIsGmemMapping => {
+            (Some(host.clone()), "a guest_memfd memslot whose userspace_addr is the guest_memfd's mapping")
+        }
+    };
+    let region = Region {
+        slot: 1,
+        flags: KVM_MEM_GUEST_MEMFD,
+        gpa,
+        size,
+        memory,
+        memory_offset: 0,
+        guest_memfd: Some((GmemBinding::Memfd(gmem.clone()), 0)),
+    };
+    expect_ok(&case.rule(&format!("{what} binds")), || vm.set_region(&region))?;
+    let (host_pattern, guest_pattern) = (0xaaaa_aaaa_aaaa_aaaa_u64, 0xffff_ffff_ffff_ffff_u64);
+    host.fill_u64(0, size, host_pattern);
+    agent.check(gpa, size, host_pattern).map_err(|e| {
+        Error::rule(
+            case.rule(&format!("through {what}, the guest reads what the host wrote into the guest_memfd")),
+            format!("{e} (anonymous memory at the same GPA was read correctly)"),
+        )
+    })?;
+    agent.fill(gpa, size, guest_pattern)?;
+    agent.done()?;
+    match host.find_mismatch_u64(0, size, guest_pattern) {
+        None => Ok(()),
+        Some((offset, value)) => Err(Error::rule(
+            case.rule(&format!("through {what}, the host reads what the guest wrote")),
+            format!("guest_memfd offset {offset:#x} holds {value:#018x}, expected {guest_pattern:#018x}"),
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let mut suite = Suite::new("guest_memfd");
+    let gmem_needs = |vm_type| vec![Need::Cap(Cap::GuestMemfd), Need::VmType(vm_type)];
+
+    for vm_type in VmType::ALL {
+        let short = vm_type.short();
+        for bit in 0..64 {
+            suite.test(
+                format!("{short}_vm_create_flag_bit_{bit:02}_accepted_iff_advertised"),
+                gmem_needs(vm_type),
+                move |kvm| create_flag_bit(kvm, vm_type, bit),
+            );
+        }
+        suite.test(format!("{short}_vm_init_shared_flag_implies_mmap_flag"), gmem_needs(vm_type), move |kvm| {
+            let flags = supported_flags(kvm, vm_type)?;
+            ensure!(
+                flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 || flags & GUEST_MEMFD_FLAG_MMAP != 0,
+                format!("{vm_type}: GUEST_MEMFD_FLAG_INIT_SHARED is only offered with GUEST_MEMFD_FLAG_MMAP"),
+                "{} = {flags:#x}",
+                Cap::GuestMemfdFlags
+            );
+            Ok(())
+        });
+
+        for flags in flag_cases(suite.kvm(), vm_type) {
+            let case = Case { vm_type, flags };
+            let mut add = |rule: &str, body: Body| {
+                suite.test(case.name(rule), gmem_needs(vm_type), body);
+            };
+            add("create_rejects_size_0", Box::new(move |kvm| create_rejects_sizes(kvm, case, [0], "size 0")));
+            add(
+                "create_rejects_sizes_1_to_page_minus_1",
+                Box::new(move |kvm| create_rejects_sizes(kvm, case, 1..page_size(), "every size below a page")),
+            );
+            add(
+                "create_rejects_size_with_bit_63",
+                Box::new(move |kvm| {
+                    create_rejects_sizes(kvm, case, [1 << 63, !(page_size() - 1)], "a size negative as loff_t")
+                }),
+            );
+            add("multiple_fds_have_own_size_and_inode", Box::new(move |kvm| multiple_fds(kvm, case)));
+            add("fstat_reports_size_and_page_blksize", Box::new(move |kvm| file_size(kvm, case)));
+            for io in Io::ALL {
+                let rule = format!("{}_fails_with_{}", io.name(), errno_name(io.expected()).to_lowercase());
+                add(&rule, Box::new(move |kvm| io_fails(kvm, case, io)));
+            }
+            for which in Falloc::ALL {
+                add(which.name(), Box::new(move |kvm| fallocate_rule(kvm, case, which)));
+            }
+            for pair in BAD_PUNCHES {
+                add(&format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair)));
+            }
+            if flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+                add("mmap_shared_fails_with_enodev", Box::new(move |kvm| mmap_not_supported(kvm, case)));
+            } else {
+                add("mmap_private_fails_with_einval", Box::new(move |kvm| mmap_private_fails(kvm, case)));
+                if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+                    add("mmap_round_trips_data_and_punch_hole_zeroes", Box::new(move |kvm| mmap_supported(kvm, case)));
+                    add("access_past_end_raises_sigbus", Box::new(move |kvm| fault_overflow(kvm, case)));
+                    add(
+                        "guest_and_host_share_data_through_gmem_only_slot",
+                        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::WithoutUserspaceAddr)),
+                    );
+                    add(
+                        "guest_and_host_share_data_through_slot_mapping_the_guest_memfd",
+                        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::UserspaceAddrIsGmemMapping)),
+                    );
+                } else {
+                    add("any_host_access_raises_sigbus", Box::new(move |kvm| fault_private(kvm, case)));
+                }
+            }
+            add("fallocate_and_punch_hole_work_after_vm_is_closed", Box::new(move |kvm| outlives_vm(kvm, case)));
+        }
+    }
+    suite.run()
+}
