@@ -26,6 +26,13 @@ pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
 /// `KVM_MAP_GPA_RANGE_DECRYPTED` (arch/x86/include/uapi/asm/kvm_para.h): convert to shared.
 pub const KVM_MAP_GPA_RANGE_DECRYPTED: u64 = 0;
 
+/// `KVM_EXIT_HYPERCALL_LONG_MODE` (arch/x86/include/uapi/asm/kvm.h): `hypercall.flags`
+/// bit set when the guest made the hypercall in 64-bit mode.
+pub const KVM_EXIT_HYPERCALL_LONG_MODE: u64 = 1 << 0;
+/// `KVM_EINVAL` (include/uapi/linux/kvm_para.h): a hypercall's "invalid
+/// argument" status; the guest sees its negation in rax.
+pub const KVM_EINVAL: u64 = 22;
+
 /// Bits of the slot id that select the address space (`KVM_SET_USER_MEMORY_REGION`).
 pub const ADDRESS_SPACE_SHIFT: u32 = 16;
 

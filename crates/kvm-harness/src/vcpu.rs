@@ -499,6 +499,28 @@ impl Vcpu {
     }
 }
 
+impl Vcpu {
+    /// `KVM_PRE_FAULT_MEMORY` under a deadline, for scenarios where a kernel
+    /// bug could keep the ioctl spinning (it only gives up on a signal).
+    ///
+    /// Returns the ioctl's outcome (with `range` updated as the kernel left
+    /// it) and whether the deadline fired. When it fired, the watchdog's kick
+    /// is what ended the call: the caller should treat that as a hang.
+    pub fn pre_fault_memory_with_deadline(
+        &mut self,
+        range: &mut kvm_bindings::kvm_pre_fault_memory,
+        deadline: Duration,
+    ) -> (Result<()>, bool) {
+        let run = self.fd.get_kvm_run();
+        let immediate_exit: *mut u8 = &mut run.immediate_exit;
+        // SAFETY: immediate_exit lives in this vCPU's kvm_run mapping, which
+        // outlives the guard; it is disarmed below, on this thread.
+        let armed = unsafe { watchdog::arm(deadline, immediate_exit) };
+        let outcome = self.pre_fault_memory(range);
+        (outcome, armed.disarm())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
