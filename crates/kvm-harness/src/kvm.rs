@@ -34,6 +34,8 @@ pub enum Cap {
     PreFaultMemory,
     /// `KVM_CAP_GUEST_MEMFD_FLAGS`
     GuestMemfdFlags,
+    /// `KVM_CAP_DISABLE_QUIRKS2`: the quirks a VM may disable.
+    DisableQuirks2,
 }
 
 impl Cap {
@@ -51,6 +53,7 @@ impl Cap {
             Self::VmTypes => kvm_bindings::KVM_CAP_VM_TYPES,
             Self::PreFaultMemory => kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY,
             Self::GuestMemfdFlags => uapi::KVM_CAP_GUEST_MEMFD_FLAGS,
+            Self::DisableQuirks2 => kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
         }
     }
 
@@ -68,6 +71,7 @@ impl Cap {
             Self::VmTypes => "KVM_CAP_VM_TYPES",
             Self::PreFaultMemory => "KVM_CAP_PRE_FAULT_MEMORY",
             Self::GuestMemfdFlags => "KVM_CAP_GUEST_MEMFD_FLAGS",
+            Self::DisableQuirks2 => "KVM_CAP_DISABLE_QUIRKS2",
         }
     }
 }

@@ -1,0 +1,377 @@
+//! Memslot rules that guard the same code as the private ones, ported from
+//! the non-private phases of upstream's `set_memory_region_test.c`: KVM_RUN
+//! with no memslots, the memslot count limit, the flags each memslot ioctl
+//! accepts, and moving / deleting a memslot under a running guest.
+
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use guest_payloads::{layout, protocol, WATCH_MEMSLOT};
+use kvm_harness::bindings::{
+    KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_QUIRK_SLOT_ZAP_ALL,
+};
+use kvm_harness::{
+    ensure, expect_errno, expect_ok, Cap, Errno, Error, Exit, GmemBinding, GuestCall, HostMemory, Kvm, Need, Region,
+    Result, Suite, Vcpu, Vm, VmType,
+};
+use kvm_selftests::valid_region;
+
+/// The memslot the move/delete scenarios work on (upstream's MEM_REGION_*):
+/// one 2 MiB page, so the initial mapping can be a single huge page.
+const SLOT: u32 = 10;
+const GPA: u64 = 0xc000_0000;
+const SIZE: u64 = 0x20_0000;
+/// The value the host returns for guest reads that exit as MMIO.
+const MMIO_VAL: u64 = 0xbeef;
+/// Iterations of each move/delete scenario (upstream's default).
+const LOOPS: usize = 10;
+/// How long the host waits for the guest to report (upstream: 2 s).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for the vCPU to re-enter the guest after a report (upstream: 100 ms).
+const REENTER: Duration = Duration::from_millis(100);
+
+/// A test body, boxed so one closure can register them all.
+type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
+
+// ---- zero memslots, slot limits ----
+
+fn zero_memslots(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    let mut vcpu = vm.bare_vcpu(0)?;
+    vm.set_nr_mmu_pages(64)?;
+    match vcpu.run()? {
+        Exit::InternalError { .. } => Ok(()),
+        other => Err(Error::rule(
+            "KVM_RUN on a VM without memslots ends in KVM_EXIT_INTERNAL_ERROR (the reset vector cannot be fetched)",
+            format!("got {} ({other:?})", other.reason_name()),
+        )),
+    }
+}
+
+fn max_memslots(kvm: &Arc<Kvm>) -> Result<()> {
+    let nr = kvm.cap(Cap::NrMemslots);
+    ensure!(nr > 0, "KVM_CAP_NR_MEMSLOTS is positive", "/dev/kvm reports {nr}");
+    let nr = nr as u32;
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    // One reservation for all slots; MAP_NORESERVE keeps it cheap.
+    let memory = Arc::new(HostMemory::anonymous(u64::from(nr) * SIZE)?);
+    for slot in 0..nr {
+        let offset = u64::from(slot) * SIZE;
+        let region = Region { memory_offset: offset, size: SIZE, ..Region::new(slot, offset, memory.clone()) };
+        expect_ok(&format!("every slot id below KVM_CAP_NR_MEMSLOTS ({nr}) is accepted"), || vm.set_region(&region))?;
+    }
+    let extra = Region::new(nr, u64::from(nr) * SIZE, Arc::new(HostMemory::anonymous(SIZE)?));
+    expect_errno(
+        &format!("with all {nr} memslots in use, slot id {nr} (= KVM_CAP_NR_MEMSLOTS) is rejected with EINVAL"),
+        Errno::EINVAL,
+        || vm.set_region_v1(&extra),
+    )
+}
+
+fn slot_id_limit(kvm: &Arc<Kvm>, slot: u32, accepted: bool) -> Result<()> {
+    let nr = kvm.cap(Cap::NrMemslots) as u32;
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    let region = valid_region(slot, 0)?;
+    if accepted {
+        expect_ok(&format!("slot id {slot} (KVM_CAP_NR_MEMSLOTS = {nr}) is accepted on an empty VM"), || {
+            vm.set_region(&region)
+        })
+    } else {
+        expect_errno(
+            &format!("slot id {slot} (KVM_CAP_NR_MEMSLOTS = {nr}) is rejected with EINVAL, however few slots exist"),
+            Errno::EINVAL,
+            || vm.set_region(&region),
+        )
+    }
+}
+
+// ---- flags of each ioctl ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ioctl {
+    V1,
+    V2,
+}
+
+/// Flag bit `bit` alone: accepted exactly when the ioctl and the VM support it.
+///
+/// `KVM_SET_USER_MEMORY_REGION` only knows LOG_DIRTY_PAGES and READONLY;
+/// `..._REGION2` adds GUEST_MEMFD where the VM fd reports KVM_CAP_GUEST_MEMFD.
+/// READONLY counts where the VM fd reports KVM_CAP_READONLY_MEM.
+fn flag_bit(kvm: &Arc<Kvm>, vm_type: VmType, ioctl: Ioctl, bit: u32) -> Result<()> {
+    let vm = Vm::bare(kvm, vm_type)?;
+    let flag = 1u32 << bit;
+    let readonly = vm.cap(Cap::ReadonlyMem) != 0;
+    let gmem = vm.cap(Cap::GuestMemfd) != 0;
+    let supported = KVM_MEM_LOG_DIRTY_PAGES
+        | if readonly { KVM_MEM_READONLY } else { 0 }
+        | if gmem && ioctl == Ioctl::V2 { KVM_MEM_GUEST_MEMFD } else { 0 };
+    let mut region = valid_region(0, 0)?;
+    region.flags = flag;
+    if flag == KVM_MEM_GUEST_MEMFD && gmem {
+        let fd = Arc::new(vm.create_guest_memfd(region.size, 0)?);
+        region = region.with_guest_memfd(GmemBinding::Memfd(fd), 0);
+    }
+    let name = match ioctl {
+        Ioctl::V1 => "KVM_SET_USER_MEMORY_REGION",
+        Ioctl::V2 => "KVM_SET_USER_MEMORY_REGION2",
+    };
+    let rule = format!(
+        "{vm_type}: {name} accepts flag {flag:#x} alone iff it is supported (here {supported:#x}: \
+         KVM_CAP_READONLY_MEM = {}, KVM_CAP_GUEST_MEMFD = {} on the VM fd), else EINVAL",
+        vm.cap(Cap::ReadonlyMem),
+        vm.cap(Cap::GuestMemfd)
+    );
+    let outcome = match ioctl {
+        Ioctl::V1 => vm.set_region_v1(&region),
+        Ioctl::V2 => vm.set_region(&region),
+    };
+    match (supported & flag != 0, outcome) {
+        (true, Ok(())) => Ok(()),
+        (false, Err(e)) if e.errno() == Some(Errno::EINVAL) => Ok(()),
+        (true, Err(e)) => Err(Error::rule(rule, format!("supported, but {e}"))),
+        (false, Ok(())) => Err(Error::rule(rule, "unsupported, but the memslot was created")),
+        (false, Err(e)) => Err(Error::rule(rule, format!("unsupported: expected EINVAL, got {e}"))),
+    }
+}
+
+// ---- moving and deleting a memslot under a running guest ----
+
+/// What the vCPU thread saw.
+#[derive(Debug)]
+enum GuestEnd {
+    Done,
+    /// `KVM_EXIT_SHUTDOWN` or `KVM_EXIT_INTERNAL_ERROR`, with the RIP then.
+    Died(Exit, u64),
+}
+
+/// Runs the watch_memslot guest: reports each SYNC value on `reports`,
+/// answers MMIO reads of the watched GPA with [`MMIO_VAL`].
+fn vcpu_loop(mut vcpu: Vcpu, reports: mpsc::Sender<u64>) -> Result<GuestEnd> {
+    loop {
+        match vcpu.run()? {
+            Exit::Mmio { gpa, len, is_write, .. } => {
+                ensure!(
+                    !is_write && len == 8 && gpa == GPA,
+                    "while its memslot is missing, the guest's only MMIO exit is its 8-byte read of the watched GPA",
+                    "got MMIO {} of {len} bytes at {gpa:#x}",
+                    if is_write { "write" } else { "read" }
+                );
+                vcpu.complete_mmio_read(&MMIO_VAL.to_le_bytes())?;
+            }
+            exit @ (Exit::Shutdown | Exit::InternalError { .. }) => {
+                let rip = vcpu.regs()?.rip;
+                return Ok(GuestEnd::Died(exit, rip));
+            }
+            exit => match vcpu.call_from_exit(exit, "watching the memslot")? {
+                GuestCall::Sync(value) => {
+                    // The host may have given up; the guest goes on either way.
+                    let _ = reports.send(value);
+                }
+                GuestCall::Done => return Ok(GuestEnd::Done),
+                other => return Err(Error::Guest(format!("unexpected guest call {other:x?}"))),
+            },
+        }
+    }
+}
+
+/// A memslot at `gpa` of fresh 2 MiB anonymous memory, advised to be a huge page.
+fn thp_region(gpa: u64) -> Result<Region> {
+    let memory = Arc::new(HostMemory::anonymous(SIZE)?);
+    // THP may be disabled on the host; the scenario then runs with 4 KiB pages.
+    let _ = memory.advise_hugepages();
+    Ok(Region::new(SLOT, gpa, memory))
+}
+
+/// The VM of both scenarios: the watcher payload, slot 10 at [`GPA`], and
+/// the phases' spin values in vCPU 0's mailbox.
+fn spawn_vm(kvm: &Arc<Kvm>, disable_slot_zap_quirk: bool, spins: &[u64], clobber_idt: bool) -> Result<(Vm, Vcpu)> {
+    let vm = Vm::with_payload(kvm, VmType::Default, &WATCH_MEMSLOT)?;
+    if disable_slot_zap_quirk {
+        vm.enable_cap(Cap::DisableQuirks2, [u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL), 0, 0, 0])?;
+    }
+    vm.set_region(&thp_region(GPA)?)?;
+    let (mailbox, offset) = vm.shared_view(layout::MAILBOX_GPA, layout::MAILBOX_STRIDE)?;
+    for (i, spin) in spins.iter().enumerate() {
+        mailbox.write_u64(offset + protocol::MAILBOX_ARG0 + 8 * i as u64, *spin);
+    }
+    let vcpu = vm.vcpu(0, [GPA, spins.len() as u64, u64::from(clobber_idt), 0])?;
+    Ok((vm, vcpu))
+}
+
+/// Waits for the guest's next report, then gives it time to re-enter.
+fn wait_for_vcpu(reports: &mpsc::Receiver<u64>, what: &str) -> Result<u64> {
+    let value = reports.recv_timeout(REPORT_TIMEOUT).map_err(|_| {
+        Error::rule(
+            "the guest reports within 2 s of each memslot change",
+            format!("no report {what} within {REPORT_TIMEOUT:?}"),
+        )
+    })?;
+    std::thread::sleep(REENTER);
+    Ok(value)
+}
+
+fn expect_in(rule: &str, phase: &str, value: u64, allowed: &[u64]) -> Result<()> {
+    ensure!(allowed.contains(&value), rule, "{phase}: guest saw {value:#x}, expected one of {allowed:#x?}");
+    Ok(())
+}
+
+/// Runs the guest on its own thread while `host` changes memslots; then
+/// returns every value the guest reported (the start report first) and how
+/// the guest ended. If `host` fails, the system memslot is deleted so the
+/// guest dies promptly instead of spinning on.
+fn with_running_guest(
+    vm: &Vm,
+    vcpu: Vcpu,
+    host: impl FnOnce(&mpsc::Receiver<u64>, &mut Vec<u64>) -> Result<()>,
+) -> Result<(Vec<u64>, GuestEnd)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let guest = scope.spawn(move || vcpu_loop(vcpu, tx));
+        let mut seen = Vec::new();
+        let hosted = host(&rx, &mut seen);
+        if hosted.is_err() {
+            let _ = vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT);
+        }
+        let end = guest.join().map_err(|_| Error::Config("the vCPU thread panicked".into()))?;
+        hosted?;
+        let end = end?;
+        seen.extend(rx.try_iter());
+        Ok((seen, end))
+    })
+}
+
+fn move_in_use_slot(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
+    for round in 0..LOOPS {
+        move_once(kvm, quirk_off).map_err(|e| match e {
+            Error::Rule { rule, detail } => Error::Rule { rule, detail: format!("round {round}: {detail}") },
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
+fn move_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
+    // Phases: spin while 0, while MMIO, while 0, while MMIO.
+    let (vm, vcpu) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], false)?;
+    let (seen, end) = with_running_guest(&vm, vcpu, |rx, seen| {
+        seen.push(wait_for_vcpu(rx, "at start")?);
+        let region = vm.slot_at(GPA).ok_or_else(|| Error::Config("slot 10 is not installed".into()))?;
+        let memory = region.memory.clone().ok_or_else(|| Error::Config("slot 10 has no memory".into()))?;
+        // KVM_MR_MOVE one page down: the GPA now maps the backing's second
+        // page (zero), so the guest must not see what lands in the first.
+        vm.set_region(&Region { gpa: GPA - 4096, ..region.clone() })?;
+        memory.write_u64(0, 2);
+        std::thread::sleep(REENTER);
+        // Change the value before moving back, else the guest could race and see 2.
+        memory.write_u64(0, 1);
+        vm.set_region(&region)?;
+        seen.push(wait_for_vcpu(rx, "after moving the memslot back")?);
+        seen.push(wait_for_vcpu(rx, "(the report deferred while the memslot was misaligned)")?);
+        Ok(())
+    })?;
+    let rule = "while its memslot moves, a guest reads either the slot's data or MMIO, never a misaligned page";
+    if let GuestEnd::Died(exit, rip) = end {
+        return Err(Error::rule(rule, format!("the guest died: {} at RIP {rip:#x}", exit.reason_name())));
+    }
+    ensure!(seen.len() == 5, rule, "expected the start report and 4 phase reports, got {seen:#x?}");
+    expect_in(rule, "phase 1 (spin while 0, moved away)", seen[1], &[1, MMIO_VAL])?;
+    expect_in(rule, "phase 2 (spin while MMIO, no MMIO after the move)", seen[2], &[0, 1])?;
+    expect_in(rule, "phase 3 (spin while 0, moved back)", seen[3], &[1, MMIO_VAL])?;
+    expect_in(rule, "phase 4 (spin while MMIO, moved back)", seen[4], &[1])
+}
+
+fn delete_in_use_slot(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
+    for round in 0..LOOPS {
+        delete_once(kvm, quirk_off).map_err(|e| match e {
+            Error::Rule { rule, detail } => Error::Rule { rule, detail: format!("round {round}: {detail}") },
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
+fn delete_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
+    // Phases: spin while 0, while MMIO, while 0, then while MMIO until the
+    // code memslot goes away. The IDT is clobbered so that the #PF from the
+    // missing code slot escalates to a triple fault.
+    let (vm, vcpu) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], true)?;
+    let (seen, end) = with_running_guest(&vm, vcpu, |rx, seen| {
+        seen.push(wait_for_vcpu(rx, "at start")?);
+        vm.delete_slot(SLOT)?;
+        seen.push(wait_for_vcpu(rx, "after deleting the memslot")?);
+        vm.set_region(&thp_region(GPA)?)?;
+        seen.push(wait_for_vcpu(rx, "after re-creating the memslot")?);
+        vm.delete_slot(SLOT)?;
+        seen.push(wait_for_vcpu(rx, "after deleting the memslot again")?);
+        // Now delete the memslot holding code and page tables.
+        vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT)
+    })?;
+    let rule = "a deleted memslot reads as MMIO, a re-created one as fresh zeroed memory";
+    ensure!(seen.len() == 4, rule, "expected the start report and 3 phase reports, got {seen:#x?}");
+    expect_in(rule, "phase 1 (memslot deleted)", seen[1], &[MMIO_VAL])?;
+    expect_in(rule, "phase 2 (memslot re-created)", seen[2], &[0])?;
+    expect_in(rule, "phase 3 (memslot deleted again)", seen[3], &[MMIO_VAL])?;
+    let rule = "deleting the memslot with the guest's code and page tables ends the guest in \
+                KVM_EXIT_SHUTDOWN or KVM_EXIT_INTERNAL_ERROR (at its final spin loop)";
+    let (spin, spin_end) = (WATCH_MEMSLOT.label("spin"), WATCH_MEMSLOT.label("spin_end"));
+    match end {
+        GuestEnd::Died(Exit::Shutdown, _) => Ok(()),
+        // On AMD the VMCB is reset after a shutdown, so only an internal error pins the RIP.
+        GuestEnd::Died(Exit::InternalError { .. }, rip) => {
+            ensure!(
+                (spin..spin_end).contains(&rip),
+                rule,
+                "internal error at RIP {rip:#x}, not in [{spin:#x}, {spin_end:#x})"
+            );
+            Ok(())
+        }
+        GuestEnd::Died(exit, rip) => Err(Error::rule(rule, format!("{} at RIP {rip:#x}", exit.reason_name()))),
+        GuestEnd::Done => Err(Error::rule(rule, "the guest finished instead")),
+    }
+}
+
+/// Whether the VM may disable `KVM_X86_QUIRK_SLOT_ZAP_ALL` (upstream runs the
+/// move/delete scenarios both ways when it can).
+fn slot_zap_quirk_can_be_disabled(kvm: &Kvm) -> bool {
+    kvm.cap(Cap::DisableQuirks2) as u32 & KVM_X86_QUIRK_SLOT_ZAP_ALL != 0
+}
+
+fn main() -> ExitCode {
+    let mut suite = Suite::new("set_memory_region");
+    suite.test("zero_memslots_run_exits_with_internal_error", vec![], zero_memslots);
+    suite.test("all_nr_memslots_accepted_and_one_more_rejected", vec![], max_memslots);
+    suite.test("slot_id_below_nr_memslots_accepted_on_empty_vm", vec![], |kvm| {
+        slot_id_limit(kvm, kvm.cap(Cap::NrMemslots) as u32 - 1, true)
+    });
+    suite.test("slot_id_nr_memslots_rejected_on_empty_vm", vec![], |kvm| {
+        slot_id_limit(kvm, kvm.cap(Cap::NrMemslots) as u32, false)
+    });
+    suite.test("slot_id_0x7fff_rejected_on_empty_vm", vec![], |kvm| slot_id_limit(kvm, 0x7fff, false));
+
+    for vm_type in VmType::ALL {
+        for (ioctl, label) in [(Ioctl::V1, "v1"), (Ioctl::V2, "v2")] {
+            for bit in 0..32 {
+                let body: Body = Box::new(move |kvm| flag_bit(kvm, vm_type, ioctl, bit));
+                suite.test(
+                    format!("{}_vm_{label}_flag_bit_{bit:02}_accepted_iff_supported", vm_type.short()),
+                    vec![Need::VmType(vm_type)],
+                    body,
+                );
+            }
+        }
+    }
+
+    let quirk_modes: Vec<bool> = match suite.kvm() {
+        Some(kvm) if slot_zap_quirk_can_be_disabled(kvm) => vec![false, true],
+        _ => vec![false],
+    };
+    for quirk_off in quirk_modes {
+        let label = if quirk_off { "slot_zap_quirk_disabled" } else { "slot_zap_quirk_enabled" };
+        suite.test(format!("move_in_use_memslot_{label}"), vec![], move |kvm| move_in_use_slot(kvm, quirk_off));
+        suite.test(format!("delete_in_use_memslot_{label}"), vec![], move |kvm| delete_in_use_slot(kvm, quirk_off));
+    }
+    suite.run()
+}
