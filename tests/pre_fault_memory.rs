@@ -10,9 +10,11 @@
 //! - `EINTR` is retried;
 //! - a memslot deleted and re-created concurrently neither hangs the call nor
 //!   corrupts the result. The call runs under the watchdog: if only the
-//!   watchdog's signal ends it, the kernel spun on the deleted slot (6.12
-//!   lacks upstream's "KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves
-//!   memslot during prefault") and the test fails saying so.
+//!   watchdog's signal ends it, the kernel spun (Debian's 6.12.117 does: it
+//!   lacks upstream 20a6cff3b283 "KVM: x86/mmu: Check and free obsolete roots
+//!   in kvm_mmu_reload()" and the later "Return -EAGAIN if userspace
+//!   deletes/moves memslot during prefault") and the test fails saying which
+//!   side was stuck. The worker-free variant is the 6.12 upstream test.
 //!
 //! Beyond upstream: invalid ranges and flags fail with `EINVAL` and leave the
 //! range untouched (virt/kvm/kvm_main.c), and a private GPA whose memslot
@@ -144,12 +146,16 @@ fn pre_fault(
                 };
                 let race_note = match (race, deletion_done) {
                     (false, _) => String::new(),
-                    (true, true) => "; the worker's slot deletion had completed".to_string(),
+                    (true, true) => "; the worker's slot deletion had completed, so the prefault kept retrying \
+                         on its own: consistent with a kernel whose kvm_mmu_reload() does not free the roots the \
+                         deletion made obsolete (upstream 20a6cff3b283, \"KVM: x86/mmu: Check and free obsolete \
+                         roots in kvm_mmu_reload()\")"
+                        .to_string(),
                     (true, false) => "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
                          the deletion waits for the prefault's kvm->srcu read side while the prefault retries \
-                         its fault, a deadlock that newer kernels break by failing the prefault with EAGAIN \
-                         (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves memslot during \
-                         prefault\")"
+                         its fault on the memslot being deleted, a deadlock newer kernels break by failing the \
+                         prefault with EAGAIN (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace \
+                         deletes/moves memslot during prefault\")"
                         .to_string(),
                 };
                 return Err(Error::rule(

@@ -1,0 +1,229 @@
+//! Private-memory benchmark: prints figures, asserts nothing about time.
+//!
+//! 1. Conversion throughput on a software-protected VM: shared -> private ->
+//!    shared round trips requested by the guest with `KVM_HC_MAP_GPA_RANGE`
+//!    (the host sets the attributes and punches the private pages on the
+//!    way back), with the guest writing every converted page, at 4 KiB and
+//!    2 MiB granularity; next to the raw `KVM_SET_MEMORY_ATTRIBUTES` round
+//!    trips on the same ranges with no guest involvement, in the same run.
+//! 2. guest_memfd fault-in: pages per second for a guest first-touching a
+//!    fresh guest_memfd-backed range (private on a protected VM; on a default
+//!    VM only where the kernel lets it bind guest_memfd), next to a fresh
+//!    anonymous-memory slot in the same run.
+//!
+//! Run: `cargo bench -p kvm-selftests --bench private_mem_bench` (host), or
+//! the built binary (`target/release/deps/private_mem_bench-*`) inside the
+//! VM. `KVM_SELFTESTS_BENCH_SCALE` (default 1, up to 64) multiplies the
+//! sizes. Anything the kernel lacks is reported as skipped, with the value
+//! it reported.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
+use kvm_harness::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED};
+use kvm_harness::{Agent, Cap, Error, GuestMemfd, Kvm, Result, Vm, VmType};
+
+/// Environment variable: size multiplier (default 1).
+pub const SCALE_ENV: &str = "KVM_SELFTESTS_BENCH_SCALE";
+
+const PAGE: u64 = 4096;
+const SZ_2M: u64 = 2 << 20;
+const SLOT: u32 = 10;
+const REPEATS: usize = 3;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn rate(pages: u64, time: Duration) -> String {
+    let per_sec = pages as f64 / time.as_secs_f64().max(1e-9);
+    format!("{per_sec:>12.0} pages/s ({pages} pages in {:.3} s)", time.as_secs_f64())
+}
+
+/// A protected VM with one guest_memfd slot of `size` at `TEST_AREA_GPA`
+/// and MAP_GPA_RANGE exits enabled.
+fn protected(kvm: &Arc<Kvm>, size: u64) -> Result<(Vm, Arc<GuestMemfd>)> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    vm.enable_map_gpa_range_exits()?;
+    let gmem = Arc::new(vm.create_guest_memfd(size, 0)?);
+    vm.add_private_memory(SLOT, TEST_AREA_GPA, size, &gmem, 0)?;
+    Ok((vm, gmem))
+}
+
+/// Guest-driven round trips over `[TEST_AREA_GPA, +size)` in chunks of
+/// `granule`; returns the median time of one full pass.
+fn guest_round_trips(kvm: &Arc<Kvm>, size: u64, granule: u64) -> Result<Duration> {
+    let (vm, gmem) = protected(kvm, size)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let mut samples = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        for gpa in (TEST_AREA_GPA..TEST_AREA_GPA + size).step_by(granule as usize) {
+            for private in [true, false] {
+                let attrs = if private { KVM_MAP_GPA_RANGE_ENCRYPTED } else { KVM_MAP_GPA_RANGE_DECRYPTED };
+                let ret = guest.hypercall(KVM_HC_MAP_GPA_RANGE, [gpa, granule / PAGE, attrs, 0], |_, _, args| {
+                    let (gpa, len) = (args[0], args[1] * PAGE);
+                    if private {
+                        vm.make_private(gpa, len)?;
+                    } else {
+                        gmem.punch_hole(gpa - TEST_AREA_GPA, len)?;
+                        vm.make_shared(gpa, len)?;
+                    }
+                    Ok(0)
+                })?;
+                if ret != 0 {
+                    return Err(Error::Guest(format!("KVM_HC_MAP_GPA_RANGE returned {ret:#x} to the guest")));
+                }
+                guest.touch(gpa, granule, PAGE, true)?;
+            }
+        }
+        samples.push(start.elapsed());
+    }
+    guest.done()?;
+    Ok(median(samples))
+}
+
+/// Host-only `KVM_SET_MEMORY_ATTRIBUTES` round trips over the same chunks.
+fn raw_round_trips(kvm: &Arc<Kvm>, size: u64, granule: u64) -> Result<Duration> {
+    let (vm, _gmem) = protected(kvm, size)?;
+    let mut samples = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        for gpa in (TEST_AREA_GPA..TEST_AREA_GPA + size).step_by(granule as usize) {
+            vm.make_private(gpa, granule)?;
+            vm.make_shared(gpa, granule)?;
+        }
+        samples.push(start.elapsed());
+    }
+    Ok(median(samples))
+}
+
+/// Time for a guest to first-touch (write) every page of a fresh slot.
+fn fault_in(kvm: &Arc<Kvm>, vm_type: VmType, size: u64, gmem_flags: Option<u64>) -> Result<Duration> {
+    let mut samples = Vec::new();
+    for _ in 0..REPEATS {
+        let vm = Vm::with_payload(kvm, vm_type, &GUEST_AGENT)?;
+        match gmem_flags {
+            Some(flags) => {
+                let gmem = Arc::new(vm.create_guest_memfd(size, flags)?);
+                vm.add_private_memory(SLOT, TEST_AREA_GPA, size, &gmem, 0)?;
+                if vm_type == VmType::SwProtected {
+                    vm.make_private(TEST_AREA_GPA, size)?;
+                }
+            }
+            None => drop(vm.add_memory(SLOT, TEST_AREA_GPA, size)?),
+        }
+        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+        let start = Instant::now();
+        guest.touch(TEST_AREA_GPA, size, PAGE, true)?;
+        samples.push(start.elapsed());
+        guest.done()?;
+    }
+    Ok(median(samples))
+}
+
+fn report(what: &str, outcome: Result<Duration>, pages: u64) {
+    match outcome {
+        Ok(time) => println!("  {what:<58} {}", rate(pages, time)),
+        Err(e) => println!("  {what:<58} failed: {e}"),
+    }
+}
+
+fn scale() -> Result<u64> {
+    match std::env::var(SCALE_ENV) {
+        Err(_) => Ok(1),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            _ => Err(Error::Config(format!("{SCALE_ENV}={v:?}: expected an integer in 1..=64"))),
+        },
+    }
+}
+
+fn main() {
+    let scale = match scale() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("private_mem_bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("private_mem_bench: kernel {}, scale {scale}, median of {REPEATS} runs", kernel.trim());
+    let kvm = match Kvm::open() {
+        Ok(kvm) => Arc::new(kvm),
+        Err(e) => {
+            println!("  all skipped: needs /dev/kvm: {e}");
+            return;
+        }
+    };
+    let protected_ok = kvm.supports(VmType::SwProtected);
+
+    println!("conversion round trips (shared -> private -> shared), guest writes every converted page:");
+    let ranges = [(PAGE, 256 * PAGE * scale), (SZ_2M, 4 * SZ_2M * scale)];
+    for (granule, size) in ranges {
+        let label = if granule == PAGE { "4 KiB" } else { "2 MiB" };
+        // Each page goes private and back once per pass.
+        let pages = size / PAGE;
+        if !protected_ok {
+            println!(
+                "  {label} granularity: skipped: needs {}: {} = {:#x}",
+                VmType::SwProtected,
+                Cap::VmTypes,
+                kvm.vm_types()
+            );
+            continue;
+        }
+        report(
+            &format!("{label} granularity, guest-driven (KVM_HC_MAP_GPA_RANGE)"),
+            guest_round_trips(&kvm, size, granule),
+            pages,
+        );
+        report(
+            &format!("{label} granularity, raw KVM_SET_MEMORY_ATTRIBUTES, no guest"),
+            raw_round_trips(&kvm, size, granule),
+            pages,
+        );
+    }
+
+    let size = 16 * SZ_2M * scale;
+    let pages = size / PAGE;
+    println!("first-touch fault-in of a fresh {} MiB slot by the guest:", size >> 20);
+    if protected_ok {
+        report(
+            "KVM_X86_SW_PROTECTED_VM, guest_memfd (private)",
+            fault_in(&kvm, VmType::SwProtected, size, Some(0)),
+            pages,
+        );
+        report(
+            "KVM_X86_SW_PROTECTED_VM, anonymous memory (shared)",
+            fault_in(&kvm, VmType::SwProtected, size, None),
+            pages,
+        );
+    } else {
+        println!(
+            "  KVM_X86_SW_PROTECTED_VM: skipped: needs {}: {} = {:#x}",
+            VmType::SwProtected,
+            Cap::VmTypes,
+            kvm.vm_types()
+        );
+    }
+    // A default VM binds guest_memfd only on kernels that let it (shared,
+    // mmap-able guest_memfd): decided by the VM fd's capabilities.
+    let default_gmem =
+        Vm::bare(&kvm, VmType::Default).map(|vm| (vm.cap(Cap::GuestMemfd), vm.cap(Cap::GuestMemfdFlags)));
+    match default_gmem {
+        Ok((gmem, flags)) if gmem > 0 && flags as u64 & kvm_harness::uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 => {
+            let flags = kvm_harness::uapi::GUEST_MEMFD_FLAG_MMAP | kvm_harness::uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
+            report("KVM_X86_DEFAULT_VM, guest_memfd (MMAP|INIT_SHARED)", fault_in(&kvm, VmType::Default, size, Some(flags)), pages);
+        }
+        Ok((gmem, flags)) => println!(
+            "  KVM_X86_DEFAULT_VM, guest_memfd: skipped: needs {} and INIT_SHARED in {} on a default VM: {gmem}, {flags:#x}",
+            Cap::GuestMemfd,
+            Cap::GuestMemfdFlags
+        ),
+        Err(e) => println!("  KVM_X86_DEFAULT_VM, guest_memfd: skipped: {e}"),
+    }
+    report("KVM_X86_DEFAULT_VM, anonymous memory", fault_in(&kvm, VmType::Default, size, None), pages);
+}
