@@ -119,3 +119,47 @@ unsafe fn child_body(start: *mut u8, len: usize, access: Access) -> ! {
     // child of a multi-threaded process must.
     unsafe { libc::_exit(0) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use nix::sys::mman::MapFlags;
+
+    use super::*;
+    use crate::memory::page_size;
+
+    /// A shared mapping of two pages of a memfd that is only one page long.
+    fn half_backed() -> (std::os::fd::OwnedFd, HostMemory) {
+        let fd = memfd_create(c"child-test", MFdFlags::empty()).unwrap();
+        nix::unistd::ftruncate(&fd, page_size() as i64).unwrap();
+        let mem = HostMemory::map_fd(fd.as_fd(), 0, 2 * page_size(), MapFlags::MAP_SHARED).unwrap();
+        (fd, mem)
+    }
+
+    #[test]
+    fn accesses_inside_the_file_complete_and_stores_are_shared() {
+        let (_fd, mem) = half_backed();
+        assert_eq!(mem.access_in_child(0, page_size(), Access::Write(0x5a)).unwrap(), ChildFate::Exited(0));
+        assert_eq!(mem.access_in_child(0, page_size(), Access::Read).unwrap(), ChildFate::Exited(0));
+        assert_eq!(mem.read_u64(page_size() - 8), 0x5a5a_5a5a_5a5a_5a5a);
+    }
+
+    #[test]
+    fn access_past_the_file_kills_the_child_with_sigbus() {
+        let (_fd, mem) = half_backed();
+        let sigbus = ChildFate::Signaled(Signal::SIGBUS);
+        assert_eq!(mem.access_in_child(page_size(), 1, Access::Read).unwrap(), sigbus);
+        // A store sweep faults at the first unbacked byte; earlier stores stay.
+        assert_eq!(mem.access_in_child(0, 2 * page_size(), Access::Write(0xa5)).unwrap(), sigbus);
+        assert_eq!(mem.read_u64(0), 0xa5a5_a5a5_a5a5_a5a5);
+    }
+
+    #[test]
+    fn out_of_range_requests_are_refused_before_forking() {
+        let (_fd, mem) = half_backed();
+        assert!(matches!(mem.access_in_child(2 * page_size(), 1, Access::Read), Err(Error::Config(_))));
+        assert_eq!(ChildFate::Signaled(Signal::SIGBUS).to_string(), "was killed by SIGBUS");
+    }
+}
