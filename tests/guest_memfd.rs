@@ -105,8 +105,12 @@ fn sweep<T: Copy + std::fmt::Debug>(
     items: impl IntoIterator<Item = T>,
     mut check: impl FnMut(T) -> Result<()>,
 ) -> Result<()> {
+    let detail = |e: Error| match e {
+        Error::Rule { detail, .. } => detail,
+        other => other.to_string(),
+    };
     let failures: Vec<String> =
-        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {e}"))).collect();
+        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {}", detail(e)))).collect();
     match failures.len() {
         0 => Ok(()),
         n => Err(Error::rule(rule, format!("{n} value(s) failed; first: {}", failures[..n.min(3)].join("; ")))),
