@@ -31,7 +31,6 @@ use kvm_harness::uapi::{
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
 };
 use kvm_harness::{ensure, Agent, Cap, Error, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType};
-use nix::fcntl::FallocateFlags;
 
 /// Environment variable: number of concurrently converting vCPUs.
 pub const VCPUS_ENV: &str = "KVM_SELFTESTS_CONVERSION_VCPUS";
@@ -281,12 +280,6 @@ fn leak_hint(value: u64) -> &'static str {
     }
 }
 
-/// Allocates guest_memfd pages: `fallocate(FALLOC_FL_KEEP_SIZE)`, the only
-/// allocating mode guest_memfd accepts (mode 0 is EOPNOTSUPP, virt/kvm/guest_memfd.c).
-fn allocate(gmem: &GuestMemfd, offset: u64, len: u64) -> Result<()> {
-    gmem.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)
-}
-
 /// The host side of `KVM_HC_MAP_GPA_RANGE`, as upstream's handler.
 fn handle_map_gpa_range(vm: &Vm, gmem: &GuestMemfd, gpa: u64, size: u64, attrs: u64) -> Result<()> {
     let private = attrs & KVM_MAP_GPA_RANGE_ENCRYPTED != 0;
@@ -294,7 +287,7 @@ fn handle_map_gpa_range(vm: &Vm, gmem: &GuestMemfd, gpa: u64, size: u64, attrs: 
         // Slots map the guest_memfd contiguously from BASE_GPA.
         let offset = gpa - BASE_GPA;
         if private {
-            allocate(gmem, offset, size)?;
+            gmem.allocate(offset, size)?;
         } else {
             gmem.punch_hole(offset, size)?;
         }
@@ -377,7 +370,7 @@ fn conversions(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, phase: Phase) -> Resul
 fn guest_memfd_outlives_vm(gmem: &GuestMemfd, size: u64) -> Result<()> {
     let rule = "a guest_memfd stays usable after its VM fd is closed";
     kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))?;
-    kvm_harness::expect_ok(rule, || allocate(gmem, 0, size))?;
+    kvm_harness::expect_ok(rule, || gmem.allocate(0, size))?;
     kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))
 }
 

@@ -143,6 +143,15 @@ fn not_private_slot(kvm: &Arc<Kvm>, access: Access, then_shared: bool) -> Result
     // conversion faults again, identically.
     let again = agent.vcpu().run()?;
     expect_private_fault(&mut agent, again, access.gpa(), &format!("{rule}, every time it is retried"))?;
+    if matches!(access, Access::Write) {
+        let seen = shared.read_u64(access.gpa() - TEST_AREA_GPA);
+        ensure!(
+            seen == 0,
+            "a private write that faulted leaves the host's shared mapping untouched",
+            "host's shared mapping holds {seen:#x} at {:#x} after the faulting write of {WRITTEN:#x}",
+            access.gpa()
+        );
+    }
     if !then_shared {
         return Ok(());
     }
