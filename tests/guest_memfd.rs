@@ -7,6 +7,7 @@
 //! MMAP and MMAP|INIT_SHARED from `KVM_CAP_GUEST_MEMFD_FLAGS` on that VM's
 //! fd (absent, as on 6.12, means only 0). Nothing is decided by version.
 
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -455,6 +456,40 @@ fn fault_private(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     Ok(())
 }
 
+/// Huge-page collapse must not reach guest_memfd: its folios are order-0
+/// and a collapsed folio could map private memory into the host. A
+/// PMD-aligned, PMD-sized mapping of a PMD-sized INIT_SHARED guest_memfd
+/// may be advised MADV_HUGEPAGE, but MADV_COLLAPSE fails with EINVAL, and
+/// the range still faults back in after MADV_DONTNEED.
+fn collapse_refused(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    const PMD: u64 = 2 << 20;
+    let (_vm, gmem) = case.gmem(kvm, PMD)?;
+    let mem = kvm_harness::HostMemory::map_fd_aligned(gmem.as_fd(), 0, PMD, PMD, MapFlags::MAP_SHARED)?;
+    // Populate with reads, so no page is dirtied.
+    let mut byte = [0u8; 1];
+    for offset in (0..PMD).step_by(page_size() as usize) {
+        mem.read(offset, &mut byte);
+    }
+    expect_ok(&case.rule("madvise(MADV_HUGEPAGE) on a guest_memfd mapping succeeds"), || {
+        mem.madvise(libc::MADV_HUGEPAGE)
+    })?;
+    expect_errno(
+        &case.rule("madvise(MADV_COLLAPSE) on a PMD-aligned guest_memfd mapping fails with EINVAL"),
+        Errno::EINVAL,
+        || mem.madvise(libc::MADV_COLLAPSE),
+    )?;
+    expect_ok(&case.rule("madvise(MADV_DONTNEED) on a guest_memfd mapping succeeds"), || {
+        mem.madvise(libc::MADV_DONTNEED)
+    })?;
+    let fate = mem.access_in_child(0, 1, Access::Read)?;
+    expect_fate(
+        &case.rule("the first page faults back in after MADV_DONTNEED"),
+        "reading byte 0",
+        fate,
+        ChildFate::Exited(0),
+    )
+}
+
 // ---- lifetime and guest access ----
 
 fn outlives_vm(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
@@ -585,6 +620,7 @@ fn main() -> ExitCode {
                 if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
                     add("mmap_round_trips_data_and_punch_hole_zeroes", Box::new(move |kvm| mmap_supported(kvm, case)));
                     add("access_past_end_raises_sigbus", Box::new(move |kvm| fault_overflow(kvm, case)));
+                    add("madvise_collapse_fails_with_einval", Box::new(move |kvm| collapse_refused(kvm, case)));
                     add(
                         "guest_and_host_share_data_through_gmem_only_slot",
                         Box::new(move |kvm| guest_access(kvm, case, GmemSlot::WithoutUserspaceAddr)),

@@ -62,6 +62,61 @@ impl HostMemory {
         Ok(Self { ptr: ptr.cast(), len: len as usize })
     }
 
+    /// A read-write mapping of `fd` at `offset` (with `flags`, e.g.
+    /// `MAP_SHARED`) whose address is a multiple of `align` (a power of two),
+    /// e.g. so a 2 MiB range can be mapped by one huge page.
+    pub fn map_fd_aligned(fd: BorrowedFd<'_>, offset: u64, len: u64, align: u64, flags: MapFlags) -> Result<Self> {
+        if !align.is_power_of_two() || len == 0 {
+            return Err(Error::Config(format!("aligned mapping of {len:#x} bytes at alignment {align:#x}")));
+        }
+        // Reserve room for any alignment, place the file mapping inside with
+        // MAP_FIXED, then give back the unused head and tail.
+        let reserved = Self::anonymous(len + align)?;
+        let start = (reserved.addr() + align - 1) & !(align - 1);
+        let head = (start - reserved.addr()) as usize;
+        let tail = (reserved.len() - head as u64 - len) as usize;
+        let at = std::num::NonZeroUsize::new(start as usize).expect("aligned address is non-zero");
+        let size = std::num::NonZeroUsize::new(len as usize).expect("len checked non-zero");
+        // SAFETY: [start, start + len) lies inside `reserved`, a mapping we
+        // own and that no Rust object points into; MAP_FIXED replaces it.
+        let ptr = unsafe {
+            mmap(
+                Some(at),
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                flags | MapFlags::MAP_FIXED,
+                fd,
+                offset as libc::off_t,
+            )
+        }
+        .sys(|| format!("mmap(fd {}, offset {offset:#x}, {len:#x} bytes at {start:#x}, {flags:?})", fd.as_raw_fd()))?;
+        let base = reserved.ptr;
+        std::mem::forget(reserved);
+        if head > 0 {
+            // SAFETY: the reservation's head is ours and nothing refers to it.
+            unsafe { munmap(base.cast(), head) }.sys(|| "munmap(reservation head)".to_string())?;
+        }
+        if tail > 0 {
+            // SAFETY: the reservation's tail, after the file mapping, is ours and unused.
+            let tail_start = unsafe { base.add(head + len as usize) };
+            // SAFETY: as above.
+            unsafe { munmap(tail_start.cast(), tail) }.sys(|| "munmap(reservation tail)".to_string())?;
+        }
+        Ok(Self { ptr: ptr.cast(), len: len as usize })
+    }
+
+    /// `madvise(advice)` on the whole mapping, with a raw `MADV_*` value
+    /// (nix lacks some, e.g. `MADV_COLLAPSE`).
+    pub fn madvise(&self, advice: libc::c_int) -> Result<()> {
+        // SAFETY: the range is exactly our mapping; advice only changes how
+        // the kernel backs it (MADV_DONTNEED re-faults file pages later).
+        let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, advice) };
+        if ret != 0 {
+            return Err(Error::last_os(format!("madvise(advice {advice}, {:#x} bytes)", self.len), ""));
+        }
+        Ok(())
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.len as u64
@@ -234,5 +289,26 @@ impl AsFd for GuestMemfd {
 impl AsRawFd for GuestMemfd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+
+    use super::*;
+
+    #[test]
+    fn aligned_file_mappings_start_on_the_alignment_and_share_data() {
+        let fd = memfd_create(c"aligned", MFdFlags::empty()).unwrap();
+        nix::unistd::ftruncate(&fd, 2 * page_size() as i64).unwrap();
+        let align = 2 << 20;
+        let first = HostMemory::map_fd_aligned(fd.as_fd(), 0, 2 * page_size(), align, MapFlags::MAP_SHARED).unwrap();
+        let second = HostMemory::map_fd_aligned(fd.as_fd(), 0, 2 * page_size(), align, MapFlags::MAP_SHARED).unwrap();
+        assert_eq!(first.addr() % align, 0);
+        assert_eq!(second.addr() % align, 0);
+        first.write_u64(page_size(), 0x1234);
+        assert_eq!(second.read_u64(page_size()), 0x1234);
+        assert!(HostMemory::map_fd_aligned(fd.as_fd(), 0, page_size(), 3, MapFlags::MAP_SHARED).is_err());
     }
 }
