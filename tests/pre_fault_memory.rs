@@ -131,94 +131,101 @@ fn pre_fault(
         }
         prefault_ready.store(true, Ordering::SeqCst);
 
-        let mut outcome;
-        loop {
-            let before = range.size;
-            let started = Instant::now();
-            let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
-            if fired {
-                let deletion_done = deleted.load(Ordering::SeqCst);
-                join_worker(&mut worker)?;
-                let rule = if race {
-                    "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
-                } else {
-                    "KVM_PRE_FAULT_MEMORY of a memslot-backed range completes"
-                };
-                let race_note = match (race, deletion_done) {
-                    (false, _) => String::new(),
-                    (true, true) => "; the worker's slot deletion had completed, so the prefault kept retrying \
+        // Whatever happens below, the worker is told to re-create the slot
+        // and joined before the scope ends: a failed check must not leave it
+        // waiting (the scope would wait for it forever).
+        let checked = (|| -> Result<()> {
+            let mut outcome;
+            loop {
+                let before = range.size;
+                let started = Instant::now();
+                let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+                if fired {
+                    let deletion_done = deleted.load(Ordering::SeqCst);
+                    join_worker(&mut worker)?;
+                    let rule = if race {
+                        "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
+                    } else {
+                        "KVM_PRE_FAULT_MEMORY of a memslot-backed range completes"
+                    };
+                    let race_note = match (race, deletion_done) {
+                        (false, _) => String::new(),
+                        (true, true) => "; the worker's slot deletion had completed, so the prefault kept retrying \
                          on its own: consistent with a kernel whose kvm_mmu_reload() does not free the roots the \
                          deletion made obsolete (upstream 20a6cff3b283, \"KVM: x86/mmu: Check and free obsolete \
                          roots in kvm_mmu_reload()\")"
-                        .to_string(),
-                    (true, false) => "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
+                            .to_string(),
+                        (true, false) => "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
                          the deletion waits for the prefault's kvm->srcu read side while the prefault retries \
                          its fault on the memslot being deleted, a deadlock newer kernels break by failing the \
                          prefault with EAGAIN (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace \
                          deletes/moves memslot during prefault\")"
-                        .to_string(),
-                };
-                return Err(Error::rule(
-                    rule,
-                    format!(
-                        "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
+                            .to_string(),
+                    };
+                    return Err(Error::rule(
+                        rule,
+                        format!(
+                            "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
                          ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}",
-                        started.elapsed().as_secs_f64(),
-                        range.gpa,
-                        range.size
-                    ),
-                ));
-            }
-            let progressed = range.size < before;
-            ensure!(
-                progressed != result.is_err(),
-                "KVM_PRE_FAULT_MEMORY shrinks range.size exactly when it succeeds",
-                "{what}: {} with range.size {before:#x} -> {:#x}",
-                match &result {
-                    Ok(()) => "success".to_string(),
-                    Err(e) => format!("failure ({e})"),
-                },
-                range.size
-            );
-            ensure!(
-                !progressed || range.gpa == TEST_GPA + offset + (size - range.size),
-                "KVM_PRE_FAULT_MEMORY advances range.gpa by exactly the bytes it consumed",
-                "{what}: gpa {:#x} with {:#x} bytes left",
-                range.gpa,
-                range.size
-            );
-            outcome = result;
-            if matches!(&outcome, Err(e) if e.errno() == Some(Errno::EINTR)) {
-                continue;
-            }
-            if worker.is_some() {
-                // Re-create the slot (if the worker deleted it mid-call) and
-                // retry for a stable answer; a finished range is not retried
-                // because size 0 is EINVAL.
-                join_worker(&mut worker)?;
-                if range.size != 0 {
+                            started.elapsed().as_secs_f64(),
+                            range.gpa,
+                            range.size
+                        ),
+                    ));
+                }
+                let progressed = range.size < before;
+                ensure!(
+                    progressed != result.is_err(),
+                    "KVM_PRE_FAULT_MEMORY shrinks range.size exactly when it succeeds",
+                    "{what}: {} with range.size {before:#x} -> {:#x}",
+                    match &result {
+                        Ok(()) => "success".to_string(),
+                        Err(e) => format!("failure ({e})"),
+                    },
+                    range.size
+                );
+                ensure!(
+                    !progressed || range.gpa == TEST_GPA + offset + (size - range.size),
+                    "KVM_PRE_FAULT_MEMORY advances range.gpa by exactly the bytes it consumed",
+                    "{what}: gpa {:#x} with {:#x} bytes left",
+                    range.gpa,
+                    range.size
+                );
+                outcome = result;
+                if matches!(&outcome, Err(e) if e.errno() == Some(Errno::EINTR)) {
                     continue;
                 }
+                if worker.is_some() {
+                    // Re-create the slot (if the worker deleted it mid-call) and
+                    // retry for a stable answer; a finished range is not retried
+                    // because size 0 is EINVAL.
+                    join_worker(&mut worker)?;
+                    if range.size != 0 {
+                        continue;
+                    }
+                }
+                if range.size == 0 || outcome.is_err() {
+                    break;
+                }
             }
-            if range.size == 0 || outcome.is_err() {
-                break;
+            ensure!(
+                range.size == expected_left,
+                "KVM_PRE_FAULT_MEMORY stops exactly at the end of the memslot",
+                "{what}: completed with {:#x} bytes left, expected {expected_left:#x} ({outcome:?})",
+                range.size
+            );
+            if expected_left == 0 {
+                kvm_harness::expect_ok("KVM_PRE_FAULT_MEMORY of a fully memslot-backed range succeeds", || outcome)
+            } else {
+                kvm_harness::expect_errno(
+                    "KVM_PRE_FAULT_MEMORY past the end of the memslot fails with ENOENT (no memslot: emulated MMIO)",
+                    Errno::ENOENT,
+                    || outcome,
+                )
             }
-        }
-        ensure!(
-            range.size == expected_left,
-            "KVM_PRE_FAULT_MEMORY stops exactly at the end of the memslot",
-            "{what}: completed with {:#x} bytes left, expected {expected_left:#x} ({outcome:?})",
-            range.size
-        );
-        if expected_left == 0 {
-            kvm_harness::expect_ok("KVM_PRE_FAULT_MEMORY of a fully memslot-backed range succeeds", || outcome)
-        } else {
-            kvm_harness::expect_errno(
-                "KVM_PRE_FAULT_MEMORY past the end of the memslot fails with ENOENT (no memslot: emulated MMIO)",
-                Errno::ENOENT,
-                || outcome,
-            )
-        }
+        })();
+        let joined = join_worker(&mut worker);
+        checked.and(joined)
     })
 }
 
