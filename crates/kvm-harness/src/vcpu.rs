@@ -225,7 +225,7 @@ pub struct ExitReport {
 
 impl fmt::Display for ExitReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} on vCPU {} ({:?})", self.exit.reason_name(), self.vcpu, self.exit)?;
+        write!(f, "{} on vCPU {} ({:x?})", self.exit.reason_name(), self.vcpu, self.exit)?;
         if let Some(r) = &self.regs {
             write!(f, " at RIP {:#x}", r.rip)?;
             if let Some(s) = &self.symbol {
