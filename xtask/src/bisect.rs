@@ -27,6 +27,19 @@ pub fn step(opts: &VmOpts) -> ExitCode {
     }
 }
 
+/// An identity for the demo commits, and no automatic gc: the base commit
+/// leaves ~80k loose objects, and a background gc would hold HEAD.lock while
+/// the demo goes on committing.
+const GIT_CONFIG: &[&str] = &[
+    "-c",
+    "user.name=xtask bisect-demo",
+    "-c",
+    "user.email=xtask@localhost",
+    "-c",
+    "gc.auto=0",
+    "-c",
+    "maintenance.auto=false",
+];
 const BASE_TAG: &str = "xtask-demo-base";
 const BREAK_FILE: &str = "arch/x86/include/asm/kvm_host.h";
 const BREAK_NEEDLE: &str = "define kvm_arch_nr_memslot_as_ids(kvm)";
@@ -52,14 +65,12 @@ pub fn demo(opts: &VmOpts) -> Result<ExitCode> {
 
     let git = |args: &[&str]| -> Command {
         let mut c = Command::new("git");
-        c.arg("-C")
-            .arg(&tree)
-            .args(["-c", "user.name=xtask bisect-demo", "-c", "user.email=xtask@localhost"])
-            .args(args);
+        c.arg("-C").arg(&tree).args(GIT_CONFIG).args(args);
         c
     };
+    util::run(&mut git(&["config", "gc.auto", "0"]))?;
     // Start from the base every time so the demo is repeatable.
-    let _ = git(&["bisect", "reset", "-q"]).output();
+    let _ = git(&["bisect", "reset"]).output();
     util::run(&mut git(&["checkout", "-q", "-f", "-B", "demo", BASE_TAG]))?;
     util::run(&mut git(&["clean", "-q", "-fdx"]))?;
 
@@ -95,7 +106,8 @@ pub fn demo(opts: &VmOpts) -> Result<ExitCode> {
     for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
         println!("{line}");
         std::io::stdout().flush().ok();
-        if line.starts_with("running ") {
+        // git's "running '<cmd>'", not libtest's "running 12 tests".
+        if line.starts_with("running '") {
             steps += 1;
         }
         if let Some(sha) = line.strip_suffix(" is the first bad commit") {
@@ -104,7 +116,7 @@ pub fn demo(opts: &VmOpts) -> Result<ExitCode> {
     }
     let status = child.wait().map_err(|source| Error::Spawn { cmd: util::describe(&run), source })?;
     let bisect_time = bisect_start.elapsed();
-    let _ = git(&["bisect", "reset", "-q"]).output();
+    let _ = git(&["bisect", "reset"]).output();
 
     eprintln!(
         "xtask: bisection: {steps} steps in {:.0?} (whole demo {:.0?}), git bisect run {status}",
@@ -129,7 +141,7 @@ fn prepare_tree(src: &Path, tree: &Path) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: creating the demo repository {}", tree.display());
-    let partial = tree.with_extension("partial");
+    let partial = tree.with_file_name(".partial-demo");
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
     }
@@ -137,15 +149,12 @@ fn prepare_tree(src: &Path, tree: &Path) -> Result<()> {
     util::run(Command::new("cp").arg("-a").arg(src).arg(&partial))?;
     let git = |args: &[&str]| {
         let mut c = Command::new("git");
-        c.arg("-C")
-            .arg(&partial)
-            .args(["-c", "user.name=xtask bisect-demo", "-c", "user.email=xtask@localhost"])
-            .args(args)
-            .stdout(Stdio::null());
+        c.arg("-C").arg(&partial).args(GIT_CONFIG).args(args).stdout(Stdio::null());
         c
     };
     util::run(&mut git(&["init", "-q", "-b", "demo"]))?;
-    util::run(&mut git(&["add", "-A"]))?;
+    // -f: Debian's top-level .gitignore ignores everything but debian/.
+    util::run(&mut git(&["add", "-A", "-f"]))?;
     util::run(&mut git(&["commit", "-q", "-m", "base: Debian linux-source-6.12"]))?;
     util::run(&mut git(&["tag", BASE_TAG]))?;
     fs::rename(&partial, tree).map_err(io_err(tree))

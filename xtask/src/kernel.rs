@@ -49,25 +49,28 @@ pub fn fragment_path() -> PathBuf {
 
 /// Configure and build the kernel, returning the path of its bzImage.
 pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
-    util::ensure_requirements(BUILD_DEPS)?;
     let fragment_file = fragment_path();
     let fragment = fs::read_to_string(&fragment_file).map_err(io_err(&fragment_file))?;
     let config_hash = format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), fragment.as_bytes()]));
 
+    let cache = util::cache_dir();
     let (id, src) = match &opts.tree {
         Some(tree) => tree_source(tree)?,
-        None => debian_source()?,
+        None => {
+            // A released source never changes, so its image is reused
+            // without extracting the source or asking make; a tree can
+            // change under us and is always rebuilt (incrementally, in its
+            // own O= directory).
+            let id = debian_source_id()?;
+            let cached = cached_image(&id, &config_hash);
+            if cached.is_file() {
+                eprintln!("xtask: using cached kernel for {id}");
+                return Ok(cached);
+            }
+            (id.clone(), extract_debian_source(&id)?)
+        }
     };
-    let cache = util::cache_dir();
-    // A released source never changes, so its image can be reused without
-    // even asking make; a tree can change under us and is always rebuilt
-    // (incrementally, in its own O= directory).
-    let cached_image = cache.join("images").join(format!("{id}-{config_hash}")).join("bzImage");
-    if opts.tree.is_none() && cached_image.is_file() {
-        eprintln!("xtask: using cached kernel for {id}");
-        return Ok(cached_image);
-    }
-
+    util::ensure_requirements(BUILD_DEPS)?;
     let out = cache.join("build").join(&id);
     util::create_dir_all(&out)?;
     configure(&src, &out, &fragment_file, &config_hash)?;
@@ -87,6 +90,7 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     if opts.tree.is_some() {
         return Ok(image);
     }
+    let cached_image = cached_image(&id, &config_hash);
     let dir = cached_image.parent().expect("image path has a parent");
     util::create_dir_all(dir)?;
     // Copy then rename so an interrupted copy is never taken for an image.
@@ -108,10 +112,22 @@ fn tree_source(tree: &Path) -> Result<(String, PathBuf)> {
     Ok((format!("tree-{}-{:08x}", util::sanitize(&name), hash as u32), src))
 }
 
-/// Debian's linux-source-6.12, extracted once into the cache and identified
-/// by its package version.
+fn cached_image(id: &str, config_hash: &str) -> PathBuf {
+    util::cache_dir().join("images").join(format!("{id}-{config_hash}")).join("bzImage")
+}
+
+/// Debian's linux-source-6.12, extracted once into the cache: its id and
+/// source directory.
 pub fn debian_source() -> Result<(String, PathBuf)> {
-    util::ensure_requirements(&[req(DEBIAN_TARBALL, DEBIAN_PACKAGE), req("tar", "tar")])?;
+    let id = debian_source_id()?;
+    let src = extract_debian_source(&id)?;
+    Ok((id, src))
+}
+
+/// Identify Debian's source by its package version (installing the package
+/// if needed and allowed).
+fn debian_source_id() -> Result<String> {
+    util::ensure_requirements(&[req(DEBIAN_TARBALL, DEBIAN_PACKAGE)])?;
     let tarball = Path::new(DEBIAN_TARBALL);
     let version = util::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", DEBIAN_PACKAGE]))
         .ok()
@@ -130,11 +146,16 @@ pub fn debian_source() -> Result<(String, PathBuf)> {
             },
             |v| v.trim().to_string(),
         );
-    let id = util::sanitize(&format!("{DEBIAN_PACKAGE}_{version}"));
+    Ok(util::sanitize(&format!("{DEBIAN_PACKAGE}_{version}")))
+}
+
+fn extract_debian_source(id: &str) -> Result<PathBuf> {
+    util::ensure_requirements(&[req("tar", "tar"), req("xz", "xz-utils")])?;
+    let tarball = Path::new(DEBIAN_TARBALL);
     let src_root = util::cache_dir().join("src");
-    let src = src_root.join(&id);
+    let src = src_root.join(id);
     if src.join("Makefile").is_file() {
-        return Ok((id, src));
+        return Ok(src);
     }
 
     eprintln!("xtask: extracting {DEBIAN_TARBALL} into {}", src.display());
@@ -151,7 +172,7 @@ pub fn debian_source() -> Result<(String, PathBuf)> {
     // Rename last so an interrupted extraction is redone, not half-used.
     fs::rename(&top, &src).map_err(io_err(&src))?;
     fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
-    Ok((id, src))
+    Ok(src)
 }
 
 /// Write `.config` from the recipe unless the build directory already holds
@@ -276,7 +297,10 @@ fn make_with_progress(src: &Path, out: &Path, jobs: usize) -> Result<()> {
             tail.pop_front();
         }
         tail.push_back(line.clone());
-        let important = line.contains("error") || line.contains("warning:");
+        // Match diagnostics, not object names like str_error_r.o.
+        let important = line.contains("error:")
+            || line.contains("warning:")
+            || (line.starts_with("make") && line.contains("Error"));
         if important {
             if tty {
                 write!(err, "\r\x1b[K").ok();
@@ -317,6 +341,18 @@ mod tests {
         let frag = "CONFIG_A=y\n# xtask: required\nCONFIG_B=y\n# CONFIG_C is not set\n\
                     # comment\n# xtask: best-effort\nCONFIG_D=y\n";
         assert_eq!(required_options(frag), vec![("CONFIG_B".into(), Some("y".into())), ("CONFIG_C".into(), None)]);
+    }
+
+    #[test]
+    fn verify_names_options_that_did_not_stick() {
+        let dir = std::env::temp_dir().join(format!("xtask-kcfg-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join(".config");
+        fs::write(&config, "CONFIG_A=y\nCONFIG_B=m\nCONFIG_D=y\n").unwrap();
+        let frag = "# xtask: required\nCONFIG_A=y\nCONFIG_B=y\nCONFIG_C=y\n# CONFIG_D is not set\n";
+        let err = verify_config(&config, frag).unwrap_err().to_string();
+        assert!(err.ends_with("CONFIG_B=y (got m), CONFIG_C=y (not set), CONFIG_D unset (got y)"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -158,7 +158,11 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     let results_dir = run_dir.join("results");
     util::create_dir_all(&results_dir)?;
     let init = run_dir.join("init");
-    let xtask = env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
+    // A private copy for the guest probe: cargo may rebuild (replace) our
+    // own binary while the guest runs, e.g. during a bisection.
+    let xtask = run_dir.join("xtask");
+    let self_exe = Path::new("/proc/self/exe");
+    fs::copy(self_exe, &xtask).map_err(io_err(self_exe))?;
     fs::write(&init, init_script(&busybox, &xtask, &binaries, &opts.test_args)).map_err(io_err(&init))?;
     set_executable(&init)?;
 
@@ -169,14 +173,35 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     };
     let mut qemu = qemu_command(&kernel, &init, &results_dir, accel);
     eprintln!("xtask: booting {} ({accel:?})", kernel.display());
-    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout)?;
-
-    let status = fs::read_to_string(results_dir.join("status")).unwrap_or_default();
-    if status.trim() != "done" {
-        return Err(guest.failure());
-    }
-    let mut results = report::read_results(&results_dir.join("results.jsonl"))?;
-    add_crashed_binaries(&mut results, &results_dir.join("exit-codes"))?;
+    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout).and_then(|guest| {
+        let status = fs::read_to_string(results_dir.join("status")).unwrap_or_default();
+        if status.trim() == "done" {
+            Ok(guest)
+        } else {
+            Err(guest.failure())
+        }
+    });
+    let results = report::read_results(&results_dir.join("results.jsonl")).and_then(|mut r| {
+        add_crashed_binaries(&mut r, &results_dir.join("exit-codes"))?;
+        Ok(r)
+    });
+    let (guest, results) = match (guest, results) {
+        (Ok(guest), results) => (guest, results?),
+        (Err(e), Ok(mut partial)) if !partial.is_empty() => {
+            // Tests ran before the guest died or hung: keep what they
+            // reported, plus the reason, for CI artifacts.
+            partial.push(TestResult {
+                binary: "vm".into(),
+                test: "guest".into(),
+                outcome: Outcome::Fail,
+                duration_ms: 0,
+                message: e.to_string(),
+            });
+            report::write_reports(&partial, "report").ok();
+            return Err(e);
+        }
+        (Err(e), _) => return Err(e),
+    };
     if results.is_empty() {
         return Err(Error::NoTestsRan);
     }
@@ -219,7 +244,11 @@ $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
     || die "setup-failed mounting the results share"
 echo "$M init"
 [ -c /dev/kvm ] || die "no-kvm"
-probe=$({xtask} guest-probe 2>&1) || die "probe-failed $probe"
+probe=$({xtask} guest-probe 2>&1)
+rc=$?
+# 126/127: the probe could not even be executed, which is not the kernel's fault.
+[ $rc -ge 126 ] && die "setup-failed cannot run the guest probe: $probe"
+[ $rc = 0 ] || die "probe-failed $probe"
 echo "$M probe $probe"
 export HOME=/run TMPDIR=/run/tmp RUST_BACKTRACE=1
 export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
