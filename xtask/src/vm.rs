@@ -151,7 +151,10 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         None => kernel::build(&opts.kernel_opts)?,
     };
 
-    let run_dir = util::output_dir().join("vm");
+    // Per process, so concurrent runs (a bisection next to an interactive
+    // run) cannot clobber each other's init or results.
+    let mut scratch = Scratch { dir: util::output_dir().join(format!("vm-{}", std::process::id())), keep: true };
+    let run_dir = scratch.dir.clone();
     if run_dir.exists() {
         fs::remove_dir_all(&run_dir).map_err(io_err(&run_dir))?;
     }
@@ -215,7 +218,26 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             done.as_secs_f64()
         );
     }
+    scratch.keep = false;
     Ok(RunOutcome { results, summary })
+}
+
+/// The run's scratch directory: removed after a run that produced a
+/// verdict, kept (and named) after one that did not, for debugging.
+#[derive(Debug)]
+struct Scratch {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("xtask: guest init and raw results kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 fn set_executable(path: &Path) -> Result<()> {
