@@ -5,6 +5,7 @@
 //! ignored with the reason and the value the kernel reported. Strict mode
 //! turns every such skip into a failure.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
@@ -24,6 +25,31 @@ use crate::watchdog;
 pub const STRICT_ENV: &str = "KVM_SELFTESTS_STRICT";
 /// Environment variable: a file each binary appends one JSON line per test to.
 pub const RESULTS_ENV: &str = "KVM_SELFTESTS_RESULTS";
+/// Environment variable: a file listing known kernel bugs of the running
+/// host, one `binary::test  reason` per line (`#` comments). A listed test
+/// that fails is reported as ignored with the reason and the failure; one
+/// that passes fails, so a fixed kernel forces the entry out of the list.
+pub const KNOWN_FAILURES_ENV: &str = "KVM_SELFTESTS_KNOWN_FAILURES";
+
+/// Parses a [`KNOWN_FAILURES_ENV`] file: `(binary, test) -> reason`.
+pub fn parse_known_failures(text: &str) -> Result<HashMap<(String, String), String>> {
+    let mut known = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (id, reason) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let reason = reason.trim();
+        let bad = |what: &str| Error::Config(format!("{KNOWN_FAILURES_ENV} line {}: {what}: {line:?}", n + 1));
+        let (binary, test) = id.split_once("::").ok_or_else(|| bad("expected `binary::test reason`"))?;
+        if binary.is_empty() || test.is_empty() || reason.is_empty() {
+            return Err(bad("binary, test and reason are all required"));
+        }
+        known.insert((binary.to_string(), test.to_string()), reason.to_string());
+    }
+    Ok(known)
+}
 
 /// A custom requirement: `Err(reason)` when unmet.
 pub type CheckFn = dyn Fn(&Arc<Kvm>) -> Result<(), String> + Send + Sync;
@@ -93,12 +119,24 @@ pub struct Suite {
     strict: bool,
     results: Option<PathBuf>,
     kvm: Result<Arc<Kvm>, String>,
+    known_failures: HashMap<(String, String), String>,
     trials: Vec<Trial>,
 }
 
 impl std::fmt::Debug for Suite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Suite").field("binary", &self.binary).field("strict", &self.strict).finish_non_exhaustive()
+    }
+}
+
+fn known_failures_from_env() -> Result<HashMap<(String, String), String>> {
+    match std::env::var_os(KNOWN_FAILURES_ENV).filter(|v| !v.is_empty()) {
+        None => Ok(HashMap::new()),
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::Config(format!("{KNOWN_FAILURES_ENV}={}: {e}", path.to_string_lossy())))?;
+            parse_known_failures(&text)
+        }
     }
 }
 
@@ -121,12 +159,21 @@ impl Suite {
     /// setting ends the process with status 2 and a message naming it.
     pub fn new(binary: &str) -> Self {
         let mut raw: Vec<String> = std::env::args().collect();
-        let (strict, results) = config_from_env(&mut raw).unwrap_or_else(|e| {
+        let config = config_from_env(&mut raw).and_then(|c| Ok((c, known_failures_from_env()?)));
+        let ((strict, results), known_failures) = config.unwrap_or_else(|e| {
             eprintln!("{binary}: {e}");
             std::process::exit(2);
         });
         let kvm = Kvm::open().map(Arc::new).map_err(|e| format!("needs {KVM_PATH}: {e}"));
-        Self { binary: binary.to_string(), args: Arguments::from_iter(raw), strict, results, kvm, trials: Vec::new() }
+        Self {
+            binary: binary.to_string(),
+            args: Arguments::from_iter(raw),
+            strict,
+            results,
+            kvm,
+            known_failures,
+            trials: Vec::new(),
+        }
     }
 
     /// `/dev/kvm`, when it could be opened: lets a binary generate one test
@@ -179,16 +226,20 @@ impl Suite {
         let binary = self.binary.clone();
         let results = self.results.clone();
         let strict = self.strict;
+        let known_failure = self.known_failures.get(&(binary.clone(), name.clone())).cloned();
         Trial::ignorable_test(name.clone(), move || {
             let start = Instant::now();
             let outcome: Result<Completion, String> = match skip {
                 Some(reason) if strict => Err(format!("strict mode ({STRICT_ENV}=1): skip is a failure: {reason}")),
                 Some(reason) => Ok(Completion::ignored_with(reason)),
-                None => match std::panic::catch_unwind(AssertUnwindSafe(body)) {
-                    Ok(Ok(())) => Ok(Completion::Completed),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(panic) => Err(panic_message(&*panic)),
-                },
+                None => {
+                    let ran = match std::panic::catch_unwind(AssertUnwindSafe(body)) {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(panic) => Err(panic_message(&*panic)),
+                    };
+                    judge(ran, known_failure.as_deref(), strict)
+                }
             };
             if let Some(path) = &results {
                 record(path, &binary, &name, &outcome, start.elapsed().as_millis());
@@ -200,6 +251,21 @@ impl Suite {
     /// Runs the selected tests and returns the exit status (non-zero on any failure).
     pub fn run(self) -> ExitCode {
         libtest_mimic::run(&self.args, self.trials).exit_code()
+    }
+}
+
+/// The verdict of a test that ran, given its known-failure entry.
+fn judge(ran: Result<(), String>, known_failure: Option<&str>, strict: bool) -> Result<Completion, String> {
+    match (ran, known_failure) {
+        (Ok(()), None) => Ok(Completion::Completed),
+        (Err(message), None) => Err(message),
+        (Ok(()), Some(reason)) => {
+            Err(format!("listed in {KNOWN_FAILURES_ENV} ({reason}) but passed: remove the entry"))
+        }
+        (Err(message), Some(reason)) if strict => {
+            Err(format!("strict mode ({STRICT_ENV}=1): known failure is a failure: {reason}: {message}"))
+        }
+        (Err(message), Some(reason)) => Ok(Completion::ignored_with(format!("known failure: {reason}: {message}"))),
     }
 }
 
@@ -249,6 +315,33 @@ mod tests {
         assert!(!parse_strict("").unwrap());
         let err = parse_strict("maybe").unwrap_err().to_string();
         assert!(err.contains(STRICT_ENV) && err.contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn known_failures_parse_and_reject_malformed_lines() {
+        let known = parse_known_failures("# host bugs\n\nguest_memfd::some_test  PVM bug: reads MMIO\n").unwrap();
+        assert_eq!(known[&("guest_memfd".to_string(), "some_test".to_string())], "PVM bug: reads MMIO");
+        for bad in ["no_separator reason", "bin::test", "::test reason", "bin:: reason"] {
+            let err = parse_known_failures(bad).unwrap_err().to_string();
+            assert!(err.contains(KNOWN_FAILURES_ENV) && err.contains("line 1"), "{bad:?}: {err}");
+        }
+    }
+
+    fn failure(verdict: Result<Completion, String>) -> String {
+        verdict.err().expect("expected a failure")
+    }
+
+    #[test]
+    fn known_failures_hide_only_failures_and_never_a_pass() {
+        assert!(matches!(judge(Ok(()), None, false), Ok(Completion::Completed)));
+        assert_eq!(failure(judge(Err("boom".into()), None, false)), "boom");
+        let listed_pass = failure(judge(Ok(()), Some("bug"), false));
+        assert!(listed_pass.contains("but passed"), "{listed_pass}");
+        match judge(Err("boom".into()), Some("bug"), false) {
+            Ok(Completion::Ignored { reason: Some(r) }) => assert_eq!(r, "known failure: bug: boom"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(failure(judge(Err("boom".into()), Some("bug"), true)).starts_with("strict mode"));
     }
 
     #[test]
