@@ -80,12 +80,12 @@ pub enum Error {
 impl Error {
     /// Whether the failure is the kernel's (it does not build, boot or offer
     /// the features under test) rather than the host's or the user's: the
-    /// distinction `git bisect run` needs between "skip" and "abort".
+    /// distinction `git bisect run` needs between "skip" and "abort". A
+    /// directory that is no kernel tree at all is the user's mistake.
     pub fn is_kernel_fault(&self) -> bool {
         matches!(
             self,
-            Error::NotAKernelTree(_)
-                | Error::ConfigNotApplied { .. }
+            Error::ConfigNotApplied { .. }
                 | Error::KernelBuild { .. }
                 | Error::NoKernelImage(_)
                 | Error::BootTimeout(_)

@@ -31,7 +31,9 @@ commands:
   bisect-step --tree DIR [vm options] [test args...]
       Incremental build of DIR, then `vm`. Exit 0 pass, 1 fail, 125 when the
       tree does not build, boot or offer the features (git bisect skip),
-      128 on host problems (aborts git bisect run).
+      128 on host problems (aborts git bisect run). From a kernel tree:
+        git bisect run <workspace>/target/debug/xtask bisect-step --tree . FILTER
+      (cargo's `xtask` alias only exists inside the workspace).
   bisect-demo [--jobs N]
       Build a throwaway git history from the Debian 6.12 source with one
       breaking commit and check that `git bisect run` finds it.
