@@ -196,6 +196,15 @@ fn pre_fault(
                     continue;
                 }
                 if worker.is_some() {
+                    if race {
+                        // What the race looked like, for the log: proof it was exercised.
+                        let seen = match &outcome {
+                            Ok(()) => format!("{:#x} bytes left", range.size),
+                            Err(e) => format!("{:?} with {:#x} bytes left", e.errno(), range.size),
+                        };
+                        let deletion = if deleted.load(Ordering::SeqCst) { "done" } else { "pending" };
+                        println!("pre_fault_memory: {what} against the slot deletion ({deletion}): {seen}");
+                    }
                     // Re-create the slot (if the worker deleted it mid-call) and
                     // retry for a stable answer; a finished range is not retried
                     // because size 0 is EINVAL.
