@@ -24,10 +24,13 @@ commands:
       xtask/kernel.config into ~/.cache/kvm-selftests-rs; prints the bzImage.
   vm [--kernel PATH] [--tree DIR] [--jobs N] [--accel auto|tcg|kvm]
      [--timeout SECS] [--boot-timeout SECS] [--test-binary PATH]...
+     [--known-failures FILE]
      [-- ] [test args...]
       Boot the kernel in QEMU and run the test binaries inside in strict mode.
       Test args (filters, --exact, ...) go to every test binary. Exit status:
       0 all passed, 1 a test failed or skipped, 2 the run itself failed.
+      --known-failures FILE lists known bugs of the guest kernel (see
+      KVM_SELFTESTS_KNOWN_FAILURES in the README): they fail as xfail.
   bisect-step --tree DIR [vm options] [test args...]
       Incremental build of DIR, then `vm`. Exit 0 pass, 1 fail, 125 when the
       tree does not build, boot or offer the features (git bisect skip),
@@ -100,11 +103,15 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
     }
 }
 
-const VM_FLAGS: &[&str] = &["--kernel", "--tree", "--jobs", "--accel", "--timeout", "--boot-timeout", "--test-binary"];
+const VM_FLAGS: &[&str] =
+    &["--kernel", "--tree", "--jobs", "--accel", "--timeout", "--boot-timeout", "--test-binary", "--known-failures"];
 
 pub fn print_verdict(outcome: &vm::RunOutcome) -> ExitCode {
     let s = outcome.summary;
-    eprintln!("xtask: {} passed, {} failed, {} skipped (a skip inside the VM is a failure)", s.pass, s.fail, s.skip);
+    eprintln!(
+        "xtask: {} passed, {} failed, {} skipped (a skip inside the VM is a failure), {} known failures",
+        s.pass, s.fail, s.skip, s.xfail
+    );
     for r in outcome.results.iter().filter(|r| r.outcome != report::Outcome::Pass) {
         eprintln!("xtask:   {:?} {}::{}: {}", r.outcome, r.binary, r.test, r.message.lines().next().unwrap_or(""));
     }
@@ -142,6 +149,7 @@ fn parse_vm_args(args: &[String], allowed: &[&str]) -> Result<VmOpts> {
             "--kernel" => opts.kernel = Some(PathBuf::from(value)),
             "--tree" => opts.kernel_opts.tree = Some(PathBuf::from(value)),
             "--test-binary" => opts.binaries.push(PathBuf::from(value)),
+            "--known-failures" => opts.known_failures = Some(PathBuf::from(value)),
             "--jobs" => opts.kernel_opts.jobs = positive(flag, &value)?,
             "--timeout" => opts.timeout = positive(flag, &value)?,
             "--boot-timeout" => opts.boot_timeout = positive(flag, &value)?,
@@ -190,7 +198,7 @@ fn report_cmd(args: &[String]) -> Result<ExitCode> {
     let results = report::read_results(&file)?;
     report::write_reports(&results, &stem)?;
     let s = report::summarize(&results);
-    eprintln!("xtask: {} passed, {} failed, {} skipped", s.pass, s.fail, s.skip);
+    eprintln!("xtask: {} passed, {} failed, {} skipped, {} known failures", s.pass, s.fail, s.skip, s.xfail);
     Ok(if s.fail == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

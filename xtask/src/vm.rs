@@ -43,6 +43,8 @@ pub struct VmOpts {
     pub binaries: Vec<PathBuf>,
     /// Passed to every test binary (libtest filters, `--exact`, ...).
     pub test_args: Vec<String>,
+    /// Known bugs of the guest kernel (`KVM_SELFTESTS_KNOWN_FAILURES`).
+    pub known_failures: Option<PathBuf>,
 }
 
 impl Default for VmOpts {
@@ -55,6 +57,7 @@ impl Default for VmOpts {
             timeout: 600,
             binaries: Vec::new(),
             test_args: Vec::new(),
+            known_failures: None,
         }
     }
 }
@@ -74,7 +77,8 @@ pub struct RunOutcome {
 impl RunOutcome {
     /// Inside the VM every capability is present, so a skip is as bad as a
     /// failure (the binaries already turn skips into failures in strict mode;
-    /// this also catches a binary that ignores the variable).
+    /// this also catches a binary that ignores the variable). A known
+    /// failure (`--known-failures`) is neither.
     pub fn passed(&self) -> bool {
         self.summary.fail == 0 && self.summary.skip == 0
     }
@@ -116,6 +120,15 @@ pub fn build_tests() -> Result<Vec<TestBinary>> {
     Ok(binaries)
 }
 
+/// The suite name of a cargo test executable: `vm_types-0123456789abcdef` is
+/// `vm_types`, the name its results carry.
+fn suite_name(file: &str) -> &str {
+    match file.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => name,
+        _ => file,
+    }
+}
+
 /// Nested virtualization is only used when the host KVM says it supports it;
 /// otherwise QEMU emulates SVM in TCG.
 pub fn host_can_nest() -> bool {
@@ -141,10 +154,14 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             .iter()
             .map(|p| {
                 let path = p.canonicalize().map_err(|_| Error::NoSuchTestBinary(p.clone()))?;
-                let name = path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
-                Ok(TestBinary { name, path })
+                let file = path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                Ok(TestBinary { name: suite_name(&file).to_string(), path })
             })
             .collect::<Result<_>>()?
+    };
+    let known_failures = match &opts.known_failures {
+        Some(list) => Some(list.canonicalize().map_err(io_err(list))?),
+        None => None,
     };
     let kernel = match &opts.kernel {
         Some(k) => k.canonicalize().map_err(io_err(k))?,
@@ -166,7 +183,8 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     let xtask = run_dir.join("xtask");
     let self_exe = Path::new("/proc/self/exe");
     fs::copy(self_exe, &xtask).map_err(io_err(self_exe))?;
-    fs::write(&init, init_script(&busybox, &xtask, &binaries, &opts.test_args)).map_err(io_err(&init))?;
+    fs::write(&init, init_script(&busybox, &xtask, &binaries, &opts.test_args, known_failures.as_deref()))
+        .map_err(io_err(&init))?;
     set_executable(&init)?;
 
     let accel = match opts.accel {
@@ -245,7 +263,13 @@ fn set_executable(path: &Path) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(io_err(path))
 }
 
-fn init_script(busybox: &Path, xtask: &Path, binaries: &[TestBinary], args: &[String]) -> String {
+fn init_script(
+    busybox: &Path,
+    xtask: &Path,
+    binaries: &[TestBinary],
+    args: &[String],
+    known_failures: Option<&Path>,
+) -> String {
     let bb = busybox.display();
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let mut s = format!(
@@ -279,6 +303,10 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     );
     if let Ok(t) = env::var("KVM_SELFTESTS_TIMEOUT") {
         let _ = writeln!(s, "export KVM_SELFTESTS_TIMEOUT={}", shell_quote(&t));
+    }
+    if let Some(list) = known_failures {
+        // The host's / is the guest's root, so the host path works as is.
+        let _ = writeln!(s, "export KVM_SELFTESTS_KNOWN_FAILURES={}", q(list));
     }
     // cargo runs integration tests from the package directory; do the same.
     let _ = writeln!(s, "cd {} || die \"setup-failed cd\"", q(&util::workspace_root().join("tests")));
@@ -502,10 +530,20 @@ mod tests {
             Path::new("/x/xtask"),
             &[TestBinary { name: "vm_types".into(), path: "/t/vm types-1".into() }],
             &["it's".into(), "--exact".into()],
+            Some(Path::new("/k/known failures.txt")),
         );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
+        assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));
         assert!(s.contains("'/t/vm types-1' 'it'\\''s' '--exact'\n"));
         assert!(s.contains("echo 'vm_types' $? >> $R/exit-codes"));
+    }
+
+    #[test]
+    fn suite_names_drop_cargo_hashes_only() {
+        assert_eq!(suite_name("vm_types-0123456789abcdef"), "vm_types");
+        assert_eq!(suite_name("pre_fault_memory-89abcdef01234567"), "pre_fault_memory");
+        assert_eq!(suite_name("my-test"), "my-test");
+        assert_eq!(suite_name("plain"), "plain");
     }
 
     #[test]

@@ -25,10 +25,11 @@ use crate::watchdog;
 pub const STRICT_ENV: &str = "KVM_SELFTESTS_STRICT";
 /// Environment variable: a file each binary appends one JSON line per test to.
 pub const RESULTS_ENV: &str = "KVM_SELFTESTS_RESULTS";
-/// Environment variable: a file listing known kernel bugs of the running
-/// host, one `binary::test  reason` per line (`#` comments). A listed test
-/// that fails is reported as ignored with the reason and the failure; one
-/// that passes fails, so a fixed kernel forces the entry out of the list.
+/// Environment variable: a file listing known bugs of the running kernel,
+/// one `binary::test  reason` per line (`#` comments). A listed test that
+/// fails is reported as ignored with the reason and the failure (outcome
+/// `xfail` in the results file, also in strict mode); one that passes fails,
+/// so a fixed kernel forces the entry out of the list.
 pub const KNOWN_FAILURES_ENV: &str = "KVM_SELFTESTS_KNOWN_FAILURES";
 
 /// Parses a [`KNOWN_FAILURES_ENV`] file: `(binary, test) -> reason`.
@@ -229,22 +230,24 @@ impl Suite {
         let known_failure = self.known_failures.get(&(binary.clone(), name.clone())).cloned();
         Trial::ignorable_test(name.clone(), move || {
             let start = Instant::now();
-            let outcome: Result<Completion, String> = match skip {
-                Some(reason) if strict => Err(format!("strict mode ({STRICT_ENV}=1): skip is a failure: {reason}")),
-                Some(reason) => Ok(Completion::ignored_with(reason)),
+            let verdict = match skip {
+                Some(reason) if strict => {
+                    Verdict::Fail(format!("strict mode ({STRICT_ENV}=1): skip is a failure: {reason}"))
+                }
+                Some(reason) => Verdict::Skip(reason),
                 None => {
                     let ran = match std::panic::catch_unwind(AssertUnwindSafe(body)) {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(panic) => Err(panic_message(&*panic)),
                     };
-                    judge(ran, known_failure.as_deref(), strict)
+                    judge(ran, known_failure.as_deref())
                 }
             };
             if let Some(path) = &results {
-                record(path, &binary, &name, &outcome, start.elapsed().as_millis());
+                record(path, &binary, &name, &verdict, start.elapsed().as_millis());
             }
-            outcome.map_err(Failed::from)
+            verdict.into_libtest()
         })
     }
 
@@ -254,18 +257,55 @@ impl Suite {
     }
 }
 
-/// The verdict of a test that ran, given its known-failure entry.
-fn judge(ran: Result<(), String>, known_failure: Option<&str>, strict: bool) -> Result<Completion, String> {
+/// How a test ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    /// A capability is missing (outside strict mode).
+    Skip(String),
+    /// Failed as its [`KNOWN_FAILURES_ENV`] entry says it does.
+    KnownFailure(String),
+    Fail(String),
+}
+
+impl Verdict {
+    /// The `outcome` of the results file.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Skip(_) => "skip",
+            Self::KnownFailure(_) => "xfail",
+            Self::Fail(_) => "fail",
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Self::Pass => "",
+            Self::Skip(m) | Self::KnownFailure(m) | Self::Fail(m) => m,
+        }
+    }
+
+    fn into_libtest(self) -> Result<Completion, Failed> {
+        match self {
+            Self::Pass => Ok(Completion::Completed),
+            Self::Skip(reason) | Self::KnownFailure(reason) => Ok(Completion::ignored_with(reason)),
+            Self::Fail(message) => Err(Failed::from(message)),
+        }
+    }
+}
+
+/// The verdict of a test that ran, given its known-failure entry. A listed
+/// failure is accepted even in strict mode: the list is explicit and
+/// reviewed, and a listed test that passes fails.
+fn judge(ran: Result<(), String>, known_failure: Option<&str>) -> Verdict {
     match (ran, known_failure) {
-        (Ok(()), None) => Ok(Completion::Completed),
-        (Err(message), None) => Err(message),
+        (Ok(()), None) => Verdict::Pass,
+        (Err(message), None) => Verdict::Fail(message),
         (Ok(()), Some(reason)) => {
-            Err(format!("listed in {KNOWN_FAILURES_ENV} ({reason}) but passed: remove the entry"))
+            Verdict::Fail(format!("listed in {KNOWN_FAILURES_ENV} ({reason}) but passed: remove the entry"))
         }
-        (Err(message), Some(reason)) if strict => {
-            Err(format!("strict mode ({STRICT_ENV}=1): known failure is a failure: {reason}: {message}"))
-        }
-        (Err(message), Some(reason)) => Ok(Completion::ignored_with(format!("known failure: {reason}: {message}"))),
+        (Err(message), Some(reason)) => Verdict::KnownFailure(format!("known failure: {reason}: {message}")),
     }
 }
 
@@ -278,18 +318,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     format!("panicked: {text}")
 }
 
-fn record(path: &PathBuf, binary: &str, test: &str, outcome: &Result<Completion, String>, duration_ms: u128) {
-    let (outcome, message) = match outcome {
-        Ok(Completion::Completed) => ("pass", String::new()),
-        Ok(Completion::Ignored { reason }) => ("skip", reason.clone().unwrap_or_default()),
-        Err(message) => ("fail", message.clone()),
-    };
+fn record(path: &PathBuf, binary: &str, test: &str, verdict: &Verdict, duration_ms: u128) {
     let line = serde_json::json!({
         "binary": binary,
         "test": test,
-        "outcome": outcome,
+        "outcome": verdict.outcome(),
         "duration_ms": duration_ms as u64,
-        "message": message,
+        "message": verdict.message(),
     });
     let written = OpenOptions::new()
         .create(true)
@@ -327,21 +362,16 @@ mod tests {
         }
     }
 
-    fn failure(verdict: Result<Completion, String>) -> String {
-        verdict.err().expect("expected a failure")
-    }
-
     #[test]
     fn known_failures_hide_only_failures_and_never_a_pass() {
-        assert!(matches!(judge(Ok(()), None, false), Ok(Completion::Completed)));
-        assert_eq!(failure(judge(Err("boom".into()), None, false)), "boom");
-        let listed_pass = failure(judge(Ok(()), Some("bug"), false));
-        assert!(listed_pass.contains("but passed"), "{listed_pass}");
-        match judge(Err("boom".into()), Some("bug"), false) {
-            Ok(Completion::Ignored { reason: Some(r) }) => assert_eq!(r, "known failure: bug: boom"),
-            other => panic!("{:?}", other.map(|_| ())),
+        assert_eq!(judge(Ok(()), None), Verdict::Pass);
+        assert_eq!(judge(Err("boom".into()), None), Verdict::Fail("boom".into()));
+        match judge(Ok(()), Some("bug")) {
+            Verdict::Fail(m) => assert!(m.contains("but passed"), "{m}"),
+            other => panic!("{other:?}"),
         }
-        assert!(failure(judge(Err("boom".into()), Some("bug"), true)).starts_with("strict mode"));
+        assert_eq!(judge(Err("boom".into()), Some("bug")), Verdict::KnownFailure("known failure: bug: boom".into()));
+        assert_eq!(Verdict::KnownFailure(String::new()).outcome(), "xfail");
     }
 
     #[test]
