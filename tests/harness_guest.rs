@@ -149,6 +149,24 @@ fn main() -> ExitCode {
         })
     });
 
+    suite.test("vcpu_outliving_its_vm_keeps_guest_memory_mapped", vec![], |kvm| {
+        let vm = Vm::with_payload(kvm, VmType::Default, &GUEST_AGENT)?;
+        let gpa = guest_payloads::layout::TEST_AREA_GPA;
+        let host = vm.add_memory(1, gpa, 2 << 20)?;
+        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+        host.write_u64(0, 0xfeed);
+        // The vCPU fd keeps the kernel's VM and its memslots alive, so the
+        // harness must keep the backing mapped: with it unmapped the guest's
+        // accesses would fail with EFAULT (or hit whatever reuses the range).
+        drop(host);
+        drop(vm);
+        let seen = guest.read(gpa)?;
+        ensure!(seen == 0xfeed, "a memslot's backing outlives the Vm value while a vCPU lives", "read {seen:#x}");
+        guest.fill(gpa, 0x1000, 0x1234_5678_9abc_def0)?;
+        guest.check(gpa, 0x1000, 0x1234_5678_9abc_def0)?;
+        guest.done().map(drop)
+    });
+
     suite.host_test("payload_labels_are_inside_their_code", || {
         for payload in guest_payloads::ALL.iter().chain([&&guest_payloads::GUEST_RUNTIME]) {
             for (name, gpa) in payload.labels {

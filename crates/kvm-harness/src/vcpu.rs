@@ -1,8 +1,9 @@
 //! vCPUs: `KVM_RUN` under the watchdog, exit decoding, guest calls.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use guest_payloads::{layout, protocol, Payload};
@@ -11,6 +12,7 @@ use nix::errno::Errno;
 
 use crate::error::{Error, Result, SysContext};
 use crate::memory::HostMemory;
+use crate::vm::Region;
 use crate::{uapi, watchdog};
 
 /// Why `KVM_RUN` returned, decoded from `kvm_run`.
@@ -278,6 +280,8 @@ pub struct Vcpu {
     pub(crate) system: Option<Arc<HostMemory>>,
     pub(crate) payload: Option<&'static Payload>,
     pub(crate) timeout: Duration,
+    /// The VM's memslot backings, kept alive while this vCPU can still run.
+    pub(crate) _memslots: Arc<Mutex<BTreeMap<u32, Region>>>,
 }
 
 impl Vcpu {

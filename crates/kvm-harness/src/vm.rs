@@ -124,7 +124,10 @@ pub struct Vm {
     kvm: Arc<Kvm>,
     fd: kvm_ioctls::VmFd,
     vm_type: u64,
-    slots: Mutex<BTreeMap<u32, Region>>,
+    /// Shared with every vCPU: a vCPU fd keeps the kernel's VM (and its
+    /// memslots) alive after this value is dropped, so the backing memory
+    /// must live as long as the last vCPU.
+    slots: Arc<Mutex<BTreeMap<u32, Region>>>,
     system: Option<Arc<HostMemory>>,
     payload: Option<&'static Payload>,
     timeout: Duration,
@@ -146,7 +149,7 @@ impl Vm {
             kvm: kvm.clone(),
             fd,
             vm_type,
-            slots: Mutex::new(BTreeMap::new()),
+            slots: Arc::new(Mutex::new(BTreeMap::new())),
             system: None,
             payload: None,
             timeout: watchdog::configured_timeout()?,
@@ -357,7 +360,14 @@ impl Vm {
     /// A vCPU with no state set up (for VMs without system memory).
     pub fn bare_vcpu(&self, id: u64) -> Result<Vcpu> {
         let fd = self.fd.create_vcpu(id).sys(|| format!("KVM_CREATE_VCPU({id})"))?;
-        Ok(Vcpu { fd, id, system: self.system.clone(), payload: self.payload, timeout: self.timeout })
+        Ok(Vcpu {
+            fd,
+            id,
+            system: self.system.clone(),
+            payload: self.payload,
+            timeout: self.timeout,
+            _memslots: self.slots.clone(),
+        })
     }
 
     /// A vCPU in long mode at the payload's entry, with `args` in rdi, rsi,
