@@ -104,8 +104,7 @@ pub fn find_in_path(program: impl AsRef<OsStr>) -> Option<PathBuf> {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// A host prerequisite: a program looked up in PATH, or an absolute path to
