@@ -24,13 +24,14 @@ commands:
       xtask/kernel.config into ~/.cache/kvm-selftests-rs; prints the bzImage.
   vm [--kernel PATH] [--tree DIR] [--jobs N] [--accel auto|tcg|kvm]
      [--timeout SECS] [--boot-timeout SECS] [--test-binary PATH]...
-     [--known-failures FILE]
+     [--known-failures FILE] [--bench]
      [-- ] [test args...]
       Boot the kernel in QEMU and run the test binaries inside in strict mode.
       Test args (filters, --exact, ...) go to every test binary. Exit status:
       0 all passed, 1 a test failed or skipped, 2 the run itself failed.
       --known-failures FILE lists known bugs of the guest kernel (see
       KVM_SELFTESTS_KNOWN_FAILURES in the README): they fail as xfail.
+      --bench runs the benchmarks (cargo bench targets, optimized) instead.
   bisect-step --tree DIR [vm options] [test args...]
       Incremental build of DIR, then `vm`. Exit 0 pass, 1 fail, 125 when the
       tree does not build, boot or offer the features (git bisect skip),
@@ -132,6 +133,10 @@ fn parse_vm_args(args: &[String], allowed: &[&str]) -> Result<VmOpts> {
         if arg == "--" {
             opts.test_args.extend(it.by_ref().cloned());
             break;
+        }
+        if arg == "--bench" {
+            opts.bench = true;
+            continue;
         }
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),

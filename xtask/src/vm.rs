@@ -45,6 +45,8 @@ pub struct VmOpts {
     pub test_args: Vec<String>,
     /// Known bugs of the guest kernel (`KVM_SELFTESTS_KNOWN_FAILURES`).
     pub known_failures: Option<PathBuf>,
+    /// Run the benchmarks instead of the tests.
+    pub bench: bool,
 }
 
 impl Default for VmOpts {
@@ -58,6 +60,7 @@ impl Default for VmOpts {
             binaries: Vec::new(),
             test_args: Vec::new(),
             known_failures: None,
+            bench: false,
         }
     }
 }
@@ -84,11 +87,13 @@ impl RunOutcome {
     }
 }
 
-/// Build the `kvm-selftests` integration-test executables and return them.
-pub fn build_tests() -> Result<Vec<TestBinary>> {
+/// Build the `kvm-selftests` integration-test executables (or, with
+/// `bench`, its benchmarks, optimized) and return them.
+pub fn build_tests(bench: bool) -> Result<Vec<TestBinary>> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let (subcommand, kind) = if bench { ("bench", "bench") } else { ("test", "test") };
     let mut cmd = Command::new(cargo);
-    cmd.args(["test", "--no-run", "--message-format=json-render-diagnostics"])
+    cmd.args([subcommand, "--no-run", "--message-format=json-render-diagnostics"])
         .args(["-p", "kvm-selftests", "--manifest-path"])
         .arg(util::workspace_root().join("Cargo.toml"))
         .stdin(Stdio::null())
@@ -106,7 +111,7 @@ pub fn build_tests() -> Result<Vec<TestBinary>> {
             // contract; the library's unit-test harness does not.
             && msg["target"]["kind"]
                 .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "test"));
+                .is_some_and(|k| k.iter().any(|k| k == kind));
         if let (true, Some(exe), Some(name)) =
             (is_test_artifact, msg["executable"].as_str(), msg["target"]["name"].as_str())
         {
@@ -148,7 +153,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     // Built first: a broken test build is the host's problem and should stop
     // a bisection before any kernel work.
     let binaries = if opts.binaries.is_empty() {
-        build_tests()?
+        build_tests(opts.bench)?
     } else {
         opts.binaries
             .iter()
