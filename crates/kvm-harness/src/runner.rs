@@ -29,11 +29,23 @@ pub const RESULTS_ENV: &str = "KVM_SELFTESTS_RESULTS";
 /// one `binary::test  reason` per line (`#` comments). A listed test that
 /// fails is reported as ignored with the reason and the failure (outcome
 /// `xfail` in the results file, also in strict mode); one that passes fails,
-/// so a fixed kernel forces the entry out of the list.
+/// so a fixed kernel forces the entry out of the list. A race that a run
+/// may or may not hit is listed as `binary::test?  reason`: it may pass.
 pub const KNOWN_FAILURES_ENV: &str = "KVM_SELFTESTS_KNOWN_FAILURES";
 
-/// Parses a [`KNOWN_FAILURES_ENV`] file: `(binary, test) -> reason`.
-pub fn parse_known_failures(text: &str) -> Result<HashMap<(String, String), String>> {
+/// One entry of a [`KNOWN_FAILURES_ENV`] file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownFailure {
+    /// Why the test fails: the kernel bug, ideally with its upstream fix.
+    pub reason: String,
+    /// The bug is a race a run may not hit (`?` after the name): a pass is accepted.
+    pub intermittent: bool,
+}
+
+type KnownFailures = HashMap<(String, String), KnownFailure>;
+
+/// Parses a [`KNOWN_FAILURES_ENV`] file: `(binary, test) -> entry`.
+pub fn parse_known_failures(text: &str) -> Result<KnownFailures> {
     let mut known = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -44,10 +56,15 @@ pub fn parse_known_failures(text: &str) -> Result<HashMap<(String, String), Stri
         let reason = reason.trim();
         let bad = |what: &str| Error::Config(format!("{KNOWN_FAILURES_ENV} line {}: {what}: {line:?}", n + 1));
         let (binary, test) = id.split_once("::").ok_or_else(|| bad("expected `binary::test reason`"))?;
+        let (test, intermittent) = match test.strip_suffix('?') {
+            Some(test) => (test, true),
+            None => (test, false),
+        };
         if binary.is_empty() || test.is_empty() || reason.is_empty() {
             return Err(bad("binary, test and reason are all required"));
         }
-        known.insert((binary.to_string(), test.to_string()), reason.to_string());
+        let entry = KnownFailure { reason: reason.to_string(), intermittent };
+        known.insert((binary.to_string(), test.to_string()), entry);
     }
     Ok(known)
 }
@@ -120,7 +137,7 @@ pub struct Suite {
     strict: bool,
     results: Option<PathBuf>,
     kvm: Result<Arc<Kvm>, String>,
-    known_failures: HashMap<(String, String), String>,
+    known_failures: KnownFailures,
     trials: Vec<Trial>,
 }
 
@@ -130,7 +147,7 @@ impl std::fmt::Debug for Suite {
     }
 }
 
-fn known_failures_from_env() -> Result<HashMap<(String, String), String>> {
+fn known_failures_from_env() -> Result<KnownFailures> {
     match std::env::var_os(KNOWN_FAILURES_ENV).filter(|v| !v.is_empty()) {
         None => Ok(HashMap::new()),
         Some(path) => {
@@ -241,7 +258,7 @@ impl Suite {
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(panic) => Err(panic_message(&*panic)),
                     };
-                    judge(ran, known_failure.as_deref())
+                    judge(ran, known_failure.as_ref())
                 }
             };
             if let Some(path) = &results {
@@ -298,14 +315,15 @@ impl Verdict {
 /// The verdict of a test that ran, given its known-failure entry. A listed
 /// failure is accepted even in strict mode: the list is explicit and
 /// reviewed, and a listed test that passes fails.
-fn judge(ran: Result<(), String>, known_failure: Option<&str>) -> Verdict {
+fn judge(ran: Result<(), String>, known_failure: Option<&KnownFailure>) -> Verdict {
     match (ran, known_failure) {
         (Ok(()), None) => Verdict::Pass,
         (Err(message), None) => Verdict::Fail(message),
-        (Ok(()), Some(reason)) => {
-            Verdict::Fail(format!("listed in {KNOWN_FAILURES_ENV} ({reason}) but passed: remove the entry"))
+        (Ok(()), Some(known)) if known.intermittent => Verdict::Pass,
+        (Ok(()), Some(known)) => {
+            Verdict::Fail(format!("listed in {KNOWN_FAILURES_ENV} ({}) but passed: remove the entry", known.reason))
         }
-        (Err(message), Some(reason)) => Verdict::KnownFailure(format!("known failure: {reason}: {message}")),
+        (Err(message), Some(known)) => Verdict::KnownFailure(format!("known failure: {}: {message}", known.reason)),
     }
 }
 
@@ -354,9 +372,15 @@ mod tests {
 
     #[test]
     fn known_failures_parse_and_reject_malformed_lines() {
-        let known = parse_known_failures("# host bugs\n\nguest_memfd::some_test  PVM bug: reads MMIO\n").unwrap();
-        assert_eq!(known[&("guest_memfd".to_string(), "some_test".to_string())], "PVM bug: reads MMIO");
-        for bad in ["no_separator reason", "bin::test", "::test reason", "bin:: reason"] {
+        let known =
+            parse_known_failures("# host bugs\n\ngmem::some_test  PVM bug: reads MMIO\npf::race?  livelock\n").unwrap();
+        let entry = |b: &str, t: &str| known[&(b.to_string(), t.to_string())].clone();
+        assert_eq!(
+            entry("gmem", "some_test"),
+            KnownFailure { reason: "PVM bug: reads MMIO".into(), intermittent: false }
+        );
+        assert_eq!(entry("pf", "race"), KnownFailure { reason: "livelock".into(), intermittent: true });
+        for bad in ["no_separator reason", "bin::test", "::test reason", "bin:: reason", "bin::? reason"] {
             let err = parse_known_failures(bad).unwrap_err().to_string();
             assert!(err.contains(KNOWN_FAILURES_ENV) && err.contains("line 1"), "{bad:?}: {err}");
         }
@@ -364,13 +388,17 @@ mod tests {
 
     #[test]
     fn known_failures_hide_only_failures_and_never_a_pass() {
+        let bug = KnownFailure { reason: "bug".into(), intermittent: false };
+        let race = KnownFailure { reason: "race".into(), intermittent: true };
         assert_eq!(judge(Ok(()), None), Verdict::Pass);
         assert_eq!(judge(Err("boom".into()), None), Verdict::Fail("boom".into()));
-        match judge(Ok(()), Some("bug")) {
+        match judge(Ok(()), Some(&bug)) {
             Verdict::Fail(m) => assert!(m.contains("but passed"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(judge(Err("boom".into()), Some("bug")), Verdict::KnownFailure("known failure: bug: boom".into()));
+        assert_eq!(judge(Err("boom".into()), Some(&bug)), Verdict::KnownFailure("known failure: bug: boom".into()));
+        assert_eq!(judge(Ok(()), Some(&race)), Verdict::Pass);
+        assert_eq!(judge(Err("boom".into()), Some(&race)), Verdict::KnownFailure("known failure: race: boom".into()));
         assert_eq!(Verdict::KnownFailure(String::new()).outcome(), "xfail");
     }
 
