@@ -2,15 +2,10 @@
 
 use std::sync::Arc;
 
-use kvm_harness::{HostMemory, Kvm, Region, Result, VmType};
+use kvm_harness::{HostMemory, Region, Result};
 
 /// Size of the memslots the negative memslot tests use: one 2 MiB page.
 pub const SLOT_SIZE: u64 = 2 << 20;
-
-/// VM types the running kernel advertises, in order.
-pub fn supported_types(kvm: &Kvm) -> Vec<VmType> {
-    VmType::ALL.into_iter().filter(|t| kvm.supports(*t)).collect()
-}
 
 /// A valid anonymous-memory region for slot `slot` at `gpa`: every field
 /// acceptable, so that a test changing one field isolates one rule.
