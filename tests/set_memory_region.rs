@@ -243,9 +243,10 @@ fn with_running_guest(
     })
 }
 
-fn move_in_use_slot(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
+/// Runs a scenario `LOOPS` times; a violation names its round.
+fn in_rounds(kvm: &Arc<Kvm>, quirk_off: bool, once: fn(&Arc<Kvm>, bool) -> Result<()>) -> Result<()> {
     for round in 0..LOOPS {
-        move_once(kvm, quirk_off).map_err(|e| match e {
+        once(kvm, quirk_off).map_err(|e| match e {
             Error::Rule { rule, detail } => Error::Rule { rule, detail: format!("round {round}: {detail}") },
             other => other,
         })?;
@@ -281,16 +282,6 @@ fn move_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
     expect_in(rule, "phase 2 (spin while MMIO, no MMIO after the move)", seen[2], &[0, 1])?;
     expect_in(rule, "phase 3 (spin while 0, moved back)", seen[3], &[1, MMIO_VAL])?;
     expect_in(rule, "phase 4 (spin while MMIO, moved back)", seen[4], &[1])
-}
-
-fn delete_in_use_slot(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
-    for round in 0..LOOPS {
-        delete_once(kvm, quirk_off).map_err(|e| match e {
-            Error::Rule { rule, detail } => Error::Rule { rule, detail: format!("round {round}: {detail}") },
-            other => other,
-        })?;
-    }
-    Ok(())
 }
 
 fn delete_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
@@ -370,8 +361,8 @@ fn main() -> ExitCode {
     };
     for quirk_off in quirk_modes {
         let label = if quirk_off { "slot_zap_quirk_disabled" } else { "slot_zap_quirk_enabled" };
-        suite.test(format!("move_in_use_memslot_{label}"), vec![], move |kvm| move_in_use_slot(kvm, quirk_off));
-        suite.test(format!("delete_in_use_memslot_{label}"), vec![], move |kvm| delete_in_use_slot(kvm, quirk_off));
+        suite.test(format!("move_in_use_memslot_{label}"), vec![], move |kvm| in_rounds(kvm, quirk_off, move_once));
+        suite.test(format!("delete_in_use_memslot_{label}"), vec![], move |kvm| in_rounds(kvm, quirk_off, delete_once));
     }
     suite.run()
 }
