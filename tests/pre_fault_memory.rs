@@ -7,7 +7,7 @@
 //! - a range past the end of the memslot stops there: `ENOENT` (no memslot
 //!   means emulated MMIO, which cannot be prefaulted), with the rest left in
 //!   `range.size`;
-//! - `EINTR` is retried;
+//! - `EINTR` is retried (and, beyond upstream, provoked by a signal storm);
 //! - a memslot deleted and re-created concurrently neither hangs the call nor
 //!   corrupts the result. The call runs under the watchdog: if only the
 //!   watchdog's signal ends it, the kernel spun (Debian's 6.12.117 does: it
@@ -256,6 +256,88 @@ fn prefault_then_guest_reads(kvm: &Arc<Kvm>, combo: Combo, race: bool) -> Result
     guest.done().map(drop)
 }
 
+/// Size of the range prefaulted under a signal storm: large enough that
+/// 4 KiB-granular prefaulting (guest_memfd) takes many iterations.
+const STORM_SIZE: u64 = 64 << 20;
+const STORM_SLOT: u32 = 11;
+const STORM_GPA: u64 = TEST_AREA_GPA + (1 << 30);
+
+/// Beyond upstream, which retries EINTR but never provokes it: with signals
+/// arriving every 200 µs, each call either fails with EINTR leaving the range
+/// untouched or succeeds having consumed part of it, the caller's retries
+/// finish the range, and the guest then reads every page without an exit.
+fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
+    let vm = Vm::with_payload(kvm, combo.vm_type, &GUEST_AGENT)?;
+    let memory = Arc::new(HostMemory::anonymous(STORM_SIZE)?);
+    let mut region = Region::new(STORM_SLOT, STORM_GPA, memory);
+    if combo.private {
+        let gmem = Arc::new(vm.create_guest_memfd(STORM_SIZE, 0)?);
+        region = region.with_guest_memfd(GmemBinding::Memfd(gmem), 0);
+    }
+    vm.set_region(&region)?;
+    if combo.private {
+        vm.make_private(STORM_GPA, STORM_SIZE)?;
+    }
+    let mut vcpu = vm.vcpu(0, [0; 4])?;
+    let deadline = watchdog::configured_timeout()?;
+    let mut range = kvm_pre_fault_memory { gpa: STORM_GPA, size: STORM_SIZE, ..Default::default() };
+    let (mut calls, mut eintr) = (0u64, 0u64);
+    let storm = watchdog::SignalStorm::start(Duration::from_micros(200));
+    while range.size != 0 {
+        let (before_gpa, before_size) = (range.gpa, range.size);
+        let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+        calls += 1;
+        ensure!(!fired, "KVM_PRE_FAULT_MEMORY under signals returns", "call {calls} hung past {deadline:?}");
+        let consumed = before_size - range.size;
+        match result {
+            Err(e) if e.errno() == Some(Errno::EINTR) => {
+                eintr += 1;
+                ensure!(
+                    (range.gpa, range.size) == (before_gpa, before_size),
+                    "KVM_PRE_FAULT_MEMORY fails with EINTR only before any progress, leaving the range untouched",
+                    "call {calls}: gpa {before_gpa:#x} -> {:#x}, size {before_size:#x} -> {:#x}",
+                    range.gpa,
+                    range.size
+                );
+            }
+            Ok(()) => ensure!(
+                consumed > 0 && range.gpa == before_gpa + consumed,
+                "a successful KVM_PRE_FAULT_MEMORY consumed part of the range and advanced gpa by as much",
+                "call {calls}: gpa {before_gpa:#x} -> {:#x}, size {before_size:#x} -> {:#x}",
+                range.gpa,
+                range.size
+            ),
+            Err(e) => {
+                return Err(Error::rule(
+                    "KVM_PRE_FAULT_MEMORY of a memslot-backed range fails only with EINTR under signals",
+                    format!("call {calls} at gpa {:#x}: {e}", range.gpa),
+                ))
+            }
+        }
+    }
+    let sent = storm.sent();
+    drop(storm);
+    println!(
+        "pre_fault_memory: {} {STORM_SIZE:#x} bytes in {calls} calls ({eintr} EINTR), {sent} signals",
+        combo.name()
+    );
+    if combo.private {
+        // guest_memfd is prefaulted a 4 KiB page at a time: thousands of
+        // iterations, so signals every 200 µs must have cut it short.
+        ensure!(
+            calls > 1,
+            "a signal interrupts a long KVM_PRE_FAULT_MEMORY (it checks signal_pending between pages)",
+            "{STORM_SIZE:#x} bytes prefaulted in one call despite {sent} signals"
+        );
+    }
+    let mut guest = Agent::start(vcpu)?;
+    let touched = guest
+        .touch(STORM_GPA, STORM_SIZE, PAGE, false)
+        .map_err(|e| Error::rule("after an interrupted, retried prefault the guest reads every page", e.to_string()))?;
+    ensure!(touched == STORM_SIZE / PAGE, "the guest's touch loop visits every page", "touched {touched}");
+    guest.done().map(drop)
+}
+
 fn invalid_ranges(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
     let (_vm, vcpu, _region) = setup(kvm, combo)?;
     let cases = [
@@ -302,6 +384,11 @@ fn main() -> ExitCode {
             format!("{}_prefault_never_hangs_with_concurrent_slot_delete_recreate", combo.name()),
             combo.needs(),
             move |kvm| prefault_then_guest_reads(kvm, combo, true),
+        );
+        suite.test(
+            format!("{}_prefault_interrupted_by_signals_resumes_to_completion", combo.name()),
+            combo.needs(),
+            move |kvm| prefault_interrupted_by_signals(kvm, combo),
         );
         suite.test(format!("{}_invalid_ranges_fail_with_einval", combo.name()), combo.needs(), move |kvm| {
             invalid_ranges(kvm, combo)

@@ -177,6 +177,61 @@ impl Armed {
     }
 }
 
+/// Sends the kick signal (a no-op handler, no `SA_RESTART`) to the thread
+/// that started it, every `interval`, until dropped: makes interruptible
+/// ioctls such as `KVM_PRE_FAULT_MEMORY` see pending signals mid-call.
+#[derive(Debug)]
+pub struct SignalStorm {
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    sender: Option<std::thread::JoinHandle<()>>,
+    /// Not `Send`: it must be dropped on the target thread, which keeps that
+    /// thread alive for as long as signals are sent to it.
+    _on_target_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl SignalStorm {
+    /// Starts signalling the calling thread.
+    pub fn start(interval: Duration) -> Self {
+        install_kick_handler();
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sender = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::Builder::new()
+                .name("kvm-signal-storm".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        // SAFETY: the target is alive: it owns the storm
+                        // (which is not Send) and joins this thread in Drop
+                        // before it can go away.
+                        unsafe { libc::pthread_kill(target, KICK_SIGNAL) };
+                        sent.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(interval);
+                    }
+                })
+                .expect("spawn the signal-storm thread")
+        };
+        Self { stop, sent, sender: Some(sender), _on_target_thread: std::marker::PhantomData }
+    }
+
+    /// Signals sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SignalStorm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +261,16 @@ mod tests {
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_millis(200), "kicked early: {elapsed:?}");
         assert_eq!(immediate_exit, 0, "disarm must clear immediate_exit");
+    }
+
+    #[test]
+    fn a_signal_storm_interrupts_blocking_calls_until_dropped() {
+        let (read_end, _write_end) = nix::unistd::pipe().unwrap();
+        let storm = SignalStorm::start(Duration::from_millis(1));
+        let mut buf = [0u8; 1];
+        assert_eq!(nix::unistd::read(&read_end, &mut buf), Err(nix::errno::Errno::EINTR));
+        assert!(storm.sent() >= 1);
+        drop(storm);
     }
 
     #[test]
