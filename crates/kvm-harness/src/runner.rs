@@ -223,8 +223,10 @@ impl Suite {
             Some((kvm, body)) => body(&kvm),
             None => Ok(()),
         });
-        // Listed as ignored so that nextest reports the skip instead of a pass.
-        let flag = skip.is_some() && !self.strict && (self.args.list || self.args.ignored);
+        // Listed as ignored so that nextest, which judges a test by its exit
+        // status alone, reports a skip or a known failure instead of a pass.
+        let known = self.known_failures.contains_key(&(self.binary.clone(), trial.name().to_string()));
+        let flag = (skip.is_some() && !self.strict || known) && (self.args.list || self.args.ignored);
         self.trials.push(trial.with_ignored_flag(flag));
     }
 
