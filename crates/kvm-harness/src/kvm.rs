@@ -159,7 +159,8 @@ impl Kvm {
 
     /// Whether `KVM_CAP_VM_TYPES` advertises `vm_type`.
     pub fn supports(&self, vm_type: VmType) -> bool {
-        vm_type == VmType::Default && self.vm_types() == 0 || self.vm_types() & (1 << vm_type.raw()) != 0
+        // Kernels before KVM_CAP_VM_TYPES report 0 and know only the default type.
+        (vm_type == VmType::Default && self.vm_types() == 0) || self.vm_types() & (1 << vm_type.raw()) != 0
     }
 
     /// `KVM_CREATE_VM` with a raw type, returning the kernel's verdict.

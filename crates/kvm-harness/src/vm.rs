@@ -54,7 +54,9 @@ pub struct Region {
     pub memory: Option<Arc<HostMemory>>,
     /// Offset of the slot's first byte in `memory`.
     pub memory_offset: u64,
-    /// guest_memfd and offset (sets `KVM_MEM_GUEST_MEMFD` when present only if you add the flag).
+    /// guest_memfd and offset, passed as given; the `KVM_MEM_GUEST_MEMFD` flag
+    /// is separate ([`Region::with_guest_memfd`] sets both), so tests can send
+    /// one without the other.
     pub guest_memfd: Option<(GmemBinding, u64)>,
 }
 
