@@ -64,16 +64,21 @@ impl Combo {
 /// The VM, a vCPU that has not run yet, and the test slot's region (kept so
 /// the worker can re-create it exactly, guest_memfd binding included).
 fn setup(kvm: &Arc<Kvm>, combo: Combo) -> Result<(Vm, Vcpu, Region)> {
+    setup_slot(kvm, combo, TEST_SLOT, TEST_GPA, TEST_SIZE)
+}
+
+/// [`setup`] with the slot's id, GPA and size given.
+fn setup_slot(kvm: &Arc<Kvm>, combo: Combo, slot: u32, gpa: u64, size: u64) -> Result<(Vm, Vcpu, Region)> {
     let vm = Vm::with_payload(kvm, combo.vm_type, &GUEST_AGENT)?;
-    let memory = Arc::new(HostMemory::anonymous(TEST_SIZE)?);
-    let mut region = Region::new(TEST_SLOT, TEST_GPA, memory);
+    let memory = Arc::new(HostMemory::anonymous(size)?);
+    let mut region = Region::new(slot, gpa, memory);
     if combo.private {
-        let gmem = Arc::new(vm.create_guest_memfd(TEST_SIZE, 0)?);
+        let gmem = Arc::new(vm.create_guest_memfd(size, 0)?);
         region = region.with_guest_memfd(GmemBinding::Memfd(gmem), 0);
     }
     vm.set_region(&region)?;
     if combo.private {
-        vm.make_private(TEST_GPA, TEST_SIZE)?;
+        vm.make_private(gpa, size)?;
     }
     let vcpu = vm.vcpu(0, [0; 4])?;
     Ok((vm, vcpu, region))
@@ -267,18 +272,7 @@ const STORM_GPA: u64 = TEST_AREA_GPA + (1 << 30);
 /// untouched or succeeds having consumed part of it, the caller's retries
 /// finish the range, and the guest then reads every page without an exit.
 fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
-    let vm = Vm::with_payload(kvm, combo.vm_type, &GUEST_AGENT)?;
-    let memory = Arc::new(HostMemory::anonymous(STORM_SIZE)?);
-    let mut region = Region::new(STORM_SLOT, STORM_GPA, memory);
-    if combo.private {
-        let gmem = Arc::new(vm.create_guest_memfd(STORM_SIZE, 0)?);
-        region = region.with_guest_memfd(GmemBinding::Memfd(gmem), 0);
-    }
-    vm.set_region(&region)?;
-    if combo.private {
-        vm.make_private(STORM_GPA, STORM_SIZE)?;
-    }
-    let mut vcpu = vm.vcpu(0, [0; 4])?;
+    let (_vm, mut vcpu, _region) = setup_slot(kvm, combo, STORM_SLOT, STORM_GPA, STORM_SIZE)?;
     let deadline = watchdog::configured_timeout()?;
     let mut range = kvm_pre_fault_memory { gpa: STORM_GPA, size: STORM_SIZE, ..Default::default() };
     let (mut calls, mut eintr) = (0u64, 0u64);
