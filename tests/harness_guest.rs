@@ -2,11 +2,21 @@
 //! turning a guest stuck in a loop into a prompt failure.
 
 use std::process::ExitCode;
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use guest_payloads::layout::TEST_AREA_GPA;
 use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER, SYNC_ROUNDTRIP};
-use kvm_harness::{ensure, Agent, Error, GuestCall, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, Agent, Error, GuestCall, HostMemory, Kvm, Result, Suite, Vm, VmType};
+
+/// A default VM running the guest agent, with a 2 MiB anonymous memslot at
+/// `TEST_AREA_GPA` whose host view is returned.
+fn agent_with_test_memory(kvm: &Arc<Kvm>) -> Result<(Vm, Arc<HostMemory>, Agent)> {
+    let vm = Vm::with_payload(kvm, VmType::Default, &GUEST_AGENT)?;
+    let host = vm.add_memory(1, TEST_AREA_GPA, 2 << 20)?;
+    let guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    Ok((vm, host, guest))
+}
 
 fn main() -> ExitCode {
     let mut suite = Suite::new("harness_guest");
@@ -82,10 +92,8 @@ fn main() -> ExitCode {
     });
 
     suite.test("agent_reads_writes_and_checks_guest_memory", vec![], |kvm| {
-        let vm = Vm::with_payload(kvm, VmType::Default, &GUEST_AGENT)?;
-        let gpa = guest_payloads::layout::TEST_AREA_GPA;
-        let host = vm.add_memory(1, gpa, 2 << 20)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+        let (_vm, host, mut guest) = agent_with_test_memory(kvm)?;
+        let gpa = TEST_AREA_GPA;
         host.write_u64(0x100, 0xfeed_f00d);
         let seen = guest.read(gpa + 0x100)?;
         ensure!(seen == 0xfeed_f00d, "the guest reads what the host wrote", "read {seen:#x}");
@@ -150,10 +158,8 @@ fn main() -> ExitCode {
     });
 
     suite.test("vcpu_outliving_its_vm_keeps_guest_memory_mapped", vec![], |kvm| {
-        let vm = Vm::with_payload(kvm, VmType::Default, &GUEST_AGENT)?;
-        let gpa = guest_payloads::layout::TEST_AREA_GPA;
-        let host = vm.add_memory(1, gpa, 2 << 20)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+        let (vm, host, mut guest) = agent_with_test_memory(kvm)?;
+        let gpa = TEST_AREA_GPA;
         host.write_u64(0, 0xfeed);
         // The vCPU fd keeps the kernel's VM and its memslots alive, so the
         // harness must keep the backing mapped: with it unmapped the guest's

@@ -253,11 +253,15 @@ fn prefault_then_guest_reads(kvm: &Arc<Kvm>, combo: Combo, race: bool) -> Result
         pre_fault(&vm, &mut vcpu, &region, call, race)?;
     }
     // The slot is back; the guest reads every page of it without exiting.
+    guest_reads_every_page(vcpu, TEST_GPA, TEST_SIZE, "after prefaulting, the guest reads every page of the slot")
+}
+
+/// Runs the agent on `vcpu` to read every page of `[gpa, gpa + size)`;
+/// any exit on the way is a violation of `rule`.
+fn guest_reads_every_page(vcpu: Vcpu, gpa: u64, size: u64, rule: &str) -> Result<()> {
     let mut guest = Agent::start(vcpu)?;
-    let touched = guest
-        .touch(TEST_GPA, TEST_SIZE, PAGE, false)
-        .map_err(|e| Error::rule("after prefaulting, the guest reads every page of the slot", e.to_string()))?;
-    ensure!(touched == TEST_SIZE / PAGE, "the guest's touch loop visits every page", "touched {touched}");
+    let touched = guest.touch(gpa, size, PAGE, false).map_err(|e| Error::rule(rule, e.to_string()))?;
+    ensure!(touched == size / PAGE, "the guest's touch loop visits every page", "touched {touched}");
     guest.done().map(drop)
 }
 
@@ -324,12 +328,12 @@ fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
             "{STORM_SIZE:#x} bytes prefaulted in one call despite {sent} signals"
         );
     }
-    let mut guest = Agent::start(vcpu)?;
-    let touched = guest
-        .touch(STORM_GPA, STORM_SIZE, PAGE, false)
-        .map_err(|e| Error::rule("after an interrupted, retried prefault the guest reads every page", e.to_string()))?;
-    ensure!(touched == STORM_SIZE / PAGE, "the guest's touch loop visits every page", "touched {touched}");
-    guest.done().map(drop)
+    guest_reads_every_page(
+        vcpu,
+        STORM_GPA,
+        STORM_SIZE,
+        "after an interrupted, retried prefault the guest reads every page",
+    )
 }
 
 fn invalid_ranges(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
