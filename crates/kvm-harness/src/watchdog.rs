@@ -204,11 +204,13 @@ impl SignalStorm {
                 .name("kvm-signal-storm".into())
                 .spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
+                        // Counted first: the target may observe the signal
+                        // (and read the count) before pthread_kill returns.
+                        sent.fetch_add(1, Ordering::SeqCst);
                         // SAFETY: the target is alive: it owns the storm
                         // (which is not Send) and joins this thread in Drop
                         // before it can go away.
                         unsafe { libc::pthread_kill(target, KICK_SIGNAL) };
-                        sent.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(interval);
                     }
                 })
