@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
+use crate::debian::Release;
 use crate::error::{Error, Result};
 use crate::util::{self, io_err};
 use crate::vm::{self, VmOpts};
@@ -57,11 +58,11 @@ const HARMLESS_AFTER: &[(&str, &str)] = &[
     ("Documentation/virt/kvm/api.rst", "docs: another harmless note"),
 ];
 
-pub fn demo(opts: &VmOpts) -> Result<ExitCode> {
+pub fn demo(release: &Release, opts: &VmOpts) -> Result<ExitCode> {
     let start = Instant::now();
-    let (id, src) = kernel::debian_source()?;
+    let (id, src) = kernel::debian_source(release)?;
     let tree = util::cache_dir().join("bisect-demo").join(&id);
-    prepare_tree(&src, &tree)?;
+    prepare_tree(&src, &tree, &id)?;
 
     let git = |args: &[&str]| -> Command {
         let mut c = Command::new("git");
@@ -136,7 +137,7 @@ pub fn demo(opts: &VmOpts) -> Result<ExitCode> {
 }
 
 /// Copy the pristine source once and commit it as the base.
-fn prepare_tree(src: &Path, tree: &Path) -> Result<()> {
+fn prepare_tree(src: &Path, tree: &Path, id: &str) -> Result<()> {
     if tree.join(".git").is_dir() {
         return Ok(());
     }
@@ -155,7 +156,7 @@ fn prepare_tree(src: &Path, tree: &Path) -> Result<()> {
     util::run(&mut git(&["init", "-q", "-b", "demo"]))?;
     // -f: Debian's top-level .gitignore ignores everything but debian/.
     util::run(&mut git(&["add", "-A", "-f"]))?;
-    util::run(&mut git(&["commit", "-q", "-m", "base: Debian linux-source-6.12"]))?;
+    util::run(&mut git(&["commit", "-q", "-m", &format!("base: Debian {id}")]))?;
     util::run(&mut git(&["tag", BASE_TAG]))?;
     fs::rename(&partial, tree).map_err(io_err(tree))
 }

@@ -31,6 +31,16 @@ pub enum Error {
     )]
     ConfigNotApplied { config: PathBuf, options: Vec<String> },
 
+    #[error(
+        "the kernel tree cannot be configured for the suite: its Kconfig defines none of {} \
+         (a tree from before guest_memfd and software-protected VMs, 6.8, is untestable)",
+        .0.join(", ")
+    )]
+    TreeLacksOptions(Vec<String>),
+
+    #[error("Debian kernel source: {0}")]
+    Debian(String),
+
     #[error("kernel build failed ({status}); last output:\n{tail}")]
     KernelBuild { status: ExitStatus, tail: String },
 
@@ -81,11 +91,13 @@ impl Error {
     /// Whether the failure is the kernel's (it does not build, boot or offer
     /// the features under test) rather than the host's or the user's: the
     /// distinction `git bisect run` needs between "skip" and "abort". A
-    /// directory that is no kernel tree at all is the user's mistake.
+    /// directory that is no kernel tree at all is the user's mistake, and
+    /// so is a recipe whose options the tree defines but does not accept
+    /// (the recipe needs fixing, which no bisection step can do).
     pub fn is_kernel_fault(&self) -> bool {
         matches!(
             self,
-            Error::ConfigNotApplied { .. }
+            Error::TreeLacksOptions(_)
                 | Error::KernelBuild { .. }
                 | Error::NoKernelImage(_)
                 | Error::BootTimeout(_)

@@ -1,6 +1,6 @@
 //! `cargo xtask kernel`: configure and build a guest kernel for the VM runner.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -9,11 +9,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Instant;
 
+use crate::debian::{self, Release, Tarball};
 use crate::error::{Error, Result};
+use crate::recipe::{KconfigSymbols, Recipe};
 use crate::util::{self, io_err, req, Requirement};
 
-const DEBIAN_PACKAGE: &str = "linux-source-6.12";
-const DEBIAN_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 /// Bumped whenever the configuration recipe changes, so cached images built
 /// by an older recipe are not reused.
 const RECIPE: &str = "x86_64_defconfig + kvm_guest.config + xtask/kernel.config, v1";
@@ -30,16 +30,27 @@ const BUILD_DEPS: &[Requirement] = &[
     req("/usr/include/openssl/ssl.h", "libssl-dev"),
 ];
 
+/// Where the kernel source comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Debian's `linux-source-X.Y` package (installed, or fetched).
+    Debian(Release),
+    /// Any kernel tree, built in place with its own `O=` directory.
+    Tree(PathBuf),
+}
+
 #[derive(Debug, Clone)]
 pub struct KernelOpts {
-    /// Any kernel tree; `None` means Debian's linux-source-6.12.
-    pub tree: Option<PathBuf>,
+    pub source: Source,
     pub jobs: usize,
 }
 
 impl Default for KernelOpts {
     fn default() -> Self {
-        KernelOpts { tree: None, jobs: thread::available_parallelism().map_or(1, |n| n.get()) }
+        KernelOpts {
+            source: Source::Debian(Release::DEFAULT),
+            jobs: thread::available_parallelism().map_or(1, |n| n.get()),
+        }
     }
 }
 
@@ -51,43 +62,48 @@ pub fn fragment_path() -> PathBuf {
 pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     let fragment_file = fragment_path();
     let fragment = fs::read_to_string(&fragment_file).map_err(io_err(&fragment_file))?;
-    let config_hash = format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), fragment.as_bytes()]));
 
-    let cache = util::cache_dir();
-    let (id, src) = match &opts.tree {
-        Some(tree) => tree_source(tree)?,
-        None => {
+    let (id, src, cache_image) = match &opts.source {
+        Source::Tree(tree) => {
+            let (id, src) = tree_source(tree)?;
+            (id, src, false)
+        }
+        Source::Debian(release) => {
+            let tarball = debian::tarball(release)?;
             // A released source never changes, so its image is reused
             // without extracting the source or asking make; a tree can
             // change under us and is always rebuilt (incrementally, in its
             // own O= directory).
-            let id = debian_source_id()?;
-            let cached = cached_image(&id, &config_hash);
-            if cached.is_file() {
-                eprintln!("xtask: using cached kernel for {id}");
+            if let Some(cached) = cached_debian_image(&tarball.id, &fragment) {
+                eprintln!("xtask: using cached kernel for {}", tarball.id);
                 return Ok(cached);
             }
-            (id.clone(), extract_debian_source(&id)?)
+            let src = extract(&tarball)?;
+            (tarball.id, src, true)
         }
     };
+    let recipe = Recipe::resolve(&fragment, &KconfigSymbols::of_tree(&src)?)?;
+    let config_hash = format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), recipe.text.as_bytes()]));
     util::ensure_requirements(BUILD_DEPS)?;
-    let out = cache.join("build").join(&id);
+    let out = util::cache_dir().join("build").join(&id);
     util::create_dir_all(&out)?;
-    configure(&src, &out, &fragment_file, &config_hash)?;
-    verify_config(&out.join(".config"), &fragment)?;
+    let resolved = out.join("xtask-fragment.config");
+    fs::write(&resolved, &recipe.text).map_err(io_err(&resolved))?;
+    configure(&src, &out, &resolved, &config_hash)?;
+    recipe.verify(&out.join(".config"))?;
 
     let start = Instant::now();
     eprintln!("xtask: building {} (O={}, -j{})", src.display(), out.display(), opts.jobs);
     make_with_progress(&src, &out, opts.jobs)?;
     // make may re-run Kconfig (e.g. a bisected tree with new symbols).
-    verify_config(&out.join(".config"), &fragment)?;
+    recipe.verify(&out.join(".config"))?;
     eprintln!("xtask: kernel built in {:.0?}", start.elapsed());
 
     let image = out.join("arch/x86/boot/bzImage");
     if !image.is_file() {
         return Err(Error::NoKernelImage(image));
     }
-    if opts.tree.is_some() {
+    if !cache_image {
         return Ok(image);
     }
     let cached_image = cached_image(&id, &config_hash);
@@ -97,7 +113,24 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     let partial = dir.join("bzImage.partial");
     fs::copy(&image, &partial).map_err(io_err(&partial))?;
     fs::rename(&partial, &cached_image).map_err(io_err(&cached_image))?;
+    let key = cache_key_file(&id, &fragment);
+    util::create_dir_all(key.parent().expect("has a parent"))?;
+    fs::write(&key, &config_hash).map_err(io_err(&key))?;
     Ok(cached_image)
+}
+
+/// The recipe is resolved against the source's Kconfig, so the image's key
+/// needs the extracted source; this file, keyed by source and unresolved
+/// fragment, remembers the resolved key so a cached image is found without
+/// extracting anything.
+fn cache_key_file(id: &str, fragment: &str) -> PathBuf {
+    let raw = util::fnv1a(&[RECIPE.as_bytes(), fragment.as_bytes()]);
+    util::cache_dir().join("images").join("keys").join(format!("{id}-{raw:016x}"))
+}
+
+fn cached_debian_image(id: &str, fragment: &str) -> Option<PathBuf> {
+    let hash = fs::read_to_string(cache_key_file(id, fragment)).ok()?;
+    Some(cached_image(id, hash.trim())).filter(|p| p.is_file())
 }
 
 /// Identify an arbitrary tree by its location: bisection rebuilds the same
@@ -116,56 +149,30 @@ fn cached_image(id: &str, config_hash: &str) -> PathBuf {
     util::cache_dir().join("images").join(format!("{id}-{config_hash}")).join("bzImage")
 }
 
-/// Debian's linux-source-6.12, extracted once into the cache: its id and
+/// A Debian source release, extracted once into the cache: its id and
 /// source directory.
-pub fn debian_source() -> Result<(String, PathBuf)> {
-    let id = debian_source_id()?;
-    let src = extract_debian_source(&id)?;
-    Ok((id, src))
+pub fn debian_source(release: &Release) -> Result<(String, PathBuf)> {
+    let tarball = debian::tarball(release)?;
+    let src = extract(&tarball)?;
+    Ok((tarball.id, src))
 }
 
-/// Identify Debian's source by its package version (installing the package
-/// if needed and allowed).
-fn debian_source_id() -> Result<String> {
-    util::ensure_requirements(&[req(DEBIAN_TARBALL, DEBIAN_PACKAGE)])?;
-    let tarball = Path::new(DEBIAN_TARBALL);
-    let version = util::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", DEBIAN_PACKAGE]))
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .map_or_else(
-            // Not installed through dpkg (copied in by hand): size and mtime
-            // are a good enough identity for a release tarball.
-            || {
-                let meta = fs::metadata(tarball).ok();
-                let size = meta.as_ref().map_or(0, |m| m.len());
-                let mtime = meta
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                format!("{:016x}", util::fnv1a(&[&size.to_le_bytes(), &mtime.to_le_bytes()]))
-            },
-            |v| v.trim().to_string(),
-        );
-    Ok(util::sanitize(&format!("{DEBIAN_PACKAGE}_{version}")))
-}
-
-fn extract_debian_source(id: &str) -> Result<PathBuf> {
+fn extract(tarball: &Tarball) -> Result<PathBuf> {
     util::ensure_requirements(&[req("tar", "tar"), req("xz", "xz-utils")])?;
-    let tarball = Path::new(DEBIAN_TARBALL);
     let src_root = util::cache_dir().join("src");
-    let src = src_root.join(id);
+    let src = src_root.join(&tarball.id);
     if src.join("Makefile").is_file() {
         return Ok(src);
     }
 
-    eprintln!("xtask: extracting {DEBIAN_TARBALL} into {}", src.display());
-    let partial = src_root.join(format!(".partial-{id}"));
+    eprintln!("xtask: extracting {} into {}", tarball.path.display(), src.display());
+    let partial = src_root.join(format!(".partial-{}", tarball.id));
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
     }
     util::create_dir_all(&partial)?;
-    util::run(Command::new("tar").arg("-xf").arg(tarball).arg("-C").arg(&partial))?;
-    let top = partial.join(DEBIAN_PACKAGE);
+    util::run(Command::new("tar").arg("-xf").arg(&tarball.path).arg("-C").arg(&partial))?;
+    let top = partial.join(&tarball.top);
     if !top.join("Makefile").is_file() {
         return Err(Error::NotAKernelTree(top));
     }
@@ -209,49 +216,6 @@ fn quiet(cmd: &mut Command) -> Result<()> {
     io::stderr().write_all(&out.stdout).ok();
     io::stderr().write_all(&out.stderr).ok();
     Err(Error::CommandFailed { cmd: util::describe(cmd), status: out.status })
-}
-
-/// The options between the `# xtask: required` and `# xtask: best-effort`
-/// markers: name and value, `None` meaning "is not set".
-pub fn required_options(fragment: &str) -> Vec<(String, Option<String>)> {
-    let mut required = false;
-    let mut options = Vec::new();
-    for line in fragment.lines().map(str::trim) {
-        match line {
-            "# xtask: required" => required = true,
-            "# xtask: best-effort" => required = false,
-            _ if !required => {}
-            _ => {
-                if let Some(name) = line.strip_prefix("# ").and_then(|l| l.strip_suffix(" is not set")) {
-                    options.push((name.to_string(), None));
-                } else if let Some((name, value)) = line.split_once('=').filter(|(n, _)| n.starts_with("CONFIG_")) {
-                    options.push((name.to_string(), Some(value.to_string())));
-                }
-            }
-        }
-    }
-    options
-}
-
-fn verify_config(config: &Path, fragment: &str) -> Result<()> {
-    let text = fs::read_to_string(config).map_err(io_err(config))?;
-    let actual: HashMap<&str, &str> =
-        text.lines().filter_map(|l| l.split_once('=')).filter(|(n, _)| n.starts_with("CONFIG_")).collect();
-    let missing: Vec<String> = required_options(fragment)
-        .into_iter()
-        .filter(|(name, want)| actual.get(name.as_str()).copied() != want.as_deref())
-        .map(|(name, want)| match (want, actual.get(name.as_str())) {
-            (Some(w), Some(a)) => format!("{name}={w} (got {a})"),
-            (Some(w), None) => format!("{name}={w} (not set)"),
-            (None, Some(a)) => format!("{name} unset (got {a})"),
-            (None, None) => unreachable!("filtered out above"),
-        })
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::ConfigNotApplied { config: config.to_path_buf(), options: missing })
-    }
 }
 
 /// Run make, condensing its thousands of lines into a progress line on a
@@ -329,36 +293,5 @@ fn make_with_progress(src: &Path, out: &Path, jobs: usize) -> Result<()> {
         Ok(())
     } else {
         Err(Error::KernelBuild { status, tail: Vec::from(tail).join("\n") })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_required_section_only() {
-        let frag = "CONFIG_A=y\n# xtask: required\nCONFIG_B=y\n# CONFIG_C is not set\n\
-                    # comment\n# xtask: best-effort\nCONFIG_D=y\n";
-        assert_eq!(required_options(frag), vec![("CONFIG_B".into(), Some("y".into())), ("CONFIG_C".into(), None)]);
-    }
-
-    #[test]
-    fn verify_names_options_that_did_not_stick() {
-        let dir = std::env::temp_dir().join(format!("xtask-kcfg-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let config = dir.join(".config");
-        fs::write(&config, "CONFIG_A=y\nCONFIG_B=m\nCONFIG_D=y\n").unwrap();
-        let frag = "# xtask: required\nCONFIG_A=y\nCONFIG_B=y\nCONFIG_C=y\n# CONFIG_D is not set\n";
-        let err = verify_config(&config, frag).unwrap_err().to_string();
-        assert!(err.ends_with("CONFIG_B=y (got m), CONFIG_C=y (not set), CONFIG_D unset (got y)"), "{err}");
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn shipped_fragment_requires_protected_vms() {
-        let frag = fs::read_to_string(fragment_path()).unwrap();
-        let opts = required_options(&frag);
-        assert!(opts.contains(&("CONFIG_KVM_SW_PROTECTED_VM".into(), Some("y".into()))));
     }
 }

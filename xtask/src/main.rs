@@ -1,55 +1,209 @@
 //! `cargo xtask`: developer and CI automation for the KVM selftests.
 
 mod bisect;
+mod debian;
 mod error;
 mod kernel;
 mod probe;
+mod recipe;
 mod report;
 mod util;
 mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use debian::Release;
 use error::{Error, Result};
+use kernel::{KernelOpts, Source};
 use vm::{Accel, VmOpts};
 
-const USAGE: &str = "\
-usage: cargo xtask <command> [options]
+/// Developer and CI automation for the KVM private-memory selftests.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", disable_help_subcommand = false)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-commands:
-  kernel [--tree DIR] [--jobs N]
-      Build the guest kernel (Debian linux-source-6.12 unless --tree) with
-      xtask/kernel.config into ~/.cache/kvm-selftests-rs; prints the bzImage.
-  vm [--kernel PATH] [--tree DIR] [--jobs N] [--accel auto|tcg|kvm]
-     [--timeout SECS] [--boot-timeout SECS] [--test-binary PATH]...
-     [--known-failures FILE] [--bench]
-     [-- ] [test args...]
-      Boot the kernel in QEMU and run the test binaries inside in strict mode.
-      Test args (filters, --exact, ...) go to every test binary. Exit status:
-      0 all passed, 1 a test failed or skipped, 2 the run itself failed.
-      --known-failures FILE lists known bugs of the guest kernel (see
-      KVM_SELFTESTS_KNOWN_FAILURES in the README): they fail as xfail.
-      --bench runs the benchmarks (cargo bench targets, optimized) instead.
-  bisect-step --tree DIR [vm options] [test args...]
-      Incremental build of DIR, then `vm`. Exit 0 pass, 1 fail, 125 when the
-      tree does not build, boot or offer the features (git bisect skip),
-      128 on host problems (aborts git bisect run). From a kernel tree:
-        git bisect run <workspace>/target/debug/xtask bisect-step --tree . FILTER
-      (cargo's `xtask` alias only exists inside the workspace).
-  bisect-demo [--jobs N]
-      Build a throwaway git history from the Debian 6.12 source with one
-      breaking commit and check that `git bisect run` finds it.
-  report RESULTS.jsonl [--name STEM]
-      Turn a results file (KVM_SELFTESTS_RESULTS) into KTAP and JUnit.
-  guest-probe
-      (inside the guest) check that a protected VM can be created.
-";
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the guest kernel with xtask/kernel.config into
+    /// ~/.cache/kvm-selftests-rs; prints the bzImage.
+    Kernel {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        build: BuildArgs,
+    },
+    /// Boot the kernel in QEMU and run the test binaries inside, strictly.
+    ///
+    /// Exit status: 0 all passed, 1 a test failed or skipped, 2 the run
+    /// itself failed (no boot, panic, timeout, no /dev/kvm).
+    Vm(VmArgs),
+    /// One `git bisect run` step: incremental build of --tree, then `vm`.
+    ///
+    /// Exit 0 pass, 1 fail, 125 when the tree does not build, boot or offer
+    /// the features (git bisect skip), 128 on host problems (aborts git
+    /// bisect run). From a kernel tree:
+    ///   git bisect run <workspace>/target/debug/xtask bisect-step --tree . FILTER
+    BisectStep(VmArgs),
+    /// Build a throwaway git history from a Debian source with one breaking
+    /// commit and check that `git bisect run` finds it.
+    BisectDemo {
+        /// Debian kernel source release to start from.
+        #[arg(long, value_name = "X.Y", default_value_t = Release::DEFAULT)]
+        debian: Release,
+        #[command(flatten)]
+        build: BuildArgs,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// Turn a results file (KVM_SELFTESTS_RESULTS) into KTAP and JUnit.
+    Report {
+        /// The JSON-lines results file.
+        results: PathBuf,
+        /// File stem of the reports under target/kvm-selftests.
+        #[arg(long, default_value = "host-report")]
+        name: String,
+    },
+    /// (inside the guest) check that protected VMs are offered and work,
+    /// and that the capability and the behaviour agree.
+    GuestProbe {
+        /// Append the probe's verdict to this results file.
+        #[arg(long, value_name = "FILE")]
+        results: Option<PathBuf>,
+    },
+}
+
+/// Which kernel: at most one of these; Debian's 6.12 by default.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct SourceArgs {
+    /// Build this kernel tree (in place, out-of-tree objects in the cache).
+    #[arg(long, value_name = "DIR")]
+    tree: Option<PathBuf>,
+    /// Debian's linux-source-X.Y package (default 6.12), fetched with a
+    /// private apt configuration when it is not installed.
+    #[arg(long, value_name = "X.Y")]
+    debian: Option<Release>,
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// Parallel make jobs (default: the number of CPUs).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct GuestArgs {
+    /// QEMU accelerator; auto uses KVM only when the host can nest.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+    /// Seconds for the whole guest run.
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// Seconds for the guest to reach init.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    boot_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct VmArgs {
+    /// A prebuilt bzImage instead of building one.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "debian"])]
+    kernel: Option<PathBuf>,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    build: BuildArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Run these test executables instead of building the suite's.
+    #[arg(long = "test-binary", value_name = "PATH")]
+    test_binaries: Vec<PathBuf>,
+    /// Known bugs of the guest kernel (see KVM_SELFTESTS_KNOWN_FAILURES in
+    /// the README): they are reported as xfail.
+    #[arg(long, value_name = "FILE")]
+    known_failures: Option<PathBuf>,
+    /// Run the benchmarks (optimized) instead of the tests.
+    #[arg(long)]
+    bench: bool,
+    /// Passed to every test binary: filters, --exact, ... (after `--` when
+    /// they start with a dash).
+    #[arg(value_name = "TEST ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    test_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AccelArg {
+    Auto,
+    Tcg,
+    Kvm,
+}
+
+impl SourceArgs {
+    fn source(&self) -> Source {
+        match (&self.tree, &self.debian) {
+            (Some(tree), _) => Source::Tree(tree.clone()),
+            (None, Some(release)) => Source::Debian(release.clone()),
+            (None, None) => Source::Debian(Release::DEFAULT),
+        }
+    }
+}
+
+impl BuildArgs {
+    fn kernel_opts(&self, source: Source) -> KernelOpts {
+        let mut opts = KernelOpts { source, ..KernelOpts::default() };
+        if let Some(jobs) = self.jobs {
+            opts.jobs = jobs as usize;
+        }
+        opts
+    }
+}
+
+impl GuestArgs {
+    fn apply(&self, opts: &mut VmOpts) {
+        opts.accel = match self.accel {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Tcg => Accel::Tcg,
+            AccelArg::Kvm => Accel::Kvm,
+        };
+        opts.timeout = self.timeout;
+        opts.boot_timeout = self.boot_timeout;
+    }
+}
+
+impl VmArgs {
+    fn opts(self) -> VmOpts {
+        let mut opts = VmOpts {
+            kernel: self.kernel,
+            kernel_opts: self.build.kernel_opts(self.source.source()),
+            binaries: self.test_binaries,
+            test_args: self.test_args,
+            known_failures: self.known_failures,
+            bench: self.bench,
+            ..VmOpts::default()
+        };
+        self.guest.apply(&mut opts);
+        opts
+    }
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match dispatch(&args) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with status 0; bad usage names
+            // the offending argument and exits 2, like every xtask error.
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("xtask: error: {e}");
@@ -58,54 +212,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(args: &[String]) -> Result<ExitCode> {
-    let Some((cmd, rest)) = args.split_first() else {
-        return Err(Error::Usage("no command given".into()));
-    };
-    match cmd.as_str() {
-        "kernel" => {
-            let opts = parse_vm_args(rest, &["--tree", "--jobs"])?;
-            if !opts.test_args.is_empty() {
-                return Err(Error::Usage(format!(
-                    "`kernel` takes no positional arguments (got `{}`)",
-                    opts.test_args.join(" ")
-                )));
-            }
-            let image = kernel::build(&opts.kernel_opts)?;
+fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Kernel { source, build } => {
+            let image = kernel::build(&build.kernel_opts(source.source()))?;
             println!("{}", image.display());
             Ok(ExitCode::SUCCESS)
         }
-        "vm" => {
-            let opts = parse_vm_args(rest, VM_FLAGS)?;
-            let outcome = vm::run(&opts)?;
+        Cmd::Vm(args) => {
+            let outcome = vm::run(&args.opts())?;
             Ok(print_verdict(&outcome))
         }
-        "bisect-step" => {
-            let opts = parse_vm_args(rest, VM_FLAGS)?;
-            if opts.kernel_opts.tree.is_none() {
+        Cmd::BisectStep(args) => {
+            if args.source.tree.is_none() {
                 return Err(Error::Usage("bisect-step needs --tree DIR".into()));
             }
-            Ok(bisect::step(&opts))
+            Ok(bisect::step(&args.opts()))
         }
-        "bisect-demo" => {
-            let opts = parse_vm_args(rest, &["--jobs", "--timeout", "--boot-timeout", "--accel"])?;
-            bisect::demo(&opts)
+        Cmd::BisectDemo { debian, build, guest } => {
+            let mut opts =
+                VmOpts { kernel_opts: build.kernel_opts(Source::Debian(debian.clone())), ..VmOpts::default() };
+            guest.apply(&mut opts);
+            bisect::demo(&debian, &opts)
         }
-        "report" => report_cmd(rest),
-        "guest-probe" => {
-            println!("{}", probe::probe()?);
-            Ok(ExitCode::SUCCESS)
-        }
-        "help" | "--help" | "-h" => {
-            print!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
-        }
-        other => Err(Error::Usage(format!("unknown command `{other}`"))),
+        Cmd::Report { results, name } => report_cmd(&results, &name),
+        Cmd::GuestProbe { results } => probe::run(results.as_deref()),
     }
 }
-
-const VM_FLAGS: &[&str] =
-    &["--kernel", "--tree", "--jobs", "--accel", "--timeout", "--boot-timeout", "--test-binary", "--known-failures"];
 
 pub fn print_verdict(outcome: &vm::RunOutcome) -> ExitCode {
     let s = outcome.summary;
@@ -123,85 +256,12 @@ pub fn print_verdict(outcome: &vm::RunOutcome) -> ExitCode {
     }
 }
 
-/// Parse the options shared by the VM-running commands; anything that is
-/// not one of `allowed` is passed to the test binaries, as is everything
-/// after `--`.
-fn parse_vm_args(args: &[String], allowed: &[&str]) -> Result<VmOpts> {
-    let mut opts = VmOpts::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        if arg == "--" {
-            opts.test_args.extend(it.by_ref().cloned());
-            break;
-        }
-        if arg == "--bench" {
-            opts.bench = true;
-            continue;
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        if !allowed.contains(&flag) {
-            opts.test_args.push(arg.clone());
-            continue;
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => it.next().cloned().ok_or_else(|| Error::Usage(format!("{flag} needs a value")))?,
-        };
-        match flag {
-            "--kernel" => opts.kernel = Some(PathBuf::from(value)),
-            "--tree" => opts.kernel_opts.tree = Some(PathBuf::from(value)),
-            "--test-binary" => opts.binaries.push(PathBuf::from(value)),
-            "--known-failures" => opts.known_failures = Some(PathBuf::from(value)),
-            "--jobs" => opts.kernel_opts.jobs = positive(flag, &value)?,
-            "--timeout" => opts.timeout = positive(flag, &value)?,
-            "--boot-timeout" => opts.boot_timeout = positive(flag, &value)?,
-            "--accel" => {
-                opts.accel = match value.as_str() {
-                    "auto" => Accel::Auto,
-                    "tcg" => Accel::Tcg,
-                    "kvm" => Accel::Kvm,
-                    _ => return Err(Error::Usage(format!("--accel must be auto, tcg or kvm (got `{value}`)"))),
-                }
-            }
-            _ => unreachable!("{flag} is in the allowed list but not handled"),
-        }
-    }
-    if opts.kernel.is_some() && opts.kernel_opts.tree.is_some() {
-        return Err(Error::Usage("--kernel and --tree are mutually exclusive".into()));
-    }
-    Ok(opts)
-}
-
-fn positive<T: FromStr + PartialOrd + Default>(flag: &str, value: &str) -> Result<T> {
-    match value.parse::<T>() {
-        Ok(v) if v > T::default() => Ok(v),
-        _ => Err(Error::Usage(format!("{flag} needs a positive integer (got `{value}`)"))),
-    }
-}
-
-fn report_cmd(args: &[String]) -> Result<ExitCode> {
-    let mut file = None;
-    let mut stem = "host-report".to_string();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--name" => {
-                stem = it.next().cloned().ok_or_else(|| Error::Usage("--name needs a value".into()))?;
-            }
-            a if a.starts_with('-') => return Err(Error::Usage(format!("unknown option `{a}`"))),
-            a if file.is_none() => file = Some(PathBuf::from(a)),
-            a => return Err(Error::Usage(format!("unexpected argument `{a}`"))),
-        }
-    }
-    let file = file.ok_or_else(|| Error::Usage("report needs a results file".into()))?;
+fn report_cmd(file: &std::path::Path, stem: &str) -> Result<ExitCode> {
     if !file.is_file() {
-        return Err(Error::Io { path: file, source: std::io::ErrorKind::NotFound.into() });
+        return Err(Error::Io { path: file.to_path_buf(), source: std::io::ErrorKind::NotFound.into() });
     }
-    let results = report::read_results(&file)?;
-    report::write_reports(&results, &stem)?;
+    let results = report::read_results(file)?;
+    report::write_reports(&results, stem)?;
     let s = report::summarize(&results);
     eprintln!("xtask: {} passed, {} failed, {} skipped, {} known failures", s.pass, s.fail, s.skip, s.xfail);
     Ok(if s.fail == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -211,24 +271,41 @@ fn report_cmd(args: &[String]) -> Result<ExitCode> {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse(s: &str) -> std::result::Result<Cmd, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(s.split_whitespace())).map(|c| c.command)
+    }
+
+    fn vm_opts(s: &str) -> VmOpts {
+        match parse(s).unwrap() {
+            Cmd::Vm(a) | Cmd::BisectStep(a) => a.opts(),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn vm_flags_and_test_args_separate() {
-        let o = parse_vm_args(&args("--timeout=30 address_space --exact -- --jobs"), VM_FLAGS).unwrap();
+        let o = vm_opts("vm --timeout=30 --debian 7.3 address_space --exact -- --jobs");
         assert_eq!(o.timeout, 30);
-        assert_eq!(o.test_args, args("address_space --exact --jobs"));
+        assert_eq!(o.kernel_opts.source, Source::Debian("7.3".parse().unwrap()));
+        assert_eq!(o.test_args, ["address_space", "--exact", "--", "--jobs"]);
+        let o = vm_opts("vm -- --exact x");
+        assert_eq!(o.test_args, ["--exact", "x"]);
+        assert_eq!(o.kernel_opts.source, Source::Debian(Release::DEFAULT));
     }
 
     #[test]
     fn bad_values_are_named() {
-        let e = parse_vm_args(&args("--jobs 0"), VM_FLAGS).unwrap_err().to_string();
-        assert!(e.contains("--jobs needs a positive integer (got `0`)"), "{e}");
-        let e = parse_vm_args(&args("--accel xen"), VM_FLAGS).unwrap_err().to_string();
-        assert!(e.contains("--accel must be"), "{e}");
-        let e = parse_vm_args(&args("--kernel"), VM_FLAGS).unwrap_err().to_string();
-        assert!(e.contains("--kernel needs a value"), "{e}");
+        for (args, needle) in [
+            ("vm --jobs 0", "--jobs"),
+            ("vm --accel xen", "--accel"),
+            ("vm --kernel", "--kernel"),
+            ("vm --debian 7", "got `7`"),
+            ("vm --tree /x --debian 7.3", "--debian"),
+            ("vm --kernel /k --tree /x", "--tree"),
+            ("kernel foo", "foo"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(needle), "{args}: {e}");
+        }
     }
 }

@@ -295,7 +295,7 @@ $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
     || die "setup-failed mounting the results share"
 echo "$M init"
 [ -c /dev/kvm ] || die "no-kvm"
-probe=$({xtask} guest-probe 2>&1)
+probe=$({xtask} guest-probe --results $R/results.jsonl 2>&1)
 rc=$?
 # 126/127: the probe could not even be executed, which is not the kernel's fault.
 [ $rc -ge 126 ] && die "setup-failed cannot run the guest probe: $probe"
