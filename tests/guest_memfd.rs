@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
+use kvm_harness::kernel_rules::{Hex, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
     ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, Access, Agent, Cap, ChildFate, Errno, Error,
@@ -119,6 +120,40 @@ fn sweep<T: Copy + std::fmt::Debug>(
 }
 
 // ---- creation ----
+
+/// What `KVM_CAP_GUEST_MEMFD_FLAGS` must report on a fresh VM of the type:
+/// the flags decide which of this binary's tests are registered, so a
+/// kernel that drops one must fail here rather than lose those tests.
+fn advertised_flags_match_kernel(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    let rule = match vm_type {
+        VmType::Default => &GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
+        VmType::SwProtected => &GMEM_FLAGS_WITH_PRIVATE_MEM,
+    };
+    let expected = rule.expected()?;
+    let advertised = supported_flags(kvm, vm_type)?;
+    ensure!(
+        Hex(advertised) == expected.outcome,
+        format!("{vm_type}: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
+        "{} = {advertised:#x}; {}",
+        Cap::GuestMemfdFlags,
+        expected.why
+    );
+    Ok(())
+}
+
+/// The same on `/dev/kvm`, which answers for a VM without private memory.
+fn system_advertises_flags_of_kernel(kvm: &Arc<Kvm>) -> Result<()> {
+    let expected = GMEM_FLAGS_WITHOUT_PRIVATE_MEM.expected()?;
+    let advertised = u64::from(kvm.cap(Cap::GuestMemfdFlags) as u32);
+    ensure!(
+        Hex(advertised) == expected.outcome,
+        format!("/dev/kvm: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
+        "{} = {advertised:#x}; {}",
+        Cap::GuestMemfdFlags,
+        expected.why
+    );
+    Ok(())
+}
 
 /// Bit `bit` alone in the flags: accepted exactly when the VM advertises it.
 fn create_flag_bit(kvm: &Arc<Kvm>, vm_type: VmType, bit: u32) -> Result<()> {
@@ -565,8 +600,14 @@ fn main() -> ExitCode {
     let mut suite = Suite::new("guest_memfd");
     let gmem_needs = |vm_type| vec![Need::Cap(Cap::GuestMemfd), Need::VmType(vm_type)];
 
+    suite.test("system_advertises_guest_memfd_flags_of_its_kernel", vec![Need::Cap(Cap::GuestMemfd)], |kvm| {
+        system_advertises_flags_of_kernel(kvm)
+    });
     for vm_type in VmType::ALL {
         let short = vm_type.short();
+        suite.test(format!("{short}_vm_advertises_guest_memfd_flags_of_its_kernel"), gmem_needs(vm_type), move |kvm| {
+            advertised_flags_match_kernel(kvm, vm_type)
+        });
         for bit in 0..64 {
             suite.test(
                 format!("{short}_vm_create_flag_bit_{bit:02}_accepted_iff_advertised"),

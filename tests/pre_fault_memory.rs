@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::kvm_pre_fault_memory;
+use kvm_harness::kernel_rules::{with_fix_hints, PREFAULT_VS_MEMSLOT_DELETION};
 use kvm_harness::{
     ensure, watchdog, Agent, Cap, Errno, Error, GmemBinding, HostMemory, Kvm, Need, Region, Result, Suite, Vcpu, Vm,
     VmType,
@@ -381,7 +382,7 @@ fn main() -> ExitCode {
         suite.test(
             format!("{}_prefault_never_hangs_with_concurrent_slot_delete_recreate", combo.name()),
             combo.needs(),
-            move |kvm| prefault_then_guest_reads(kvm, combo, true),
+            move |kvm| with_fix_hints(PREFAULT_VS_MEMSLOT_DELETION, || prefault_then_guest_reads(kvm, combo, true)),
         );
         suite.test(
             format!("{}_prefault_interrupted_by_signals_resumes_to_completion", combo.name()),

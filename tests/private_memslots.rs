@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use kvm_harness::kernel_rules::GMEM_BINDING_OVERLAP;
 use kvm_harness::{
     expect_errno, expect_ok, page_size, Cap, Errno, Error, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
     Result, Suite, Vm, VmType,
@@ -173,15 +174,16 @@ fn overlapping_binding(kvm: &Arc<Kvm>, vm_type: VmType, case: Overlap) -> Result
     let candidate = bound(SLOT, GPA, size, GmemBinding::Memfd(gmem.clone()), offset)?;
     assert!(GPA + size <= b_gpa, "the candidate's GPA range must not touch slot B's");
     if case.overlaps {
-        // kvm_gmem_bind() finds the range already bound and fails with EINVAL
-        // (its default error); EEXIST is only for overlapping GPA ranges.
+        // The errno changed in 7.2 (see kernel_rules::GMEM_BINDING_OVERLAP).
+        let expected = GMEM_BINDING_OVERLAP.expected()?;
         let rule = format!(
             "{vm_type}: binding guest_memfd [{offset:#x}, +{size:#x}) while another memslot binds \
-             [{:#x}, +{:#x}) (GPA ranges disjoint) is rejected with EINVAL",
+             [{:#x}, +{:#x}) (GPA ranges disjoint) is rejected; {}",
             2 * unit,
-            2 * unit
+            2 * unit,
+            expected.why
         );
-        expect_errno(&rule, Errno::EINVAL, || vm.set_region(&candidate))?;
+        expect_errno(&rule, expected.outcome, || vm.set_region(&candidate))?;
         // Control: the same slot bound to the free range [0, 2 units) is accepted.
         let valid = bound(SLOT, GPA, 2 * unit, GmemBinding::Memfd(gmem.clone()), 0)?;
         expect_ok(&format!("{vm_type}: control: a binding of the free range [0, {:#x}) is accepted", 2 * unit), || {
@@ -204,17 +206,31 @@ fn overlapping_binding(kvm: &Arc<Kvm>, vm_type: VmType, case: Overlap) -> Result
     }
 }
 
-/// What upstream's overlap test really exercised: GPA ranges that overlap.
-fn gpa_overlap_is_eexist(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+/// What upstream's overlap test really exercised: GPA ranges that overlap,
+/// the other slot's front half (`head`) or back half (`tail`), with disjoint
+/// guest_memfd ranges. EEXIST on every kernel: `kvm_set_memory_region()`
+/// finds the GPA overlap before any guest_memfd check.
+fn gpa_overlap_is_eexist(kvm: &Arc<Kvm>, vm_type: VmType, half: &str) -> Result<()> {
     let (vm, gmem) = vm_and_gmem(kvm, vm_type, 4 * SIZE)?;
     vm.set_region(&bound(SLOT + 1, 2 * GPA, 2 * SIZE, GmemBinding::Memfd(gmem.clone()), 2 * SIZE)?)?;
-    // Disjoint guest_memfd range [0, 2 units), GPA overlapping slot B's first half.
-    let candidate = bound(SLOT, 2 * GPA - SIZE, 2 * SIZE, GmemBinding::Memfd(gmem.clone()), 0)?;
+    let gpa = match half {
+        "head" => 2 * GPA - SIZE,
+        _ => 2 * GPA + SIZE,
+    };
+    let candidate = bound(SLOT, gpa, 2 * SIZE, GmemBinding::Memfd(gmem.clone()), 0)?;
     expect_errno(
-        &format!("{vm_type}: a memslot whose GPA range overlaps another memslot is rejected with EEXIST"),
+        &format!(
+            "{vm_type}: a memslot at GPA [{gpa:#x}, +{:#x}) overlapping the {half} of another memslot's \
+             [{:#x}, +{:#x}) is rejected with EEXIST",
+            2 * SIZE,
+            2 * GPA,
+            2 * SIZE
+        ),
         Errno::EEXIST,
         || vm.set_region(&candidate),
-    )
+    )?;
+    let free = bound(SLOT, 4 * GPA, 2 * SIZE, GmemBinding::Memfd(gmem.clone()), 0)?;
+    expect_ok(&format!("{vm_type}: control: the same memslot at a free GPA is accepted"), || vm.set_region(&free))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -337,7 +353,12 @@ fn main() -> ExitCode {
         add(
             "memslot_gpa_overlap_rejected_with_eexist",
             vec![],
-            Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type)),
+            Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "head")),
+        );
+        add(
+            "memslot_gpa_overlap_back_half_rejected_with_eexist",
+            vec![],
+            Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "tail")),
         );
         add(
             "guest_memfd_with_log_dirty_pages_rejected",

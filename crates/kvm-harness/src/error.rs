@@ -53,6 +53,14 @@ pub enum Error {
         /// The values seen.
         detail: String,
     },
+    /// A failure on a kernel that may lack the upstream fixes named.
+    #[error("{error}\n{}", hints.join("\n"))]
+    Hinted {
+        /// The failure itself.
+        error: Box<Error>,
+        /// "this kernel may lack upstream fix <sha> (<subject>)" lines.
+        hints: Vec<String>,
+    },
     /// The harness was given bad input (environment, arguments).
     #[error("bad input: {0}")]
     Config(String),

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod child;
 pub mod error;
+pub mod kernel_rules;
 pub mod kvm;
 pub mod memory;
 pub mod memslot_ops;

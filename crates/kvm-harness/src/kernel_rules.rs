@@ -1,0 +1,291 @@
+//! Rules whose outcome changed upstream, and upstream fixes a failure may
+//! point at.
+//!
+//! A test never accepts "either errno": it asks [`Versioned::expected`] for
+//! the outcome of the running kernel, which names the kernel release it went
+//! by and the upstream change behind it, and it says which one it applied in
+//! its failure message. The release comes from `uname -r`, or from
+//! `KVM_SELFTESTS_KERNEL_VERSION` for a distribution kernel that carries
+//! backports (its own release number would pick the wrong outcome).
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
+
+use crate::error::{Error, Result};
+use crate::uapi;
+
+/// Overrides the release read from `uname -r`, as `MAJOR.MINOR[.PATCH]`.
+pub const VERSION_VAR: &str = "KVM_SELFTESTS_KERNEL_VERSION";
+
+/// A kernel release, `MAJOR.MINOR.PATCH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelVersion {
+    /// `7` in 7.3.4.
+    pub major: u32,
+    /// `3` in 7.3.4.
+    pub minor: u32,
+    /// `4` in 7.3.4; 0 when the release names none.
+    pub patch: u32,
+}
+
+impl KernelVersion {
+    /// `MAJOR.MINOR`, the first release of a mainline cycle.
+    pub const fn new(major: u32, minor: u32) -> Self {
+        KernelVersion { major, minor, patch: 0 }
+    }
+
+    /// Parse the numeric prefix of a release string: `6.12.117-amd64`,
+    /// `7.3.4`, `6.18.0-rc2+`.
+    pub fn parse(release: &str) -> Option<Self> {
+        let numeric: String = release.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        let mut parts = numeric.split('.').map(str::parse::<u32>);
+        let major = parts.next()?.ok()?;
+        let minor = parts.next()?.ok()?;
+        let patch = parts.next().and_then(|p| p.ok()).unwrap_or(0);
+        Some(KernelVersion { major, minor, patch })
+    }
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The running kernel's release and where it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningKernel {
+    /// The release the expectations go by.
+    pub version: KernelVersion,
+    /// `uname -r = 6.12.117-amd64` or `KVM_SELFTESTS_KERNEL_VERSION = 7.2`.
+    pub source: String,
+}
+
+impl RunningKernel {
+    fn detect() -> Result<Self> {
+        if let Ok(value) = std::env::var(VERSION_VAR) {
+            let version = KernelVersion::parse(value.trim()).ok_or_else(|| {
+                Error::Config(format!("{VERSION_VAR} must be a kernel release like 7.2 or 6.12.117 (got `{value}`)"))
+            })?;
+            return Ok(RunningKernel { version, source: format!("{VERSION_VAR} = {}", value.trim()) });
+        }
+        let uname = nix::sys::utsname::uname().map_err(|errno| Error::Sys {
+            op: "uname".into(),
+            errno,
+            context: "reading the kernel release".into(),
+        })?;
+        let release = uname.release().to_string_lossy().into_owned();
+        let version = KernelVersion::parse(&release)
+            .ok_or_else(|| Error::Config(format!("uname -r = `{release}` is no kernel release; set {VERSION_VAR}")))?;
+        Ok(RunningKernel { version, source: format!("uname -r = {release}") })
+    }
+}
+
+/// The running kernel, read once per process.
+pub fn running_kernel() -> Result<&'static RunningKernel> {
+    static RUNNING: OnceLock<std::result::Result<RunningKernel, String>> = OnceLock::new();
+    RUNNING
+        .get_or_init(|| {
+            RunningKernel::detect().map_err(|e| match e {
+                Error::Config(message) => message,
+                other => other.to_string(),
+            })
+        })
+        .as_ref()
+        .map_err(|message| Error::Config(message.clone()))
+}
+
+/// An upstream commit, named as `git log --oneline` would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit {
+    /// Abbreviated SHA-1 of the mainline commit; empty where this suite
+    /// could not confirm it (the subject still finds it with `git log`).
+    pub sha: &'static str,
+    /// Its subject line.
+    pub subject: &'static str,
+}
+
+impl fmt::Display for Commit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.sha {
+            "" => write!(f, "\"{}\"", self.subject),
+            sha => write!(f, "{sha} (\"{}\")", self.subject),
+        }
+    }
+}
+
+/// A rule whose outcome changed in one mainline release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versioned<T: 'static> {
+    /// The outcome before `since`.
+    pub before: T,
+    /// The outcome from `since` on.
+    pub after: T,
+    /// The first mainline release with `after`.
+    pub since: KernelVersion,
+    /// The change that brought `after`.
+    pub change: Commit,
+}
+
+/// The outcome a test applies, with the reason it applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation<T> {
+    /// What the running kernel must do.
+    pub outcome: T,
+    /// Which of the rule's outcomes this is, and why: for the failure message.
+    pub why: String,
+}
+
+impl<T: Copy + fmt::Debug> Versioned<T> {
+    /// The outcome for the running kernel.
+    pub fn expected(&self) -> Result<Expectation<T>> {
+        Ok(self.expected_for(running_kernel()?))
+    }
+
+    /// The outcome for `kernel`.
+    pub fn expected_for(&self, kernel: &RunningKernel) -> Expectation<T> {
+        let (outcome, relation) = match kernel.version.cmp(&self.since) {
+            Ordering::Less => (self.before, "before"),
+            Ordering::Equal | Ordering::Greater => (self.after, "since"),
+        };
+        let why = format!(
+            "expected {outcome:?} because {} is {relation} {}.{}, which changed it from {:?} to {:?} with {}",
+            kernel.source, self.since.major, self.since.minor, self.before, self.after, self.change
+        );
+        Expectation { outcome, why }
+    }
+}
+
+/// Binding a guest_memfd range that another memslot already binds, with the
+/// GPA ranges disjoint: `kvm_gmem_bind()` failed it with its catch-all
+/// EINVAL; since 7.2 the check moved to `kvm_gmem_commit_memory_region()`,
+/// which returns EEXIST, as for overlapping GPA ranges.
+pub const GMEM_BINDING_OVERLAP: Versioned<Errno> = Versioned {
+    before: Errno::EINVAL,
+    after: Errno::EEXIST,
+    since: KernelVersion::new(7, 2),
+    change: Commit { sha: "TODO", subject: "TODO" },
+};
+
+/// A 64-bit value shown in hex in expectations (flag masks).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Hex(pub u64);
+
+impl fmt::Debug for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` on `/dev/kvm` and on a VM without private
+/// memory (default VM): `kvm_gmem_get_supported_flags()` offers MMAP, and
+/// INIT_SHARED where `kvm_arch_supports_gmem_init_shared()`, which x86
+/// grants every VM without private memory. Before 6.18 the capability does
+/// not exist and reads 0.
+pub const GMEM_FLAGS_WITHOUT_PRIVATE_MEM: Versioned<Hex> = Versioned {
+    before: Hex(0),
+    after: Hex(uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED),
+    since: KernelVersion::new(6, 18),
+    change: INIT_SHARED_FLAG,
+};
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` on a VM with private memory
+/// (`KVM_X86_SW_PROTECTED_VM`): MMAP only, its memory starts private.
+pub const GMEM_FLAGS_WITH_PRIVATE_MEM: Versioned<Hex> = Versioned {
+    before: Hex(0),
+    after: Hex(uapi::GUEST_MEMFD_FLAG_MMAP),
+    since: KernelVersion::new(6, 18),
+    change: INIT_SHARED_FLAG,
+};
+
+const INIT_SHARED_FLAG: Commit =
+    Commit { sha: "", subject: "KVM: guest_memfd: Add INIT_SHARED flag, reject user page faults if not set" };
+
+/// An upstream fix whose absence explains a known failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fix {
+    /// The fixing commit.
+    pub commit: Commit,
+    /// The first mainline release that has it.
+    pub mainline: KernelVersion,
+}
+
+/// The fixes that make `KVM_PRE_FAULT_MEMORY` return instead of spinning
+/// while its memslot is deleted or moved.
+pub const PREFAULT_VS_MEMSLOT_DELETION: &[Fix] = &[
+    Fix {
+        commit: Commit {
+            sha: "20a6cff3b283",
+            subject: "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()",
+        },
+        mainline: KernelVersion::new(6, 16),
+    },
+    Fix {
+        commit: Commit {
+            sha: "TODO",
+            subject: "KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves memslot during prefault",
+        },
+        mainline: KernelVersion::new(6, 16),
+    },
+];
+
+/// Run a test body; if it fails on a kernel older than a fix's mainline
+/// release, append "this kernel may lack upstream fix ..." for each such fix
+/// (LTP's `linux-git` tags). A pass is never touched.
+pub fn with_fix_hints(fixes: &[Fix], body: impl FnOnce() -> Result<()>) -> Result<()> {
+    let result = body();
+    let Err(err) = result else {
+        return result;
+    };
+    let kernel = running_kernel().ok();
+    let hints: Vec<String> = fixes
+        .iter()
+        .filter(|f| kernel.is_none_or(|k| k.version < f.mainline))
+        .map(|f| {
+            format!(
+                "this kernel may lack upstream fix {} (mainline {}.{})",
+                f.commit, f.mainline.major, f.mainline.minor
+            )
+        })
+        .collect();
+    if hints.is_empty() {
+        return Err(err);
+    }
+    Err(Error::Hinted { error: Box::new(err), hints })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(release: &str) -> RunningKernel {
+        RunningKernel { version: KernelVersion::parse(release).unwrap(), source: format!("uname -r = {release}") }
+    }
+
+    #[test]
+    fn releases_parse_from_uname_strings() {
+        assert_eq!(KernelVersion::parse("6.12.117-amd64"), Some(KernelVersion { major: 6, minor: 12, patch: 117 }));
+        assert_eq!(KernelVersion::parse("7.3.4"), Some(KernelVersion { major: 7, minor: 3, patch: 4 }));
+        assert_eq!(KernelVersion::parse("6.18.0-rc2+"), Some(KernelVersion::new(6, 18)));
+        assert_eq!(KernelVersion::parse("7.2"), Some(KernelVersion::new(7, 2)));
+        assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion { major: 6, minor: 18, patch: 44 }));
+        for bad in ["", "7", "x7.2", "-7.2", "7..2"] {
+            assert_eq!(KernelVersion::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_kernel_gets_its_own_outcome_and_the_reason() {
+        let old = GMEM_BINDING_OVERLAP.expected_for(&kernel("6.12.117-amd64"));
+        assert_eq!(old.outcome, Errno::EINVAL);
+        assert!(old.why.starts_with("expected EINVAL because uname -r = 6.12.117-amd64 is before 7.2"), "{}", old.why);
+        let first = GMEM_BINDING_OVERLAP.expected_for(&kernel("7.2"));
+        assert_eq!(first.outcome, Errno::EEXIST);
+        let new = GMEM_BINDING_OVERLAP.expected_for(&kernel("7.3.4"));
+        assert_eq!(new.outcome, Errno::EEXIST);
+        assert!(new.why.contains("is since 7.2, which changed it from EINVAL to EEXIST with"), "{}", new.why);
+    }
+}
