@@ -14,6 +14,7 @@ use std::sync::Arc;
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
 use kvm_harness::kernel_rules::{Hex, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM};
+use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
     ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, Access, Agent, Cap, ChildFate, Errno, Error,
@@ -446,6 +447,67 @@ fn mmap_supported(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     Ok(())
 }
 
+/// guest_memfd's `set_policy`/`get_policy`: an `mbind()` policy on a range
+/// of the mapping is what `get_mempolicy(MPOL_F_ADDR)` reports there, and
+/// an unknown mode fails with EINVAL (upstream `test_mbind`).
+fn mbind_policy_round_trips(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let page = page_size();
+    let (_vm, gmem) = case.gmem(kvm, 4 * page)?;
+    let mem = gmem.map(0, 4 * page, MapFlags::MAP_SHARED)?;
+    let node0 = 1;
+    for (first, mode, mask, name) in
+        [(0, Policy::Interleave, node0, "MPOL_INTERLEAVE"), (2, Policy::Bind, node0, "MPOL_BIND")]
+    {
+        numa::mbind(&mem, first * page, 2 * page, mode as i32, mask)?;
+        let seen = numa::policy_at(&mem, first * page)?;
+        ensure!(
+            seen == (mode as i32, mask),
+            case.rule(&format!("{name} set by mbind() on pages {first}-{} is what get_mempolicy() reports", first + 1)),
+            "get_mempolicy(MPOL_F_ADDR) = mode {}, nodes {:#x}",
+            seen.0,
+            seen.1
+        );
+    }
+    numa::mbind(&mem, 0, 4 * page, Policy::Default as i32, 0)?;
+    let seen = numa::policy_at(&mem, 0)?;
+    ensure!(
+        seen == (Policy::Default as i32, 0),
+        case.rule("MPOL_DEFAULT over the whole mapping replaces the earlier policies"),
+        "get_mempolicy(MPOL_F_ADDR) = mode {}, nodes {:#x}",
+        seen.0,
+        seen.1
+    );
+    expect_errno(&case.rule("mbind() with the unknown mode 999 fails with EINVAL"), Errno::EINVAL, || {
+        numa::mbind(&mem, 0, 4 * page, 999, node0)
+    })
+}
+
+/// Pages are allocated on the node their range's policy binds them to, and
+/// after PUNCH_HOLE a swapped policy places the new pages on the other node
+/// (upstream `test_numa_allocation`).
+fn numa_allocation_follows_policy(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let page = page_size();
+    let (_vm, gmem) = case.gmem(kvm, 4 * page)?;
+    let mem = gmem.map(0, 4 * page, MapFlags::MAP_SHARED)?;
+    let offsets: Vec<u64> = (0..4).map(|p| p * page).collect();
+    for (round, (low, high)) in [(1u32, 0u32), (0, 1)].into_iter().enumerate() {
+        numa::mbind(&mem, 0, 2 * page, Policy::Bind as i32, 1 << low)?;
+        numa::mbind(&mem, 2 * page, 2 * page, Policy::Bind as i32, 1 << high)?;
+        mem.write(0, &vec![0x5a; 4 * page as usize]);
+        let nodes = numa::page_nodes(&mem, &offsets)?;
+        let want = [low as i32, low as i32, high as i32, high as i32];
+        ensure!(
+            nodes == want,
+            case.rule(&format!(
+                "round {round}: pages 0-1 bound to node {low} and pages 2-3 to node {high} are allocated there"
+            )),
+            "move_pages() reports nodes {nodes:?}, expected {want:?}"
+        );
+        gmem.punch_hole(0, 4 * page)?;
+    }
+    Ok(())
+}
+
 fn expect_fate(rule: &str, what: &str, actual: ChildFate, expected: ChildFate) -> Result<()> {
     if actual == expected {
         Ok(())
@@ -658,6 +720,7 @@ fn main() -> ExitCode {
                 add("mmap_shared_fails_with_enodev", Box::new(move |kvm| mmap_not_supported(kvm, case)));
             } else {
                 add("mmap_private_fails_with_einval", Box::new(move |kvm| mmap_private_fails(kvm, case)));
+                add("mbind_policy_round_trips", Box::new(move |kvm| mbind_policy_round_trips(kvm, case)));
                 if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
                     add("mmap_round_trips_data_and_punch_hole_zeroes", Box::new(move |kvm| mmap_supported(kvm, case)));
                     add("access_past_end_raises_sigbus", Box::new(move |kvm| fault_overflow(kvm, case)));
@@ -675,6 +738,13 @@ fn main() -> ExitCode {
                 }
             }
             add("fallocate_and_punch_hole_work_after_vm_is_closed", Box::new(move |kvm| outlives_vm(kvm, case)));
+            if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+                let mut numa_needs = gmem_needs(vm_type);
+                numa_needs.push(numa::need_two_nodes());
+                suite.test(case.name("numa_allocation_follows_policy"), numa_needs, move |kvm| {
+                    numa_allocation_follows_policy(kvm, case)
+                });
+            }
         }
     }
     suite.run()

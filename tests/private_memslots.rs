@@ -330,6 +330,11 @@ fn main() -> ExitCode {
             ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd"),
             ("offset_with_bit_63", 1 << 63, "negative as a file offset"),
             ("offset_wrapping_u64", !(page - 1), "offset + size wraps around"),
+            // Upstream's test_invalid_binding: offset and size each valid as a
+            // signed file offset, their sum not (eba85fee7fc6, "KVM: guest_memfd:
+            // Treat memslot binding offset+size as unsigned values").
+            ("offset_align_down_i64_max", (i64::MAX as u64) & !(page - 1), "offset + size crosses 2^63"),
+            ("offset_ending_exactly_at_2_63", (1 << 63) - SIZE, "offset + size is exactly 2^63"),
         ] {
             add(
                 &format!("binding_rejects_{name}"),

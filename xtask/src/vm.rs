@@ -338,6 +338,12 @@ fn qemu_command(kernel: &Path, init: &Path, results: &Path, accel: Accel) -> Com
         "-smp",
         "2",
     ]);
+    // Two NUMA nodes, one vCPU and half the memory each, so guest_memfd's
+    // mbind()/allocation-placement tests run instead of skipping.
+    for node in 0..2 {
+        cmd.arg("-object").arg(format!("memory-backend-ram,id=mem{node},size=1G"));
+        cmd.arg("-numa").arg(format!("node,nodeid={node},cpus={node},memdev=mem{node}"));
+    }
     match accel {
         Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
         // Multi-threaded TCG oopsed the guest in 4 of 9 runs; single never.

@@ -15,6 +15,7 @@ pub mod kernel_rules;
 pub mod kvm;
 pub mod memory;
 pub mod memslot_ops;
+pub mod numa;
 pub mod runner;
 pub mod uapi;
 pub mod vcpu;
