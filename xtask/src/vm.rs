@@ -294,6 +294,8 @@ $bb mkdir -p $R /run/tmp
 $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
     || die "setup-failed mounting the results share"
 echo "$M init"
+# 2 MiB huge pages for the hugetlb-backed conversion scenarios (128 MiB).
+echo 64 > /proc/sys/vm/nr_hugepages
 [ -c /dev/kvm ] || die "no-kvm"
 probe=$({xtask} guest-probe --results $R/results.jsonl 2>&1)
 rc=$?

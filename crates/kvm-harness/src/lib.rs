@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod backing;
 pub mod child;
 pub mod error;
 pub mod kernel_rules;
