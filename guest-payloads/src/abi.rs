@@ -89,6 +89,4 @@ pub mod protocol {
     pub const ASSERT_PATTERN_MISMATCH: u64 = 1;
     /// Assertion id: the agent got an op code it does not know (`rsi` = op).
     pub const ASSERT_UNKNOWN_OP: u64 = 2;
-    /// Assertion id: `sync_roundtrip` was resumed with a corrupted register.
-    pub const ASSERT_TEST_PAYLOAD: u64 = 3;
 }

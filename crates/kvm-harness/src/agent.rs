@@ -160,11 +160,6 @@ impl Agent {
         self.perform(Op::Check { gpa, len, pattern }).map(drop)
     }
 
-    /// The guest calls code at `gpa`.
-    pub fn exec(&mut self, gpa: u64) -> Result<u64> {
-        self.perform(Op::Exec(gpa))
-    }
-
     /// The guest touches `[gpa, gpa + len)` every `stride` bytes.
     pub fn touch(&mut self, gpa: u64, len: u64, stride: u64, write: bool) -> Result<u64> {
         self.perform(Op::Touch { gpa, len, stride, write })

@@ -47,7 +47,7 @@ impl Cap {
             Self::X86Smm => kvm_bindings::KVM_CAP_X86_SMM,
             Self::MultiAddressSpace => kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE,
             Self::ExitHypercall => kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
-            Self::UserMemory2 => uapi::KVM_CAP_USER_MEMORY2,
+            Self::UserMemory2 => kvm_bindings::KVM_CAP_USER_MEMORY2,
             Self::MemoryAttributes => kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES,
             Self::GuestMemfd => kvm_bindings::KVM_CAP_GUEST_MEMFD,
             Self::VmTypes => kvm_bindings::KVM_CAP_VM_TYPES,

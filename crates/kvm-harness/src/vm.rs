@@ -125,7 +125,6 @@ impl Region {
 pub struct Vm {
     kvm: Arc<Kvm>,
     fd: kvm_ioctls::VmFd,
-    vm_type: u64,
     /// Shared with every vCPU: a vCPU fd keeps the kernel's VM (and its
     /// memslots) alive after this value is dropped, so the backing memory
     /// must live as long as the last vCPU.
@@ -150,7 +149,6 @@ impl Vm {
         Ok(Self {
             kvm: kvm.clone(),
             fd,
-            vm_type,
             slots: Arc::new(Mutex::new(BTreeMap::new())),
             system: None,
             payload: None,
@@ -182,11 +180,6 @@ impl Vm {
     /// The `/dev/kvm` this VM came from.
     pub fn kvm(&self) -> &Arc<Kvm> {
         &self.kvm
-    }
-
-    /// The raw VM type it was created with.
-    pub fn raw_type(&self) -> u64 {
-        self.vm_type
     }
 
     /// The raw VM fd (to check that the kernel rejects it where a guest_memfd belongs).
@@ -303,17 +296,6 @@ impl Vm {
             .cloned()
             .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
         self.set_region(&region.deletion())
-    }
-
-    /// Moves slot `slot` to `new_gpa` (delete + re-create, as userspace must).
-    pub fn move_slot(&self, slot: u32, new_gpa: u64) -> Result<()> {
-        let region = self
-            .slots()
-            .get(&slot)
-            .cloned()
-            .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
-        self.set_region(&region.deletion())?;
-        self.set_region(&Region { gpa: new_gpa, ..region })
     }
 
     /// The installed slot containing `gpa` in address space 0.
