@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::layout::TEST_AREA_GPA;
 use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER, SYNC_ROUNDTRIP};
-use kvm_harness::{ensure, Agent, Error, GuestCall, HostMemory, Kvm, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, threads, Agent, Error, GuestCall, HostMemory, Kvm, Result, Suite, Vm, VmType};
 
 /// A default VM running the guest agent, with a 2 MiB anonymous memslot at
 /// `TEST_AREA_GPA` whose host view is returned.
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
                     })
                 })
                 .collect();
-            runs.into_iter().try_for_each(|run| run.join().expect("vCPU thread panicked"))
+            runs.into_iter().try_for_each(|run| threads::join_result(run, "vCPU thread"))
         })
     });
 
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
             healthy.expect_sync(!7)?;
             healthy.expect_sync(7u64.rotate_left(17))?;
             healthy.expect_done()?;
-            match stuck.join().expect("vCPU thread panicked") {
+            match threads::join(stuck, "vCPU thread")? {
                 Err(Error::Timeout { .. }) => Ok(()),
                 other => Err(Error::rule("the spinning vCPU times out", format!("{other:?}"))),
             }

@@ -127,7 +127,7 @@ fn pre_fault(
         let join_worker = |worker: &mut Option<std::thread::ScopedJoinHandle<'_, Result<()>>>| -> Result<()> {
             recreate.store(true, Ordering::SeqCst);
             match worker.take() {
-                Some(handle) => handle.join().unwrap_or_else(|_| Err(Error::Config("slot worker panicked".into()))),
+                Some(handle) => kvm_harness::threads::join_result(handle, "slot worker"),
                 None => Ok(()),
             }
         };

@@ -30,7 +30,7 @@ use kvm_harness::uapi::{
     KVM_EINVAL, KVM_EXIT_HYPERCALL_LONG_MODE, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
 };
-use kvm_harness::{ensure, Agent, Cap, Error, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, threads, Agent, Cap, Error, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType};
 
 /// Environment variable: number of concurrently converting vCPUs.
 pub const VCPUS_ENV: &str = "KVM_SELFTESTS_CONVERSION_VCPUS";
@@ -159,7 +159,7 @@ impl Conv<'_> {
     fn host_sync(&self, gpa: u64, size: u64, expected: u64, new: Option<u64>) -> Result<()> {
         let mut at = gpa;
         while at < gpa + size {
-            let region = self.vm.slot_at(at).ok_or_else(|| Error::Config(format!("no memslot at {at:#x}")))?;
+            let region = self.vm.slot_at(at).ok_or_else(|| Error::misuse(format!("no memslot at {at:#x}")))?;
             let len = (gpa + size).min(region.gpa + region.size) - at;
             let (memory, offset) = self.vm.shared_view(at, len)?;
             if let Some((off, value)) = memory.find_mismatch_u64(offset, len, expected) {
@@ -346,10 +346,7 @@ fn conversions(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, phase: Phase) -> Resul
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("vCPU thread panicked".into()))))
-            .collect()
+        handles.into_iter().map(|h| threads::join_result(h, "vCPU thread")).collect()
     });
     let failures: Vec<String> = outcomes
         .into_iter()

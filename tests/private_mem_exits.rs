@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
-use kvm_harness::{ensure, Agent, Errno, Error, Exit, Kvm, Need, Op, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, threads, Agent, Errno, Error, Exit, Kvm, Need, Op, Result, Suite, Vm, VmType};
 
 const SLOT: u32 = 10;
 const SLOT_SIZE: u64 = 2 << 20;
@@ -207,7 +207,7 @@ fn main() -> ExitCode {
             // Let the guest fault the page in from guest_memfd and spin on it.
             std::thread::sleep(Duration::from_millis(200));
             vm.delete_slot(SLOT)?;
-            let (mut agent, exit) = runner.join().map_err(|_| Error::Config("vCPU thread panicked".into()))?;
+            let (mut agent, exit) = threads::join(runner, "vCPU thread")?;
             expect_private_fault(
                 &mut agent,
                 exit?,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_harness::{
     expect_errno, expect_ok, page_size, Cap, Errno, Error, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
-    Result, Suite, Vm, VmType,
+    Result, Suite, SysResult, Vm, VmType,
 };
 
 /// Slot, GPA and size of the binding under test (upstream's MEM_REGION_*).
@@ -63,10 +63,10 @@ enum WrongFd {
 
 fn binding_rejects_fd(kvm: &Arc<Kvm>, vm_type: VmType, which: WrongFd) -> Result<()> {
     let (vm, gmem) = vm_and_gmem(kvm, vm_type, SIZE)?;
-    let dev_kvm = File::open("/dev/kvm").map_err(|e| Error::Config(format!("open /dev/kvm: {e}")))?;
+    let dev_kvm = File::open("/dev/kvm").sys(|| "open(/dev/kvm)".into())?;
     let memfd: OwnedFd = nix::sys::memfd::memfd_create(c"plain", nix::sys::memfd::MFdFlags::empty())
-        .map_err(|e| Error::Config(format!("memfd_create: {e}")))?;
-    nix::unistd::ftruncate(&memfd, SIZE as i64).map_err(|e| Error::Config(format!("ftruncate(memfd): {e}")))?;
+        .sys(|| "memfd_create(plain)".into())?;
+    nix::unistd::ftruncate(&memfd, SIZE as i64).sys(|| format!("ftruncate(memfd, {SIZE:#x})"))?;
     let other_vm = Vm::bare(kvm, vm_type)?;
     let other_gmem = Arc::new(other_vm.create_guest_memfd(SIZE, 0)?);
     let (fd, what, errno) = match which {

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use nix::errno::Errno;
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::uapi;
 
 /// A KVM capability, including those kvm-ioctls' `Cap` enum lacks.
@@ -139,11 +139,8 @@ pub const KVM_PATH: &str = "/dev/kvm";
 impl Kvm {
     /// Opens `/dev/kvm`.
     pub fn open() -> Result<Self> {
-        let fd = kvm_ioctls::Kvm::new().map_err(|e| Error::Sys {
-            op: format!("open({KVM_PATH})"),
-            errno: Errno::from_raw(e.errno()),
-            context: String::new(),
-        })?;
+        let fd = kvm_ioctls::Kvm::new()
+            .map_err(|e| Error::Sys { op: format!("open({KVM_PATH})"), errno: Errno::from_raw(e.errno()) })?;
         Ok(Self { fd, supported_cpuid: OnceLock::new() })
     }
 

@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod memory;
 pub mod memslot_ops;
 pub mod runner;
+pub mod threads;
 pub mod uapi;
 pub mod vcpu;
 pub mod vm;
@@ -23,7 +24,7 @@ pub mod x86;
 
 pub use agent::{Agent, Op};
 pub use child::{Access, ChildFate};
-pub use error::{errno_name, expect_eq, expect_errno, expect_ok, Error, Result};
+pub use error::{errno_name, expect_eq, expect_errno, expect_ok, Error, Result, SysResult};
 pub use kvm::{Cap, Kvm, VmType};
 /// The uAPI structs and constants, for tests that spell out raw requests.
 pub use kvm_bindings as bindings;

@@ -7,7 +7,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 use nix::sys::stat::{fstat, FileStat};
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 
 /// Host page size.
 pub fn page_size() -> u64 {
@@ -37,7 +37,7 @@ impl HostMemory {
     /// A private anonymous read-write mapping of `len` bytes (zero-filled).
     pub fn anonymous(len: u64) -> Result<Self> {
         let size = std::num::NonZeroUsize::new(len as usize)
-            .ok_or_else(|| Error::Config("a host mapping cannot be empty".into()))?;
+            .ok_or_else(|| Error::Misuse("a host mapping cannot be empty".into()))?;
         // SAFETY: a fresh anonymous mapping aliases nothing.
         let ptr = unsafe {
             mmap_anonymous(
@@ -54,7 +54,7 @@ impl HostMemory {
     /// A mapping of `fd` at `offset` with the given flags (`MAP_SHARED`, `MAP_PRIVATE`).
     pub fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, flags: MapFlags) -> Result<Self> {
         let size = std::num::NonZeroUsize::new(len as usize)
-            .ok_or_else(|| Error::Config("a host mapping cannot be empty".into()))?;
+            .ok_or_else(|| Error::Misuse("a host mapping cannot be empty".into()))?;
         // SAFETY: a new mapping chosen by the kernel aliases no Rust object.
         let ptr =
             unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, flags, fd, offset as libc::off_t) }
@@ -67,7 +67,7 @@ impl HostMemory {
     /// e.g. so a 2 MiB range can be mapped by one huge page.
     pub fn map_fd_aligned(fd: BorrowedFd<'_>, offset: u64, len: u64, align: u64, flags: MapFlags) -> Result<Self> {
         if !align.is_power_of_two() || len == 0 {
-            return Err(Error::Config(format!("aligned mapping of {len:#x} bytes at alignment {align:#x}")));
+            return Err(Error::Misuse(format!("aligned mapping of {len:#x} bytes at alignment {align:#x}")));
         }
         // Reserve room for any alignment, place the file mapping inside with
         // MAP_FIXED, then give back the unused head and tail.
@@ -112,7 +112,7 @@ impl HostMemory {
         // the kernel backs it (MADV_DONTNEED re-faults file pages later).
         let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, advice) };
         if ret != 0 {
-            return Err(Error::last_os(format!("madvise(advice {advice}, {:#x} bytes)", self.len), ""));
+            return Err(Error::last_os(format!("madvise(advice {advice}, {:#x} bytes)", self.len)));
         }
         Ok(())
     }
@@ -193,7 +193,7 @@ impl HostMemory {
         // how the kernel backs it.
         let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) };
         if ret != 0 {
-            return Err(Error::last_os("madvise(MADV_HUGEPAGE)", ""));
+            return Err(Error::last_os("madvise(MADV_HUGEPAGE)"));
         }
         Ok(())
     }

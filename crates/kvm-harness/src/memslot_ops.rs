@@ -14,7 +14,7 @@ impl Vcpu {
     pub fn complete_mmio_read(&mut self, data: &[u8]) -> Result<()> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
-            return Err(Error::Config(format!("vCPU {} is not in an MMIO exit", self.id)));
+            return Err(Error::Misuse(format!("vCPU {} is not in an MMIO exit", self.id)));
         }
         // SAFETY: the exit reason (checked above) says the mmio member of the
         // union is the live one; it is plain old data.
@@ -32,7 +32,7 @@ impl Vm {
         // SAFETY: the ioctl takes its argument by value and touches no user memory.
         let ret = unsafe { libc::ioctl(self.raw_fd(), KVM_SET_NR_MMU_PAGES as _, pages as libc::c_ulong) };
         if ret < 0 {
-            return Err(Error::last_os(format!("KVM_SET_NR_MMU_PAGES({pages})"), ""));
+            return Err(Error::last_os(format!("KVM_SET_NR_MMU_PAGES({pages})")));
         }
         Ok(())
     }

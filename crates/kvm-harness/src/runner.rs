@@ -330,12 +330,7 @@ fn judge(ran: Result<(), String>, known_failure: Option<&KnownFailure>) -> Verdi
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "non-string panic payload".into());
-    format!("panicked: {text}")
+    format!("panicked: {}", crate::threads::panic_text(panic))
 }
 
 fn record(path: &PathBuf, binary: &str, test: &str, verdict: &Verdict, duration_ms: u128) {

@@ -10,7 +10,7 @@ use guest_payloads::{layout, protocol, Payload};
 use kvm_bindings::kvm_regs;
 use nix::errno::Errno;
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::memory::HostMemory;
 use crate::vm::Region;
 use crate::{uapi, watchdog};
@@ -334,9 +334,7 @@ impl Vcpu {
                 {
                     return Ok(self.decode_exit(Some(errno)));
                 }
-                _ => {
-                    return Err(Error::Sys { op: format!("KVM_RUN(vCPU {})", self.id), errno, context: String::new() })
-                }
+                _ => return Err(Error::Sys { op: format!("KVM_RUN(vCPU {})", self.id), errno }),
             }
         }
     }
@@ -417,7 +415,7 @@ impl Vcpu {
     pub fn set_hypercall_ret(&mut self, ret: u64) -> Result<()> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_HYPERCALL {
-            return Err(Error::Config(format!("vCPU {} is not in a hypercall exit", self.id)));
+            return Err(Error::Misuse(format!("vCPU {} is not in a hypercall exit", self.id)));
         }
         // Writing a Copy union field is safe; the exit reason (checked above)
         // says the hypercall member is the live one.
@@ -483,7 +481,7 @@ impl Vcpu {
     /// This vCPU's mailbox in the system memslot.
     pub(crate) fn mailbox(&self) -> Result<(&HostMemory, u64)> {
         let system =
-            self.system.as_deref().ok_or_else(|| Error::Config(format!("vCPU {} has no system memory", self.id)))?;
+            self.system.as_deref().ok_or_else(|| Error::Misuse(format!("vCPU {} has no system memory", self.id)))?;
         Ok((system, layout::MAILBOX_GPA + self.id * layout::MAILBOX_STRIDE))
     }
 
@@ -494,10 +492,10 @@ impl Vcpu {
         let ret =
             unsafe { libc::ioctl(self.fd.as_raw_fd(), uapi::KVM_PRE_FAULT_MEMORY as _, std::ptr::from_mut(range)) };
         if ret < 0 {
-            return Err(Error::last_os(
-                format!("KVM_PRE_FAULT_MEMORY(vCPU {}, gpa {:#x}, size {:#x})", self.id, range.gpa, range.size),
-                "",
-            ));
+            return Err(Error::last_os(format!(
+                "KVM_PRE_FAULT_MEMORY(vCPU {}, gpa {:#x}, size {:#x})",
+                self.id, range.gpa, range.size
+            )));
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region2, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::kvm::{Cap, Kvm, VmType};
 use crate::memory::{GuestMemfd, HostMemory};
 use crate::vcpu::Vcpu;
@@ -90,7 +90,7 @@ impl Region {
             None => Ok(0),
             Some(memory) => {
                 if self.memory_offset.checked_add(self.size).is_none_or(|end| end > memory.len()) {
-                    return Err(Error::Config(format!(
+                    return Err(Error::Misuse(format!(
                         "slot {:#x}: [{:#x}, +{:#x}) exceeds its {:#x}-byte backing",
                         self.slot,
                         self.memory_offset,
@@ -294,7 +294,7 @@ impl Vm {
             .slots()
             .get(&slot)
             .cloned()
-            .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
+            .ok_or_else(|| Error::Misuse(format!("slot {slot:#x} is not installed by the harness")))?;
         self.set_region(&region.deletion())
     }
 
@@ -308,11 +308,11 @@ impl Vm {
 
     /// The host's shared view of `[gpa, gpa + len)`: the backing memory and offset.
     pub fn shared_view(&self, gpa: u64, len: u64) -> Result<(Arc<HostMemory>, u64)> {
-        let region = self.slot_at(gpa).ok_or_else(|| Error::Config(format!("no memslot at GPA {gpa:#x}")))?;
+        let region = self.slot_at(gpa).ok_or_else(|| Error::Misuse(format!("no memslot at GPA {gpa:#x}")))?;
         if gpa + len > region.gpa + region.size {
-            return Err(Error::Config(format!("[{gpa:#x}, +{len:#x}) crosses the end of its memslot")));
+            return Err(Error::Misuse(format!("[{gpa:#x}, +{len:#x}) crosses the end of its memslot")));
         }
-        let memory = region.memory.ok_or_else(|| Error::Config(format!("slot at {gpa:#x} has no host memory")))?;
+        let memory = region.memory.ok_or_else(|| Error::Misuse(format!("slot at {gpa:#x} has no host memory")))?;
         Ok((memory, region.memory_offset + gpa - region.gpa))
     }
 
@@ -358,9 +358,9 @@ impl Vm {
     /// rdx, rcx, `r15` pointing at its mailbox and its own stack.
     pub fn vcpu(&self, id: u64, args: [u64; 4]) -> Result<Vcpu> {
         let payload =
-            self.payload.ok_or_else(|| Error::Config("this VM has no payload; use Vm::with_payload".into()))?;
+            self.payload.ok_or_else(|| Error::Misuse("this VM has no payload; use Vm::with_payload".into()))?;
         if id >= layout::MAX_VCPUS {
-            return Err(Error::Config(format!("vCPU id {id} exceeds the layout's {} vCPUs", layout::MAX_VCPUS)));
+            return Err(Error::Misuse(format!("vCPU id {id} exceeds the layout's {} vCPUs", layout::MAX_VCPUS)));
         }
         let vcpu = self.bare_vcpu(id)?;
         // Under SVM, KVM refuses EFER.LME until the guest CPUID is set.
