@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
+use kvm_harness::results::{Outcome, Record, ResultsFile};
 use kvm_harness::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED};
 use kvm_harness::{Agent, Cap, Error, GuestMemfd, Kvm, Result, Vm, VmType};
 
@@ -128,34 +129,23 @@ fn fault_in(kvm: &Arc<Kvm>, vm_type: VmType, size: u64, gmem_flags: Option<u64>)
 /// (`KVM_SELFTESTS_RESULTS`), records it as a passed entry whose message is
 /// the figure (a failed measurement is a failed entry).
 fn report(what: &str, outcome: Result<Duration>, pages: u64) {
-    let (verdict, line) = match outcome {
-        Ok(time) => ("pass", rate(pages, time)),
-        Err(e) => ("fail", format!("failed: {e}")),
+    let (outcome, line) = match outcome {
+        Ok(time) => (Outcome::Pass, rate(pages, time)),
+        Err(e) => (Outcome::Fail, format!("failed: {e}")),
     };
     println!("  {what:<58} {line}");
-    let Some(path) = std::env::var_os(kvm_harness::runner::RESULTS_ENV).filter(|p| !p.is_empty()) else {
-        return;
-    };
-    let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let mut name: String =
         what.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     while name.contains("__") {
         name = name.replace("__", "_");
     }
-    let record = format!(
-        "{{\"binary\":\"private_mem_bench\",\"test\":\"{}\",\"outcome\":\"{verdict}\",\"duration_ms\":0,\"message\":\"{}\"}}\n",
-        escape(name.trim_matches('_')),
-        escape(&format!("{what}: {}", line.trim()))
-    );
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, record.as_bytes()));
-    if let Err(e) = written {
-        eprintln!("private_mem_bench: cannot append to {}: {e}", path.to_string_lossy());
-        std::process::exit(2);
-    }
+    ResultsFile::from_env().record(&Record {
+        binary: "private_mem_bench".into(),
+        test: name.trim_matches('_').to_string(),
+        outcome,
+        duration_ms: 0,
+        message: format!("{what}: {}", line.trim()),
+    });
 }
 
 fn scale() -> Result<u64> {

@@ -11,9 +11,11 @@
 pub mod agent;
 pub mod child;
 pub mod error;
+pub mod known_failures;
 pub mod kvm;
 pub mod memory;
 pub mod memslot_ops;
+pub mod results;
 pub mod runner;
 pub mod threads;
 pub mod uapi;
