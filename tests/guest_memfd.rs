@@ -15,8 +15,8 @@ use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
-    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, Access, Agent, Cap, ChildFate, Errno, Error,
-    GmemBinding, GuestMemfd, Kvm, Need, Region, Result, Suite, Vm, VmType,
+    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, sweep, Access, Agent, Cap, ChildFate, Errno,
+    Error, Fill, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region, Result, Suite, Vm, VmType,
 };
 use nix::fcntl::FallocateFlags;
 use nix::sys::mman::MapFlags;
@@ -98,24 +98,6 @@ fn flag_cases(kvm: Option<&Arc<Kvm>>, vm_type: VmType) -> Vec<u64> {
         .into_iter()
         .filter(|f| f & !supported == 0)
         .collect()
-}
-
-/// Collects every failing item of a sweep so one bad value never hides another.
-fn sweep<T: Copy + std::fmt::Debug>(
-    rule: &str,
-    items: impl IntoIterator<Item = T>,
-    mut check: impl FnMut(T) -> Result<()>,
-) -> Result<()> {
-    let detail = |e: Error| match e {
-        Error::Rule { detail, .. } => detail,
-        other => other.to_string(),
-    };
-    let failures: Vec<String> =
-        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {}", detail(e)))).collect();
-    match failures.len() {
-        0 => Ok(()),
-        n => Err(Error::rule(rule, format!("{n} value(s) failed; first: {}", failures[..n.min(3)].join("; ")))),
-    }
 }
 
 // ---- creation ----
@@ -371,21 +353,11 @@ fn mmap_private_fails(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     expect_errno(&rule, Errno::EINVAL, || gmem.map(0, Case::total(), MapFlags::MAP_PRIVATE))
 }
 
-/// The first byte in `[offset, offset + len)` of `mem` that is not `value`.
-fn first_mismatch(mem: &kvm_harness::HostMemory, offset: u64, len: u64, value: u8) -> Option<(u64, u8)> {
-    let mut buf = vec![0u8; len as usize];
-    mem.read(offset, &mut buf);
-    buf.iter().position(|&b| b != value).map(|i| (offset + i as u64, buf[i]))
-}
-
-fn expect_bytes(rule: &str, mem: &kvm_harness::HostMemory, offset: u64, len: u64, value: u8) -> Result<()> {
-    match first_mismatch(mem, offset, len, value) {
-        None => Ok(()),
-        Some((at, got)) => Err(Error::rule(
-            rule,
-            format!("byte at offset {at:#x} of [{offset:#x}, +{len:#x}) is {got:#04x}, expected {value:#04x}"),
-        )),
-    }
+/// Requires every byte of `[offset, offset + len)` of `mem` to be `value`.
+fn expect_bytes(rule: &str, mem: &HostMemory, offset: u64, len: u64, value: u8) -> Result<()> {
+    mem.expect_filled(rule, offset, len, Fill::Byte(value), |at| {
+        format!("byte at offset {at:#x} of [{offset:#x}, +{len:#x})")
+    })
 }
 
 fn mmap_supported(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
@@ -464,7 +436,7 @@ fn fault_private(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
 fn collapse_refused(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     const PMD: u64 = 2 << 20;
     let (_vm, gmem) = case.gmem(kvm, PMD)?;
-    let mem = kvm_harness::HostMemory::map_fd_aligned(gmem.as_fd(), 0, PMD, PMD, MapFlags::MAP_SHARED)?;
+    let mem = HostMemory::map_fd_aligned(gmem.as_fd(), 0, PMD, PMD, MapFlags::MAP_SHARED)?;
     // Populate with reads, so no page is dirtied.
     let mut byte = [0u8; 1];
     for offset in (0..PMD).step_by(page_size() as usize) {
@@ -552,13 +524,8 @@ fn guest_access(kvm: &Arc<Kvm>, case: Case, how: GmemSlot) -> Result<()> {
     })?;
     agent.fill(gpa, size, guest_pattern)?;
     agent.done()?;
-    match host.find_mismatch_u64(0, size, guest_pattern) {
-        None => Ok(()),
-        Some((offset, value)) => Err(Error::rule(
-            case.rule(&format!("through {what}, the host reads what the guest wrote")),
-            format!("guest_memfd offset {offset:#x} holds {value:#018x}, expected {guest_pattern:#018x}"),
-        )),
-    }
+    let rule = case.rule(&format!("through {what}, the host reads what the guest wrote"));
+    host.expect_filled(&rule, 0, size, Fill::U64(guest_pattern), |offset| format!("guest_memfd offset {offset:#x}"))
 }
 
 fn main() -> ExitCode {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::layout::TEST_AREA_GPA;
 use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER, SYNC_ROUNDTRIP};
-use kvm_harness::{ensure, threads, Agent, Error, GuestCall, HostMemory, Kvm, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, threads, Agent, Error, Fill, GuestCall, HostMemory, Kvm, Result, Suite, Vm, VmType};
 
 /// A default VM running the guest agent, with a 2 MiB anonymous memslot at
 /// `TEST_AREA_GPA` whose host view is returned.
@@ -98,12 +98,13 @@ fn main() -> ExitCode {
         let seen = guest.read(gpa + 0x100)?;
         ensure!(seen == 0xfeed_f00d, "the guest reads what the host wrote", "read {seen:#x}");
         guest.fill(gpa, 0x1000, 0x5a5a_5a5a_5a5a_5a5a)?;
-        ensure!(
-            host.find_mismatch_u64(0, 0x1000, 0x5a5a_5a5a_5a5a_5a5a).is_none(),
+        host.expect_filled(
             "the host sees what the guest filled",
-            "{:x?}",
-            host.find_mismatch_u64(0, 0x1000, 0x5a5a_5a5a_5a5a_5a5a)
-        );
+            0,
+            0x1000,
+            Fill::U64(0x5a5a_5a5a_5a5a_5a5a),
+            |off| format!("offset {off:#x}"),
+        )?;
         guest.check(gpa, 0x1000, 0x5a5a_5a5a_5a5a_5a5a)?;
         host.write_u64(0x808, 1);
         match guest.check(gpa, 0x1000, 0x5a5a_5a5a_5a5a_5a5a) {

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::kvm_pre_fault_memory;
 use kvm_harness::{
-    ensure, watchdog, Agent, Cap, Errno, Error, GmemBinding, HostMemory, Kvm, Need, Region, Result, Suite, Vcpu, Vm,
-    VmType,
+    ensure, watchdog, Agent, Cap, Errno, Error, GmemBinding, HostMemory, Kvm, Need, Region, Result, SignalStorm, Suite,
+    Vcpu, Vm, VmType,
 };
 
 const PAGE: u64 = 4096;
@@ -280,7 +280,7 @@ fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
     let deadline = watchdog::configured_timeout()?;
     let mut range = kvm_pre_fault_memory { gpa: STORM_GPA, size: STORM_SIZE, ..Default::default() };
     let (mut calls, mut eintr) = (0u64, 0u64);
-    let storm = watchdog::SignalStorm::start(Duration::from_micros(200));
+    let storm = SignalStorm::start(Duration::from_micros(200));
     while range.size != 0 {
         let (before_gpa, before_size) = (range.gpa, range.size);
         let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);

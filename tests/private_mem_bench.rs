@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::results::{Outcome, Record, ResultsFile};
 use kvm_harness::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED};
-use kvm_harness::{Agent, Cap, Error, GuestMemfd, Kvm, Result, Vm, VmType};
+use kvm_harness::{settings, Agent, Cap, Error, GuestMemfd, Kvm, Result, Vm, VmType};
 
 /// Environment variable: size multiplier (default 1).
 pub const SCALE_ENV: &str = "KVM_SELFTESTS_BENCH_SCALE";
@@ -148,18 +148,8 @@ fn report(what: &str, outcome: Result<Duration>, pages: u64) {
     });
 }
 
-fn scale() -> Result<u64> {
-    match std::env::var(SCALE_ENV) {
-        Err(_) => Ok(1),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(n) if (1..=64).contains(&n) => Ok(n),
-            _ => Err(Error::Config(format!("{SCALE_ENV}={v:?}: expected an integer in 1..=64"))),
-        },
-    }
-}
-
 fn main() {
-    let scale = match scale() {
+    let scale = match settings::count(SCALE_ENV, 1, 64) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("private_mem_bench: {e}");

@@ -30,7 +30,9 @@ use kvm_harness::uapi::{
     KVM_EINVAL, KVM_EXIT_HYPERCALL_LONG_MODE, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
 };
-use kvm_harness::{ensure, threads, Agent, Cap, Error, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType};
+use kvm_harness::{
+    ensure, settings, threads, Agent, Cap, Error, Fill, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType,
+};
 
 /// Environment variable: number of concurrently converting vCPUs.
 pub const VCPUS_ENV: &str = "KVM_SELFTESTS_CONVERSION_VCPUS";
@@ -162,7 +164,7 @@ impl Conv<'_> {
             let region = self.vm.slot_at(at).ok_or_else(|| Error::misuse(format!("no memslot at {at:#x}")))?;
             let len = (gpa + size).min(region.gpa + region.size) - at;
             let (memory, offset) = self.vm.shared_view(at, len)?;
-            if let Some((off, value)) = memory.find_mismatch_u64(offset, len, expected) {
+            if let Some((off, value)) = memory.find_mismatch(offset, len, Fill::U64(expected)) {
                 let gpa_seen = at + off - offset;
                 return Err(Error::rule(
                     "the host's mapping of a GPA only ever holds shared data",
@@ -371,17 +373,6 @@ fn guest_memfd_outlives_vm(gmem: &GuestMemfd, size: u64) -> Result<()> {
     kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))
 }
 
-fn env_count(name: &str, default: u64, max: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(Error::Config(format!("{name}={v:?}: expected an integer in 1..={max}"))),
-        },
-        Err(e) => Err(Error::Config(format!("{name}: {e}"))),
-    }
-}
-
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_mem_conversions");
 
@@ -395,8 +386,8 @@ fn main() -> ExitCode {
     }
 
     suite.test("concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots", needs(), |kvm| {
-        let vcpus = env_count(VCPUS_ENV, 4, 16)?;
-        let memslots = env_count(MEMSLOTS_ENV, 2, 64)?;
+        let vcpus = settings::count(VCPUS_ENV, 4, 16)?;
+        let memslots = settings::count(MEMSLOTS_ENV, 2, 64)?;
         println!("private_mem_conversions: {vcpus} vCPUs, {memslots} memslots over one guest_memfd");
         conversions(kvm, vcpus, memslots, Phase::All)
     });

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
-use kvm_harness::{ensure, threads, Agent, Errno, Error, Exit, Kvm, Need, Op, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, threads, Agent, Errno, Error, Exit, Fill, Kvm, Need, Op, Result, Suite, Vm, VmType};
 
 const SLOT: u32 = 10;
 const SLOT_SIZE: u64 = 2 << 20;
@@ -277,16 +277,9 @@ fn main() -> ExitCode {
             Ok(())
         };
         let host_holds = |when: &str, pattern: u64| -> Result<()> {
-            match shared.find_mismatch_u64(0, LEN, pattern) {
-                None => Ok(()),
-                Some((off, v)) => Err(Error::rule(
-                    rule,
-                    format!(
-                        "{when}: host shared mapping at GPA {:#x} holds {v:#x}, expected {pattern:#x}",
-                        off + TEST_AREA_GPA
-                    ),
-                )),
-            }
+            shared.expect_filled(rule, 0, LEN, Fill::U64(pattern), |off| {
+                format!("{when}: host shared mapping at GPA {:#x}", off + TEST_AREA_GPA)
+            })
         };
         shared.fill_u64(0, LEN, HOST);
         let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_harness::{
-    expect_errno, expect_ok, page_size, Cap, Errno, Error, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
+    expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
     Result, Suite, SysResult, Vm, VmType,
 };
 
@@ -94,19 +94,10 @@ fn binding_rejects_fd(kvm: &Arc<Kvm>, vm_type: VmType, which: WrongFd) -> Result
 fn binding_rejects_unaligned_offsets(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
     let (vm, gmem) = vm_and_gmem(kvm, vm_type, 2 * SIZE)?;
     let rule = format!("{vm_type}: a guest_memfd offset that is not page-aligned is rejected with EINVAL");
-    let mut failures = Vec::new();
-    for offset in 1..page_size() {
+    sweep(&rule, 1..page_size(), |offset| {
         let bad = bound(SLOT, GPA, SIZE, GmemBinding::Memfd(gmem.clone()), offset)?;
-        if let Err(e) = expect_errno(&rule, Errno::EINVAL, || vm.set_region(&bad)) {
-            failures.push(format!("offset {offset:#x}: {e}"));
-        }
-    }
-    if !failures.is_empty() {
-        return Err(Error::rule(
-            rule,
-            format!("{} offset(s) not rejected as expected; first: {}", failures.len(), failures[0]),
-        ));
-    }
+        expect_errno(&rule, Errno::EINVAL, || vm.set_region(&bad))
+    })?;
     let valid = bound(SLOT, GPA, SIZE, GmemBinding::Memfd(gmem.clone()), page_size())?;
     expect_ok(&format!("{vm_type}: control: the page-aligned offset {:#x} is accepted", page_size()), || {
         vm.set_region(&valid)

@@ -166,6 +166,26 @@ pub fn expect_eq<T: PartialEq + Debug>(rule: &str, what: impl fmt::Display, actu
     }
 }
 
+/// Checks every item of a sweep, collecting the failures so one bad value
+/// never hides another: a violation of `rule` counting the failed items and
+/// naming the first three.
+pub fn sweep<T: Copy + Debug>(
+    rule: &str,
+    items: impl IntoIterator<Item = T>,
+    mut check: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    let detail = |e: Error| match e {
+        Error::Rule { detail, .. } => detail,
+        other => other.to_string(),
+    };
+    let failures: Vec<String> =
+        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {}", detail(e)))).collect();
+    match failures.len() {
+        0 => Ok(()),
+        n => Err(Error::rule(rule, format!("{n} value(s) failed; first: {}", failures[..n.min(3)].join("; ")))),
+    }
+}
+
 /// Returns a rule violation from the enclosing function unless `cond` holds.
 #[macro_export]
 macro_rules! ensure {

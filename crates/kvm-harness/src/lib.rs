@@ -14,9 +14,10 @@ pub mod error;
 pub mod known_failures;
 pub mod kvm;
 pub mod memory;
-pub mod memslot_ops;
 pub mod results;
 pub mod runner;
+pub mod settings;
+pub mod signal_storm;
 pub mod threads;
 pub mod uapi;
 pub mod vcpu;
@@ -26,12 +27,13 @@ pub mod x86;
 
 pub use agent::{Agent, Op};
 pub use child::{Access, ChildFate};
-pub use error::{errno_name, expect_eq, expect_errno, expect_ok, Error, Result, SysResult};
+pub use error::{errno_name, expect_eq, expect_errno, expect_ok, sweep, Error, Result, SysResult};
 pub use kvm::{Cap, Kvm, VmType};
 /// The uAPI structs and constants, for tests that spell out raw requests.
 pub use kvm_bindings as bindings;
-pub use memory::{page_size, GuestMemfd, HostMemory};
+pub use memory::{page_size, Fill, GuestMemfd, HostMemory};
 pub use nix::errno::Errno;
 pub use runner::{Need, Suite};
+pub use signal_storm::SignalStorm;
 pub use vcpu::{Exit, ExitReport, GuestCall, Vcpu};
 pub use vm::{GmemBinding, Region, Vm};

@@ -175,16 +175,36 @@ impl HostMemory {
         self.write(offset, &chunk);
     }
 
-    /// The first u64 in `[offset, offset + len)` that differs from `pattern`,
-    /// as `(offset, value)`.
-    pub fn find_mismatch_u64(&self, offset: u64, len: u64, pattern: u64) -> Option<(u64, u64)> {
+    /// The first element of `[offset, offset + len)` that differs from
+    /// `fill`, as `(offset, value)`.
+    pub fn find_mismatch(&self, offset: u64, len: u64, fill: Fill) -> Option<(u64, u64)> {
         let mut buf = vec![0; len as usize];
         self.read(offset, &mut buf);
-        buf.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+        let width = fill.width();
+        buf.chunks_exact(width)
+            .map(|c| c.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b)))
             .enumerate()
-            .find(|&(_, v)| v != pattern)
-            .map(|(i, v)| (offset + 8 * i as u64, v))
+            .find(|&(_, v)| v != fill.value())
+            .map(|(i, v)| (offset + (i * width) as u64, v))
+    }
+
+    /// Requires `[offset, offset + len)` to hold `fill` throughout. A
+    /// mismatch violates `rule`, naming the first differing element by
+    /// `place(offset)`: "{place} holds {value}, expected {fill}".
+    pub fn expect_filled(
+        &self,
+        rule: &str,
+        offset: u64,
+        len: u64,
+        fill: Fill,
+        place: impl FnOnce(u64) -> String,
+    ) -> Result<()> {
+        match self.find_mismatch(offset, len, fill) {
+            None => Ok(()),
+            Some((at, value)) => {
+                Err(Error::rule(rule, format!("{} holds {}, expected {fill}", place(at), fill.format(value))))
+            }
+        }
     }
 
     /// `madvise(MADV_HUGEPAGE)` on the whole mapping (THP for 2 MiB scenarios).
@@ -205,6 +225,46 @@ impl Drop for HostMemory {
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             eprintln!("munmap of {:#x} bytes failed: {e}", self.len);
         }
+    }
+}
+
+/// What a range of memory should hold throughout: a repeated little-endian
+/// u64 pattern, or one byte value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Every aligned u64 is this value.
+    U64(u64),
+    /// Every byte is this value.
+    Byte(u8),
+}
+
+impl Fill {
+    fn width(self) -> usize {
+        match self {
+            Self::U64(_) => 8,
+            Self::Byte(_) => 1,
+        }
+    }
+
+    fn value(self) -> u64 {
+        match self {
+            Self::U64(v) => v,
+            Self::Byte(b) => u64::from(b),
+        }
+    }
+
+    /// `value` in this fill's width.
+    fn format(self, value: u64) -> String {
+        match self {
+            Self::U64(_) => format!("{value:#x}"),
+            Self::Byte(_) => format!("{value:#04x}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.format(self.value()))
     }
 }
 

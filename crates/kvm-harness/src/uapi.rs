@@ -44,6 +44,8 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
 
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_SET_NR_MMU_PAGES`: `_IO(KVMIO, 0x44)`.
+pub const KVM_SET_NR_MMU_PAGES: u64 = ioc(0, 0x44, 0);
 /// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
 pub const KVM_PRE_FAULT_MEMORY: u64 = ioc(IOC_READ | IOC_WRITE, 0xd5, size_of::<kvm_bindings::kvm_pre_fault_memory>());
 
@@ -54,6 +56,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         assert_eq!(KVM_RUN, 0xAE80);
+        assert_eq!(KVM_SET_NR_MMU_PAGES, 0xAE44);
         assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
     }
 }

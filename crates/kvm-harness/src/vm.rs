@@ -383,6 +383,16 @@ impl Vm {
         Ok(vcpu)
     }
 
+    /// `KVM_SET_NR_MMU_PAGES`: the shadow-MMU page budget of this VM.
+    pub fn set_nr_mmu_pages(&self, pages: u64) -> Result<()> {
+        // SAFETY: the ioctl takes its argument by value and touches no user memory.
+        let ret = unsafe { libc::ioctl(self.raw_fd(), uapi::KVM_SET_NR_MMU_PAGES as _, pages as libc::c_ulong) };
+        if ret < 0 {
+            return Err(Error::last_os(format!("KVM_SET_NR_MMU_PAGES({pages})")));
+        }
+        Ok(())
+    }
+
     /// Enables `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`.
     pub fn enable_map_gpa_range_exits(&self) -> Result<()> {
         self.enable_cap(Cap::ExitHypercall, [1 << uapi::KVM_HC_MAP_GPA_RANGE, 0, 0, 0])
