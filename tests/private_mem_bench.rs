@@ -165,8 +165,13 @@ fn main() {
             return;
         }
     };
-    let protected_ok = kvm.supports(VmType::SwProtected);
+    conversion_figures(&kvm, scale);
+    fault_in_figures(&kvm, scale);
+}
 
+/// Conversion round trips, guest-driven and raw, at 4 KiB and 2 MiB.
+fn conversion_figures(kvm: &Arc<Kvm>, scale: u64) {
+    let protected_ok = kvm.supports(VmType::SwProtected);
     println!("conversion round trips (shared -> private -> shared), guest writes every converted page:");
     let ranges = [(PAGE, 256 * PAGE * scale), (SZ_2M, 4 * SZ_2M * scale)];
     for (granule, size) in ranges {
@@ -184,28 +189,32 @@ fn main() {
         }
         report(
             &format!("{label} granularity, guest-driven (KVM_HC_MAP_GPA_RANGE)"),
-            guest_round_trips(&kvm, size, granule),
+            guest_round_trips(kvm, size, granule),
             pages,
         );
         report(
             &format!("{label} granularity, raw KVM_SET_MEMORY_ATTRIBUTES, no guest"),
-            raw_round_trips(&kvm, size, granule),
+            raw_round_trips(kvm, size, granule),
             pages,
         );
     }
+}
 
+/// First-touch fault-in rates: guest_memfd against anonymous memory.
+fn fault_in_figures(kvm: &Arc<Kvm>, scale: u64) {
+    let protected_ok = kvm.supports(VmType::SwProtected);
     let size = 16 * SZ_2M * scale;
     let pages = size / PAGE;
     println!("first-touch fault-in of a fresh {} MiB slot by the guest:", size >> 20);
     if protected_ok {
         report(
             "KVM_X86_SW_PROTECTED_VM, guest_memfd (private)",
-            fault_in(&kvm, VmType::SwProtected, size, Some(0)),
+            fault_in(kvm, VmType::SwProtected, size, Some(0)),
             pages,
         );
         report(
             "KVM_X86_SW_PROTECTED_VM, anonymous memory (shared)",
-            fault_in(&kvm, VmType::SwProtected, size, None),
+            fault_in(kvm, VmType::SwProtected, size, None),
             pages,
         );
     } else {
@@ -218,12 +227,11 @@ fn main() {
     }
     // A default VM binds guest_memfd only on kernels that let it (shared,
     // mmap-able guest_memfd): decided by the VM fd's capabilities.
-    let default_gmem =
-        Vm::bare(&kvm, VmType::Default).map(|vm| (vm.cap(Cap::GuestMemfd), vm.cap(Cap::GuestMemfdFlags)));
+    let default_gmem = Vm::bare(kvm, VmType::Default).map(|vm| (vm.cap(Cap::GuestMemfd), vm.cap(Cap::GuestMemfdFlags)));
     match default_gmem {
         Ok((gmem, flags)) if gmem > 0 && flags as u64 & kvm_harness::uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 => {
             let flags = kvm_harness::uapi::GUEST_MEMFD_FLAG_MMAP | kvm_harness::uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
-            report("KVM_X86_DEFAULT_VM, guest_memfd (MMAP|INIT_SHARED)", fault_in(&kvm, VmType::Default, size, Some(flags)), pages);
+            report("KVM_X86_DEFAULT_VM, guest_memfd (MMAP|INIT_SHARED)", fault_in(kvm, VmType::Default, size, Some(flags)), pages);
         }
         Ok((gmem, flags)) => println!(
             "  KVM_X86_DEFAULT_VM, guest_memfd: skipped: needs {} and INIT_SHARED in {} on a default VM: {gmem}, {flags:#x}",
@@ -232,5 +240,5 @@ fn main() {
         ),
         Err(e) => println!("  KVM_X86_DEFAULT_VM, guest_memfd: skipped: {e}"),
     }
-    report("KVM_X86_DEFAULT_VM, anonymous memory", fault_in(&kvm, VmType::Default, size, None), pages);
+    report("KVM_X86_DEFAULT_VM, anonymous memory", fault_in(kvm, VmType::Default, size, None), pages);
 }

@@ -373,6 +373,78 @@ fn guest_memfd_outlives_vm(gmem: &GuestMemfd, size: u64) -> Result<()> {
     kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))
 }
 
+fn concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots(kvm: &Arc<Kvm>) -> Result<()> {
+    let vcpus = settings::count(VCPUS_ENV, 4, 16)?;
+    let memslots = settings::count(MEMSLOTS_ENV, 2, 64)?;
+    println!("private_mem_conversions: {vcpus} vCPUs, {memslots} memslots over one guest_memfd");
+    conversions(kvm, vcpus, memslots, Phase::All)
+}
+
+fn map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages(kvm: &Arc<Kvm>) -> Result<()> {
+    let Setup { vm, .. } = setup(kvm, 1, 1)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let einval = KVM_EINVAL.wrapping_neg();
+    for (gpa, npages, what) in [(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")] {
+        let ret =
+            guest.hypercall(KVM_HC_MAP_GPA_RANGE, [gpa, npages, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, args| {
+                Err(Error::rule(
+                    format!("KVM_HC_MAP_GPA_RANGE with {what} fails in the guest without exiting"),
+                    format!("got KVM_EXIT_HYPERCALL nr {nr} args {args:#x?}"),
+                ))
+            })?;
+        ensure!(
+            ret == einval,
+            format!("KVM_HC_MAP_GPA_RANGE with {what} returns -KVM_EINVAL to the guest"),
+            "guest rax {ret:#x}, expected {einval:#x} (gpa {gpa:#x}, npages {npages})"
+        );
+    }
+    guest.done().map(drop)
+}
+
+fn map_gpa_range_without_exit_hypercall_returns_enosys_to_guest(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let enosys = 1000u64.wrapping_neg();
+    let ret = guest.hypercall(KVM_HC_MAP_GPA_RANGE, [BASE_GPA, 1, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, _| {
+        Err(Error::rule(
+            "KVM_HC_MAP_GPA_RANGE exits to userspace only when KVM_CAP_EXIT_HYPERCALL enables it",
+            format!("got KVM_EXIT_HYPERCALL nr {nr} without enabling it"),
+        ))
+    })?;
+    ensure!(
+        ret == enosys,
+        "KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL returns -KVM_ENOSYS to the guest",
+        "guest rax {ret:#x}, expected {enosys:#x}"
+    );
+    guest.done().map(drop)
+}
+
+fn hypercall_exit_reports_long_mode(kvm: &Arc<Kvm>) -> Result<()> {
+    let Setup { vm, .. } = setup(kvm, 1, 1)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    guest.submit(kvm_harness::Op::Hypercall {
+        nr: KVM_HC_MAP_GPA_RANGE,
+        args: [BASE_GPA, 1, KVM_MAP_GPA_RANGE_DECRYPTED, 0],
+    })?;
+    let flags = match guest.vcpu().run()? {
+        kvm_harness::Exit::Hypercall { flags, .. } => flags,
+        other => {
+            return Err(Error::rule(
+                "KVM_HC_MAP_GPA_RANGE exits with KVM_EXIT_HYPERCALL",
+                guest.vcpu().report(other).to_string(),
+            ))
+        }
+    };
+    ensure!(
+        flags == KVM_EXIT_HYPERCALL_LONG_MODE,
+        "a 64-bit guest's KVM_EXIT_HYPERCALL has flags exactly KVM_EXIT_HYPERCALL_LONG_MODE",
+        "hypercall.flags {flags:#x}"
+    );
+    guest.vcpu().set_hypercall_ret(0)?;
+    guest.wait_ready("completing the hypercall")?;
+    guest.done().map(drop)
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_mem_conversions");
 
@@ -385,81 +457,11 @@ fn main() -> ExitCode {
         suite.test(name, needs(), move |kvm| conversions(kvm, 1, 1, phase));
     }
 
-    suite.test("concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots", needs(), |kvm| {
-        let vcpus = settings::count(VCPUS_ENV, 4, 16)?;
-        let memslots = settings::count(MEMSLOTS_ENV, 2, 64)?;
-        println!("private_mem_conversions: {vcpus} vCPUs, {memslots} memslots over one guest_memfd");
-        conversions(kvm, vcpus, memslots, Phase::All)
-    });
-
-    suite.test("map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages", needs(), |kvm| {
-        let Setup { vm, .. } = setup(kvm, 1, 1)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        let einval = KVM_EINVAL.wrapping_neg();
-        for (gpa, npages, what) in [(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")] {
-            let ret = guest.hypercall(
-                KVM_HC_MAP_GPA_RANGE,
-                [gpa, npages, KVM_MAP_GPA_RANGE_ENCRYPTED, 0],
-                |_, nr, args| {
-                    Err(Error::rule(
-                        format!("KVM_HC_MAP_GPA_RANGE with {what} fails in the guest without exiting"),
-                        format!("got KVM_EXIT_HYPERCALL nr {nr} args {args:#x?}"),
-                    ))
-                },
-            )?;
-            ensure!(
-                ret == einval,
-                format!("KVM_HC_MAP_GPA_RANGE with {what} returns -KVM_EINVAL to the guest"),
-                "guest rax {ret:#x}, expected {einval:#x} (gpa {gpa:#x}, npages {npages})"
-            );
-        }
-        guest.done().map(drop)
-    });
-
-    suite.test("map_gpa_range_without_exit_hypercall_returns_enosys_to_guest", needs(), |kvm| {
-        let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        let enosys = 1000u64.wrapping_neg();
-        let ret =
-            guest.hypercall(KVM_HC_MAP_GPA_RANGE, [BASE_GPA, 1, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, _| {
-                Err(Error::rule(
-                    "KVM_HC_MAP_GPA_RANGE exits to userspace only when KVM_CAP_EXIT_HYPERCALL enables it",
-                    format!("got KVM_EXIT_HYPERCALL nr {nr} without enabling it"),
-                ))
-            })?;
-        ensure!(
-            ret == enosys,
-            "KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL returns -KVM_ENOSYS to the guest",
-            "guest rax {ret:#x}, expected {enosys:#x}"
-        );
-        guest.done().map(drop)
-    });
-
-    suite.test("hypercall_exit_reports_long_mode", needs(), |kvm| {
-        let Setup { vm, .. } = setup(kvm, 1, 1)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        guest.submit(kvm_harness::Op::Hypercall {
-            nr: KVM_HC_MAP_GPA_RANGE,
-            args: [BASE_GPA, 1, KVM_MAP_GPA_RANGE_DECRYPTED, 0],
-        })?;
-        let flags = match guest.vcpu().run()? {
-            kvm_harness::Exit::Hypercall { flags, .. } => flags,
-            other => {
-                return Err(Error::rule(
-                    "KVM_HC_MAP_GPA_RANGE exits with KVM_EXIT_HYPERCALL",
-                    guest.vcpu().report(other).to_string(),
-                ))
-            }
-        };
-        ensure!(
-            flags == KVM_EXIT_HYPERCALL_LONG_MODE,
-            "a 64-bit guest's KVM_EXIT_HYPERCALL has flags exactly KVM_EXIT_HYPERCALL_LONG_MODE",
-            "hypercall.flags {flags:#x}"
-        );
-        guest.vcpu().set_hypercall_ret(0)?;
-        guest.wait_ready("completing the hypercall")?;
-        guest.done().map(drop)
-    });
-
+    kvm_harness::register!(suite, needs() =>
+        concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots,
+        map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages,
+        map_gpa_range_without_exit_hypercall_returns_enosys_to_guest,
+        hypercall_exit_reports_long_mode,
+    );
     suite.run()
 }

@@ -262,6 +262,10 @@ fn binds_guest_memfd(kvm: &Arc<Kvm>, vm_type: VmType) -> bool {
     Vm::bare(kvm, vm_type).is_ok_and(|vm| vm.cap(Cap::GuestMemfd) != 0)
 }
 
+/// Registers a test of one VM type: `rule` is its name after the type
+/// prefix, `extra` what it needs beyond a guest_memfd-capable VM of the type.
+type Add<'a> = dyn FnMut(&str, Vec<Need>, Body) + 'a;
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_memslots");
     for vm_type in VmType::ALL {
@@ -280,78 +284,72 @@ fn main() -> ExitCode {
             all.extend(extra);
             suite.test(format!("{short}_vm_{rule}"), all, body);
         };
-        for (name, which) in [
-            ("dev_kvm_fd", WrongFd::DevKvm),
-            ("vm_fd", WrongFd::VmFd),
-            ("plain_memfd", WrongFd::PlainMemfd),
-            ("other_vms_guest_memfd", WrongFd::OtherVmsGuestMemfd),
-            ("fd_not_open_0x7fffffff", WrongFd::NotOpen(0x7fff_ffff)),
-            ("fd_not_open_u32_max", WrongFd::NotOpen(u32::MAX)),
-        ] {
-            add(
-                &format!("binding_rejects_{name}"),
-                vec![],
-                Box::new(move |kvm| binding_rejects_fd(kvm, vm_type, which)),
-            );
-        }
-        add(
-            "binding_rejects_offsets_1_to_page_minus_1",
-            vec![],
-            Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
-        );
-        let page = page_size();
-        for (name, offset, what) in [
-            ("offset_ending_one_page_past_end", SIZE + page, "the range ends one page past the guest_memfd"),
-            ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd"),
-            ("offset_with_bit_63", 1 << 63, "negative as a file offset"),
-            ("offset_wrapping_u64", !(page - 1), "offset + size wraps around"),
-        ] {
-            add(
-                &format!("binding_rejects_{name}"),
-                vec![],
-                Box::new(move |kvm| binding_rejects_offset(kvm, vm_type, offset, what)),
-            );
-        }
-        add(
-            "valid_binding_can_be_deleted_and_readded",
-            vec![],
-            Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)),
-        );
-        for case in OVERLAPS {
-            let rule = if case.overlaps {
-                format!("binding_rejects_guest_memfd_overlap_{}", case.name)
-            } else {
-                format!("binding_accepts_guest_memfd_ranges_{}", case.name)
-            };
-            add(&rule, vec![], Box::new(move |kvm| overlapping_binding(kvm, vm_type, case)));
-        }
-        add(
-            "memslot_gpa_overlap_rejected_with_eexist",
-            vec![],
-            Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type)),
-        );
-        add(
-            "guest_memfd_with_log_dirty_pages_rejected",
-            vec![],
-            Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::LogDirty)),
-        );
-        // READONLY | GUEST_MEMFD is refused since the fix that made guest_memfd
-        // and read-only memslots exclusive (v6.8, before guest_memfd shipped);
-        // since v6.11 KVM_MEM_READONLY itself also depends on
-        // kvm_arch_has_readonly_mem(), which KVM_CAP_READONLY_MEM on the VM fd
-        // reports. Only where READONLY alone is accepted does a rejection of
-        // the combination isolate the guest_memfd rule, so that is the
-        // capability this test needs.
-        add(
-            "guest_memfd_with_readonly_rejected",
-            vec![Need::VmCap(vm_type, Cap::ReadonlyMem)],
-            Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::Readonly)),
-        );
-        add(
-            "v1_ioctl_rejects_guest_memfd_flag",
-            vec![],
-            Box::new(move |kvm| v1_rejects_guest_memfd_flag(kvm, vm_type)),
-        );
+        register_binding_rules(&mut add, vm_type);
+        register_overlap_and_flag_rules(&mut add, vm_type);
     }
     suite.run()
+}
+
+/// What a binding may point at: fds, offsets, and a valid binding's lifecycle.
+fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
+    for (name, which) in [
+        ("dev_kvm_fd", WrongFd::DevKvm),
+        ("vm_fd", WrongFd::VmFd),
+        ("plain_memfd", WrongFd::PlainMemfd),
+        ("other_vms_guest_memfd", WrongFd::OtherVmsGuestMemfd),
+        ("fd_not_open_0x7fffffff", WrongFd::NotOpen(0x7fff_ffff)),
+        ("fd_not_open_u32_max", WrongFd::NotOpen(u32::MAX)),
+    ] {
+        add(&format!("binding_rejects_{name}"), vec![], Box::new(move |kvm| binding_rejects_fd(kvm, vm_type, which)));
+    }
+    add(
+        "binding_rejects_offsets_1_to_page_minus_1",
+        vec![],
+        Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
+    );
+    let page = page_size();
+    for (name, offset, what) in [
+        ("offset_ending_one_page_past_end", SIZE + page, "the range ends one page past the guest_memfd"),
+        ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd"),
+        ("offset_with_bit_63", 1 << 63, "negative as a file offset"),
+        ("offset_wrapping_u64", !(page - 1), "offset + size wraps around"),
+    ] {
+        add(
+            &format!("binding_rejects_{name}"),
+            vec![],
+            Box::new(move |kvm| binding_rejects_offset(kvm, vm_type, offset, what)),
+        );
+    }
+    add("valid_binding_can_be_deleted_and_readded", vec![], Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)));
+}
+
+/// Overlapping bindings and GPA ranges, flag combinations, the v1 ioctl.
+fn register_overlap_and_flag_rules(add: &mut Add<'_>, vm_type: VmType) {
+    for case in OVERLAPS {
+        let rule = if case.overlaps {
+            format!("binding_rejects_guest_memfd_overlap_{}", case.name)
+        } else {
+            format!("binding_accepts_guest_memfd_ranges_{}", case.name)
+        };
+        add(&rule, vec![], Box::new(move |kvm| overlapping_binding(kvm, vm_type, case)));
+    }
+    add("memslot_gpa_overlap_rejected_with_eexist", vec![], Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type)));
+    add(
+        "guest_memfd_with_log_dirty_pages_rejected",
+        vec![],
+        Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::LogDirty)),
+    );
+    // READONLY | GUEST_MEMFD is refused since the fix that made guest_memfd
+    // and read-only memslots exclusive (v6.8, before guest_memfd shipped);
+    // since v6.11 KVM_MEM_READONLY itself also depends on
+    // kvm_arch_has_readonly_mem(), which KVM_CAP_READONLY_MEM on the VM fd
+    // reports. Only where READONLY alone is accepted does a rejection of
+    // the combination isolate the guest_memfd rule, so that is the
+    // capability this test needs.
+    add(
+        "guest_memfd_with_readonly_rejected",
+        vec![Need::VmCap(vm_type, Cap::ReadonlyMem)],
+        Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::Readonly)),
+    );
+    add("v1_ioctl_rejects_guest_memfd_flag", vec![], Box::new(move |kvm| v1_rejects_guest_memfd_flag(kvm, vm_type)));
 }

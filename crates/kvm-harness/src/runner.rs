@@ -221,6 +221,16 @@ impl Suite {
     }
 }
 
+/// Registers each scenario function as a test named after it (the name is
+/// the rule it checks), all with the same needs:
+/// `register!(suite, vec![Need::Cap(Cap::X86Smm)] => fn_a, fn_b);`
+#[macro_export]
+macro_rules! register {
+    ($suite:expr, $needs:expr => $($scenario:ident),+ $(,)?) => {
+        $( $suite.test(stringify!($scenario), $needs, $scenario); )+
+    };
+}
+
 /// How a test ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
