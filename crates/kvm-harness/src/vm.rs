@@ -225,6 +225,18 @@ impl Vm {
 
     /// `KVM_SET_USER_MEMORY_REGION2` with `region`.
     pub fn set_region(&self, region: &Region) -> Result<()> {
+        self.install(region, true)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION` (v1) with `region`; a guest_memfd binding
+    /// is not expressible there and is ignored.
+    pub fn set_region_v1(&self, region: &Region) -> Result<()> {
+        self.install(region, false)
+    }
+
+    /// Passes `region` to the kernel with the v2 or the v1 ioctl and, once
+    /// accepted, records it so its backing lives as long as the slot.
+    fn install(&self, region: &Region, v2: bool) -> Result<()> {
         let (guest_memfd, guest_memfd_offset) = match &region.guest_memfd {
             Some((binding, offset)) => (binding.raw_fd() as u32, *offset),
             None => (0, 0),
@@ -239,28 +251,18 @@ impl Vm {
             guest_memfd,
             ..Default::default()
         };
-        // SAFETY: userspace_addr is 0 or inside `region.memory`, which the
-        // slot table keeps alive until the kernel drops the slot, so the
-        // guest can only ever touch memory we own.
-        unsafe { self.fd.set_user_memory_region2(raw) }
-            .sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe()))?;
-        self.record(region);
-        Ok(())
-    }
-
-    /// `KVM_SET_USER_MEMORY_REGION` (v1) with `region`; a guest_memfd binding
-    /// is not expressible there and is ignored.
-    pub fn set_region_v1(&self, region: &Region) -> Result<()> {
-        let raw = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags: region.flags,
-            guest_phys_addr: region.gpa,
-            memory_size: region.size,
-            userspace_addr: region.userspace_addr()?,
+        let (name, result) = if v2 {
+            // SAFETY: userspace_addr is 0 or inside `region.memory`, which the
+            // slot table keeps alive until the kernel drops the slot, so the
+            // guest can only ever touch memory we own.
+            ("KVM_SET_USER_MEMORY_REGION2", unsafe { self.fd.set_user_memory_region2(raw) })
+        } else {
+            let kvm_userspace_memory_region2 { slot, flags, guest_phys_addr, memory_size, userspace_addr, .. } = raw;
+            let v1 = kvm_userspace_memory_region { slot, flags, guest_phys_addr, memory_size, userspace_addr };
+            // SAFETY: as for v2: the backing outlives the slot.
+            ("KVM_SET_USER_MEMORY_REGION", unsafe { self.fd.set_user_memory_region(v1) })
         };
-        // SAFETY: as in `set_region`: the backing outlives the slot.
-        unsafe { self.fd.set_user_memory_region(raw) }
-            .sys(|| format!("KVM_SET_USER_MEMORY_REGION({})", region.describe()))?;
+        result.sys(|| format!("{name}({})", region.describe()))?;
         self.record(region);
         Ok(())
     }
