@@ -108,9 +108,9 @@ impl Access {
 
     fn op(self) -> Op {
         match self {
-            Self::Read => Op::Read(self.gpa()),
-            Self::Write => Op::Write(self.gpa(), WRITTEN),
-            Self::Fetch => Op::Exec(self.gpa()),
+            Self::Read => Op::Read { gpa: self.gpa() },
+            Self::Write => Op::Write { gpa: self.gpa(), value: WRITTEN },
+            Self::Fetch => Op::Exec { gpa: self.gpa() },
         }
     }
 }
@@ -219,7 +219,7 @@ fn private_read_exits_memory_fault_when_memslot_was_deleted(kvm: &Arc<Kvm>) -> R
     vm.make_private(TARGET_GPA, PAGE)?;
     vm.delete_slot(SLOT)?;
     let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
-    agent.submit(Op::Read(TARGET_GPA))?;
+    agent.submit(Op::Read { gpa: TARGET_GPA })?;
     let exit = agent.vcpu().run()?;
     expect_private_fault(
         &mut agent,

@@ -1,6 +1,7 @@
-// Shared by the build script (through `include!`) and the crate: the guest
-// memory layout and the guest-to-host call protocol. Keep it free of `use`
-// items and attributes so both contexts can include it verbatim.
+// Shared by the build script (through `include!`, inside a module) and the
+// crate: the guest memory layout, the guest-to-host call protocol and the
+// agent's commands. Keep it free of `use` items and inner attributes so both
+// contexts can include it verbatim.
 
 /// Guest physical layout of the "system" memslot every VM gets (slot 0).
 pub mod layout {
@@ -60,30 +61,107 @@ pub mod protocol {
     /// `EXCEPTION(rdi = vector, rsi = error code, r8 = RIP, r9 = CR2)`.
     pub const CALL_EXCEPTION: u32 = 5;
 
+    /// A command argument as mailbox words.
+    trait Words {
+        /// How many words it takes.
+        const WORDS: usize;
+        /// Appends its words at `words[*n..]`.
+        fn put(self, words: &mut [u64; 5], n: &mut usize);
+    }
+
+    impl Words for u64 {
+        const WORDS: usize = 1;
+        fn put(self, words: &mut [u64; 5], n: &mut usize) {
+            words[*n] = self;
+            *n += 1;
+        }
+    }
+
+    impl Words for bool {
+        const WORDS: usize = 1;
+        fn put(self, words: &mut [u64; 5], n: &mut usize) {
+            u64::from(self).put(words, n);
+        }
+    }
+
+    impl<const N: usize> Words for [u64; N] {
+        const WORDS: usize = N;
+        fn put(self, words: &mut [u64; 5], n: &mut usize) {
+            for word in self {
+                word.put(words, n);
+            }
+        }
+    }
+
+    /// Defines the agent's commands from one table of `Name = code { args }`
+    /// rows: [`Op`] (a command with its arguments, as the host submits it,
+    /// with [`Op::encode`]) and [`OpCode`] (which command, as the guest's
+    /// dispatcher in the build script matches on it). Adding a command is a
+    /// row here plus its handler in `build.rs`, which the compiler demands.
+    macro_rules! agent_ops {
+        ($( $(#[doc = $doc:literal])* $name:ident = $code:literal { $($arg:ident: $ty:ty),* } )*) => {
+            /// One agent command with its arguments (mailbox words `a0..a4`, in order).
+            #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+            pub enum Op {
+                $( $(#[doc = $doc])* $name { $( #[allow(missing_docs)] $arg: $ty ),* }, )*
+            }
+
+            /// Which agent command: the code the host writes to `MAILBOX_OP`.
+            #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+            pub enum OpCode {
+                $( $(#[doc = $doc])* $name = $code, )*
+            }
+
+            impl OpCode {
+                /// Every command, in table order.
+                pub const ALL: &'static [OpCode] = &[$(OpCode::$name),*];
+            }
+
+            impl Op {
+                /// The op code and the five mailbox argument words.
+                pub fn encode(self) -> (u64, [u64; 5]) {
+                    let (mut words, mut n) = ([0; 5], 0);
+                    let code = match self {
+                        $( Op::$name { $($arg),* } => {
+                            $( Words::put($arg, &mut words, &mut n); )*
+                            OpCode::$name
+                        } )*
+                    };
+                    (code as u64, words)
+                }
+            }
+
+            // Every command's arguments fit the mailbox.
+            $( const _: () = assert!(0 $(+ <$ty as Words>::WORDS)* <= 5, stringify!($name)); )*
+        };
+    }
+
     /// Mailbox word offsets (each a u64): the command and its arguments.
     pub const MAILBOX_OP: u64 = 0;
     /// First argument; argument n lives at `MAILBOX_ARG0 + 8 * n`.
     pub const MAILBOX_ARG0: u64 = 8;
 
-    /// Agent: `result = *(u64 *)a0`.
-    pub const OP_READ: u64 = 1;
-    /// Agent: `*(u64 *)a0 = a1`.
-    pub const OP_WRITE: u64 = 2;
-    /// Agent: fill `a1` bytes (multiple of 8) at `a0` with the u64 `a2`.
-    pub const OP_FILL: u64 = 3;
-    /// Agent: check `a1` bytes at `a0` hold the u64 `a2`; on a mismatch,
-    /// `ASSERT_FAIL(ASSERT_PATTERN_MISMATCH, gpa, expected, actual)` for the
-    /// first one only, then `READY(0)`.
-    pub const OP_CHECK: u64 = 4;
-    /// Agent: `call a0`; result is the callee's `rax`.
-    pub const OP_EXEC: u64 = 5;
-    /// Agent: KVM hypercall `nr = a0` with `a1..a4` in rbx, rcx, rdx, rsi; result is `rax`.
-    pub const OP_HYPERCALL: u64 = 6;
-    /// Agent: touch one u64 every `a2` bytes over `a1` bytes at `a0`, writing
-    /// the address when `a3 != 0`, else reading; result is the touch count.
-    pub const OP_TOUCH: u64 = 7;
-    /// Agent: report `DONE`.
-    pub const OP_DONE: u64 = 8;
+    agent_ops! {
+        /// Read the u64 at `gpa`; result: the value.
+        Read = 1 { gpa: u64 }
+        /// Write `value` to the u64 at `gpa`.
+        Write = 2 { gpa: u64, value: u64 }
+        /// Fill `len` bytes (a multiple of 8) at `gpa` with the u64 `pattern`.
+        Fill = 3 { gpa: u64, len: u64, pattern: u64 }
+        /// Check that `len` bytes at `gpa` hold the u64 `pattern`; on a
+        /// mismatch, `ASSERT_FAIL(ASSERT_PATTERN_MISMATCH, gpa, expected,
+        /// actual)` for the first one only, then `READY(0)`.
+        Check = 4 { gpa: u64, len: u64, pattern: u64 }
+        /// Call the code at `gpa`; result: the callee's `rax`.
+        Exec = 5 { gpa: u64 }
+        /// KVM hypercall `nr` with `args` in rbx, rcx, rdx, rsi; result: `rax`.
+        Hypercall = 6 { nr: u64, args: [u64; 4] }
+        /// Touch one u64 every `stride` bytes over `len` bytes at `gpa`,
+        /// writing its address when `write`, else reading; result: the count.
+        Touch = 7 { gpa: u64, len: u64, stride: u64, write: bool }
+        /// Report `DONE`.
+        Done = 8 {}
+    }
 
     /// Assertion id: a pattern check found a different value.
     pub const ASSERT_PATTERN_MISMATCH: u64 = 1;
