@@ -46,66 +46,73 @@ impl AsId {
     }
 }
 
+fn protected_vm_reports_single_address_space(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let nr = vm.cap(Cap::MultiAddressSpace);
+    ensure!(nr == 1, "a KVM_X86_SW_PROTECTED_VM has one memslot address space", "{} = {nr}", Cap::MultiAddressSpace);
+    Ok(())
+}
+
+fn protected_vm_rejects_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let region = valid_region(0, 0)?;
+    expect_errno("a KVM_X86_SW_PROTECTED_VM rejects a memslot in address space 1 (SMM)", Errno::EINVAL, || {
+        vm.set_region(&region.clone().in_address_space(1))
+    })
+}
+
+fn protected_vm_accepts_address_space_zero(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    expect_ok("a KVM_X86_SW_PROTECTED_VM accepts a memslot in address space 0", || vm.set_region(&valid_region(0, 0)?))
+}
+
+fn smm_default_vm_reports_two_address_spaces(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    let nr = vm.cap(Cap::MultiAddressSpace);
+    ensure!(
+        nr == 2,
+        "with KVM_CAP_X86_SMM, a KVM_X86_DEFAULT_VM has two memslot address spaces (normal + SMM)",
+        "{} = {nr} (KVM_CAP_X86_SMM = {})",
+        Cap::MultiAddressSpace,
+        kvm.cap(Cap::X86Smm)
+    );
+    Ok(())
+}
+
+fn smm_default_vm_accepts_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    expect_ok("with KVM_CAP_X86_SMM, a KVM_X86_DEFAULT_VM accepts a memslot in address space 1", || {
+        vm.set_region(&valid_region(0, 0)?.in_address_space(1))
+    })
+}
+
+fn address_space_count_matches_smm_support(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    let (smm, nr) = (kvm.cap(Cap::X86Smm), vm.cap(Cap::MultiAddressSpace));
+    // x86 has a second address space only for SMM (KVM_MAX_NR_ADDRESS_SPACES).
+    ensure!(
+        (smm != 0) == (nr == 2),
+        "a default VM has two address spaces exactly when KVM_CAP_X86_SMM is set",
+        "KVM_CAP_X86_SMM = {smm}, {} on the VM fd = {nr}",
+        Cap::MultiAddressSpace
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("address_spaces");
     let protected = || vec![Need::VmType(VmType::SwProtected)];
 
-    suite.test("protected_vm_reports_single_address_space", protected(), |kvm| {
-        let vm = Vm::bare(kvm, VmType::SwProtected)?;
-        let nr = vm.cap(Cap::MultiAddressSpace);
-        ensure!(
-            nr == 1,
-            "a KVM_X86_SW_PROTECTED_VM has one memslot address space",
-            "{} = {nr}",
-            Cap::MultiAddressSpace
-        );
-        Ok(())
-    });
-    suite.test("protected_vm_rejects_second_address_space", protected(), |kvm| {
-        let vm = Vm::bare(kvm, VmType::SwProtected)?;
-        let region = valid_region(0, 0)?;
-        expect_errno("a KVM_X86_SW_PROTECTED_VM rejects a memslot in address space 1 (SMM)", Errno::EINVAL, || {
-            vm.set_region(&region.clone().in_address_space(1))
-        })
-    });
-    suite.test("protected_vm_accepts_address_space_zero", protected(), |kvm| {
-        let vm = Vm::bare(kvm, VmType::SwProtected)?;
-        expect_ok("a KVM_X86_SW_PROTECTED_VM accepts a memslot in address space 0", || {
-            vm.set_region(&valid_region(0, 0)?)
-        })
-    });
-
-    suite.test("smm_default_vm_reports_two_address_spaces", vec![Need::Cap(Cap::X86Smm)], |kvm| {
-        let vm = Vm::bare(kvm, VmType::Default)?;
-        let nr = vm.cap(Cap::MultiAddressSpace);
-        ensure!(
-            nr == 2,
-            "with KVM_CAP_X86_SMM, a KVM_X86_DEFAULT_VM has two memslot address spaces (normal + SMM)",
-            "{} = {nr} (KVM_CAP_X86_SMM = {})",
-            Cap::MultiAddressSpace,
-            kvm.cap(Cap::X86Smm)
-        );
-        Ok(())
-    });
-    suite.test("smm_default_vm_accepts_second_address_space", vec![Need::Cap(Cap::X86Smm)], |kvm| {
-        let vm = Vm::bare(kvm, VmType::Default)?;
-        expect_ok("with KVM_CAP_X86_SMM, a KVM_X86_DEFAULT_VM accepts a memslot in address space 1", || {
-            vm.set_region(&valid_region(0, 0)?.in_address_space(1))
-        })
-    });
-    suite.test("address_space_count_matches_smm_support", vec![], |kvm| {
-        let vm = Vm::bare(kvm, VmType::Default)?;
-        let (smm, nr) = (kvm.cap(Cap::X86Smm), vm.cap(Cap::MultiAddressSpace));
-        // x86 has a second address space only for SMM (KVM_MAX_NR_ADDRESS_SPACES).
-        ensure!(
-            (smm != 0) == (nr == 2),
-            "a default VM has two address spaces exactly when KVM_CAP_X86_SMM is set",
-            "KVM_CAP_X86_SMM = {smm}, {} on the VM fd = {nr}",
-            Cap::MultiAddressSpace
-        );
-        Ok(())
-    });
-
+    kvm_harness::register!(suite, protected() =>
+        protected_vm_reports_single_address_space,
+        protected_vm_rejects_second_address_space,
+        protected_vm_accepts_address_space_zero,
+    );
+    kvm_harness::register!(suite, vec![Need::Cap(Cap::X86Smm)] =>
+        smm_default_vm_reports_two_address_spaces,
+        smm_default_vm_accepts_second_address_space,
+    );
+    kvm_harness::register!(suite, vec![] => address_space_count_matches_smm_support);
     for vm_type in VmType::ALL {
         for (label, as_id) in [
             ("first_past_count", AsId::FirstPastCount),

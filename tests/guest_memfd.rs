@@ -17,8 +17,8 @@ use kvm_harness::kernel_rules::{Hex, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_
 use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
-    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, Access, Agent, Cap, ChildFate, Errno, Error,
-    GmemBinding, GuestMemfd, Kvm, Need, Region, Result, Suite, Vm, VmType,
+    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, sweep, Access, Agent, Cap, ChildFate, Errno,
+    Error, Fill, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region, Result, Suite, Vm, VmType,
 };
 use nix::fcntl::FallocateFlags;
 use nix::sys::mman::MapFlags;
@@ -78,14 +78,6 @@ impl Case {
     }
 }
 
-fn keep_size() -> FallocateFlags {
-    FallocateFlags::FALLOC_FL_KEEP_SIZE
-}
-
-fn punch() -> FallocateFlags {
-    FallocateFlags::FALLOC_FL_KEEP_SIZE | FallocateFlags::FALLOC_FL_PUNCH_HOLE
-}
-
 /// Flags `KVM_CAP_GUEST_MEMFD_FLAGS` advertises on a fresh VM of the type (0 when absent).
 fn supported_flags(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<u64> {
     let vm = Vm::bare(kvm, vm_type)?;
@@ -100,24 +92,6 @@ fn flag_cases(kvm: Option<&Arc<Kvm>>, vm_type: VmType) -> Vec<u64> {
         .into_iter()
         .filter(|f| f & !supported == 0)
         .collect()
-}
-
-/// Collects every failing item of a sweep so one bad value never hides another.
-fn sweep<T: Copy + std::fmt::Debug>(
-    rule: &str,
-    items: impl IntoIterator<Item = T>,
-    mut check: impl FnMut(T) -> Result<()>,
-) -> Result<()> {
-    let detail = |e: Error| match e {
-        Error::Rule { detail, .. } => detail,
-        other => other.to_string(),
-    };
-    let failures: Vec<String> =
-        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {}", detail(e)))).collect();
-    match failures.len() {
-        0 => Ok(()),
-        n => Err(Error::rule(rule, format!("{n} value(s) failed; first: {}", failures[..n.min(3)].join("; ")))),
-    }
 }
 
 // ---- creation ----
@@ -212,155 +186,126 @@ fn file_size(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
 
 // ---- file operations ----
 
+/// A file operation guest_memfd refuses: its name, the errno, the call.
+///
 /// guest_memfd has no read/write file operations: `vfs_read`/`vfs_write`
 /// return EINVAL (no FMODE_CAN_READ/WRITE); the file is not opened with
 /// FMODE_PREAD/PWRITE, so `pread`/`pwrite` stop earlier with ESPIPE.
 #[derive(Debug, Clone, Copy)]
-enum Io {
-    Read,
-    Write,
-    Pread,
-    Pwrite,
+struct Io {
+    name: &'static str,
+    expected: Errno,
+    run: fn(&GuestMemfd, &mut [u8]) -> Result<usize>,
 }
 
-impl Io {
-    const ALL: [Io; 4] = [Io::Read, Io::Write, Io::Pread, Io::Pwrite];
-
-    fn name(self) -> &'static str {
-        match self {
-            Io::Read => "read",
-            Io::Write => "write",
-            Io::Pread => "pread",
-            Io::Pwrite => "pwrite",
-        }
-    }
-
-    fn expected(self) -> Errno {
-        match self {
-            Io::Read | Io::Write => Errno::EINVAL,
-            Io::Pread | Io::Pwrite => Errno::ESPIPE,
-        }
-    }
-
-    fn run(self, gmem: &GuestMemfd) -> Result<usize> {
-        let mut buf = [0u8; 64];
-        match self {
-            Io::Read => gmem.read(&mut buf),
-            Io::Write => gmem.write(&buf),
-            Io::Pread => gmem.pread(&mut buf, 0),
-            Io::Pwrite => gmem.pwrite(&buf, 0),
-        }
-    }
-}
+const IO: [Io; 4] = [
+    Io { name: "read", expected: Errno::EINVAL, run: |gmem, buf| gmem.read(buf) },
+    Io { name: "write", expected: Errno::EINVAL, run: |gmem, buf| gmem.write(buf) },
+    Io { name: "pread", expected: Errno::ESPIPE, run: |gmem, buf| gmem.pread(buf, 0) },
+    Io { name: "pwrite", expected: Errno::ESPIPE, run: |gmem, buf| gmem.pwrite(buf, 0) },
+];
 
 fn io_fails(kvm: &Arc<Kvm>, case: Case, io: Io) -> Result<()> {
     let (_vm, gmem) = case.gmem(kvm, Case::total())?;
-    let rule = case.rule(&format!("{}(2) on a guest_memfd fails with {}", io.name(), errno_name(io.expected())));
-    expect_errno(&rule, io.expected(), || io.run(&gmem))
+    let rule = case.rule(&format!("{}(2) on a guest_memfd fails with {}", io.name, errno_name(io.expected)));
+    expect_errno(&rule, io.expected, || (io.run)(&gmem, &mut [0u8; 64]))
 }
 
 // ---- fallocate ----
 
-#[derive(Debug, Clone, Copy)]
-enum Falloc {
-    AllocateAll,
-    RejectUnalignedOffset { punch: bool },
-    RejectUnalignedLength { punch: bool },
-    AllocateAtEnd,
-    AllocatePastEnd,
-    AllocateAcrossEnd,
-    PunchAtEnd,
-    PunchPastEnd,
-    PunchThenRefill,
-    RequireKeepSize,
+const KEEP_SIZE: FallocateFlags = FallocateFlags::FALLOC_FL_KEEP_SIZE;
+const PUNCH: FallocateFlags = KEEP_SIZE.union(FallocateFlags::FALLOC_FL_PUNCH_HOLE);
+
+/// One fallocate call of a rule: what it checks, the mode, `(offset, len)`
+/// from `(page, file size)`, and the errno it must fail with (None: success).
+#[derive(Debug)]
+struct Step {
+    rule: &'static str,
+    mode: FallocateFlags,
+    at: fn(u64, u64) -> (u64, u64),
+    fails: Option<Errno>,
 }
 
-impl Falloc {
-    const ALL: [Falloc; 12] = [
-        Falloc::AllocateAll,
-        Falloc::RejectUnalignedOffset { punch: false },
-        Falloc::RejectUnalignedOffset { punch: true },
-        Falloc::RejectUnalignedLength { punch: false },
-        Falloc::RejectUnalignedLength { punch: true },
-        Falloc::AllocateAtEnd,
-        Falloc::AllocatePastEnd,
-        Falloc::AllocateAcrossEnd,
-        Falloc::PunchAtEnd,
-        Falloc::PunchPastEnd,
-        Falloc::PunchThenRefill,
-        Falloc::RequireKeepSize,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Falloc::AllocateAll => "fallocate_whole_file_succeeds",
-            Falloc::RejectUnalignedOffset { punch: false } => "fallocate_rejects_unaligned_offset",
-            Falloc::RejectUnalignedOffset { punch: true } => "punch_hole_rejects_unaligned_offset",
-            Falloc::RejectUnalignedLength { punch: false } => "fallocate_rejects_unaligned_length",
-            Falloc::RejectUnalignedLength { punch: true } => "punch_hole_rejects_unaligned_length",
-            Falloc::AllocateAtEnd => "fallocate_at_end_fails",
-            Falloc::AllocatePastEnd => "fallocate_past_end_fails",
-            Falloc::AllocateAcrossEnd => "fallocate_across_end_fails",
-            Falloc::PunchAtEnd => "punch_hole_at_end_succeeds",
-            Falloc::PunchPastEnd => "punch_hole_past_end_succeeds",
-            Falloc::PunchThenRefill => "punch_hole_then_refill_succeeds",
-            Falloc::RequireKeepSize => "fallocate_without_keep_size_is_unsupported",
-        }
-    }
+const fn ok(rule: &'static str, mode: FallocateFlags, at: fn(u64, u64) -> (u64, u64)) -> Step {
+    Step { rule, mode, at, fails: None }
 }
 
-fn fallocate_rule(kvm: &Arc<Kvm>, case: Case, which: Falloc) -> Result<()> {
+const fn fails(rule: &'static str, errno: Errno, mode: FallocateFlags, at: fn(u64, u64) -> (u64, u64)) -> Step {
+    Step { rule, mode, at, fails: Some(errno) }
+}
+
+const EINVAL: Errno = Errno::EINVAL;
+
+/// The fallocate rules, each a test (on a guest_memfd of `Case::total()`).
+const FALLOCATE: [(&str, &[Step]); 12] = [
+    ("fallocate_whole_file_succeeds", &[ok("fallocate of the whole file succeeds", KEEP_SIZE, |_, t| (0, t))]),
+    // In bounds and page-sized: only the offset's alignment is wrong.
+    (
+        "fallocate_rejects_unaligned_offset",
+        &[fails("fallocate at offset page-1 fails with EINVAL", EINVAL, KEEP_SIZE, |p, _| (p - 1, p))],
+    ),
+    (
+        "punch_hole_rejects_unaligned_offset",
+        &[fails("fallocate at offset page-1 fails with EINVAL", EINVAL, PUNCH, |p, _| (p - 1, p))],
+    ),
+    (
+        "fallocate_rejects_unaligned_length",
+        &[fails("fallocate with length page-1 fails with EINVAL", EINVAL, KEEP_SIZE, |p, _| (p, p - 1))],
+    ),
+    (
+        "punch_hole_rejects_unaligned_length",
+        &[fails("fallocate with length page-1 fails with EINVAL", EINVAL, PUNCH, |p, _| (p, p - 1))],
+    ),
+    (
+        "fallocate_at_end_fails",
+        &[fails("fallocate starting at the size fails with EINVAL", EINVAL, KEEP_SIZE, |p, t| (t, p))],
+    ),
+    (
+        "fallocate_past_end_fails",
+        &[fails("fallocate starting past the size fails with EINVAL", EINVAL, KEEP_SIZE, |p, t| (t + p, p))],
+    ),
+    (
+        "fallocate_across_end_fails",
+        &[fails("fallocate of the last page plus one beyond the size fails with EINVAL", EINVAL, KEEP_SIZE, |p, t| {
+            (t - p, 2 * p)
+        })],
+    ),
+    ("punch_hole_at_end_succeeds", &[ok("PUNCH_HOLE starting at the size succeeds", PUNCH, |p, t| (t, p))]),
+    ("punch_hole_past_end_succeeds", &[ok("PUNCH_HOLE starting past the size succeeds", PUNCH, |p, t| (t + p, p))]),
+    (
+        "punch_hole_then_refill_succeeds",
+        &[
+            ok("fallocate of the whole file succeeds", KEEP_SIZE, |_, t| (0, t)),
+            ok("PUNCH_HOLE of the second page succeeds", PUNCH, |p, _| (p, p)),
+            ok("fallocate refills the punched page", KEEP_SIZE, |p, _| (p, p)),
+            ok("PUNCH_HOLE of the last page succeeds", PUNCH, |p, t| (t - p, p)),
+            ok("fallocate refills the last page", KEEP_SIZE, |p, t| (t - p, p)),
+        ],
+    ),
+    // kvm_gmem_fallocate: the size is immutable, so mode 0 is EOPNOTSUPP.
+    (
+        "fallocate_without_keep_size_is_unsupported",
+        &[fails(
+            "fallocate without KEEP_SIZE fails with EOPNOTSUPP",
+            Errno::EOPNOTSUPP,
+            FallocateFlags::empty(),
+            |p, _| (0, p),
+        )],
+    ),
+];
+
+fn fallocate_rule(kvm: &Arc<Kvm>, case: Case, steps: &[Step]) -> Result<()> {
     let (page, total) = (page_size(), Case::total());
     let (_vm, gmem) = case.gmem(kvm, total)?;
-    let ok = |rule: &str, mode: FallocateFlags, offset: u64, len: u64| {
-        expect_ok(&case.rule(rule), || gmem.fallocate(mode, offset, len))
-    };
-    let fails = |rule: &str, errno: Errno, mode: FallocateFlags, offset: u64, len: u64| {
-        expect_errno(&case.rule(rule), errno, || gmem.fallocate(mode, offset, len))
-    };
-    let mode = |punch_hole: bool| if punch_hole { punch() } else { keep_size() };
-    match which {
-        Falloc::AllocateAll => ok("fallocate of the whole file succeeds", keep_size(), 0, total),
-        Falloc::RejectUnalignedOffset { punch } => {
-            // In bounds and page-sized: only the offset's alignment is wrong.
-            fails("fallocate at offset page-1 fails with EINVAL", Errno::EINVAL, mode(punch), page - 1, page)
-        }
-        Falloc::RejectUnalignedLength { punch } => {
-            fails("fallocate with length page-1 fails with EINVAL", Errno::EINVAL, mode(punch), page, page - 1)
-        }
-        Falloc::AllocateAtEnd => {
-            fails("fallocate starting at the size fails with EINVAL", Errno::EINVAL, keep_size(), total, page)
-        }
-        Falloc::AllocatePastEnd => {
-            fails("fallocate starting past the size fails with EINVAL", Errno::EINVAL, keep_size(), total + page, page)
-        }
-        Falloc::AllocateAcrossEnd => fails(
-            "fallocate of the last page plus one beyond the size fails with EINVAL",
-            Errno::EINVAL,
-            keep_size(),
-            total - page,
-            2 * page,
-        ),
-        Falloc::PunchAtEnd => ok("PUNCH_HOLE starting at the size succeeds", punch(), total, page),
-        Falloc::PunchPastEnd => ok("PUNCH_HOLE starting past the size succeeds", punch(), total + page, page),
-        Falloc::PunchThenRefill => {
-            ok("fallocate of the whole file succeeds", keep_size(), 0, total)?;
-            ok("PUNCH_HOLE of the second page succeeds", punch(), page, page)?;
-            ok("fallocate refills the punched page", keep_size(), page, page)?;
-            ok("PUNCH_HOLE of the last page succeeds", punch(), total - page, page)?;
-            ok("fallocate refills the last page", keep_size(), total - page, page)
-        }
-        Falloc::RequireKeepSize => {
-            // kvm_gmem_fallocate: the size is immutable, so mode 0 is EOPNOTSUPP.
-            fails(
-                "fallocate without KEEP_SIZE fails with EOPNOTSUPP",
-                Errno::EOPNOTSUPP,
-                FallocateFlags::empty(),
-                0,
-                page,
-            )
+    for step in steps {
+        let (offset, len) = (step.at)(page, total);
+        let rule = case.rule(step.rule);
+        match step.fails {
+            None => expect_ok(&rule, || gmem.fallocate(step.mode, offset, len))?,
+            Some(errno) => expect_errno(&rule, errno, || gmem.fallocate(step.mode, offset, len))?,
         }
     }
+    Ok(())
 }
 
 /// The ten invalid PUNCH_HOLE (offset, len) pairs of upstream, in page units
@@ -384,7 +329,7 @@ fn bad_punch(kvm: &Arc<Kvm>, case: Case, (_, op, od, lp, ld): (&str, u64, i64, u
     let len = (lp * page).wrapping_add_signed(ld);
     let (_vm, gmem) = case.gmem(kvm, Case::total())?;
     let rule = case.rule(&format!("PUNCH_HOLE(offset {offset:#x}, len {len:#x}) is not page-aligned: EINVAL"));
-    expect_errno(&rule, Errno::EINVAL, || gmem.fallocate(punch(), offset, len))
+    expect_errno(&rule, Errno::EINVAL, || gmem.fallocate(PUNCH, offset, len))
 }
 
 // ---- mmap ----
@@ -407,21 +352,11 @@ fn mmap_private_fails(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     expect_errno(&rule, Errno::EINVAL, || gmem.map(0, Case::total(), MapFlags::MAP_PRIVATE))
 }
 
-/// The first byte in `[offset, offset + len)` of `mem` that is not `value`.
-fn first_mismatch(mem: &kvm_harness::HostMemory, offset: u64, len: u64, value: u8) -> Option<(u64, u8)> {
-    let mut buf = vec![0u8; len as usize];
-    mem.read(offset, &mut buf);
-    buf.iter().position(|&b| b != value).map(|i| (offset + i as u64, buf[i]))
-}
-
-fn expect_bytes(rule: &str, mem: &kvm_harness::HostMemory, offset: u64, len: u64, value: u8) -> Result<()> {
-    match first_mismatch(mem, offset, len, value) {
-        None => Ok(()),
-        Some((at, got)) => Err(Error::rule(
-            rule,
-            format!("byte at offset {at:#x} of [{offset:#x}, +{len:#x}) is {got:#04x}, expected {value:#04x}"),
-        )),
-    }
+/// Requires every byte of `[offset, offset + len)` of `mem` to be `value`.
+fn expect_bytes(rule: &str, mem: &HostMemory, offset: u64, len: u64, value: u8) -> Result<()> {
+    mem.expect_filled(rule, offset, len, Fill::Byte(value), |at| {
+        format!("byte at offset {at:#x} of [{offset:#x}, +{len:#x})")
+    })
 }
 
 fn mmap_supported(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
@@ -561,7 +496,7 @@ fn fault_private(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
 fn collapse_refused(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     const PMD: u64 = 2 << 20;
     let (_vm, gmem) = case.gmem(kvm, PMD)?;
-    let mem = kvm_harness::HostMemory::map_fd_aligned(gmem.as_fd(), 0, PMD, PMD, MapFlags::MAP_SHARED)?;
+    let mem = HostMemory::map_fd_aligned(gmem.as_fd(), 0, PMD, PMD, MapFlags::MAP_SHARED)?;
     // Populate with reads, so no page is dirtied.
     let mut byte = [0u8; 1];
     for offset in (0..PMD).step_by(page_size() as usize) {
@@ -649,13 +584,8 @@ fn guest_access(kvm: &Arc<Kvm>, case: Case, how: GmemSlot) -> Result<()> {
     })?;
     agent.fill(gpa, size, guest_pattern)?;
     agent.done()?;
-    match host.find_mismatch_u64(0, size, guest_pattern) {
-        None => Ok(()),
-        Some((offset, value)) => Err(Error::rule(
-            case.rule(&format!("through {what}, the host reads what the guest wrote")),
-            format!("guest_memfd offset {offset:#x} holds {value:#018x}, expected {guest_pattern:#018x}"),
-        )),
-    }
+    let rule = case.rule(&format!("through {what}, the host reads what the guest wrote"));
+    host.expect_filled(&rule, 0, size, Fill::U64(guest_pattern), |offset| format!("guest_memfd offset {offset:#x}"))
 }
 
 fn main() -> ExitCode {
@@ -706,12 +636,12 @@ fn main() -> ExitCode {
             );
             add("multiple_fds_have_own_size_and_inode", Box::new(move |kvm| multiple_fds(kvm, case)));
             add("fstat_reports_size_and_page_blksize", Box::new(move |kvm| file_size(kvm, case)));
-            for io in Io::ALL {
-                let rule = format!("{}_fails_with_{}", io.name(), errno_name(io.expected()).to_lowercase());
+            for io in IO {
+                let rule = format!("{}_fails_with_{}", io.name, errno_name(io.expected).to_lowercase());
                 add(&rule, Box::new(move |kvm| io_fails(kvm, case, io)));
             }
-            for which in Falloc::ALL {
-                add(which.name(), Box::new(move |kvm| fallocate_rule(kvm, case, which)));
+            for (name, steps) in FALLOCATE {
+                add(name, Box::new(move |kvm| fallocate_rule(kvm, case, steps)));
             }
             for pair in BAD_PUNCHES {
                 add(&format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair)));

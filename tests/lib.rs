@@ -1,5 +1,7 @@
 //! Shared pieces of the KVM scenario binaries.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 
 use kvm_harness::{HostMemory, Region, Result};

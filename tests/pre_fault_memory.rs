@@ -23,14 +23,15 @@
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::kvm_pre_fault_memory;
 use kvm_harness::kernel_rules::{with_fix_hints, PREFAULT_VS_MEMSLOT_DELETION};
 use kvm_harness::{
-    ensure, watchdog, Agent, Cap, Errno, Error, GmemBinding, HostMemory, Kvm, Need, Region, Result, Suite, Vcpu, Vm,
-    VmType,
+    ensure, watchdog, Agent, Cap, Errno, Error, GmemBinding, HostMemory, Kvm, Need, Region, Result, SignalStorm, Suite,
+    Vcpu, Vm, VmType,
 };
 
 const PAGE: u64 = 4096;
@@ -90,163 +91,240 @@ fn setup_slot(kvm: &Arc<Kvm>, combo: Combo, slot: u32, gpa: u64, size: u64) -> R
 /// under nested TCG).
 const PREFAULT_DEADLINE_CAP: Duration = Duration::from_secs(5);
 
-/// One prefault of `[TEST_GPA + offset, +size)`, with `race` racing a worker
-/// that deletes the slot once prefaulting starts and re-creates it when
-/// told; must end with `expected_left` bytes left (and `ENOENT` when that is
-/// non-zero).
-fn pre_fault(
-    vm: &Vm,
-    vcpu: &mut Vcpu,
-    region: &Region,
-    (offset, size, expected_left): (u64, u64, u64),
-    race: bool,
-) -> Result<()> {
-    let mut range = kvm_pre_fault_memory { gpa: TEST_GPA + offset, size, ..Default::default() };
-    let what = format!("KVM_PRE_FAULT_MEMORY([{:#x}, +{size:#x}))", range.gpa);
-    let deadline = watchdog::configured_timeout()?.min(PREFAULT_DEADLINE_CAP);
-    let worker_ready = AtomicBool::new(!race);
-    let deleted = AtomicBool::new(false);
-    let prefault_ready = AtomicBool::new(false);
-    let recreate = AtomicBool::new(false);
-    std::thread::scope(|s| -> Result<()> {
-        let worker = s.spawn(|| -> Result<()> {
-            if !race {
-                return Ok(());
-            }
-            worker_ready.store(true, Ordering::SeqCst);
-            while !prefault_ready.load(Ordering::SeqCst) {
-                std::hint::spin_loop();
-            }
-            vm.set_region(&region.deletion())?;
-            deleted.store(true, Ordering::SeqCst);
-            while !recreate.load(Ordering::SeqCst) {
-                std::thread::yield_now();
-            }
-            vm.set_region(region)
-        });
-        let mut worker = Some(worker);
-        let join_worker = |worker: &mut Option<std::thread::ScopedJoinHandle<'_, Result<()>>>| -> Result<()> {
-            recreate.store(true, Ordering::SeqCst);
-            match worker.take() {
-                Some(handle) => handle.join().unwrap_or_else(|_| Err(Error::Config("slot worker panicked".into()))),
-                None => Ok(()),
-            }
+/// What the slot racer and the prefaulting thread tell each other.
+#[derive(Debug, Default)]
+struct RaceFlags {
+    /// The worker runs and waits for the go.
+    ready: AtomicBool,
+    /// The prefault is about to start: delete the slot.
+    go: AtomicBool,
+    /// The worker's deletion returned.
+    deleted: AtomicBool,
+    /// Re-create the slot and finish.
+    recreate: AtomicBool,
+}
+
+/// A worker thread that deletes the test slot the moment a prefault starts
+/// and re-creates it when told. Dropping the racer tells it to re-create
+/// and joins it, so no early return can leave the scope waiting on it.
+struct SlotRacer<'scope> {
+    flags: Arc<RaceFlags>,
+    worker: Option<ScopedJoinHandle<'scope, Result<()>>>,
+}
+
+impl<'scope> SlotRacer<'scope> {
+    /// Spawns the worker on `scope`; returns once it is released, so the
+    /// caller's next call races the deletion.
+    fn start<'env>(scope: &'scope Scope<'scope, 'env>, vm: &'env Vm, region: &'env Region) -> Self {
+        let flags = Arc::new(RaceFlags::default());
+        let worker = {
+            let flags = flags.clone();
+            scope.spawn(move || -> Result<()> {
+                flags.ready.store(true, Ordering::SeqCst);
+                while !flags.go.load(Ordering::SeqCst) {
+                    std::hint::spin_loop();
+                }
+                vm.set_region(&region.deletion())?;
+                flags.deleted.store(true, Ordering::SeqCst);
+                while !flags.recreate.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                vm.set_region(region)
+            })
         };
-        while !worker_ready.load(Ordering::SeqCst) {
+        while !flags.ready.load(Ordering::SeqCst) {
             std::hint::spin_loop();
         }
-        prefault_ready.store(true, Ordering::SeqCst);
+        flags.go.store(true, Ordering::SeqCst);
+        Self { flags, worker: Some(worker) }
+    }
 
-        // Whatever happens below, the worker is told to re-create the slot
-        // and joined before the scope ends: a failed check must not leave it
-        // waiting (the scope would wait for it forever).
-        let checked = (|| -> Result<()> {
-            let mut outcome;
-            loop {
-                let before = range.size;
-                let started = Instant::now();
-                let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
-                if fired {
-                    let deletion_done = deleted.load(Ordering::SeqCst);
-                    join_worker(&mut worker)?;
-                    let rule = if race {
-                        "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
-                    } else {
-                        "KVM_PRE_FAULT_MEMORY of a memslot-backed range completes"
-                    };
-                    let race_note = match (race, deletion_done) {
-                        (false, _) => String::new(),
-                        (true, true) => "; the worker's slot deletion had completed, so the prefault kept retrying \
-                         on its own: consistent with a kernel whose kvm_mmu_reload() does not free the roots the \
-                         deletion made obsolete (upstream 20a6cff3b283, \"KVM: x86/mmu: Check and free obsolete \
-                         roots in kvm_mmu_reload()\")"
-                            .to_string(),
-                        (true, false) => "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
-                         the deletion waits for the prefault's kvm->srcu read side while the prefault retries \
-                         its fault on the memslot being deleted, a deadlock newer kernels break by failing the \
-                         prefault with EAGAIN (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace \
-                         deletes/moves memslot during prefault\")"
-                            .to_string(),
-                    };
-                    return Err(Error::rule(
-                        rule,
-                        format!(
-                            "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
-                         ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}",
-                            started.elapsed().as_secs_f64(),
-                            range.gpa,
-                            range.size
-                        ),
-                    ));
-                }
-                let progressed = range.size < before;
-                ensure!(
-                    progressed != result.is_err(),
-                    "KVM_PRE_FAULT_MEMORY shrinks range.size exactly when it succeeds",
-                    "{what}: {} with range.size {before:#x} -> {:#x}",
-                    match &result {
-                        Ok(()) => "success".to_string(),
-                        Err(e) => format!("failure ({e})"),
-                    },
-                    range.size
-                );
-                ensure!(
-                    !progressed || range.gpa == TEST_GPA + offset + (size - range.size),
-                    "KVM_PRE_FAULT_MEMORY advances range.gpa by exactly the bytes it consumed",
-                    "{what}: gpa {:#x} with {:#x} bytes left",
-                    range.gpa,
-                    range.size
-                );
-                outcome = result;
-                if matches!(&outcome, Err(e) if e.errno() == Some(Errno::EINTR)) {
-                    continue;
-                }
-                if worker.is_some() {
-                    if race {
-                        // What the race looked like, for the log: proof it was exercised.
-                        let seen = match &outcome {
-                            Ok(()) => format!("{:#x} bytes left", range.size),
-                            Err(e) => format!("{:?} with {:#x} bytes left", e.errno(), range.size),
-                        };
-                        let deletion = if deleted.load(Ordering::SeqCst) { "done" } else { "pending" };
-                        println!("pre_fault_memory: {what} against the slot deletion ({deletion}): {seen}");
-                    }
-                    // Re-create the slot (if the worker deleted it mid-call) and
-                    // retry for a stable answer; a finished range is not retried
-                    // because size 0 is EINVAL.
-                    join_worker(&mut worker)?;
-                    if range.size != 0 {
-                        continue;
-                    }
-                }
-                if range.size == 0 || outcome.is_err() {
-                    break;
-                }
-            }
-            ensure!(
-                range.size == expected_left,
-                "KVM_PRE_FAULT_MEMORY stops exactly at the end of the memslot",
-                "{what}: completed with {:#x} bytes left, expected {expected_left:#x} ({outcome:?})",
-                range.size
-            );
-            if expected_left == 0 {
-                kvm_harness::expect_ok("KVM_PRE_FAULT_MEMORY of a fully memslot-backed range succeeds", || outcome)
-            } else {
-                kvm_harness::expect_errno(
-                    "KVM_PRE_FAULT_MEMORY past the end of the memslot fails with ENOENT (no memslot: emulated MMIO)",
-                    Errno::ENOENT,
-                    || outcome,
-                )
-            }
-        })();
-        let joined = join_worker(&mut worker);
+    /// Whether the worker's slot deletion has returned.
+    fn deleted(&self) -> bool {
+        self.flags.deleted.load(Ordering::SeqCst)
+    }
+
+    /// Has the worker re-create the slot and joins it (once; later calls are no-ops).
+    fn finish(&mut self) -> Result<()> {
+        self.flags.recreate.store(true, Ordering::SeqCst);
+        match self.worker.take() {
+            Some(worker) => kvm_harness::threads::join_result(worker, "slot worker"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SlotRacer<'_> {
+    fn drop(&mut self) {
+        // The error, if any, was already reported through `finish` or is
+        // superseded by the failure that dropped the racer early.
+        let _ = self.finish();
+    }
+}
+
+/// One prefault call: the range asked for and the bytes expected to remain.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    offset: u64,
+    size: u64,
+    expected_left: u64,
+}
+
+/// One prefault of `[TEST_GPA + offset, +size)`, with `race` racing a
+/// [`SlotRacer`]; must end with `expected_left` bytes left (and `ENOENT`
+/// when that is non-zero).
+fn pre_fault(vm: &Vm, vcpu: &mut Vcpu, region: &Region, call: Call, race: bool) -> Result<()> {
+    std::thread::scope(|s| {
+        let mut racer = race.then(|| SlotRacer::start(s, vm, region));
+        let checked = prefault_until_settled(vcpu, call, racer.as_mut());
+        let joined = racer.map_or(Ok(()), |mut racer| racer.finish());
         checked.and(joined)
     })
 }
 
-/// (offset, size, bytes left): the slot's first 2 MiB; its last page plus
-/// the page past its end; only the page past its end.
-const CALLS: [(u64, u64, u64); 3] = [(0, SZ_2M, 0), (SZ_2M, 2 * PAGE, PAGE), (TEST_SIZE, PAGE, PAGE)];
+/// Prefaults `call`, retrying `EINTR` and, once, the first settled outcome
+/// (the slot is back by then when a racer deleted it); checks every step.
+fn prefault_until_settled(vcpu: &mut Vcpu, call: Call, mut racer: Option<&mut SlotRacer<'_>>) -> Result<()> {
+    let Call { offset, size, expected_left } = call;
+    let mut range = kvm_pre_fault_memory { gpa: TEST_GPA + offset, size, ..Default::default() };
+    let what = format!("KVM_PRE_FAULT_MEMORY([{:#x}, +{size:#x}))", range.gpa);
+    let deadline = watchdog::configured_timeout()?.min(PREFAULT_DEADLINE_CAP);
+    let mut first_settle = true;
+    let outcome = loop {
+        let before = range.size;
+        let started = Instant::now();
+        let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+        if fired {
+            let deletion_done = racer.as_ref().map(|r| r.deleted());
+            if let Some(racer) = racer.as_mut() {
+                racer.finish()?;
+            }
+            let waited = started.elapsed();
+            return Err(hang_error(&what, &result, &range, waited, deletion_done));
+        }
+        check_progress(&what, &result, &range, before, TEST_GPA + offset, size)?;
+        if matches!(&result, Err(e) if e.errno() == Some(Errno::EINTR)) {
+            continue;
+        }
+        if first_settle {
+            first_settle = false;
+            if let Some(racer) = racer.as_mut() {
+                // What the race looked like, for the log: proof it was exercised.
+                let seen = match &result {
+                    Ok(()) => format!("{:#x} bytes left", range.size),
+                    Err(e) => format!("{:?} with {:#x} bytes left", e.errno(), range.size),
+                };
+                let deletion = if racer.deleted() { "done" } else { "pending" };
+                println!("pre_fault_memory: {what} against the slot deletion ({deletion}): {seen}");
+                racer.finish()?;
+            }
+            // Retry for a stable answer (the slot is back if the racer deleted
+            // it mid-call); a finished range is not retried: size 0 is EINVAL.
+            if range.size != 0 {
+                continue;
+            }
+        }
+        if range.size == 0 || result.is_err() {
+            break result;
+        }
+    };
+    ensure!(
+        range.size == expected_left,
+        "KVM_PRE_FAULT_MEMORY stops exactly at the end of the memslot",
+        "{what}: completed with {:#x} bytes left, expected {expected_left:#x} ({outcome:?})",
+        range.size
+    );
+    if expected_left == 0 {
+        kvm_harness::expect_ok("KVM_PRE_FAULT_MEMORY of a fully memslot-backed range succeeds", || outcome)
+    } else {
+        kvm_harness::expect_errno(
+            "KVM_PRE_FAULT_MEMORY past the end of the memslot fails with ENOENT (no memslot: emulated MMIO)",
+            Errno::ENOENT,
+            || outcome,
+        )
+    }
+}
+
+/// `range.size` shrinks exactly when a call succeeds, and `range.gpa`
+/// advances by exactly what it consumed.
+fn check_progress(
+    what: &str,
+    result: &Result<()>,
+    range: &kvm_pre_fault_memory,
+    before: u64,
+    start: u64,
+    size: u64,
+) -> Result<()> {
+    let progressed = range.size < before;
+    ensure!(
+        progressed != result.is_err(),
+        "KVM_PRE_FAULT_MEMORY shrinks range.size exactly when it succeeds",
+        "{what}: {} with range.size {before:#x} -> {:#x}",
+        match result {
+            Ok(()) => "success".to_string(),
+            Err(e) => format!("failure ({e})"),
+        },
+        range.size
+    );
+    ensure!(
+        !progressed || range.gpa == start + (size - range.size),
+        "KVM_PRE_FAULT_MEMORY advances range.gpa by exactly the bytes it consumed",
+        "{what}: gpa {:#x} with {:#x} bytes left",
+        range.gpa,
+        range.size
+    );
+    Ok(())
+}
+
+/// The failure for a prefault only the watchdog's signal ended;
+/// `deletion_done` is `None` without a racer, else whether its deletion had returned.
+fn hang_error(
+    what: &str,
+    result: &Result<()>,
+    range: &kvm_pre_fault_memory,
+    waited: Duration,
+    deletion_done: Option<bool>,
+) -> Error {
+    let rule = if deletion_done.is_some() {
+        "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
+    } else {
+        "KVM_PRE_FAULT_MEMORY of a memslot-backed range completes"
+    };
+    let race_note = match deletion_done {
+        None => "",
+        Some(true) => {
+            "; the worker's slot deletion had completed, so the prefault kept retrying \
+             on its own: consistent with a kernel whose kvm_mmu_reload() does not free the roots the \
+             deletion made obsolete (upstream 20a6cff3b283, \"KVM: x86/mmu: Check and free obsolete \
+             roots in kvm_mmu_reload()\")"
+        }
+        Some(false) => {
+            "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
+             the deletion waits for the prefault's kvm->srcu read side while the prefault retries \
+             its fault on the memslot being deleted, a deadlock newer kernels break by failing the \
+             prefault with EAGAIN (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace \
+             deletes/moves memslot during prefault\")"
+        }
+    };
+    Error::rule(
+        rule,
+        format!(
+            "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
+             ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}",
+            waited.as_secs_f64(),
+            range.gpa,
+            range.size
+        ),
+    )
+}
+
+/// The calls of [`prefault_then_guest_reads`]: the slot's first 2 MiB; its
+/// last page plus the page past its end; only the page past its end.
+const CALLS: [Call; 3] = [
+    Call { offset: 0, size: SZ_2M, expected_left: 0 },
+    Call { offset: SZ_2M, size: 2 * PAGE, expected_left: PAGE },
+    Call { offset: TEST_SIZE, size: PAGE, expected_left: PAGE },
+];
 
 fn prefault_then_guest_reads(kvm: &Arc<Kvm>, combo: Combo, race: bool) -> Result<()> {
     let (vm, mut vcpu, region) = setup(kvm, combo)?;
@@ -281,7 +359,7 @@ fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
     let deadline = watchdog::configured_timeout()?;
     let mut range = kvm_pre_fault_memory { gpa: STORM_GPA, size: STORM_SIZE, ..Default::default() };
     let (mut calls, mut eintr) = (0u64, 0u64);
-    let storm = watchdog::SignalStorm::start(Duration::from_micros(200));
+    let storm = SignalStorm::start(Duration::from_micros(200));
     while range.size != 0 {
         let (before_gpa, before_size) = (range.gpa, range.size);
         let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
@@ -371,6 +449,27 @@ fn invalid_ranges(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
     Ok(())
 }
 
+fn sw_protected_private_gpa_without_guest_memfd_fails_with_efault(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    vm.add_memory(TEST_SLOT, TEST_GPA, TEST_SIZE)?;
+    vm.make_private(TEST_GPA, TEST_SIZE)?;
+    let vcpu = vm.vcpu(0, [0; 4])?;
+    let mut range = kvm_pre_fault_memory { gpa: TEST_GPA, size: SZ_2M, ..Default::default() };
+    kvm_harness::expect_errno(
+        "KVM_PRE_FAULT_MEMORY of a private GPA whose memslot has no guest_memfd fails with EFAULT",
+        Errno::EFAULT,
+        || vcpu.pre_fault_memory(&mut range),
+    )?;
+    ensure!(
+        range.size == SZ_2M && range.gpa == TEST_GPA,
+        "a failed KVM_PRE_FAULT_MEMORY that made no progress leaves the range untouched",
+        "gpa {:#x} size {:#x}",
+        range.gpa,
+        range.size
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("pre_fault_memory");
     for combo in Combo::ALL {
@@ -395,25 +494,6 @@ fn main() -> ExitCode {
     }
 
     let needs = vec![Need::Cap(Cap::PreFaultMemory), Need::VmType(VmType::SwProtected)];
-    suite.test("sw_protected_private_gpa_without_guest_memfd_fails_with_efault", needs, |kvm| {
-        let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
-        vm.add_memory(TEST_SLOT, TEST_GPA, TEST_SIZE)?;
-        vm.make_private(TEST_GPA, TEST_SIZE)?;
-        let vcpu = vm.vcpu(0, [0; 4])?;
-        let mut range = kvm_pre_fault_memory { gpa: TEST_GPA, size: SZ_2M, ..Default::default() };
-        kvm_harness::expect_errno(
-            "KVM_PRE_FAULT_MEMORY of a private GPA whose memslot has no guest_memfd fails with EFAULT",
-            Errno::EFAULT,
-            || vcpu.pre_fault_memory(&mut range),
-        )?;
-        ensure!(
-            range.size == SZ_2M && range.gpa == TEST_GPA,
-            "a failed KVM_PRE_FAULT_MEMORY that made no progress leaves the range untouched",
-            "gpa {:#x} size {:#x}",
-            range.gpa,
-            range.size
-        );
-        Ok(())
-    });
+    kvm_harness::register!(suite, needs => sw_protected_private_gpa_without_guest_memfd_fails_with_efault);
     suite.run()
 }

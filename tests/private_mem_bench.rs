@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
+use kvm_harness::results::{Outcome, Record, ResultsFile};
 use kvm_harness::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED};
-use kvm_harness::{Agent, Cap, Error, GuestMemfd, Kvm, Result, Vm, VmType};
+use kvm_harness::{settings, Agent, Cap, Error, GuestMemfd, Kvm, Result, Vm, VmType};
 
 /// Environment variable: size multiplier (default 1).
 pub const SCALE_ENV: &str = "KVM_SELFTESTS_BENCH_SCALE";
@@ -128,48 +129,27 @@ fn fault_in(kvm: &Arc<Kvm>, vm_type: VmType, size: u64, gmem_flags: Option<u64>)
 /// (`KVM_SELFTESTS_RESULTS`), records it as a passed entry whose message is
 /// the figure (a failed measurement is a failed entry).
 fn report(what: &str, outcome: Result<Duration>, pages: u64) {
-    let (verdict, line) = match outcome {
-        Ok(time) => ("pass", rate(pages, time)),
-        Err(e) => ("fail", format!("failed: {e}")),
+    let (outcome, line) = match outcome {
+        Ok(time) => (Outcome::Pass, rate(pages, time)),
+        Err(e) => (Outcome::Fail, format!("failed: {e}")),
     };
     println!("  {what:<58} {line}");
-    let Some(path) = std::env::var_os(kvm_harness::runner::RESULTS_ENV).filter(|p| !p.is_empty()) else {
-        return;
-    };
-    let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let mut name: String =
         what.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     while name.contains("__") {
         name = name.replace("__", "_");
     }
-    let record = format!(
-        "{{\"binary\":\"private_mem_bench\",\"test\":\"{}\",\"outcome\":\"{verdict}\",\"duration_ms\":0,\"message\":\"{}\"}}\n",
-        escape(name.trim_matches('_')),
-        escape(&format!("{what}: {}", line.trim()))
-    );
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, record.as_bytes()));
-    if let Err(e) = written {
-        eprintln!("private_mem_bench: cannot append to {}: {e}", path.to_string_lossy());
-        std::process::exit(2);
-    }
-}
-
-fn scale() -> Result<u64> {
-    match std::env::var(SCALE_ENV) {
-        Err(_) => Ok(1),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(n) if (1..=64).contains(&n) => Ok(n),
-            _ => Err(Error::Config(format!("{SCALE_ENV}={v:?}: expected an integer in 1..=64"))),
-        },
-    }
+    ResultsFile::from_env().record(&Record {
+        binary: "private_mem_bench".into(),
+        test: name.trim_matches('_').to_string(),
+        outcome,
+        duration_ms: 0,
+        message: format!("{what}: {}", line.trim()),
+    });
 }
 
 fn main() {
-    let scale = match scale() {
+    let scale = match settings::count(SCALE_ENV, 1, 64) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("private_mem_bench: {e}");
@@ -185,8 +165,13 @@ fn main() {
             return;
         }
     };
-    let protected_ok = kvm.supports(VmType::SwProtected);
+    conversion_figures(&kvm, scale);
+    fault_in_figures(&kvm, scale);
+}
 
+/// Conversion round trips, guest-driven and raw, at 4 KiB and 2 MiB.
+fn conversion_figures(kvm: &Arc<Kvm>, scale: u64) {
+    let protected_ok = kvm.supports(VmType::SwProtected);
     println!("conversion round trips (shared -> private -> shared), guest writes every converted page:");
     let ranges = [(PAGE, 256 * PAGE * scale), (SZ_2M, 4 * SZ_2M * scale)];
     for (granule, size) in ranges {
@@ -204,28 +189,32 @@ fn main() {
         }
         report(
             &format!("{label} granularity, guest-driven (KVM_HC_MAP_GPA_RANGE)"),
-            guest_round_trips(&kvm, size, granule),
+            guest_round_trips(kvm, size, granule),
             pages,
         );
         report(
             &format!("{label} granularity, raw KVM_SET_MEMORY_ATTRIBUTES, no guest"),
-            raw_round_trips(&kvm, size, granule),
+            raw_round_trips(kvm, size, granule),
             pages,
         );
     }
+}
 
+/// First-touch fault-in rates: guest_memfd against anonymous memory.
+fn fault_in_figures(kvm: &Arc<Kvm>, scale: u64) {
+    let protected_ok = kvm.supports(VmType::SwProtected);
     let size = 16 * SZ_2M * scale;
     let pages = size / PAGE;
     println!("first-touch fault-in of a fresh {} MiB slot by the guest:", size >> 20);
     if protected_ok {
         report(
             "KVM_X86_SW_PROTECTED_VM, guest_memfd (private)",
-            fault_in(&kvm, VmType::SwProtected, size, Some(0)),
+            fault_in(kvm, VmType::SwProtected, size, Some(0)),
             pages,
         );
         report(
             "KVM_X86_SW_PROTECTED_VM, anonymous memory (shared)",
-            fault_in(&kvm, VmType::SwProtected, size, None),
+            fault_in(kvm, VmType::SwProtected, size, None),
             pages,
         );
     } else {
@@ -238,12 +227,11 @@ fn main() {
     }
     // A default VM binds guest_memfd only on kernels that let it (shared,
     // mmap-able guest_memfd): decided by the VM fd's capabilities.
-    let default_gmem =
-        Vm::bare(&kvm, VmType::Default).map(|vm| (vm.cap(Cap::GuestMemfd), vm.cap(Cap::GuestMemfdFlags)));
+    let default_gmem = Vm::bare(kvm, VmType::Default).map(|vm| (vm.cap(Cap::GuestMemfd), vm.cap(Cap::GuestMemfdFlags)));
     match default_gmem {
         Ok((gmem, flags)) if gmem > 0 && flags as u64 & kvm_harness::uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 => {
             let flags = kvm_harness::uapi::GUEST_MEMFD_FLAG_MMAP | kvm_harness::uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
-            report("KVM_X86_DEFAULT_VM, guest_memfd (MMAP|INIT_SHARED)", fault_in(&kvm, VmType::Default, size, Some(flags)), pages);
+            report("KVM_X86_DEFAULT_VM, guest_memfd (MMAP|INIT_SHARED)", fault_in(kvm, VmType::Default, size, Some(flags)), pages);
         }
         Ok((gmem, flags)) => println!(
             "  KVM_X86_DEFAULT_VM, guest_memfd: skipped: needs {} and INIT_SHARED in {} on a default VM: {gmem}, {flags:#x}",
@@ -252,5 +240,5 @@ fn main() {
         ),
         Err(e) => println!("  KVM_X86_DEFAULT_VM, guest_memfd: skipped: {e}"),
     }
-    report("KVM_X86_DEFAULT_VM, anonymous memory", fault_in(&kvm, VmType::Default, size, None), pages);
+    report("KVM_X86_DEFAULT_VM, anonymous memory", fault_in(kvm, VmType::Default, size, None), pages);
 }

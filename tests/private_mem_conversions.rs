@@ -30,7 +30,9 @@ use kvm_harness::uapi::{
     KVM_EINVAL, KVM_EXIT_HYPERCALL_LONG_MODE, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
 };
-use kvm_harness::{ensure, Agent, Cap, Error, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType};
+use kvm_harness::{
+    ensure, settings, threads, Agent, Cap, Error, Fill, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType,
+};
 
 /// Environment variable: number of concurrently converting vCPUs.
 pub const VCPUS_ENV: &str = "KVM_SELFTESTS_CONVERSION_VCPUS";
@@ -159,10 +161,10 @@ impl Conv<'_> {
     fn host_sync(&self, gpa: u64, size: u64, expected: u64, new: Option<u64>) -> Result<()> {
         let mut at = gpa;
         while at < gpa + size {
-            let region = self.vm.slot_at(at).ok_or_else(|| Error::Config(format!("no memslot at {at:#x}")))?;
+            let region = self.vm.slot_at(at).ok_or_else(|| Error::misuse(format!("no memslot at {at:#x}")))?;
             let len = (gpa + size).min(region.gpa + region.size) - at;
             let (memory, offset) = self.vm.shared_view(at, len)?;
-            if let Some((off, value)) = memory.find_mismatch_u64(offset, len, expected) {
+            if let Some((off, value)) = memory.find_mismatch(offset, len, Fill::U64(expected)) {
                 let gpa_seen = at + off - offset;
                 return Err(Error::rule(
                     "the host's mapping of a GPA only ever holds shared data",
@@ -346,10 +348,7 @@ fn conversions(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, phase: Phase) -> Resul
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("vCPU thread panicked".into()))))
-            .collect()
+        handles.into_iter().map(|h| threads::join_result(h, "vCPU thread")).collect()
     });
     let failures: Vec<String> = outcomes
         .into_iter()
@@ -374,15 +373,76 @@ fn guest_memfd_outlives_vm(gmem: &GuestMemfd, size: u64) -> Result<()> {
     kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))
 }
 
-fn env_count(name: &str, default: u64, max: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(Error::Config(format!("{name}={v:?}: expected an integer in 1..={max}"))),
-        },
-        Err(e) => Err(Error::Config(format!("{name}: {e}"))),
+fn concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots(kvm: &Arc<Kvm>) -> Result<()> {
+    let vcpus = settings::count(VCPUS_ENV, 4, 16)?;
+    let memslots = settings::count(MEMSLOTS_ENV, 2, 64)?;
+    println!("private_mem_conversions: {vcpus} vCPUs, {memslots} memslots over one guest_memfd");
+    conversions(kvm, vcpus, memslots, Phase::All)
+}
+
+fn map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages(kvm: &Arc<Kvm>) -> Result<()> {
+    let Setup { vm, .. } = setup(kvm, 1, 1)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let einval = KVM_EINVAL.wrapping_neg();
+    for (gpa, npages, what) in [(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")] {
+        let ret =
+            guest.hypercall(KVM_HC_MAP_GPA_RANGE, [gpa, npages, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, args| {
+                Err(Error::rule(
+                    format!("KVM_HC_MAP_GPA_RANGE with {what} fails in the guest without exiting"),
+                    format!("got KVM_EXIT_HYPERCALL nr {nr} args {args:#x?}"),
+                ))
+            })?;
+        ensure!(
+            ret == einval,
+            format!("KVM_HC_MAP_GPA_RANGE with {what} returns -KVM_EINVAL to the guest"),
+            "guest rax {ret:#x}, expected {einval:#x} (gpa {gpa:#x}, npages {npages})"
+        );
     }
+    guest.done().map(drop)
+}
+
+fn map_gpa_range_without_exit_hypercall_returns_enosys_to_guest(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let enosys = 1000u64.wrapping_neg();
+    let ret = guest.hypercall(KVM_HC_MAP_GPA_RANGE, [BASE_GPA, 1, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, _| {
+        Err(Error::rule(
+            "KVM_HC_MAP_GPA_RANGE exits to userspace only when KVM_CAP_EXIT_HYPERCALL enables it",
+            format!("got KVM_EXIT_HYPERCALL nr {nr} without enabling it"),
+        ))
+    })?;
+    ensure!(
+        ret == enosys,
+        "KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL returns -KVM_ENOSYS to the guest",
+        "guest rax {ret:#x}, expected {enosys:#x}"
+    );
+    guest.done().map(drop)
+}
+
+fn hypercall_exit_reports_long_mode(kvm: &Arc<Kvm>) -> Result<()> {
+    let Setup { vm, .. } = setup(kvm, 1, 1)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    guest.submit(kvm_harness::Op::Hypercall {
+        nr: KVM_HC_MAP_GPA_RANGE,
+        args: [BASE_GPA, 1, KVM_MAP_GPA_RANGE_DECRYPTED, 0],
+    })?;
+    let flags = match guest.vcpu().run()? {
+        kvm_harness::Exit::Hypercall { flags, .. } => flags,
+        other => {
+            return Err(Error::rule(
+                "KVM_HC_MAP_GPA_RANGE exits with KVM_EXIT_HYPERCALL",
+                guest.vcpu().report(other).to_string(),
+            ))
+        }
+    };
+    ensure!(
+        flags == KVM_EXIT_HYPERCALL_LONG_MODE,
+        "a 64-bit guest's KVM_EXIT_HYPERCALL has flags exactly KVM_EXIT_HYPERCALL_LONG_MODE",
+        "hypercall.flags {flags:#x}"
+    );
+    guest.vcpu().set_hypercall_ret(0)?;
+    guest.wait_ready("completing the hypercall")?;
+    guest.done().map(drop)
 }
 
 fn main() -> ExitCode {
@@ -397,81 +457,11 @@ fn main() -> ExitCode {
         suite.test(name, needs(), move |kvm| conversions(kvm, 1, 1, phase));
     }
 
-    suite.test("concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots", needs(), |kvm| {
-        let vcpus = env_count(VCPUS_ENV, 4, 16)?;
-        let memslots = env_count(MEMSLOTS_ENV, 2, 64)?;
-        println!("private_mem_conversions: {vcpus} vCPUs, {memslots} memslots over one guest_memfd");
-        conversions(kvm, vcpus, memslots, Phase::All)
-    });
-
-    suite.test("map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages", needs(), |kvm| {
-        let Setup { vm, .. } = setup(kvm, 1, 1)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        let einval = KVM_EINVAL.wrapping_neg();
-        for (gpa, npages, what) in [(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")] {
-            let ret = guest.hypercall(
-                KVM_HC_MAP_GPA_RANGE,
-                [gpa, npages, KVM_MAP_GPA_RANGE_ENCRYPTED, 0],
-                |_, nr, args| {
-                    Err(Error::rule(
-                        format!("KVM_HC_MAP_GPA_RANGE with {what} fails in the guest without exiting"),
-                        format!("got KVM_EXIT_HYPERCALL nr {nr} args {args:#x?}"),
-                    ))
-                },
-            )?;
-            ensure!(
-                ret == einval,
-                format!("KVM_HC_MAP_GPA_RANGE with {what} returns -KVM_EINVAL to the guest"),
-                "guest rax {ret:#x}, expected {einval:#x} (gpa {gpa:#x}, npages {npages})"
-            );
-        }
-        guest.done().map(drop)
-    });
-
-    suite.test("map_gpa_range_without_exit_hypercall_returns_enosys_to_guest", needs(), |kvm| {
-        let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        let enosys = 1000u64.wrapping_neg();
-        let ret =
-            guest.hypercall(KVM_HC_MAP_GPA_RANGE, [BASE_GPA, 1, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, _| {
-                Err(Error::rule(
-                    "KVM_HC_MAP_GPA_RANGE exits to userspace only when KVM_CAP_EXIT_HYPERCALL enables it",
-                    format!("got KVM_EXIT_HYPERCALL nr {nr} without enabling it"),
-                ))
-            })?;
-        ensure!(
-            ret == enosys,
-            "KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL returns -KVM_ENOSYS to the guest",
-            "guest rax {ret:#x}, expected {enosys:#x}"
-        );
-        guest.done().map(drop)
-    });
-
-    suite.test("hypercall_exit_reports_long_mode", needs(), |kvm| {
-        let Setup { vm, .. } = setup(kvm, 1, 1)?;
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        guest.submit(kvm_harness::Op::Hypercall {
-            nr: KVM_HC_MAP_GPA_RANGE,
-            args: [BASE_GPA, 1, KVM_MAP_GPA_RANGE_DECRYPTED, 0],
-        })?;
-        let flags = match guest.vcpu().run()? {
-            kvm_harness::Exit::Hypercall { flags, .. } => flags,
-            other => {
-                return Err(Error::rule(
-                    "KVM_HC_MAP_GPA_RANGE exits with KVM_EXIT_HYPERCALL",
-                    guest.vcpu().report(other).to_string(),
-                ))
-            }
-        };
-        ensure!(
-            flags == KVM_EXIT_HYPERCALL_LONG_MODE,
-            "a 64-bit guest's KVM_EXIT_HYPERCALL has flags exactly KVM_EXIT_HYPERCALL_LONG_MODE",
-            "hypercall.flags {flags:#x}"
-        );
-        guest.vcpu().set_hypercall_ret(0)?;
-        guest.wait_ready("completing the hypercall")?;
-        guest.done().map(drop)
-    });
-
+    kvm_harness::register!(suite, needs() =>
+        concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots,
+        map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages,
+        map_gpa_range_without_exit_hypercall_returns_enosys_to_guest,
+        hypercall_exit_reports_long_mode,
+    );
     suite.run()
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
-use kvm_harness::{ensure, Agent, Errno, Error, Exit, Kvm, Need, Op, Result, Suite, Vm, VmType};
+use kvm_harness::{ensure, threads, Agent, Errno, Error, Exit, Fill, Kvm, Need, Op, Result, Suite, Vm, VmType};
 
 const SLOT: u32 = 10;
 const SLOT_SIZE: u64 = 2 << 20;
@@ -108,9 +108,9 @@ impl Access {
 
     fn op(self) -> Op {
         match self {
-            Self::Read => Op::Read(self.gpa()),
-            Self::Write => Op::Write(self.gpa(), WRITTEN),
-            Self::Fetch => Op::Exec(self.gpa()),
+            Self::Read => Op::Read { gpa: self.gpa() },
+            Self::Write => Op::Write { gpa: self.gpa(), value: WRITTEN },
+            Self::Fetch => Op::Exec { gpa: self.gpa() },
         }
     }
 }
@@ -188,59 +188,120 @@ fn not_private_slot(kvm: &Arc<Kvm>, access: Access, then_shared: bool) -> Result
     agent.done().map(drop)
 }
 
+/// Upstream's scenario: the vCPU keeps reading a private GPA while the host
+/// deletes the memslot under it.
+fn private_read_exits_memory_fault_when_memslot_is_deleted_under_running_vcpu(kvm: &Arc<Kvm>) -> Result<()> {
+    let (vm, _shared) = protected_vm(kvm, true)?;
+    vm.make_private(TARGET_GPA, PAGE)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    // Stride 0: the agent reads the same u64 forever.
+    agent.submit(Op::Touch { gpa: TARGET_GPA, len: 8, stride: 0, write: false })?;
+    std::thread::scope(|s| {
+        let runner = s.spawn(move || {
+            let exit = agent.vcpu().run();
+            (agent, exit)
+        });
+        // Let the guest fault the page in from guest_memfd and spin on it.
+        std::thread::sleep(Duration::from_millis(200));
+        vm.delete_slot(SLOT)?;
+        let (mut agent, exit) = threads::join(runner, "vCPU thread")?;
+        expect_private_fault(
+            &mut agent,
+            exit?,
+            TARGET_GPA,
+            "a private read of a GPA whose memslot was deleted exits KVM_EXIT_MEMORY_FAULT",
+        )
+    })
+}
+
+fn private_read_exits_memory_fault_when_memslot_was_deleted(kvm: &Arc<Kvm>) -> Result<()> {
+    let (vm, _shared) = protected_vm(kvm, true)?;
+    vm.make_private(TARGET_GPA, PAGE)?;
+    vm.delete_slot(SLOT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    agent.submit(Op::Read { gpa: TARGET_GPA })?;
+    let exit = agent.vcpu().run()?;
+    expect_private_fault(
+        &mut agent,
+        exit,
+        TARGET_GPA,
+        "a private read of a GPA with no memslot exits KVM_EXIT_MEMORY_FAULT",
+    )?;
+    // Shared again with no memslot: the access is emulated MMIO, not a fault.
+    vm.make_shared(TARGET_GPA, PAGE)?;
+    match agent.vcpu().run()? {
+        Exit::Mmio { gpa: TARGET_GPA, len: 8, is_write: false, .. } => Ok(()),
+        other => Err(Error::rule(
+            "after conversion to shared, a read of a GPA with no memslot exits KVM_EXIT_MMIO",
+            format!("expected an 8-byte MMIO read at {TARGET_GPA:#x}, got {}", agent.vcpu().report(other)),
+        )),
+    }
+}
+
+fn bytes_written_privately_never_appear_in_host_shared_mapping(kvm: &Arc<Kvm>) -> Result<()> {
+    const HOST: u64 = 0x4848_4848_4848_4848;
+    const PRIVATE_1: u64 = 0x5031_5031_5031_5031;
+    const GUEST_SHARED: u64 = 0x5353_5353_5353_5353;
+    const PRIVATE_2: u64 = 0x5032_5032_5032_5032;
+    const LEN: u64 = 16 * PAGE;
+    let (vm, shared) = protected_vm(kvm, true)?;
+    let rule = "private writes by the guest never reach the host's shared mapping of the same GPA";
+    let leak_check = |when: &str, secrets: &[u64]| -> Result<()> {
+        let mut buf = vec![0u8; SLOT_SIZE as usize];
+        shared.read(0, &mut buf);
+        for (i, word) in buf.chunks_exact(8).enumerate() {
+            let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            ensure!(
+                !secrets.contains(&value),
+                rule,
+                "{when}: host shared mapping holds the guest's private pattern {value:#x} at GPA {:#x}",
+                TEST_AREA_GPA + 8 * i as u64
+            );
+        }
+        Ok(())
+    };
+    let host_holds = |when: &str, pattern: u64| -> Result<()> {
+        shared.expect_filled(rule, 0, LEN, Fill::U64(pattern), |off| {
+            format!("{when}: host shared mapping at GPA {:#x}", off + TEST_AREA_GPA)
+        })
+    };
+    shared.fill_u64(0, LEN, HOST);
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    guest.check(TEST_AREA_GPA, LEN, HOST)?;
+
+    vm.make_private(TEST_AREA_GPA, LEN)?;
+    guest.fill(TEST_AREA_GPA, LEN, PRIVATE_1)?;
+    guest.check(TEST_AREA_GPA, LEN, PRIVATE_1)?;
+    host_holds("after the guest's private write", HOST)?;
+    leak_check("after the guest's private write", &[PRIVATE_1])?;
+
+    vm.make_shared(TEST_AREA_GPA, LEN)?;
+    guest
+        .check(TEST_AREA_GPA, LEN, HOST)
+        .map_err(|e| Error::rule("a GPA converted to shared reads the host's shared mapping", e.to_string()))?;
+    leak_check("after conversion to shared", &[PRIVATE_1])?;
+    guest.fill(TEST_AREA_GPA, LEN, GUEST_SHARED)?;
+    host_holds("after the guest's shared write", GUEST_SHARED)?;
+
+    vm.make_private(TEST_AREA_GPA, LEN)?;
+    guest.fill(TEST_AREA_GPA, LEN, PRIVATE_2)?;
+    guest.check(TEST_AREA_GPA, LEN, PRIVATE_2)?;
+    host_holds("after the second private write", GUEST_SHARED)?;
+    leak_check("after the second private write", &[PRIVATE_1, PRIVATE_2])?;
+
+    vm.make_shared(TEST_AREA_GPA, LEN)?;
+    guest.check(TEST_AREA_GPA, LEN, GUEST_SHARED)?;
+    leak_check("after the final conversion to shared", &[PRIVATE_1, PRIVATE_2])?;
+    guest.done().map(drop)
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_mem_exits");
 
-    // Upstream's scenario: the vCPU keeps reading a private GPA while the host
-    // deletes the memslot under it.
-    suite.test("private_read_exits_memory_fault_when_memslot_is_deleted_under_running_vcpu", needs(), |kvm| {
-        let (vm, _shared) = protected_vm(kvm, true)?;
-        vm.make_private(TARGET_GPA, PAGE)?;
-        let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        // Stride 0: the agent reads the same u64 forever.
-        agent.submit(Op::Touch { gpa: TARGET_GPA, len: 8, stride: 0, write: false })?;
-        std::thread::scope(|s| {
-            let runner = s.spawn(move || {
-                let exit = agent.vcpu().run();
-                (agent, exit)
-            });
-            // Let the guest fault the page in from guest_memfd and spin on it.
-            std::thread::sleep(Duration::from_millis(200));
-            vm.delete_slot(SLOT)?;
-            let (mut agent, exit) = runner.join().map_err(|_| Error::Config("vCPU thread panicked".into()))?;
-            expect_private_fault(
-                &mut agent,
-                exit?,
-                TARGET_GPA,
-                "a private read of a GPA whose memslot was deleted exits KVM_EXIT_MEMORY_FAULT",
-            )
-        })
-    });
-
-    suite.test("private_read_exits_memory_fault_when_memslot_was_deleted", needs(), |kvm| {
-        let (vm, _shared) = protected_vm(kvm, true)?;
-        vm.make_private(TARGET_GPA, PAGE)?;
-        vm.delete_slot(SLOT)?;
-        let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        agent.submit(Op::Read(TARGET_GPA))?;
-        let exit = agent.vcpu().run()?;
-        expect_private_fault(
-            &mut agent,
-            exit,
-            TARGET_GPA,
-            "a private read of a GPA with no memslot exits KVM_EXIT_MEMORY_FAULT",
-        )?;
-        // Shared again with no memslot: the access is emulated MMIO, not a fault.
-        vm.make_shared(TARGET_GPA, PAGE)?;
-        match agent.vcpu().run()? {
-            Exit::Mmio { gpa: TARGET_GPA, len: 8, is_write: false, .. } => Ok(()),
-            other => Err(Error::rule(
-                "after conversion to shared, a read of a GPA with no memslot exits KVM_EXIT_MMIO",
-                format!("expected an 8-byte MMIO read at {TARGET_GPA:#x}, got {}", agent.vcpu().report(other)),
-            )),
-        }
-    });
-
+    kvm_harness::register!(suite, needs() =>
+        private_read_exits_memory_fault_when_memslot_is_deleted_under_running_vcpu,
+        private_read_exits_memory_fault_when_memslot_was_deleted,
+    );
     for access in Access::ALL {
         suite.test(
             format!("private_{}_exits_memory_fault_when_memslot_has_no_guest_memfd", access.name()),
@@ -254,69 +315,6 @@ fn main() -> ExitCode {
         );
     }
 
-    suite.test("bytes_written_privately_never_appear_in_host_shared_mapping", needs(), |kvm| {
-        const HOST: u64 = 0x4848_4848_4848_4848;
-        const PRIVATE_1: u64 = 0x5031_5031_5031_5031;
-        const GUEST_SHARED: u64 = 0x5353_5353_5353_5353;
-        const PRIVATE_2: u64 = 0x5032_5032_5032_5032;
-        const LEN: u64 = 16 * PAGE;
-        let (vm, shared) = protected_vm(kvm, true)?;
-        let rule = "private writes by the guest never reach the host's shared mapping of the same GPA";
-        let leak_check = |when: &str, secrets: &[u64]| -> Result<()> {
-            let mut buf = vec![0u8; SLOT_SIZE as usize];
-            shared.read(0, &mut buf);
-            for (i, word) in buf.chunks_exact(8).enumerate() {
-                let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-                ensure!(
-                    !secrets.contains(&value),
-                    rule,
-                    "{when}: host shared mapping holds the guest's private pattern {value:#x} at GPA {:#x}",
-                    TEST_AREA_GPA + 8 * i as u64
-                );
-            }
-            Ok(())
-        };
-        let host_holds = |when: &str, pattern: u64| -> Result<()> {
-            match shared.find_mismatch_u64(0, LEN, pattern) {
-                None => Ok(()),
-                Some((off, v)) => Err(Error::rule(
-                    rule,
-                    format!(
-                        "{when}: host shared mapping at GPA {:#x} holds {v:#x}, expected {pattern:#x}",
-                        off + TEST_AREA_GPA
-                    ),
-                )),
-            }
-        };
-        shared.fill_u64(0, LEN, HOST);
-        let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
-        guest.check(TEST_AREA_GPA, LEN, HOST)?;
-
-        vm.make_private(TEST_AREA_GPA, LEN)?;
-        guest.fill(TEST_AREA_GPA, LEN, PRIVATE_1)?;
-        guest.check(TEST_AREA_GPA, LEN, PRIVATE_1)?;
-        host_holds("after the guest's private write", HOST)?;
-        leak_check("after the guest's private write", &[PRIVATE_1])?;
-
-        vm.make_shared(TEST_AREA_GPA, LEN)?;
-        guest
-            .check(TEST_AREA_GPA, LEN, HOST)
-            .map_err(|e| Error::rule("a GPA converted to shared reads the host's shared mapping", e.to_string()))?;
-        leak_check("after conversion to shared", &[PRIVATE_1])?;
-        guest.fill(TEST_AREA_GPA, LEN, GUEST_SHARED)?;
-        host_holds("after the guest's shared write", GUEST_SHARED)?;
-
-        vm.make_private(TEST_AREA_GPA, LEN)?;
-        guest.fill(TEST_AREA_GPA, LEN, PRIVATE_2)?;
-        guest.check(TEST_AREA_GPA, LEN, PRIVATE_2)?;
-        host_holds("after the second private write", GUEST_SHARED)?;
-        leak_check("after the second private write", &[PRIVATE_1, PRIVATE_2])?;
-
-        vm.make_shared(TEST_AREA_GPA, LEN)?;
-        guest.check(TEST_AREA_GPA, LEN, GUEST_SHARED)?;
-        leak_check("after the final conversion to shared", &[PRIVATE_1, PRIVATE_2])?;
-        guest.done().map(drop)
-    });
-
+    kvm_harness::register!(suite, needs() => bytes_written_privately_never_appear_in_host_shared_mapping);
     suite.run()
 }

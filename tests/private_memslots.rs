@@ -17,8 +17,8 @@ use std::sync::Arc;
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_harness::kernel_rules::GMEM_BINDING_OVERLAP;
 use kvm_harness::{
-    expect_errno, expect_ok, page_size, Cap, Errno, Error, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
-    Result, Suite, Vm, VmType,
+    expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
+    Result, Suite, SysResult, Vm, VmType,
 };
 
 /// Slot, GPA and size of the binding under test (upstream's MEM_REGION_*).
@@ -64,10 +64,10 @@ enum WrongFd {
 
 fn binding_rejects_fd(kvm: &Arc<Kvm>, vm_type: VmType, which: WrongFd) -> Result<()> {
     let (vm, gmem) = vm_and_gmem(kvm, vm_type, SIZE)?;
-    let dev_kvm = File::open("/dev/kvm").map_err(|e| Error::Config(format!("open /dev/kvm: {e}")))?;
+    let dev_kvm = File::open("/dev/kvm").sys(|| "open(/dev/kvm)".into())?;
     let memfd: OwnedFd = nix::sys::memfd::memfd_create(c"plain", nix::sys::memfd::MFdFlags::empty())
-        .map_err(|e| Error::Config(format!("memfd_create: {e}")))?;
-    nix::unistd::ftruncate(&memfd, SIZE as i64).map_err(|e| Error::Config(format!("ftruncate(memfd): {e}")))?;
+        .sys(|| "memfd_create(plain)".into())?;
+    nix::unistd::ftruncate(&memfd, SIZE as i64).sys(|| format!("ftruncate(memfd, {SIZE:#x})"))?;
     let other_vm = Vm::bare(kvm, vm_type)?;
     let other_gmem = Arc::new(other_vm.create_guest_memfd(SIZE, 0)?);
     let (fd, what, errno) = match which {
@@ -95,19 +95,10 @@ fn binding_rejects_fd(kvm: &Arc<Kvm>, vm_type: VmType, which: WrongFd) -> Result
 fn binding_rejects_unaligned_offsets(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
     let (vm, gmem) = vm_and_gmem(kvm, vm_type, 2 * SIZE)?;
     let rule = format!("{vm_type}: a guest_memfd offset that is not page-aligned is rejected with EINVAL");
-    let mut failures = Vec::new();
-    for offset in 1..page_size() {
+    sweep(&rule, 1..page_size(), |offset| {
         let bad = bound(SLOT, GPA, SIZE, GmemBinding::Memfd(gmem.clone()), offset)?;
-        if let Err(e) = expect_errno(&rule, Errno::EINVAL, || vm.set_region(&bad)) {
-            failures.push(format!("offset {offset:#x}: {e}"));
-        }
-    }
-    if !failures.is_empty() {
-        return Err(Error::rule(
-            rule,
-            format!("{} offset(s) not rejected as expected; first: {}", failures.len(), failures[0]),
-        ));
-    }
+        expect_errno(&rule, Errno::EINVAL, || vm.set_region(&bad))
+    })?;
     let valid = bound(SLOT, GPA, SIZE, GmemBinding::Memfd(gmem.clone()), page_size())?;
     expect_ok(&format!("{vm_type}: control: the page-aligned offset {:#x} is accepted", page_size()), || {
         vm.set_region(&valid)
@@ -287,6 +278,10 @@ fn binds_guest_memfd(kvm: &Arc<Kvm>, vm_type: VmType) -> bool {
     Vm::bare(kvm, vm_type).is_ok_and(|vm| vm.cap(Cap::GuestMemfd) != 0)
 }
 
+/// Registers a test of one VM type: `rule` is its name after the type
+/// prefix, `extra` what it needs beyond a guest_memfd-capable VM of the type.
+type Add<'a> = dyn FnMut(&str, Vec<Need>, Body) + 'a;
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_memslots");
     for vm_type in VmType::ALL {
@@ -305,88 +300,86 @@ fn main() -> ExitCode {
             all.extend(extra);
             suite.test(format!("{short}_vm_{rule}"), all, body);
         };
-        for (name, which) in [
-            ("dev_kvm_fd", WrongFd::DevKvm),
-            ("vm_fd", WrongFd::VmFd),
-            ("plain_memfd", WrongFd::PlainMemfd),
-            ("other_vms_guest_memfd", WrongFd::OtherVmsGuestMemfd),
-            ("fd_not_open_0x7fffffff", WrongFd::NotOpen(0x7fff_ffff)),
-            ("fd_not_open_u32_max", WrongFd::NotOpen(u32::MAX)),
-        ] {
-            add(
-                &format!("binding_rejects_{name}"),
-                vec![],
-                Box::new(move |kvm| binding_rejects_fd(kvm, vm_type, which)),
-            );
-        }
-        add(
-            "binding_rejects_offsets_1_to_page_minus_1",
-            vec![],
-            Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
-        );
-        let page = page_size();
-        for (name, offset, what) in [
-            ("offset_ending_one_page_past_end", SIZE + page, "the range ends one page past the guest_memfd"),
-            ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd"),
-            ("offset_with_bit_63", 1 << 63, "negative as a file offset"),
-            ("offset_wrapping_u64", !(page - 1), "offset + size wraps around"),
-            // Upstream's test_invalid_binding: offset and size each valid as a
-            // signed file offset, their sum not (eba85fee7fc6, "KVM: guest_memfd:
-            // Treat memslot binding offset+size as unsigned values").
-            ("offset_align_down_i64_max", (i64::MAX as u64) & !(page - 1), "offset + size crosses 2^63"),
-            ("offset_ending_exactly_at_2_63", (1 << 63) - SIZE, "offset + size is exactly 2^63"),
-        ] {
-            add(
-                &format!("binding_rejects_{name}"),
-                vec![],
-                Box::new(move |kvm| binding_rejects_offset(kvm, vm_type, offset, what)),
-            );
-        }
-        add(
-            "valid_binding_can_be_deleted_and_readded",
-            vec![],
-            Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)),
-        );
-        for case in OVERLAPS {
-            let rule = if case.overlaps {
-                format!("binding_rejects_guest_memfd_overlap_{}", case.name)
-            } else {
-                format!("binding_accepts_guest_memfd_ranges_{}", case.name)
-            };
-            add(&rule, vec![], Box::new(move |kvm| overlapping_binding(kvm, vm_type, case)));
-        }
-        add(
-            "memslot_gpa_overlap_rejected_with_eexist",
-            vec![],
-            Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "head")),
-        );
-        add(
-            "memslot_gpa_overlap_back_half_rejected_with_eexist",
-            vec![],
-            Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "tail")),
-        );
-        add(
-            "guest_memfd_with_log_dirty_pages_rejected",
-            vec![],
-            Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::LogDirty)),
-        );
-        // READONLY | GUEST_MEMFD is refused since the fix that made guest_memfd
-        // and read-only memslots exclusive (v6.8, before guest_memfd shipped);
-        // since v6.11 KVM_MEM_READONLY itself also depends on
-        // kvm_arch_has_readonly_mem(), which KVM_CAP_READONLY_MEM on the VM fd
-        // reports. Only where READONLY alone is accepted does a rejection of
-        // the combination isolate the guest_memfd rule, so that is the
-        // capability this test needs.
-        add(
-            "guest_memfd_with_readonly_rejected",
-            vec![Need::VmCap(vm_type, Cap::ReadonlyMem)],
-            Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::Readonly)),
-        );
-        add(
-            "v1_ioctl_rejects_guest_memfd_flag",
-            vec![],
-            Box::new(move |kvm| v1_rejects_guest_memfd_flag(kvm, vm_type)),
-        );
+        register_binding_rules(&mut add, vm_type);
+        register_overlap_and_flag_rules(&mut add, vm_type);
     }
     suite.run()
+}
+
+/// What a binding may point at: fds, offsets, and a valid binding's lifecycle.
+fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
+    for (name, which) in [
+        ("dev_kvm_fd", WrongFd::DevKvm),
+        ("vm_fd", WrongFd::VmFd),
+        ("plain_memfd", WrongFd::PlainMemfd),
+        ("other_vms_guest_memfd", WrongFd::OtherVmsGuestMemfd),
+        ("fd_not_open_0x7fffffff", WrongFd::NotOpen(0x7fff_ffff)),
+        ("fd_not_open_u32_max", WrongFd::NotOpen(u32::MAX)),
+    ] {
+        add(&format!("binding_rejects_{name}"), vec![], Box::new(move |kvm| binding_rejects_fd(kvm, vm_type, which)));
+    }
+    add(
+        "binding_rejects_offsets_1_to_page_minus_1",
+        vec![],
+        Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
+    );
+    let page = page_size();
+    for (name, offset, what) in [
+        ("offset_ending_one_page_past_end", SIZE + page, "the range ends one page past the guest_memfd"),
+        ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd"),
+        ("offset_with_bit_63", 1 << 63, "negative as a file offset"),
+        ("offset_wrapping_u64", !(page - 1), "offset + size wraps around"),
+        // Upstream's test_invalid_binding: offset and size each valid as a
+        // signed file offset, their sum not (eba85fee7fc6, "KVM: guest_memfd:
+        // Treat memslot binding offset+size as unsigned values").
+        ("offset_align_down_i64_max", (i64::MAX as u64) & !(page - 1), "offset + size crosses 2^63"),
+        ("offset_ending_exactly_at_2_63", (1 << 63) - SIZE, "offset + size is exactly 2^63"),
+    ] {
+        add(
+            &format!("binding_rejects_{name}"),
+            vec![],
+            Box::new(move |kvm| binding_rejects_offset(kvm, vm_type, offset, what)),
+        );
+    }
+    add("valid_binding_can_be_deleted_and_readded", vec![], Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)));
+}
+
+/// Overlapping bindings and GPA ranges, flag combinations, the v1 ioctl.
+fn register_overlap_and_flag_rules(add: &mut Add<'_>, vm_type: VmType) {
+    for case in OVERLAPS {
+        let rule = if case.overlaps {
+            format!("binding_rejects_guest_memfd_overlap_{}", case.name)
+        } else {
+            format!("binding_accepts_guest_memfd_ranges_{}", case.name)
+        };
+        add(&rule, vec![], Box::new(move |kvm| overlapping_binding(kvm, vm_type, case)));
+    }
+    add(
+        "memslot_gpa_overlap_rejected_with_eexist",
+        vec![],
+        Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "head")),
+    );
+    add(
+        "memslot_gpa_overlap_back_half_rejected_with_eexist",
+        vec![],
+        Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "tail")),
+    );
+    add(
+        "guest_memfd_with_log_dirty_pages_rejected",
+        vec![],
+        Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::LogDirty)),
+    );
+    // READONLY | GUEST_MEMFD is refused since the fix that made guest_memfd
+    // and read-only memslots exclusive (v6.8, before guest_memfd shipped);
+    // since v6.11 KVM_MEM_READONLY itself also depends on
+    // kvm_arch_has_readonly_mem(), which KVM_CAP_READONLY_MEM on the VM fd
+    // reports. Only where READONLY alone is accepted does a rejection of
+    // the combination isolate the guest_memfd rule, so that is the
+    // capability this test needs.
+    add(
+        "guest_memfd_with_readonly_rejected",
+        vec![Need::VmCap(vm_type, Cap::ReadonlyMem)],
+        Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::Readonly)),
+    );
+    add("v1_ioctl_rejects_guest_memfd_flag", vec![], Box::new(move |kvm| v1_rejects_guest_memfd_flag(kvm, vm_type)));
 }

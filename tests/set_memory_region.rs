@@ -13,8 +13,8 @@ use kvm_harness::bindings::{
     KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_QUIRK_SLOT_ZAP_ALL,
 };
 use kvm_harness::{
-    ensure, expect_errno, expect_ok, Cap, Errno, Error, Exit, GmemBinding, GuestCall, HostMemory, Kvm, Need, Region,
-    Result, Suite, Vcpu, Vm, VmType,
+    ensure, expect_errno, expect_ok, threads, Cap, Errno, Error, Exit, GmemBinding, GuestCall, HostMemory, Kvm, Need,
+    Region, Result, Suite, Vcpu, Vm, VmType,
 };
 use kvm_selftests::valid_region;
 
@@ -235,7 +235,7 @@ fn with_running_guest(
         if hosted.is_err() {
             let _ = vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT);
         }
-        let end = guest.join().map_err(|_| Error::Config("the vCPU thread panicked".into()))?;
+        let end = threads::join(guest, "vCPU thread")?;
         hosted?;
         let end = end?;
         seen.extend(rx.try_iter());
@@ -259,8 +259,8 @@ fn move_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
     let (vm, vcpu) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], false)?;
     let (seen, end) = with_running_guest(&vm, vcpu, |rx, seen| {
         seen.push(wait_for_vcpu(rx, "at start")?);
-        let region = vm.slot_at(GPA).ok_or_else(|| Error::Config("slot 10 is not installed".into()))?;
-        let memory = region.memory.clone().ok_or_else(|| Error::Config("slot 10 has no memory".into()))?;
+        let region = vm.slot_at(GPA).ok_or_else(|| Error::misuse("slot 10 is not installed"))?;
+        let memory = region.memory.clone().ok_or_else(|| Error::misuse("slot 10 has no memory"))?;
         // KVM_MR_MOVE one page down: the GPA now maps the backing's second
         // page (zero), so the guest must not see what lands in the first.
         vm.set_region(&Region { gpa: GPA - 4096, ..region.clone() })?;

@@ -61,6 +61,53 @@ fn guest_memfd_cap_matches_binding(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()
     }
 }
 
+fn vm_types_always_advertises_default_vm(kvm: &Arc<Kvm>) -> Result<()> {
+    let types = kvm.vm_types();
+    // Kernels before KVM_CAP_VM_TYPES report 0 and support only type 0.
+    ensure!(types == 0 || types & 1 != 0, "KVM_CAP_VM_TYPES includes KVM_X86_DEFAULT_VM", "got {types:#x}");
+    Ok(())
+}
+
+fn protected_vm_reports_private_memory_attribute(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let attrs = vm.cap(Cap::MemoryAttributes) as u64;
+    ensure!(
+        attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0,
+        "a KVM_X86_SW_PROTECTED_VM supports KVM_MEMORY_ATTRIBUTE_PRIVATE",
+        "KVM_CAP_MEMORY_ATTRIBUTES on the VM fd = {attrs:#x}"
+    );
+    Ok(())
+}
+
+fn default_vm_reports_no_private_memory_attribute(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    let attrs = vm.cap(Cap::MemoryAttributes) as u64;
+    ensure!(
+        attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0,
+        "a KVM_X86_DEFAULT_VM has no private memory",
+        "KVM_CAP_MEMORY_ATTRIBUTES on the VM fd = {attrs:#x}"
+    );
+    Ok(())
+}
+
+fn default_vm_rejects_private_memory_attribute(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    // The ioctl exists when /dev/kvm reports any attribute; without it the
+    // VM ioctl falls through to ENOTTY.
+    let (expected, rule) = match kvm.cap(Cap::MemoryAttributes) {
+        0 => (Errno::ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES is absent when /dev/kvm reports no attributes"),
+        _ => (Errno::EINVAL, "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is refused on a VM without private memory"),
+    };
+    expect_errno(rule, expected, || vm.make_private(0, page_size()))
+}
+
+fn protected_vm_reports_guest_memfd(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let cap = vm.cap(Cap::GuestMemfd);
+    ensure!(cap == 1, "a KVM_X86_SW_PROTECTED_VM reports KVM_CAP_GUEST_MEMFD = 1", "VM fd reports {cap}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("vm_types");
 
@@ -76,49 +123,15 @@ fn main() -> ExitCode {
             })
         });
     }
-    suite.test("vm_types_always_advertises_default_vm", vec![], |kvm| {
-        let types = kvm.vm_types();
-        // Kernels before KVM_CAP_VM_TYPES report 0 and support only type 0.
-        ensure!(types == 0 || types & 1 != 0, "KVM_CAP_VM_TYPES includes KVM_X86_DEFAULT_VM", "got {types:#x}");
-        Ok(())
-    });
-
-    suite.test("protected_vm_reports_private_memory_attribute", vec![Need::VmType(VmType::SwProtected)], |kvm| {
-        let vm = Vm::bare(kvm, VmType::SwProtected)?;
-        let attrs = vm.cap(Cap::MemoryAttributes) as u64;
-        ensure!(
-            attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0,
-            "a KVM_X86_SW_PROTECTED_VM supports KVM_MEMORY_ATTRIBUTE_PRIVATE",
-            "KVM_CAP_MEMORY_ATTRIBUTES on the VM fd = {attrs:#x}"
-        );
-        Ok(())
-    });
-    suite.test("default_vm_reports_no_private_memory_attribute", vec![], |kvm| {
-        let vm = Vm::bare(kvm, VmType::Default)?;
-        let attrs = vm.cap(Cap::MemoryAttributes) as u64;
-        ensure!(
-            attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0,
-            "a KVM_X86_DEFAULT_VM has no private memory",
-            "KVM_CAP_MEMORY_ATTRIBUTES on the VM fd = {attrs:#x}"
-        );
-        Ok(())
-    });
-    suite.test("default_vm_rejects_private_memory_attribute", vec![], |kvm| {
-        let vm = Vm::bare(kvm, VmType::Default)?;
-        // The ioctl exists when /dev/kvm reports any attribute; without it the
-        // VM ioctl falls through to ENOTTY.
-        let (expected, rule) = match kvm.cap(Cap::MemoryAttributes) {
-            0 => (Errno::ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES is absent when /dev/kvm reports no attributes"),
-            _ => (Errno::EINVAL, "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is refused on a VM without private memory"),
-        };
-        expect_errno(rule, expected, || vm.make_private(0, page_size()))
-    });
-    suite.test("protected_vm_reports_guest_memfd", vec![Need::VmType(VmType::SwProtected)], |kvm| {
-        let vm = Vm::bare(kvm, VmType::SwProtected)?;
-        let cap = vm.cap(Cap::GuestMemfd);
-        ensure!(cap == 1, "a KVM_X86_SW_PROTECTED_VM reports KVM_CAP_GUEST_MEMFD = 1", "VM fd reports {cap}");
-        Ok(())
-    });
+    kvm_harness::register!(suite, vec![] => vm_types_always_advertises_default_vm);
+    kvm_harness::register!(suite, vec![Need::VmType(VmType::SwProtected)] =>
+        protected_vm_reports_private_memory_attribute,
+    );
+    kvm_harness::register!(suite, vec![] =>
+        default_vm_reports_no_private_memory_attribute,
+        default_vm_rejects_private_memory_attribute,
+    );
+    kvm_harness::register!(suite, vec![Need::VmType(VmType::SwProtected)] => protected_vm_reports_guest_memfd);
     for vm_type in VmType::ALL {
         suite.test(
             format!("{}_vm_guest_memfd_cap_matches_slot_binding", vm_type.short()),

@@ -5,46 +5,20 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use kvm_harness::results::{Outcome, Record as TestResult};
 
 use crate::error::{Error, Result};
 use crate::util::{self, io_err};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Pass,
-    Fail,
-    Skip,
-    /// Failed as an entry of the known-failures list says it does.
-    Xfail,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct TestResult {
-    pub binary: String,
-    pub test: String,
-    pub outcome: Outcome,
-    #[serde(default)]
-    pub duration_ms: u64,
-    #[serde(default)]
-    pub message: String,
-}
-
-/// Read a results file; a missing file means no test reported anything.
+/// Read a results file (see `kvm_harness::results`); a missing file means
+/// no test reported anything.
 pub fn read_results(path: &Path) -> Result<Vec<TestResult>> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|source| Error::BadResult { path: path.to_path_buf(), line: i + 1, source })
-        })
-        .collect()
+    kvm_harness::results::read(path).map_err(|e| match e {
+        kvm_harness::results::ReadError::Io(e) => io_err(path)(e),
+        kvm_harness::results::ReadError::Parse { line, source } => {
+            Error::BadResult { path: path.to_path_buf(), line, source }
+        }
+    })
 }
 
 #[derive(Debug, Default, Clone, Copy)]

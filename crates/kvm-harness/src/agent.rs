@@ -1,74 +1,11 @@
 //! The guest agent: a vCPU running `guest_payloads::GUEST_AGENT`, driven by
 //! host commands, so a scenario reads as "guest, do X" next to the checks.
 
-use guest_payloads::protocol::*;
+pub use guest_payloads::protocol::Op;
+use guest_payloads::protocol::{MAILBOX_ARG0, MAILBOX_OP};
 
 use crate::error::{Error, Result};
 use crate::vcpu::{Exit, GuestCall, Vcpu};
-
-/// One agent command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Read the u64 at a GPA.
-    Read(u64),
-    /// Write a u64 to a GPA.
-    Write(u64, u64),
-    /// Fill `len` bytes at `gpa` with a u64 pattern.
-    Fill {
-        /// Start.
-        gpa: u64,
-        /// Bytes (multiple of 8).
-        len: u64,
-        /// Pattern.
-        pattern: u64,
-    },
-    /// Check `len` bytes at `gpa` hold a u64 pattern.
-    Check {
-        /// Start.
-        gpa: u64,
-        /// Bytes (multiple of 8).
-        len: u64,
-        /// Pattern.
-        pattern: u64,
-    },
-    /// Call code at a GPA; result is its rax.
-    Exec(u64),
-    /// KVM hypercall.
-    Hypercall {
-        /// Number (rax).
-        nr: u64,
-        /// rbx, rcx, rdx, rsi.
-        args: [u64; 4],
-    },
-    /// Touch one u64 per `stride` bytes.
-    Touch {
-        /// Start.
-        gpa: u64,
-        /// Bytes.
-        len: u64,
-        /// Step.
-        stride: u64,
-        /// Write (else read).
-        write: bool,
-    },
-    /// Report DONE.
-    Done,
-}
-
-impl Op {
-    fn encode(self) -> (u64, [u64; 5]) {
-        match self {
-            Self::Read(gpa) => (OP_READ, [gpa, 0, 0, 0, 0]),
-            Self::Write(gpa, value) => (OP_WRITE, [gpa, value, 0, 0, 0]),
-            Self::Fill { gpa, len, pattern } => (OP_FILL, [gpa, len, pattern, 0, 0]),
-            Self::Check { gpa, len, pattern } => (OP_CHECK, [gpa, len, pattern, 0, 0]),
-            Self::Exec(gpa) => (OP_EXEC, [gpa, 0, 0, 0, 0]),
-            Self::Hypercall { nr, args: [a, b, c, d] } => (OP_HYPERCALL, [nr, a, b, c, d]),
-            Self::Touch { gpa, len, stride, write } => (OP_TOUCH, [gpa, len, stride, u64::from(write), 0]),
-            Self::Done => (OP_DONE, [0; 5]),
-        }
-    }
-}
 
 /// A vCPU running the guest agent, parked at `READY`.
 #[derive(Debug)]
@@ -141,12 +78,12 @@ impl Agent {
 
     /// The guest reads the u64 at `gpa`.
     pub fn read(&mut self, gpa: u64) -> Result<u64> {
-        self.perform(Op::Read(gpa))
+        self.perform(Op::Read { gpa })
     }
 
     /// The guest writes `value` at `gpa`.
     pub fn write(&mut self, gpa: u64, value: u64) -> Result<()> {
-        self.perform(Op::Write(gpa, value)).map(drop)
+        self.perform(Op::Write { gpa, value }).map(drop)
     }
 
     /// The guest fills `[gpa, gpa + len)` with `pattern`.
@@ -158,11 +95,6 @@ impl Agent {
     /// error naming the first differing GPA and both values.
     pub fn check(&mut self, gpa: u64, len: u64, pattern: u64) -> Result<()> {
         self.perform(Op::Check { gpa, len, pattern }).map(drop)
-    }
-
-    /// The guest calls code at `gpa`.
-    pub fn exec(&mut self, gpa: u64) -> Result<u64> {
-        self.perform(Op::Exec(gpa))
     }
 
     /// The guest touches `[gpa, gpa + len)` every `stride` bytes.
@@ -193,7 +125,7 @@ impl Agent {
 
     /// The guest reports `DONE`; the agent is finished.
     pub fn done(mut self) -> Result<Vcpu> {
-        self.submit(Op::Done)?;
+        self.submit(Op::Done {})?;
         self.vcpu.expect_done()?;
         Ok(self.vcpu)
     }

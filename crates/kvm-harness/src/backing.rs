@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::MapFlags;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SysResult};
 use crate::memory::HostMemory;
 use crate::runner::Need;
 
@@ -47,7 +47,7 @@ impl Backing {
     /// aligned to 2 MiB where huge pages can back it.
     pub fn allocate(self, len: u64) -> Result<HostMemory> {
         if self != Backing::Anonymous && len % SZ_2M != 0 {
-            return Err(Error::Config(format!("{self} backing of {len:#x} bytes: not a multiple of 2 MiB")));
+            return Err(Error::misuse(format!("{self} backing of {len:#x} bytes: not a multiple of 2 MiB")));
         }
         match self {
             Backing::Anonymous => HostMemory::anonymous(len),
@@ -67,16 +67,9 @@ impl Backing {
     }
 
     fn memfd(name: &std::ffi::CStr, flags: MFdFlags, len: u64) -> Result<HostMemory> {
-        let fd = memfd_create(name, flags | MFdFlags::MFD_CLOEXEC).map_err(|errno| Error::Sys {
-            op: format!("memfd_create({name:?}, {flags:?})"),
-            errno,
-            context: String::new(),
-        })?;
-        nix::unistd::ftruncate(&fd, len as i64).map_err(|errno| Error::Sys {
-            op: format!("ftruncate(memfd, {len:#x})"),
-            errno,
-            context: String::new(),
-        })?;
+        let fd =
+            memfd_create(name, flags | MFdFlags::MFD_CLOEXEC).sys(|| format!("memfd_create({name:?}, {flags:?})"))?;
+        nix::unistd::ftruncate(&fd, len as i64).sys(|| format!("ftruncate(memfd, {len:#x})"))?;
         // The mapping keeps the file alive once the fd is closed.
         HostMemory::map_fd_aligned(fd.as_fd(), 0, len, SZ_2M, MapFlags::MAP_SHARED)
     }

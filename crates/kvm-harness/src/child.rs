@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::memory::HostMemory;
 
 /// What the child does to each byte of the range.
@@ -59,7 +59,7 @@ impl HostMemory {
     /// the mapping is shared (`MAP_SHARED`). The child dumps no core.
     pub fn access_in_child(&self, offset: u64, len: u64, access: Access) -> Result<ChildFate> {
         if offset.checked_add(len).is_none_or(|end| end > self.len()) {
-            return Err(Error::Config(format!(
+            return Err(Error::Misuse(format!(
                 "child access [{offset:#x}, +{len:#x}) outside a {:#x}-byte mapping",
                 self.len()
             )));
@@ -81,9 +81,7 @@ impl HostMemory {
                     Ok(WaitStatus::Exited(_, status)) => return Ok(ChildFate::Exited(status)),
                     Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(ChildFate::Signaled(signal)),
                     Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                    Err(errno) => {
-                        return Err(Error::Sys { op: format!("waitpid({child})"), errno, context: String::new() })
-                    }
+                    Err(errno) => return Err(Error::Sys { op: format!("waitpid({child})"), errno }),
                 }
             },
         }
@@ -159,7 +157,7 @@ mod tests {
     #[test]
     fn out_of_range_requests_are_refused_before_forking() {
         let (_fd, mem) = half_backed();
-        assert!(matches!(mem.access_in_child(2 * page_size(), 1, Access::Read), Err(Error::Config(_))));
+        assert!(matches!(mem.access_in_child(2 * page_size(), 1, Access::Read), Err(Error::Misuse(_))));
         assert_eq!(ChildFate::Signaled(Signal::SIGBUS).to_string(), "was killed by SIGBUS");
     }
 }

@@ -10,17 +10,21 @@ use crate::vcpu::ExitReport;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the harness or in a test.
+///
+/// Each kind of failure has its own variant: a kernel call that failed
+/// ([`Error::Sys`]), a kernel rule that does not hold ([`Error::Rule`]), the
+/// guest or a vCPU misbehaving ([`Error::Guest`], [`Error::UnexpectedExit`],
+/// [`Error::Timeout`]), a bad setting ([`Error::Config`]), a harness call the
+/// caller got wrong ([`Error::Misuse`]), and a panicked thread ([`Error::Panic`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A system call or ioctl failed.
-    #[error("{op} failed with {}{}", errno_name(*errno), context_suffix(context))]
+    #[error("{op} failed with {}", errno_name(*errno))]
     Sys {
-        /// The call, e.g. `KVM_CREATE_VM(type 1)`.
+        /// The call and its arguments, e.g. `KVM_CREATE_VM(type 0x1)`.
         op: String,
         /// The errno the kernel returned.
         errno: Errno,
-        /// What the harness was doing.
-        context: String,
     },
     /// The vCPU exited in a way the test did not expect.
     #[error("unexpected exit while {while_doing}: {report}")]
@@ -61,15 +65,27 @@ pub enum Error {
         /// "this kernel may lack upstream fix <sha> (<subject>)" lines.
         hints: Vec<String>,
     },
-    /// The harness was given bad input (environment, arguments).
+    /// A setting (environment variable, command-line flag, settings file) is malformed.
     #[error("bad input: {0}")]
     Config(String),
+    /// A harness call was made in a state or with arguments it cannot
+    /// serve (a bug in the calling test, not in the kernel).
+    #[error("harness misuse: {0}")]
+    Misuse(String),
+    /// A thread of the test panicked.
+    #[error("{thread} panicked: {message}")]
+    Panic {
+        /// Which thread, e.g. `vCPU thread`.
+        thread: String,
+        /// The panic payload's text.
+        message: String,
+    },
 }
 
 impl Error {
-    /// Builds an [`Error::Sys`] from the current `errno`.
-    pub fn last_os(op: impl Into<String>, context: impl Into<String>) -> Self {
-        Self::Sys { op: op.into(), errno: Errno::last(), context: context.into() }
+    /// Builds an [`Error::Sys`] for `op` from the current `errno`.
+    pub fn last_os(op: impl Into<String>) -> Self {
+        Self::Sys { op: op.into(), errno: Errno::last() }
     }
 
     /// The errno, when the error is a failed call.
@@ -84,13 +100,10 @@ impl Error {
     pub fn rule(rule: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::Rule { rule: rule.into(), detail: detail.into() }
     }
-}
 
-fn context_suffix(context: &str) -> String {
-    if context.is_empty() {
-        String::new()
-    } else {
-        format!(" ({context})")
+    /// A harness misuse.
+    pub fn misuse(what: impl Into<String>) -> Self {
+        Self::Misuse(what.into())
     }
 }
 
@@ -99,20 +112,29 @@ pub fn errno_name(errno: Errno) -> String {
     format!("{errno:?}")
 }
 
-/// Maps a nix call's errno into [`Error::Sys`].
-pub(crate) trait SysContext<T> {
+/// Turns the result of a system call made outside the harness's own
+/// wrappers (nix, kvm-ioctls, std) into an [`Error::Sys`] naming the call.
+pub trait SysResult<T> {
+    /// Maps the error to [`Error::Sys`] with the call `op` describes.
     fn sys(self, op: impl FnOnce() -> String) -> Result<T>;
 }
 
-impl<T> SysContext<T> for nix::Result<T> {
+impl<T> SysResult<T> for nix::Result<T> {
     fn sys(self, op: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|errno| Error::Sys { op: op(), errno, context: String::new() })
+        self.map_err(|errno| Error::Sys { op: op(), errno })
     }
 }
 
-impl<T> SysContext<T> for Result<T, kvm_ioctls::Error> {
+impl<T> SysResult<T> for Result<T, kvm_ioctls::Error> {
     fn sys(self, op: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error::Sys { op: op(), errno: Errno::from_raw(e.errno()), context: String::new() })
+        self.map_err(|e| Error::Sys { op: op(), errno: Errno::from_raw(e.errno()) })
+    }
+}
+
+impl<T> SysResult<T> for std::io::Result<T> {
+    fn sys(self, op: impl FnOnce() -> String) -> Result<T> {
+        // std reports every failed system call with its errno.
+        self.map_err(|e| Error::Sys { op: op(), errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)) })
     }
 }
 
@@ -152,6 +174,26 @@ pub fn expect_eq<T: PartialEq + Debug>(rule: &str, what: impl fmt::Display, actu
     }
 }
 
+/// Checks every item of a sweep, collecting the failures so one bad value
+/// never hides another: a violation of `rule` counting the failed items and
+/// naming the first three.
+pub fn sweep<T: Copy + Debug>(
+    rule: &str,
+    items: impl IntoIterator<Item = T>,
+    mut check: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    let detail = |e: Error| match e {
+        Error::Rule { detail, .. } => detail,
+        other => other.to_string(),
+    };
+    let failures: Vec<String> =
+        items.into_iter().filter_map(|item| check(item).err().map(|e| format!("{item:#x?}: {}", detail(e)))).collect();
+    match failures.len() {
+        0 => Ok(()),
+        n => Err(Error::rule(rule, format!("{n} value(s) failed; first: {}", failures[..n.min(3)].join("; ")))),
+    }
+}
+
 /// Returns a rule violation from the enclosing function unless `cond` holds.
 #[macro_export]
 macro_rules! ensure {
@@ -167,7 +209,7 @@ mod tests {
     use super::*;
 
     fn fail(errno: Errno) -> Result<()> {
-        Err(Error::Sys { op: "KVM_TEST".into(), errno, context: String::new() })
+        Err(Error::Sys { op: "KVM_TEST".into(), errno })
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use nix::errno::Errno;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SysResult};
 use crate::uapi;
 
 /// Overrides the release read from `uname -r`, as `MAJOR.MINOR[.PATCH]`.
@@ -72,11 +72,7 @@ impl RunningKernel {
             })?;
             return Ok(RunningKernel { version, source: format!("{VERSION_VAR} = {}", value.trim()) });
         }
-        let uname = nix::sys::utsname::uname().map_err(|errno| Error::Sys {
-            op: "uname".into(),
-            errno,
-            context: "reading the kernel release".into(),
-        })?;
+        let uname = nix::sys::utsname::uname().sys(|| "uname() for the kernel release".into())?;
         let release = uname.release().to_string_lossy().into_owned();
         let version = KernelVersion::parse(&release)
             .ok_or_else(|| Error::Config(format!("uname -r = `{release}` is no kernel release; set {VERSION_VAR}")))?;

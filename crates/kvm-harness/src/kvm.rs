@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use nix::errno::Errno;
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::uapi;
 
 /// A KVM capability, including those kvm-ioctls' `Cap` enum lacks.
@@ -47,7 +47,7 @@ impl Cap {
             Self::X86Smm => kvm_bindings::KVM_CAP_X86_SMM,
             Self::MultiAddressSpace => kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE,
             Self::ExitHypercall => kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
-            Self::UserMemory2 => uapi::KVM_CAP_USER_MEMORY2,
+            Self::UserMemory2 => kvm_bindings::KVM_CAP_USER_MEMORY2,
             Self::MemoryAttributes => kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES,
             Self::GuestMemfd => kvm_bindings::KVM_CAP_GUEST_MEMFD,
             Self::VmTypes => kvm_bindings::KVM_CAP_VM_TYPES,
@@ -139,11 +139,8 @@ pub const KVM_PATH: &str = "/dev/kvm";
 impl Kvm {
     /// Opens `/dev/kvm`.
     pub fn open() -> Result<Self> {
-        let fd = kvm_ioctls::Kvm::new().map_err(|e| Error::Sys {
-            op: format!("open({KVM_PATH})"),
-            errno: Errno::from_raw(e.errno()),
-            context: String::new(),
-        })?;
+        let fd = kvm_ioctls::Kvm::new()
+            .map_err(|e| Error::Sys { op: format!("open({KVM_PATH})"), errno: Errno::from_raw(e.errno()) })?;
         Ok(Self { fd, supported_cpuid: OnceLock::new() })
     }
 

@@ -7,7 +7,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 use nix::sys::stat::{fstat, FileStat};
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 
 /// Host page size.
 pub fn page_size() -> u64 {
@@ -37,7 +37,7 @@ impl HostMemory {
     /// A private anonymous read-write mapping of `len` bytes (zero-filled).
     pub fn anonymous(len: u64) -> Result<Self> {
         let size = std::num::NonZeroUsize::new(len as usize)
-            .ok_or_else(|| Error::Config("a host mapping cannot be empty".into()))?;
+            .ok_or_else(|| Error::Misuse("a host mapping cannot be empty".into()))?;
         // SAFETY: a fresh anonymous mapping aliases nothing.
         let ptr = unsafe {
             mmap_anonymous(
@@ -54,7 +54,7 @@ impl HostMemory {
     /// A mapping of `fd` at `offset` with the given flags (`MAP_SHARED`, `MAP_PRIVATE`).
     pub fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, flags: MapFlags) -> Result<Self> {
         let size = std::num::NonZeroUsize::new(len as usize)
-            .ok_or_else(|| Error::Config("a host mapping cannot be empty".into()))?;
+            .ok_or_else(|| Error::Misuse("a host mapping cannot be empty".into()))?;
         // SAFETY: a new mapping chosen by the kernel aliases no Rust object.
         let ptr =
             unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, flags, fd, offset as libc::off_t) }
@@ -67,7 +67,7 @@ impl HostMemory {
     /// e.g. so a 2 MiB range can be mapped by one huge page.
     pub fn map_fd_aligned(fd: BorrowedFd<'_>, offset: u64, len: u64, align: u64, flags: MapFlags) -> Result<Self> {
         if !align.is_power_of_two() || len == 0 {
-            return Err(Error::Config(format!("aligned mapping of {len:#x} bytes at alignment {align:#x}")));
+            return Err(Error::Misuse(format!("aligned mapping of {len:#x} bytes at alignment {align:#x}")));
         }
         // Reserve room for any alignment, place the file mapping inside with
         // MAP_FIXED, then give back the unused head and tail.
@@ -112,7 +112,7 @@ impl HostMemory {
         // the kernel backs it (MADV_DONTNEED re-faults file pages later).
         let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, advice) };
         if ret != 0 {
-            return Err(Error::last_os(format!("madvise(advice {advice}, {:#x} bytes)", self.len), ""));
+            return Err(Error::last_os(format!("madvise(advice {advice}, {:#x} bytes)", self.len)));
         }
         Ok(())
     }
@@ -175,16 +175,36 @@ impl HostMemory {
         self.write(offset, &chunk);
     }
 
-    /// The first u64 in `[offset, offset + len)` that differs from `pattern`,
-    /// as `(offset, value)`.
-    pub fn find_mismatch_u64(&self, offset: u64, len: u64, pattern: u64) -> Option<(u64, u64)> {
+    /// The first element of `[offset, offset + len)` that differs from
+    /// `fill`, as `(offset, value)`.
+    pub fn find_mismatch(&self, offset: u64, len: u64, fill: Fill) -> Option<(u64, u64)> {
         let mut buf = vec![0; len as usize];
         self.read(offset, &mut buf);
-        buf.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+        let width = fill.width();
+        buf.chunks_exact(width)
+            .map(|c| c.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b)))
             .enumerate()
-            .find(|&(_, v)| v != pattern)
-            .map(|(i, v)| (offset + 8 * i as u64, v))
+            .find(|&(_, v)| v != fill.value())
+            .map(|(i, v)| (offset + (i * width) as u64, v))
+    }
+
+    /// Requires `[offset, offset + len)` to hold `fill` throughout. A
+    /// mismatch violates `rule`, naming the first differing element by
+    /// `place(offset)`: "{place} holds {value}, expected {fill}".
+    pub fn expect_filled(
+        &self,
+        rule: &str,
+        offset: u64,
+        len: u64,
+        fill: Fill,
+        place: impl FnOnce(u64) -> String,
+    ) -> Result<()> {
+        match self.find_mismatch(offset, len, fill) {
+            None => Ok(()),
+            Some((at, value)) => {
+                Err(Error::rule(rule, format!("{} holds {}, expected {fill}", place(at), fill.format(value))))
+            }
+        }
     }
 
     /// `madvise(MADV_HUGEPAGE)` on the whole mapping (THP for 2 MiB scenarios).
@@ -193,7 +213,7 @@ impl HostMemory {
         // how the kernel backs it.
         let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) };
         if ret != 0 {
-            return Err(Error::last_os("madvise(MADV_HUGEPAGE)", ""));
+            return Err(Error::last_os("madvise(MADV_HUGEPAGE)"));
         }
         Ok(())
     }
@@ -205,6 +225,46 @@ impl Drop for HostMemory {
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             eprintln!("munmap of {:#x} bytes failed: {e}", self.len);
         }
+    }
+}
+
+/// What a range of memory should hold throughout: a repeated little-endian
+/// u64 pattern, or one byte value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Every aligned u64 is this value.
+    U64(u64),
+    /// Every byte is this value.
+    Byte(u8),
+}
+
+impl Fill {
+    fn width(self) -> usize {
+        match self {
+            Self::U64(_) => 8,
+            Self::Byte(_) => 1,
+        }
+    }
+
+    fn value(self) -> u64 {
+        match self {
+            Self::U64(v) => v,
+            Self::Byte(b) => u64::from(b),
+        }
+    }
+
+    /// `value` in this fill's width.
+    fn format(self, value: u64) -> String {
+        match self {
+            Self::U64(_) => format!("{value:#x}"),
+            Self::Byte(_) => format!("{value:#04x}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.format(self.value()))
     }
 }
 

@@ -69,10 +69,7 @@ pub fn mbind(mem: &HostMemory, offset: u64, len: u64, mode: i32, nodemask: u64) 
         )
     };
     if r != 0 {
-        return Err(Error::last_os(
-            format!("mbind(+{offset:#x}, {len:#x} bytes, mode {mode}, nodes {nodemask:#x})"),
-            "",
-        ));
+        return Err(Error::last_os(format!("mbind(+{offset:#x}, {len:#x} bytes, mode {mode}, nodes {nodemask:#x})")));
     }
     Ok(())
 }
@@ -96,7 +93,7 @@ pub fn policy_at(mem: &HostMemory, offset: u64) -> Result<(i32, u64)> {
         )
     };
     if r != 0 {
-        return Err(Error::last_os(format!("get_mempolicy(MPOL_F_ADDR, +{offset:#x})"), ""));
+        return Err(Error::last_os(format!("get_mempolicy(MPOL_F_ADDR, +{offset:#x})")));
     }
     Ok((mode, nodemask))
 }
@@ -123,7 +120,7 @@ pub fn page_nodes(mem: &HostMemory, offsets: &[u64]) -> Result<Vec<i32>> {
         )
     };
     if r != 0 {
-        return Err(Error::last_os(format!("move_pages(query {} pages)", pages.len()), ""));
+        return Err(Error::last_os(format!("move_pages(query {} pages)", pages.len())));
     }
     Ok(status)
 }

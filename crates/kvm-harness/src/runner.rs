@@ -5,11 +5,7 @@
 //! ignored with the reason and the value the kernel reported. Strict mode
 //! turns every such skip into a failure.
 
-use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,58 +13,14 @@ use std::time::Instant;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 use crate::error::{Error, Result};
+use crate::known_failures::{self, KnownFailure, KnownFailures, KNOWN_FAILURES_ENV};
 use crate::kvm::{Cap, Kvm, VmType, KVM_PATH};
+use crate::results::{Outcome, Record, ResultsFile};
 use crate::vm::Vm;
 use crate::watchdog;
 
 /// Environment variable: `1` makes every skip a failure (also `--strict`).
 pub const STRICT_ENV: &str = "KVM_SELFTESTS_STRICT";
-/// Environment variable: a file each binary appends one JSON line per test to.
-pub const RESULTS_ENV: &str = "KVM_SELFTESTS_RESULTS";
-/// Environment variable: a file listing known bugs of the running kernel,
-/// one `binary::test  reason` per line (`#` comments). A listed test that
-/// fails is reported as ignored with the reason and the failure (outcome
-/// `xfail` in the results file, also in strict mode); one that passes fails,
-/// so a fixed kernel forces the entry out of the list. A race that a run
-/// may or may not hit is listed as `binary::test?  reason`: it may pass.
-pub const KNOWN_FAILURES_ENV: &str = "KVM_SELFTESTS_KNOWN_FAILURES";
-
-/// One entry of a [`KNOWN_FAILURES_ENV`] file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KnownFailure {
-    /// Why the test fails: the kernel bug, ideally with its upstream fix.
-    pub reason: String,
-    /// The bug is a race a run may not hit (`?` after the name): a pass is accepted.
-    pub intermittent: bool,
-}
-
-type KnownFailures = HashMap<(String, String), KnownFailure>;
-
-/// Parses a [`KNOWN_FAILURES_ENV`] file: `(binary, test) -> entry`.
-pub fn parse_known_failures(text: &str) -> Result<KnownFailures> {
-    let mut known = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (id, reason) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        let reason = reason.trim();
-        let bad = |what: &str| Error::Config(format!("{KNOWN_FAILURES_ENV} line {}: {what}: {line:?}", n + 1));
-        let (binary, test) = id.split_once("::").ok_or_else(|| bad("expected `binary::test reason`"))?;
-        let (test, intermittent) = match test.strip_suffix('?') {
-            Some(test) => (test, true),
-            None => (test, false),
-        };
-        if binary.is_empty() || test.is_empty() || reason.is_empty() {
-            return Err(bad("binary, test and reason are all required"));
-        }
-        let entry = KnownFailure { reason: reason.to_string(), intermittent };
-        known.insert((binary.to_string(), test.to_string()), entry);
-    }
-    Ok(known)
-}
-
 /// A custom requirement: `Err(reason)` when unmet.
 pub type CheckFn = dyn Fn(&Arc<Kvm>) -> Result<(), String> + Send + Sync;
 
@@ -135,7 +87,7 @@ pub struct Suite {
     binary: String,
     args: Arguments,
     strict: bool,
-    results: Option<PathBuf>,
+    results: ResultsFile,
     kvm: Result<Arc<Kvm>, String>,
     known_failures: KnownFailures,
     trials: Vec<Trial>,
@@ -147,18 +99,9 @@ impl std::fmt::Debug for Suite {
     }
 }
 
-fn known_failures_from_env() -> Result<KnownFailures> {
-    match std::env::var_os(KNOWN_FAILURES_ENV).filter(|v| !v.is_empty()) {
-        None => Ok(HashMap::new()),
-        Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| Error::Config(format!("{KNOWN_FAILURES_ENV}={}: {e}", path.to_string_lossy())))?;
-            parse_known_failures(&text)
-        }
-    }
-}
-
-fn config_from_env(args: &mut Vec<String>) -> Result<(bool, Option<PathBuf>)> {
+/// Strict mode from the command line or [`STRICT_ENV`]; validates the
+/// watchdog setting once, up front, rather than in every test.
+fn strict_from_env(args: &mut Vec<String>) -> Result<bool> {
     let flag = args.iter().any(|a| a == "--strict");
     args.retain(|a| a != "--strict");
     let strict = match std::env::var(STRICT_ENV) {
@@ -166,10 +109,8 @@ fn config_from_env(args: &mut Vec<String>) -> Result<(bool, Option<PathBuf>)> {
         Err(std::env::VarError::NotPresent) => false,
         Err(e) => return Err(Error::Config(format!("{STRICT_ENV}: {e}"))),
     };
-    // Validate the watchdog setting once, up front, rather than in every test.
     watchdog::configured_timeout()?;
-    let results = std::env::var_os(RESULTS_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
-    Ok((strict || flag, results))
+    Ok(strict || flag)
 }
 
 impl Suite {
@@ -177,8 +118,8 @@ impl Suite {
     /// setting ends the process with status 2 and a message naming it.
     pub fn new(binary: &str) -> Self {
         let mut raw: Vec<String> = std::env::args().collect();
-        let config = config_from_env(&mut raw).and_then(|c| Ok((c, known_failures_from_env()?)));
-        let ((strict, results), known_failures) = config.unwrap_or_else(|e| {
+        let config = strict_from_env(&mut raw).and_then(|strict| Ok((strict, known_failures::from_env()?)));
+        let (strict, known_failures) = config.unwrap_or_else(|e| {
             eprintln!("{binary}: {e}");
             std::process::exit(2);
         });
@@ -187,7 +128,7 @@ impl Suite {
             binary: binary.to_string(),
             args: Arguments::from_iter(raw),
             strict,
-            results,
+            results: ResultsFile::from_env(),
             kvm,
             known_failures,
             trials: Vec::new(),
@@ -263,9 +204,13 @@ impl Suite {
                     judge(ran, known_failure.as_ref())
                 }
             };
-            if let Some(path) = &results {
-                record(path, &binary, &name, &verdict, start.elapsed().as_millis());
-            }
+            results.record(&Record {
+                binary,
+                test: name,
+                outcome: verdict.outcome(),
+                duration_ms: start.elapsed().as_millis() as u64,
+                message: verdict.message().to_string(),
+            });
             verdict.into_libtest()
         })
     }
@@ -274,6 +219,16 @@ impl Suite {
     pub fn run(self) -> ExitCode {
         libtest_mimic::run(&self.args, self.trials).exit_code()
     }
+}
+
+/// Registers each scenario function as a test named after it (the name is
+/// the rule it checks), all with the same needs:
+/// `register!(suite, vec![Need::Cap(Cap::X86Smm)] => fn_a, fn_b);`
+#[macro_export]
+macro_rules! register {
+    ($suite:expr, $needs:expr => $($scenario:ident),+ $(,)?) => {
+        $( $suite.test(stringify!($scenario), $needs, $scenario); )+
+    };
 }
 
 /// How a test ended.
@@ -289,12 +244,12 @@ enum Verdict {
 
 impl Verdict {
     /// The `outcome` of the results file.
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> Outcome {
         match self {
-            Self::Pass => "pass",
-            Self::Skip(_) => "skip",
-            Self::KnownFailure(_) => "xfail",
-            Self::Fail(_) => "fail",
+            Self::Pass => Outcome::Pass,
+            Self::Skip(_) => Outcome::Skip,
+            Self::KnownFailure(_) => Outcome::Xfail,
+            Self::Fail(_) => Outcome::Fail,
         }
     }
 
@@ -330,32 +285,7 @@ fn judge(ran: Result<(), String>, known_failure: Option<&KnownFailure>) -> Verdi
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "non-string panic payload".into());
-    format!("panicked: {text}")
-}
-
-fn record(path: &PathBuf, binary: &str, test: &str, verdict: &Verdict, duration_ms: u128) {
-    let line = serde_json::json!({
-        "binary": binary,
-        "test": test,
-        "outcome": verdict.outcome(),
-        "duration_ms": duration_ms as u64,
-        "message": verdict.message(),
-    });
-    let written = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
-    if let Err(e) = written {
-        // Losing a verdict silently would hide a failure from the VM runner.
-        eprintln!("{binary}: cannot append to {RESULTS_ENV}={}: {e}", path.display());
-        std::process::exit(2);
-    }
+    format!("panicked: {}", crate::threads::panic_text(panic))
 }
 
 #[cfg(test)]
@@ -374,8 +304,8 @@ mod tests {
 
     #[test]
     fn known_failures_parse_and_reject_malformed_lines() {
-        let known =
-            parse_known_failures("# host bugs\n\ngmem::some_test  PVM bug: reads MMIO\npf::race?  livelock\n").unwrap();
+        let known = known_failures::parse("# host bugs\n\ngmem::some_test  PVM bug: reads MMIO\npf::race?  livelock\n")
+            .unwrap();
         let entry = |b: &str, t: &str| known[&(b.to_string(), t.to_string())].clone();
         assert_eq!(
             entry("gmem", "some_test"),
@@ -383,7 +313,7 @@ mod tests {
         );
         assert_eq!(entry("pf", "race"), KnownFailure { reason: "livelock".into(), intermittent: true });
         for bad in ["no_separator reason", "bin::test", "::test reason", "bin:: reason", "bin::? reason"] {
-            let err = parse_known_failures(bad).unwrap_err().to_string();
+            let err = known_failures::parse(bad).unwrap_err().to_string();
             assert!(err.contains(KNOWN_FAILURES_ENV) && err.contains("line 1"), "{bad:?}: {err}");
         }
     }
@@ -401,7 +331,7 @@ mod tests {
         assert_eq!(judge(Err("boom".into()), Some(&bug)), Verdict::KnownFailure("known failure: bug: boom".into()));
         assert_eq!(judge(Ok(()), Some(&race)), Verdict::Pass);
         assert_eq!(judge(Err("boom".into()), Some(&race)), Verdict::KnownFailure("known failure: race: boom".into()));
-        assert_eq!(Verdict::KnownFailure(String::new()).outcome(), "xfail");
+        assert_eq!(Verdict::KnownFailure(String::new()).outcome().to_string(), "xfail");
     }
 
     #[test]

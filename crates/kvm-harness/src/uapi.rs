@@ -7,8 +7,6 @@
 /// `KVM_CAP_GUEST_MEMFD_FLAGS` (include/uapi/linux/kvm.h): the
 /// `KVM_CREATE_GUEST_MEMFD` flags a VM accepts.
 pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
-/// `KVM_CAP_USER_MEMORY2` (include/uapi/linux/kvm.h).
-pub const KVM_CAP_USER_MEMORY2: u32 = 231;
 
 /// `GUEST_MEMFD_FLAG_MMAP` (include/uapi/linux/kvm.h): the guest_memfd can be mmap()ed.
 pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
@@ -46,11 +44,10 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
 
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_SET_NR_MMU_PAGES`: `_IO(KVMIO, 0x44)`.
+pub const KVM_SET_NR_MMU_PAGES: u64 = ioc(0, 0x44, 0);
 /// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
 pub const KVM_PRE_FAULT_MEMORY: u64 = ioc(IOC_READ | IOC_WRITE, 0xd5, size_of::<kvm_bindings::kvm_pre_fault_memory>());
-/// `KVM_SET_USER_MEMORY_REGION2`: `_IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)`.
-pub const KVM_SET_USER_MEMORY_REGION2: u64 =
-    ioc(IOC_WRITE, 0x49, size_of::<kvm_bindings::kvm_userspace_memory_region2>());
 
 #[cfg(test)]
 mod tests {
@@ -59,7 +56,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         assert_eq!(KVM_RUN, 0xAE80);
+        assert_eq!(KVM_SET_NR_MMU_PAGES, 0xAE44);
         assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
-        assert_eq!(KVM_SET_USER_MEMORY_REGION2, 0x40A0_AE49);
     }
 }

@@ -10,7 +10,7 @@ use guest_payloads::{layout, protocol, Payload};
 use kvm_bindings::kvm_regs;
 use nix::errno::Errno;
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::memory::HostMemory;
 use crate::vm::Region;
 use crate::{uapi, watchdog};
@@ -313,16 +313,12 @@ impl Vcpu {
     /// [`Error::Timeout`].
     pub fn run(&mut self) -> Result<Exit> {
         loop {
-            let run = self.fd.get_kvm_run();
-            let immediate_exit: *mut u8 = &mut run.immediate_exit;
-            // SAFETY: immediate_exit lives in this vCPU's kvm_run mapping,
-            // which outlives the guard: it is disarmed below, on this thread.
-            let armed = unsafe { watchdog::arm(self.timeout, immediate_exit) };
-            // SAFETY: KVM_RUN on our vCPU fd takes no argument; the kernel
-            // writes only into the kvm_run mapping.
-            let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), uapi::KVM_RUN as _, 0) };
-            let errno = Errno::last();
-            let fired = armed.disarm();
+            let ((ret, errno), fired) = self.under_watchdog(self.timeout, |vcpu| {
+                // SAFETY: KVM_RUN on our vCPU fd takes no argument; the kernel
+                // writes only into the kvm_run mapping.
+                let ret = unsafe { libc::ioctl(vcpu.fd.as_raw_fd(), uapi::KVM_RUN as _, 0) };
+                (ret, Errno::last())
+            });
             if ret == 0 {
                 return Ok(self.decode_exit(None));
             }
@@ -334,9 +330,7 @@ impl Vcpu {
                 {
                     return Ok(self.decode_exit(Some(errno)));
                 }
-                _ => {
-                    return Err(Error::Sys { op: format!("KVM_RUN(vCPU {})", self.id), errno, context: String::new() })
-                }
+                _ => return Err(Error::Sys { op: format!("KVM_RUN(vCPU {})", self.id), errno }),
             }
         }
     }
@@ -417,11 +411,27 @@ impl Vcpu {
     pub fn set_hypercall_ret(&mut self, ret: u64) -> Result<()> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_HYPERCALL {
-            return Err(Error::Config(format!("vCPU {} is not in a hypercall exit", self.id)));
+            return Err(Error::Misuse(format!("vCPU {} is not in a hypercall exit", self.id)));
         }
         // Writing a Copy union field is safe; the exit reason (checked above)
         // says the hypercall member is the live one.
         run.__bindgen_anon_1.hypercall.ret = ret;
+        Ok(())
+    }
+
+    /// Supplies the value a guest MMIO read returns: copies `data` into
+    /// `kvm_run.mmio.data` before the next `KVM_RUN`.
+    pub fn complete_mmio_read(&mut self, data: &[u8]) -> Result<()> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
+            return Err(Error::Misuse(format!("vCPU {} is not in an MMIO exit", self.id)));
+        }
+        // SAFETY: the exit reason (checked above) says the mmio member of the
+        // union is the live one; it is plain old data.
+        let mut mmio = unsafe { run.__bindgen_anon_1.mmio };
+        let n = data.len().min(mmio.data.len()).min(mmio.len as usize);
+        mmio.data[..n].copy_from_slice(&data[..n]);
+        run.__bindgen_anon_1.mmio = mmio;
         Ok(())
     }
 
@@ -483,7 +493,7 @@ impl Vcpu {
     /// This vCPU's mailbox in the system memslot.
     pub(crate) fn mailbox(&self) -> Result<(&HostMemory, u64)> {
         let system =
-            self.system.as_deref().ok_or_else(|| Error::Config(format!("vCPU {} has no system memory", self.id)))?;
+            self.system.as_deref().ok_or_else(|| Error::Misuse(format!("vCPU {} has no system memory", self.id)))?;
         Ok((system, layout::MAILBOX_GPA + self.id * layout::MAILBOX_STRIDE))
     }
 
@@ -494,10 +504,10 @@ impl Vcpu {
         let ret =
             unsafe { libc::ioctl(self.fd.as_raw_fd(), uapi::KVM_PRE_FAULT_MEMORY as _, std::ptr::from_mut(range)) };
         if ret < 0 {
-            return Err(Error::last_os(
-                format!("KVM_PRE_FAULT_MEMORY(vCPU {}, gpa {:#x}, size {:#x})", self.id, range.gpa, range.size),
-                "",
-            ));
+            return Err(Error::last_os(format!(
+                "KVM_PRE_FAULT_MEMORY(vCPU {}, gpa {:#x}, size {:#x})",
+                self.id, range.gpa, range.size
+            )));
         }
         Ok(())
     }
@@ -515,13 +525,19 @@ impl Vcpu {
         range: &mut kvm_bindings::kvm_pre_fault_memory,
         deadline: Duration,
     ) -> (Result<()>, bool) {
+        self.under_watchdog(deadline, |vcpu| vcpu.pre_fault_memory(range))
+    }
+
+    /// Runs `call` (a blocking ioctl on this vCPU) with the watchdog armed;
+    /// returns its value and whether the deadline fired.
+    fn under_watchdog<R>(&mut self, deadline: Duration, call: impl FnOnce(&mut Self) -> R) -> (R, bool) {
         let run = self.fd.get_kvm_run();
         let immediate_exit: *mut u8 = &mut run.immediate_exit;
         // SAFETY: immediate_exit lives in this vCPU's kvm_run mapping, which
-        // outlives the guard; it is disarmed below, on this thread.
+        // lives as long as `self`; the guard is disarmed below, on this thread.
         let armed = unsafe { watchdog::arm(deadline, immediate_exit) };
-        let outcome = self.pre_fault_memory(range);
-        (outcome, armed.disarm())
+        let value = call(self);
+        (value, armed.disarm())
     }
 }
 

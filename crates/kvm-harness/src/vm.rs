@@ -12,7 +12,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region2, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result, SysResult};
 use crate::kvm::{Cap, Kvm, VmType};
 use crate::memory::{GuestMemfd, HostMemory};
 use crate::vcpu::Vcpu;
@@ -90,7 +90,7 @@ impl Region {
             None => Ok(0),
             Some(memory) => {
                 if self.memory_offset.checked_add(self.size).is_none_or(|end| end > memory.len()) {
-                    return Err(Error::Config(format!(
+                    return Err(Error::Misuse(format!(
                         "slot {:#x}: [{:#x}, +{:#x}) exceeds its {:#x}-byte backing",
                         self.slot,
                         self.memory_offset,
@@ -125,7 +125,6 @@ impl Region {
 pub struct Vm {
     kvm: Arc<Kvm>,
     fd: kvm_ioctls::VmFd,
-    vm_type: u64,
     /// Shared with every vCPU: a vCPU fd keeps the kernel's VM (and its
     /// memslots) alive after this value is dropped, so the backing memory
     /// must live as long as the last vCPU.
@@ -150,7 +149,6 @@ impl Vm {
         Ok(Self {
             kvm: kvm.clone(),
             fd,
-            vm_type,
             slots: Arc::new(Mutex::new(BTreeMap::new())),
             system: None,
             payload: None,
@@ -182,11 +180,6 @@ impl Vm {
     /// The `/dev/kvm` this VM came from.
     pub fn kvm(&self) -> &Arc<Kvm> {
         &self.kvm
-    }
-
-    /// The raw VM type it was created with.
-    pub fn raw_type(&self) -> u64 {
-        self.vm_type
     }
 
     /// The raw VM fd (to check that the kernel rejects it where a guest_memfd belongs).
@@ -232,6 +225,18 @@ impl Vm {
 
     /// `KVM_SET_USER_MEMORY_REGION2` with `region`.
     pub fn set_region(&self, region: &Region) -> Result<()> {
+        self.install(region, true)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION` (v1) with `region`; a guest_memfd binding
+    /// is not expressible there and is ignored.
+    pub fn set_region_v1(&self, region: &Region) -> Result<()> {
+        self.install(region, false)
+    }
+
+    /// Passes `region` to the kernel with the v2 or the v1 ioctl and, once
+    /// accepted, records it so its backing lives as long as the slot.
+    fn install(&self, region: &Region, v2: bool) -> Result<()> {
         let (guest_memfd, guest_memfd_offset) = match &region.guest_memfd {
             Some((binding, offset)) => (binding.raw_fd() as u32, *offset),
             None => (0, 0),
@@ -246,28 +251,18 @@ impl Vm {
             guest_memfd,
             ..Default::default()
         };
-        // SAFETY: userspace_addr is 0 or inside `region.memory`, which the
-        // slot table keeps alive until the kernel drops the slot, so the
-        // guest can only ever touch memory we own.
-        unsafe { self.fd.set_user_memory_region2(raw) }
-            .sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe()))?;
-        self.record(region);
-        Ok(())
-    }
-
-    /// `KVM_SET_USER_MEMORY_REGION` (v1) with `region`; a guest_memfd binding
-    /// is not expressible there and is ignored.
-    pub fn set_region_v1(&self, region: &Region) -> Result<()> {
-        let raw = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags: region.flags,
-            guest_phys_addr: region.gpa,
-            memory_size: region.size,
-            userspace_addr: region.userspace_addr()?,
+        let (name, result) = if v2 {
+            // SAFETY: userspace_addr is 0 or inside `region.memory`, which the
+            // slot table keeps alive until the kernel drops the slot, so the
+            // guest can only ever touch memory we own.
+            ("KVM_SET_USER_MEMORY_REGION2", unsafe { self.fd.set_user_memory_region2(raw) })
+        } else {
+            let kvm_userspace_memory_region2 { slot, flags, guest_phys_addr, memory_size, userspace_addr, .. } = raw;
+            let v1 = kvm_userspace_memory_region { slot, flags, guest_phys_addr, memory_size, userspace_addr };
+            // SAFETY: as for v2: the backing outlives the slot.
+            ("KVM_SET_USER_MEMORY_REGION", unsafe { self.fd.set_user_memory_region(v1) })
         };
-        // SAFETY: as in `set_region`: the backing outlives the slot.
-        unsafe { self.fd.set_user_memory_region(raw) }
-            .sys(|| format!("KVM_SET_USER_MEMORY_REGION({})", region.describe()))?;
+        result.sys(|| format!("{name}({})", region.describe()))?;
         self.record(region);
         Ok(())
     }
@@ -301,19 +296,8 @@ impl Vm {
             .slots()
             .get(&slot)
             .cloned()
-            .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
+            .ok_or_else(|| Error::Misuse(format!("slot {slot:#x} is not installed by the harness")))?;
         self.set_region(&region.deletion())
-    }
-
-    /// Moves slot `slot` to `new_gpa` (delete + re-create, as userspace must).
-    pub fn move_slot(&self, slot: u32, new_gpa: u64) -> Result<()> {
-        let region = self
-            .slots()
-            .get(&slot)
-            .cloned()
-            .ok_or_else(|| Error::Config(format!("slot {slot:#x} is not installed by the harness")))?;
-        self.set_region(&region.deletion())?;
-        self.set_region(&Region { gpa: new_gpa, ..region })
     }
 
     /// The installed slot containing `gpa` in address space 0.
@@ -326,11 +310,11 @@ impl Vm {
 
     /// The host's shared view of `[gpa, gpa + len)`: the backing memory and offset.
     pub fn shared_view(&self, gpa: u64, len: u64) -> Result<(Arc<HostMemory>, u64)> {
-        let region = self.slot_at(gpa).ok_or_else(|| Error::Config(format!("no memslot at GPA {gpa:#x}")))?;
+        let region = self.slot_at(gpa).ok_or_else(|| Error::Misuse(format!("no memslot at GPA {gpa:#x}")))?;
         if gpa + len > region.gpa + region.size {
-            return Err(Error::Config(format!("[{gpa:#x}, +{len:#x}) crosses the end of its memslot")));
+            return Err(Error::Misuse(format!("[{gpa:#x}, +{len:#x}) crosses the end of its memslot")));
         }
-        let memory = region.memory.ok_or_else(|| Error::Config(format!("slot at {gpa:#x} has no host memory")))?;
+        let memory = region.memory.ok_or_else(|| Error::Misuse(format!("slot at {gpa:#x} has no host memory")))?;
         Ok((memory, region.memory_offset + gpa - region.gpa))
     }
 
@@ -376,9 +360,9 @@ impl Vm {
     /// rdx, rcx, `r15` pointing at its mailbox and its own stack.
     pub fn vcpu(&self, id: u64, args: [u64; 4]) -> Result<Vcpu> {
         let payload =
-            self.payload.ok_or_else(|| Error::Config("this VM has no payload; use Vm::with_payload".into()))?;
+            self.payload.ok_or_else(|| Error::Misuse("this VM has no payload; use Vm::with_payload".into()))?;
         if id >= layout::MAX_VCPUS {
-            return Err(Error::Config(format!("vCPU id {id} exceeds the layout's {} vCPUs", layout::MAX_VCPUS)));
+            return Err(Error::Misuse(format!("vCPU id {id} exceeds the layout's {} vCPUs", layout::MAX_VCPUS)));
         }
         let vcpu = self.bare_vcpu(id)?;
         // Under SVM, KVM refuses EFER.LME until the guest CPUID is set.
@@ -399,6 +383,16 @@ impl Vm {
         };
         vcpu.set_regs(&regs)?;
         Ok(vcpu)
+    }
+
+    /// `KVM_SET_NR_MMU_PAGES`: the shadow-MMU page budget of this VM.
+    pub fn set_nr_mmu_pages(&self, pages: u64) -> Result<()> {
+        // SAFETY: the ioctl takes its argument by value and touches no user memory.
+        let ret = unsafe { libc::ioctl(self.raw_fd(), uapi::KVM_SET_NR_MMU_PAGES as _, pages as libc::c_ulong) };
+        if ret < 0 {
+            return Err(Error::last_os(format!("KVM_SET_NR_MMU_PAGES({pages})")));
+        }
+        Ok(())
     }
 
     /// Enables `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`.

@@ -18,8 +18,9 @@ pub const TIMEOUT_ENV: &str = "KVM_SELFTESTS_TIMEOUT";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a fired watchdog re-kicks a vCPU that has not come out yet.
 const REKICK: Duration = Duration::from_millis(5);
-/// The signal used to kick vCPU threads out of `KVM_RUN`.
-const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+/// The signal used to kick vCPU threads out of `KVM_RUN` (also sent by
+/// [`crate::signal_storm::SignalStorm`]).
+pub(crate) const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// Parses a [`TIMEOUT_ENV`] value: positive, finite seconds.
 pub fn parse_timeout(value: &str) -> Result<Duration> {
@@ -76,7 +77,8 @@ fn watchdog() -> &'static Watchdog {
 
 extern "C" fn on_kick(_: libc::c_int) {}
 
-fn install_kick_handler() {
+/// Installs the no-op [`KICK_SIGNAL`] handler, once per process.
+pub(crate) fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // No SA_RESTART: the kick must make KVM_RUN return EINTR.
@@ -177,63 +179,6 @@ impl Armed {
     }
 }
 
-/// Sends the kick signal (a no-op handler, no `SA_RESTART`) to the thread
-/// that started it, every `interval`, until dropped: makes interruptible
-/// ioctls such as `KVM_PRE_FAULT_MEMORY` see pending signals mid-call.
-#[derive(Debug)]
-pub struct SignalStorm {
-    stop: Arc<AtomicBool>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    sender: Option<std::thread::JoinHandle<()>>,
-    /// Not `Send`: it must be dropped on the target thread, which keeps that
-    /// thread alive for as long as signals are sent to it.
-    _on_target_thread: std::marker::PhantomData<*const ()>,
-}
-
-impl SignalStorm {
-    /// Starts signalling the calling thread.
-    pub fn start(interval: Duration) -> Self {
-        install_kick_handler();
-        // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let sender = {
-            let (stop, sent) = (stop.clone(), sent.clone());
-            std::thread::Builder::new()
-                .name("kvm-signal-storm".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        // Counted first: the target may observe the signal
-                        // (and read the count) before pthread_kill returns.
-                        sent.fetch_add(1, Ordering::SeqCst);
-                        // SAFETY: the target is alive: it owns the storm
-                        // (which is not Send) and joins this thread in Drop
-                        // before it can go away.
-                        unsafe { libc::pthread_kill(target, KICK_SIGNAL) };
-                        std::thread::sleep(interval);
-                    }
-                })
-                .expect("spawn the signal-storm thread")
-        };
-        Self { stop, sent, sender: Some(sender), _on_target_thread: std::marker::PhantomData }
-    }
-
-    /// Signals sent so far.
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for SignalStorm {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(sender) = self.sender.take() {
-            let _ = sender.join();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,8 +210,12 @@ mod tests {
         assert_eq!(immediate_exit, 0, "disarm must clear immediate_exit");
     }
 
+    // The storm sends this module's kick signal: the same no-SA_RESTART
+    // handler must interrupt a blocking call each time.
     #[test]
     fn a_signal_storm_interrupts_blocking_calls_until_dropped() {
+        use crate::signal_storm::SignalStorm;
+
         let (read_end, _write_end) = nix::unistd::pipe().unwrap();
         let storm = SignalStorm::start(Duration::from_millis(1));
         let mut buf = [0u8; 1];

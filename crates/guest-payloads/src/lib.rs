@@ -4,6 +4,8 @@
 //! the harness (see [`layout`]), and talks to the host with the port-I/O
 //! protocol in [`protocol`].
 
+#![warn(missing_docs)]
+
 include!("abi.rs");
 
 /// A piece of guest code assembled for a fixed guest physical address.

@@ -7,10 +7,13 @@ use std::{env, fmt::Write as _, fs, path::PathBuf};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
-include!("src/abi.rs");
+#[allow(dead_code)]
+mod abi {
+    include!("src/abi.rs");
+}
 
-use layout::*;
-use protocol::*;
+use abi::layout::*;
+use abi::protocol::*;
 
 type Result<T> = std::result::Result<T, IcedError>;
 
@@ -202,40 +205,25 @@ fn raise_ud() -> Result<Program> {
 fn guest_agent() -> Result<Program> {
     let mut p = Program::new(
         "guest_agent",
-        "Runs host commands from the vCPU mailbox (protocol::OP_*); label `hypercall` is the \
+        "Runs host commands from the vCPU mailbox (protocol::Op); label `hypercall` is the \
          vendor-specific hypercall instruction the host patches.",
         PAYLOAD_GPA,
     )?;
     let mut ready = p.asm.create_label();
     let mut dispatch_done = p.asm.create_label();
-    let mut op_read = p.asm.create_label();
-    let mut op_write = p.asm.create_label();
-    let mut op_fill = p.asm.create_label();
-    let mut op_check = p.asm.create_label();
-    let mut op_exec = p.asm.create_label();
-    let mut op_hypercall = p.asm.create_label();
-    let mut op_touch = p.asm.create_label();
-    let mut op_done = p.asm.create_label();
+    let mut handlers: Vec<(OpCode, CodeLabel)> = OpCode::ALL.iter().map(|&op| (op, p.asm.create_label())).collect();
 
     p.asm.xor(edi, edi)?;
     p.asm.set_label(&mut ready)?;
     p.call_host(CALL_READY)?;
+    // Arguments a0..a3 in r8..r11; a4 is loaded by the one op that needs it.
     let a = &mut p.asm;
     a.mov(rax, qword_ptr(r15 + MAILBOX_OP))?;
     a.mov(r8, qword_ptr(r15 + MAILBOX_ARG0))?;
     a.mov(r9, qword_ptr(r15 + (MAILBOX_ARG0 + 8)))?;
     a.mov(r10, qword_ptr(r15 + (MAILBOX_ARG0 + 16)))?;
     a.mov(r11, qword_ptr(r15 + (MAILBOX_ARG0 + 24)))?;
-    for (op, label) in [
-        (OP_READ, op_read),
-        (OP_WRITE, op_write),
-        (OP_FILL, op_fill),
-        (OP_CHECK, op_check),
-        (OP_EXEC, op_exec),
-        (OP_HYPERCALL, op_hypercall),
-        (OP_TOUCH, op_touch),
-        (OP_DONE, op_done),
-    ] {
+    for &(op, label) in &handlers {
         a.cmp(rax, op as i32)?;
         a.je(label)?;
     }
@@ -246,91 +234,111 @@ fn guest_agent() -> Result<Program> {
     p.asm.xor(edi, edi)?;
     p.asm.jmp(ready)?;
 
-    let a = &mut p.asm;
-    a.set_label(&mut op_read)?;
-    a.mov(rdi, qword_ptr(r8))?;
-    a.jmp(ready)?;
-
-    a.set_label(&mut op_write)?;
-    a.mov(qword_ptr(r8), r9)?;
-    a.jmp(dispatch_done)?;
-
-    a.set_label(&mut op_fill)?;
-    a.mov(rdi, r8)?;
-    a.mov(rcx, r9)?;
-    a.shr(rcx, 3)?;
-    a.mov(rax, r10)?;
-    a.cld()?;
-    a.rep().stosq()?;
-    a.jmp(dispatch_done)?;
-
-    // r8 = cursor, r9 = end, r10 = expected.
-    let mut check_loop = a.create_label();
-    let mut check_next = a.create_label();
-    a.set_label(&mut op_check)?;
-    a.add(r9, r8)?;
-    a.set_label(&mut check_loop)?;
-    a.cmp(r8, r9)?;
-    a.jae(dispatch_done)?;
-    a.mov(rax, qword_ptr(r8))?;
-    a.cmp(rax, r10)?;
-    a.je(check_next)?;
-    a.mov(rdi, ASSERT_PATTERN_MISMATCH)?;
-    a.mov(rsi, r8)?;
-    a.mov(r8, r10)?;
-    a.mov(r9, rax)?;
-    p.call_host(CALL_ASSERT_FAIL)?;
-    // Report only the first mismatch, then finish the command.
-    let a = &mut p.asm;
-    a.jmp(dispatch_done)?;
-    a.set_label(&mut check_next)?;
-    a.add(r8, 8)?;
-    a.jmp(check_loop)?;
-
-    a.set_label(&mut op_exec)?;
-    a.call(r8)?;
-    a.mov(rdi, rax)?;
-    a.jmp(ready)?;
-
-    a.set_label(&mut op_hypercall)?;
-    a.mov(rax, r8)?;
-    a.mov(rbx, r9)?;
-    a.mov(rcx, r10)?;
-    a.mov(rdx, r11)?;
-    a.mov(rsi, qword_ptr(r15 + (MAILBOX_ARG0 + 32)))?;
-    p.export("hypercall")?;
-    p.asm.vmmcall()?;
-    let a = &mut p.asm;
-    a.mov(rdi, rax)?;
-    a.jmp(ready)?;
-
-    // r8 = cursor, r9 = end, r10 = stride, r11 = write?, rdi = count.
-    let mut touch_loop = a.create_label();
-    let mut touch_read = a.create_label();
-    let mut touch_next = a.create_label();
-    a.set_label(&mut op_touch)?;
-    a.add(r9, r8)?;
-    a.xor(edi, edi)?;
-    a.set_label(&mut touch_loop)?;
-    a.cmp(r8, r9)?;
-    a.jae(ready)?;
-    a.test(r11, r11)?;
-    a.jz(touch_read)?;
-    a.mov(qword_ptr(r8), r8)?;
-    a.jmp(touch_next)?;
-    a.set_label(&mut touch_read)?;
-    a.mov(rax, qword_ptr(r8))?;
-    a.set_label(&mut touch_next)?;
-    a.inc(rdi)?;
-    a.add(r8, r10)?;
-    a.jmp(touch_loop)?;
-
-    a.set_label(&mut dispatch_done)?;
-    a.xor(edi, edi)?;
-    a.jmp(ready)?;
-
-    p.done_at(&mut op_done)?;
+    for (op, label) in &mut handlers {
+        agent_op(&mut p, *op, label, ready, dispatch_done)?;
+    }
+    p.asm.set_label(&mut dispatch_done)?;
+    p.asm.xor(edi, edi)?;
+    p.asm.jmp(ready)?;
     Ok(p)
+}
+
+/// The handler of one agent command, starting at `label`: it ends by
+/// jumping to `ready` with its result in rdi, or to `dispatch_done` (result 0).
+fn agent_op(
+    p: &mut Program,
+    op: OpCode,
+    label: &mut CodeLabel,
+    ready: CodeLabel,
+    dispatch_done: CodeLabel,
+) -> Result<()> {
+    p.asm.set_label(label)?;
+    let a = &mut p.asm;
+    match op {
+        OpCode::Read => {
+            a.mov(rdi, qword_ptr(r8))?;
+            a.jmp(ready)
+        }
+        OpCode::Write => {
+            a.mov(qword_ptr(r8), r9)?;
+            a.jmp(dispatch_done)
+        }
+        OpCode::Fill => {
+            a.mov(rdi, r8)?;
+            a.mov(rcx, r9)?;
+            a.shr(rcx, 3)?;
+            a.mov(rax, r10)?;
+            a.cld()?;
+            a.rep().stosq()?;
+            a.jmp(dispatch_done)
+        }
+        OpCode::Check => {
+            // r8 = cursor, r9 = end, r10 = expected.
+            let mut check_loop = a.create_label();
+            let mut check_next = a.create_label();
+            a.add(r9, r8)?;
+            a.set_label(&mut check_loop)?;
+            a.cmp(r8, r9)?;
+            a.jae(dispatch_done)?;
+            a.mov(rax, qword_ptr(r8))?;
+            a.cmp(rax, r10)?;
+            a.je(check_next)?;
+            a.mov(rdi, ASSERT_PATTERN_MISMATCH)?;
+            a.mov(rsi, r8)?;
+            a.mov(r8, r10)?;
+            a.mov(r9, rax)?;
+            p.call_host(CALL_ASSERT_FAIL)?;
+            // Report only the first mismatch, then finish the command.
+            let a = &mut p.asm;
+            a.jmp(dispatch_done)?;
+            a.set_label(&mut check_next)?;
+            a.add(r8, 8)?;
+            a.jmp(check_loop)
+        }
+        OpCode::Exec => {
+            a.call(r8)?;
+            a.mov(rdi, rax)?;
+            a.jmp(ready)
+        }
+        OpCode::Hypercall => {
+            a.mov(rax, r8)?;
+            a.mov(rbx, r9)?;
+            a.mov(rcx, r10)?;
+            a.mov(rdx, r11)?;
+            a.mov(rsi, qword_ptr(r15 + (MAILBOX_ARG0 + 32)))?;
+            p.export("hypercall")?;
+            p.asm.vmmcall()?;
+            let a = &mut p.asm;
+            a.mov(rdi, rax)?;
+            a.jmp(ready)
+        }
+        OpCode::Touch => {
+            // r8 = cursor, r9 = end, r10 = stride, r11 = write?, rdi = count.
+            let mut touch_loop = a.create_label();
+            let mut touch_read = a.create_label();
+            let mut touch_next = a.create_label();
+            a.add(r9, r8)?;
+            a.xor(edi, edi)?;
+            a.set_label(&mut touch_loop)?;
+            a.cmp(r8, r9)?;
+            a.jae(ready)?;
+            a.test(r11, r11)?;
+            a.jz(touch_read)?;
+            a.mov(qword_ptr(r8), r8)?;
+            a.jmp(touch_next)?;
+            a.set_label(&mut touch_read)?;
+            a.mov(rax, qword_ptr(r8))?;
+            a.set_label(&mut touch_next)?;
+            a.inc(rdi)?;
+            a.add(r8, r10)?;
+            a.jmp(touch_loop)
+        }
+        OpCode::Done => {
+            // DONE forever, as every payload ends (see `Program::done`).
+            p.call_host(CALL_DONE)?;
+            p.asm.jmp(*label)
+        }
+    }
 }
 
 /// Watches a u64 at a GPA while the host moves or deletes the memslot under
@@ -382,7 +390,7 @@ fn watch_memslot() -> Result<Program> {
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/abi.rs");
-    let mut out = String::from("// Generated by guest-payloads/build.rs.\n\n");
+    let mut out = String::from("// Generated by crates/guest-payloads/build.rs.\n\n");
     for program in [
         guest_runtime()?,
         sync_roundtrip()?,
