@@ -181,9 +181,17 @@ fn zero_page() -> Box<[u8]> {
 }
 
 fn read_pages(pages: &Pages, offset: u64, buf: &mut [u8]) {
-    for (i, byte) in buf.iter_mut().enumerate() {
-        let at = offset + i as u64;
-        *byte = pages.get(&(at / PAGE_SIZE)).map_or(0, |p| p[(at % PAGE_SIZE) as usize]);
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        let in_page = (at % PAGE_SIZE) as usize;
+        let n = (PAGE_SIZE as usize - in_page).min(buf.len() - done);
+        let dst = &mut buf[done..done + n];
+        match pages.get(&(at / PAGE_SIZE)) {
+            Some(page) => dst.copy_from_slice(&page[in_page..in_page + n]),
+            None => dst.fill(0),
+        }
+        done += n;
     }
 }
 
@@ -659,6 +667,26 @@ impl Model {
             Some((HostMemory::GmemMap(g), page)) => Ok(Route::Gmem(g, page)),
             Some((HostMemory::Anon(a), page)) => Ok(Route::Anon(a, page)),
         }
+    }
+
+    /// The memslot of address space 0 that holds `gpa`, if any.
+    pub fn slot_at(&self, gpa: u64) -> Option<&Slot> {
+        self.slot_for(gpa >> PAGE_SHIFT)
+    }
+
+    /// Why the model cannot say what an access at `gpa` does, if it cannot
+    /// (see [`GuestAccess::Unmodeled`]); changes nothing.
+    pub fn unmodeled_guest_access(&self, gpa: u64, is_write: bool) -> Option<&'static str> {
+        match self.route(gpa, is_write, 0) {
+            Err(GuestAccess::Unmodeled(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Whether a host access of `len` bytes at `offset` of `mem` would
+    /// fault; changes nothing.
+    pub fn host_access_faults(&self, mem: HostMemory, offset: u64, len: u64) -> bool {
+        self.host_check(mem, offset, len).is_err()
     }
 
     /// The guest reads the u64 at `gpa` (8-byte aligned).
