@@ -115,6 +115,25 @@ fn gpa_in_window() -> impl Strategy<Value = u64> {
         .prop_map(|(page, offset)| WINDOW + page * P + offset)
 }
 
+/// A GPA for a guest access: mostly inside a memslot of the window (most
+/// of the window has none), sometimes anywhere in it.
+fn guest_gpa(state: &RefState) -> BoxedStrategy<u64> {
+    let pages: Vec<u64> = state
+        .model
+        .slots()
+        .values()
+        .filter(|s| s.as_id == 0 && s.id != 0)
+        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
+        .collect();
+    if pages.is_empty() {
+        return gpa_in_window().boxed();
+    }
+    let in_slot =
+        (proptest::sample::select(pages), prop_oneof![Just(0u64), Just(0xff8), (0..512u64).prop_map(|w| w * 8)])
+            .prop_map(|(page, offset)| page + offset);
+    prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
+}
+
 fn value() -> impl Strategy<Value = u64> {
     prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001)]
 }
@@ -318,8 +337,8 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         (2, create_gmem(&profile)),
         (4, new_region(state)),
         (2, set_attributes(&profile)),
-        (4, gpa_in_window().prop_map(|gpa| Step::GuestRead { gpa }).boxed()),
-        (4, (gpa_in_window(), value()).prop_map(|(gpa, value)| Step::GuestWrite { gpa, value }).boxed()),
+        (4, guest_gpa(state).prop_map(|gpa| Step::GuestRead { gpa }).boxed()),
+        (4, (guest_gpa(state), value()).prop_map(|(gpa, value)| Step::GuestWrite { gpa, value }).boxed()),
         (2, host_write(state)),
     ];
     if let Some(s) = change_region(state) {
