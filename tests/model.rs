@@ -21,7 +21,7 @@
 //! it as `KVM_SELFTESTS_SEED` and `KVM_SELFTESTS_MODEL_CASES=1` that exact
 //! case runs first. Cases, steps and shrink iterations are bounded, every
 //! `KVM_RUN` has the harness watchdog, and a time budget stops exploring
-//! new cases (never the check of one) after 5 minutes.
+//! new cases (never the check of one) after 2 minutes.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -68,7 +68,7 @@ const DEFAULT_SEED: u64 = 0x6b76_6d5f_6d6f_6465;
 const DEFAULT_CASES: u32 = 200;
 const STEPS: std::ops::RangeInclusive<usize> = 30..=50;
 const MAX_SHRINK_RUNS: u32 = 3000;
-const CASE_BUDGET: Duration = Duration::from_secs(300);
+const CASE_BUDGET: Duration = Duration::from_secs(120);
 const SHRINK_BUDGET: Duration = Duration::from_secs(180);
 
 /// One operation of a sequence.
@@ -1061,25 +1061,15 @@ fn on_kvm_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// Needs a mmap-able guest_memfd bound to a memslot on a VM of `vm_type`.
-fn needs_gmem_only_slots(vm_type: VmType) -> Vec<Need> {
-    vec![
-        Need::VmType(vm_type),
-        Need::Check(Box::new(move |kvm| {
-            let vm = Vm::bare(kvm, vm_type).map_err(|e| format!("needs a {vm_type} VM: {e}"))?;
-            let flags = vm.cap(Cap::GuestMemfdFlags);
-            if flags as u64 & kvm_model::GUEST_MEMFD_FLAG_MMAP == 0 {
-                return Err(format!(
-                    "needs GUEST_MEMFD_FLAG_MMAP on a {vm_type} VM: {} = {flags:#x}",
-                    Cap::GuestMemfdFlags
-                ));
-            }
-            match vm.cap(Cap::GuestMemfd) {
-                0 => Err(format!("needs guest_memfd memslots on a {vm_type} VM: {} = 0", Cap::GuestMemfd)),
-                _ => Ok(()),
-            }
-        })),
-    ]
+/// Whether VMs of `vm_type` can bind a mmap-able guest_memfd to a memslot
+/// (7.x, 6.18: `GUEST_MEMFD_FLAG_MMAP`); elsewhere the focused variant is
+/// not a rule of the kernel and is not registered, like guest_memfd's flag
+/// cases.
+fn gmem_only_slots(kvm: Option<&Arc<Kvm>>, vm_type: VmType) -> bool {
+    let Some(kvm) = kvm.filter(|k| k.supports(vm_type)) else { return false };
+    Vm::bare(kvm, vm_type).is_ok_and(|vm| {
+        vm.cap(Cap::GuestMemfdFlags) as u64 & kvm_model::GUEST_MEMFD_FLAG_MMAP != 0 && vm.cap(Cap::GuestMemfd) != 0
+    })
 }
 
 fn main() -> ExitCode {
@@ -1092,11 +1082,13 @@ fn main() -> ExitCode {
         suite.test(format!("{short}_vm_random_sequences_match_the_model"), vec![Need::VmType(vm_type)], move |kvm| {
             explore(kvm, vm_type, gmem_only)
         });
-        suite.test(
-            format!("{short}_vm_guest_accesses_to_gmem_only_slots_match_the_model"),
-            needs_gmem_only_slots(vm_type),
-            move |kvm| explore(kvm, vm_type, GmemOnlyAccess::Focused),
-        );
+        if gmem_only_slots(suite.kvm(), vm_type) {
+            suite.test(
+                format!("{short}_vm_guest_accesses_to_gmem_only_slots_match_the_model"),
+                vec![Need::VmType(vm_type)],
+                move |kvm| explore(kvm, vm_type, GmemOnlyAccess::Focused),
+            );
+        }
     }
     suite.run()
 }
