@@ -1,0 +1,109 @@
+//! What selects the rules: the kernel version and what the VM reports.
+
+use std::fmt;
+
+use crate::Errno;
+
+/// A kernel release, `major.minor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelVersion {
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+}
+
+impl KernelVersion {
+    /// `major.minor`.
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Self { major, minor }
+    }
+
+    /// Parses the start of a release string (`uname -r`), e.g.
+    /// `6.18.44-fc-v595` or `7.3.0-rc1`.
+    pub fn parse(release: &str) -> Option<Self> {
+        let mut parts = release.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Self { major, minor })
+    }
+
+    /// The errno of binding a guest_memfd range that another memslot
+    /// already binds: 6.12's kvm_gmem_bind() fails with its default
+    /// `-EINVAL`; from 7.2 kvm_gmem_commit_memory_region() says `-EEXIST`.
+    pub fn gmem_binding_overlap_errno(self) -> Errno {
+        if self >= Self::new(7, 2) {
+            Errno::EEXIST
+        } else {
+            Errno::EINVAL
+        }
+    }
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The facts about one VM that select among the rules. A test fills it
+/// from the running kernel's version and the capabilities the VM reports;
+/// unit tests spell out 6.12 and 7.3 VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// The kernel release.
+    pub version: KernelVersion,
+    /// `KVM_CREATE_GUEST_MEMFD` exists (6.12 `CONFIG_KVM_PRIVATE_MEM`,
+    /// 7.x `CONFIG_KVM_GUEST_MEMFD`).
+    pub guest_memfd: bool,
+    /// `KVM_MEM_GUEST_MEMFD` is a valid memslot flag
+    /// (check_memory_region_flags(): 6.12 only where
+    /// kvm_arch_has_private_mem(), 7.x wherever guest_memfd exists; both
+    /// equal `KVM_CAP_GUEST_MEMFD` on the VM fd).
+    pub guest_memfd_slots: bool,
+    /// The `KVM_CREATE_GUEST_MEMFD` flags the VM accepts
+    /// (`KVM_CAP_GUEST_MEMFD_FLAGS` on the VM fd; 0 on 6.12).
+    pub guest_memfd_flags: u64,
+    /// `KVM_SET_MEMORY_ATTRIBUTES` exists
+    /// (`CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES`).
+    pub memory_attributes_ioctl: bool,
+    /// kvm_supported_mem_attributes() of the VM
+    /// (`KVM_CAP_MEMORY_ATTRIBUTES` on the VM fd).
+    pub supported_attributes: u64,
+    /// kvm_arch_has_readonly_mem() (`KVM_CAP_READONLY_MEM` on the VM fd).
+    pub readonly_mem: bool,
+    /// kvm_arch_nr_memslot_as_ids() (`KVM_CAP_MULTI_ADDRESS_SPACE` on the
+    /// VM fd, at least 1).
+    pub address_spaces: u16,
+}
+
+impl Profile {
+    /// A VM of 6.12 (x86, `CONFIG_KVM_SW_PROTECTED_VM=y`, SMM):
+    /// `private` selects `KVM_X86_SW_PROTECTED_VM` over the default type.
+    pub fn linux_6_12(private: bool) -> Self {
+        Self {
+            version: KernelVersion::new(6, 12),
+            guest_memfd: true,
+            guest_memfd_slots: private,
+            guest_memfd_flags: 0,
+            memory_attributes_ioctl: true,
+            supported_attributes: if private { crate::KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
+            readonly_mem: true,
+            address_spaces: if private { 1 } else { 2 },
+        }
+    }
+
+    /// A VM of 7.3, like [`Self::linux_6_12`]: guest_memfd slots for every
+    /// VM type, `MMAP` guest_memfds, `INIT_SHARED` ones without private memory.
+    pub fn linux_7_3(private: bool) -> Self {
+        Self {
+            version: KernelVersion::new(7, 3),
+            guest_memfd_slots: true,
+            // kvm_gmem_get_supported_flags(): INIT_SHARED only where
+            // kvm_arch_supports_gmem_init_shared(), i.e. without private memory.
+            guest_memfd_flags: crate::GUEST_MEMFD_FLAG_MMAP
+                | if private { 0 } else { crate::GUEST_MEMFD_FLAG_INIT_SHARED },
+            ..Self::linux_6_12(private)
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! One test per rule, on the 6.12 and 7.3 profiles where they differ.
+
+use super::*;
+
+const P: u64 = PAGE_SIZE;
+const BASE: u64 = 1 << 32;
+
+fn model(profile: Profile) -> Model {
+    Model::new(profile)
+}
+
+fn anon_region(m: &mut Model, slot: u32, gpa: u64, npages: u64) -> MemoryRegion {
+    let anon = m.add_anon(npages);
+    MemoryRegion { slot, flags: 0, gpa, size: npages * P, user: UserMemory::Anon { anon, page: 0 }, guest_memfd: None }
+}
+
+fn gmem_region(slot: u32, gpa: u64, npages: u64, gmem: GmemId, offset: u64) -> MemoryRegion {
+    MemoryRegion {
+        slot,
+        flags: KVM_MEM_GUEST_MEMFD,
+        gpa,
+        size: npages * P,
+        user: UserMemory::Null,
+        guest_memfd: Some((GmemFd::File(gmem), offset)),
+    }
+}
+
+#[test]
+fn kernel_versions_parse_and_pick_the_overlap_errno() {
+    assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion::new(6, 18)));
+    assert_eq!(KernelVersion::parse("7.3.0-rc1"), Some(KernelVersion::new(7, 3)));
+    assert_eq!(KernelVersion::parse("garbage"), None);
+    assert_eq!(KernelVersion::new(6, 12).gmem_binding_overlap_errno(), Errno::EINVAL);
+    assert_eq!(KernelVersion::new(7, 1).gmem_binding_overlap_errno(), Errno::EINVAL);
+    assert_eq!(KernelVersion::new(7, 2).gmem_binding_overlap_errno(), Errno::EEXIST);
+}
+
+#[test]
+fn create_guest_memfd_checks_flags_then_size() {
+    let mut old = model(Profile::linux_6_12(true));
+    assert_eq!(old.create_guest_memfd(P, GUEST_MEMFD_FLAG_MMAP), Err(Errno::EINVAL));
+    assert_eq!(old.create_guest_memfd(0, 0), Err(Errno::EINVAL));
+    assert_eq!(old.create_guest_memfd(P + 1, 0), Err(Errno::EINVAL));
+    assert_eq!(old.create_guest_memfd(!(P - 1), 0), Err(Errno::EINVAL), "negative loff_t");
+    assert_eq!(old.create_guest_memfd(2 * P, 0), Ok(0));
+    let mut new = model(Profile::linux_7_3(false));
+    assert_eq!(new.create_guest_memfd(P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED), Ok(0));
+    assert_eq!(new.create_guest_memfd(P, 1 << 2), Err(Errno::EINVAL));
+    // Flags are checked before the size.
+    assert_eq!(new.create_guest_memfd(0, 1 << 2), Err(Errno::EINVAL));
+    let mut private = model(Profile::linux_7_3(true));
+    assert_eq!(private.create_guest_memfd(P, GUEST_MEMFD_FLAG_INIT_SHARED), Err(Errno::EINVAL));
+    assert_eq!(private.create_guest_memfd(P, GUEST_MEMFD_FLAG_MMAP), Ok(0));
+    let mut none = model(Profile { guest_memfd: false, ..Profile::linux_7_3(false) });
+    assert_eq!(none.create_guest_memfd(P, 0), Err(Errno::ENOTTY));
+}
+
+#[test]
+fn memslot_flags_depend_on_the_vm_and_are_checked_first() {
+    let mut m = model(Profile::linux_6_12(false));
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    // 6.12 default VM: KVM_MEM_GUEST_MEMFD is not a valid flag.
+    assert_eq!(m.set_memory_region(&gmem_region(1, BASE, 1, g, 0)), Err(Errno::EINVAL));
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    assert_eq!(m.set_memory_region(&gmem_region(1, BASE, 1, g, 0)), Ok(Change::Create));
+    // GUEST_MEMFD excludes LOG_DIRTY_PAGES and READONLY.
+    for extra in [KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY] {
+        let mut r = gmem_region(2, BASE + 8 * P, 1, g, P);
+        r.flags |= extra;
+        assert_eq!(m.set_memory_region(&r), Err(Errno::EINVAL), "flags {:#x}", r.flags);
+    }
+    // An unknown bit, even on an otherwise broken request (misaligned size).
+    let mut r = anon_region(&mut m, 3, BASE + 16 * P, 1);
+    r.flags = 1 << 3;
+    r.size = 1;
+    assert_eq!(m.set_memory_region(&r), Err(Errno::EINVAL));
+    // READONLY only where kvm_arch_has_readonly_mem().
+    let mut m = model(Profile { readonly_mem: false, ..Profile::linux_7_3(false) });
+    let mut r = anon_region(&mut m, 1, BASE, 1);
+    r.flags = KVM_MEM_READONLY;
+    assert_eq!(m.set_memory_region(&r), Err(Errno::EINVAL));
+}
+
+#[test]
+fn memslot_sanity_checks() {
+    let mut m = model(Profile::linux_6_12(true));
+    let r = anon_region(&mut m, 1, BASE, 2);
+    assert_eq!(m.set_memory_region(&MemoryRegion { size: P + 8, ..r }), Err(Errno::EINVAL));
+    assert_eq!(m.set_memory_region(&MemoryRegion { gpa: BASE + 8, ..r }), Err(Errno::EINVAL));
+    assert_eq!(m.set_memory_region(&MemoryRegion { slot: 1 << 16 | 1, ..r }), Err(Errno::EINVAL), "as_id 1 of 1");
+    assert_eq!(m.set_memory_region(&MemoryRegion { slot: KVM_USER_MEM_SLOTS, ..r }), Err(Errno::EINVAL));
+    assert_eq!(m.set_memory_region(&MemoryRegion { gpa: !(P - 1), ..r }), Err(Errno::EINVAL), "wraps");
+    assert_eq!(m.set_memory_region(&MemoryRegion { size: 0, ..r }), Err(Errno::EINVAL), "delete of nothing");
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    let unaligned = MemoryRegion { guest_memfd: Some((GmemFd::File(g), 8)), ..gmem_region(1, BASE, 1, g, 0) };
+    assert_eq!(m.set_memory_region(&unaligned), Err(Errno::EINVAL));
+    let wraps = MemoryRegion { guest_memfd: Some((GmemFd::File(g), !(P - 1))), ..unaligned };
+    assert_eq!(m.set_memory_region(&wraps), Err(Errno::EINVAL));
+    // Offset rules apply only with the flag: without it the fields are ignored.
+    let ignored = MemoryRegion { flags: 0, guest_memfd: Some((GmemFd::Closed, 8)), ..r };
+    assert_eq!(m.set_memory_region(&ignored), Ok(Change::Create));
+    assert!(m.slots()[&(0, 1)].gmem.is_none());
+    // Two address spaces on a default VM with SMM.
+    let mut m = model(Profile::linux_6_12(false));
+    let r = anon_region(&mut m, 1 << 16 | 1, BASE, 2);
+    assert_eq!(m.set_memory_region(&r), Ok(Change::Create));
+}
+
+#[test]
+fn memslots_create_move_flags_delete() {
+    let mut m = model(Profile::linux_7_3(false));
+    let r = anon_region(&mut m, 1, BASE, 2);
+    assert_eq!(m.set_memory_region(&r), Ok(Change::Create));
+    assert_eq!(m.set_memory_region(&r), Ok(Change::Unchanged));
+    assert_eq!(m.set_memory_region(&MemoryRegion { gpa: BASE + 4 * P, ..r }), Ok(Change::Move));
+    assert_eq!(m.slots()[&(0, 1)].base_gfn, (BASE >> 12) + 4);
+    let dirty = MemoryRegion { gpa: BASE + 4 * P, flags: KVM_MEM_LOG_DIRTY_PAGES, ..r };
+    assert_eq!(m.set_memory_region(&dirty), Ok(Change::FlagsOnly));
+    // A modification must keep size, userspace_addr, READONLY.
+    assert_eq!(m.set_memory_region(&MemoryRegion { size: P, ..dirty }), Err(Errno::EINVAL));
+    let other = m.add_anon(2);
+    let moved_memory = MemoryRegion { user: UserMemory::Anon { anon: other, page: 0 }, ..dirty };
+    assert_eq!(m.set_memory_region(&moved_memory), Err(Errno::EINVAL));
+    assert_eq!(m.set_memory_region(&MemoryRegion { flags: KVM_MEM_READONLY, ..dirty }), Err(Errno::EINVAL));
+    assert_eq!(m.set_memory_region(&MemoryRegion { size: 0, ..dirty }), Ok(Change::Delete));
+    assert!(m.slots().is_empty());
+}
+
+#[test]
+fn memslots_of_one_address_space_must_not_overlap() {
+    let mut m = model(Profile::linux_6_12(false));
+    let a = anon_region(&mut m, 1, BASE, 4);
+    m.set_memory_region(&a).unwrap();
+    let b = anon_region(&mut m, 2, BASE + 3 * P, 2);
+    assert_eq!(m.set_memory_region(&b), Err(Errno::EEXIST));
+    // A move onto another slot too; a move over itself is fine.
+    let c = anon_region(&mut m, 3, BASE + 8 * P, 2);
+    m.set_memory_region(&c).unwrap();
+    assert_eq!(m.set_memory_region(&MemoryRegion { gpa: BASE + 2 * P, ..c }), Err(Errno::EEXIST));
+    assert_eq!(m.set_memory_region(&MemoryRegion { gpa: BASE + 7 * P, ..c }), Ok(Change::Move));
+    // The other address space is separate.
+    assert_eq!(m.set_memory_region(&MemoryRegion { slot: 1 << 16 | 2, ..b }), Ok(Change::Create));
+}
+
+#[test]
+fn guest_memfd_slots_are_immutable() {
+    let mut m = model(Profile::linux_6_12(true));
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    let r = gmem_region(1, BASE, 2, g, 0);
+    m.set_memory_region(&r).unwrap();
+    // Re-sending the very same request is a modification with the flag.
+    assert_eq!(m.set_memory_region(&r), Err(Errno::EINVAL));
+    let moved = MemoryRegion { flags: 0, gpa: BASE + 8 * P, ..r };
+    assert_eq!(m.set_memory_region(&moved), Err(Errno::EINVAL), "dropping the flag changes a fixed flag");
+    assert_eq!(m.set_memory_region(&MemoryRegion { size: 0, ..r }), Ok(Change::Delete));
+}
+
+#[test]
+fn guest_memfd_binding_rules_in_check_order() {
+    for (profile, overlap) in [(Profile::linux_6_12(true), Errno::EINVAL), (Profile::linux_7_3(true), Errno::EEXIST)] {
+        let mut m = model(profile);
+        let g = m.create_guest_memfd(4 * P, 0).unwrap();
+        let closed = MemoryRegion { guest_memfd: Some((GmemFd::Closed, 0)), ..gmem_region(1, BASE, 1, g, 0) };
+        assert_eq!(m.set_memory_region(&closed), Err(Errno::EBADF));
+        let not_gmem = MemoryRegion { guest_memfd: Some((GmemFd::NotGuestMemfd, 0)), ..closed };
+        assert_eq!(m.set_memory_region(&not_gmem), Err(Errno::EINVAL));
+        assert_eq!(m.set_memory_region(&gmem_region(1, BASE, 2, g, 3 * P)), Err(Errno::EINVAL), "past the end");
+        m.set_memory_region(&gmem_region(1, BASE, 2, g, P)).unwrap();
+        // Pages 1..3 are bound; page 0 and 3 are free.
+        assert_eq!(m.set_memory_region(&gmem_region(2, BASE + 8 * P, 1, g, 2 * P)), Err(overlap));
+        assert_eq!(m.set_memory_region(&gmem_region(2, BASE + 8 * P, 2, g, 0)), Err(overlap));
+        assert_eq!(m.set_memory_region(&gmem_region(2, BASE + 8 * P, 1, g, 0)), Ok(Change::Create));
+        assert_eq!(m.set_memory_region(&gmem_region(3, BASE + 9 * P, 1, g, 3 * P)), Ok(Change::Create));
+        // The GPA overlap is checked before the fd: a closed fd over slot 1 is EEXIST.
+        let both = MemoryRegion { slot: 4, gpa: BASE, ..closed };
+        assert_eq!(m.set_memory_region(&both), Err(Errno::EEXIST));
+        // Deleting a slot frees its binding.
+        m.set_memory_region(&MemoryRegion { size: 0, ..gmem_region(1, BASE, 2, g, P) }).unwrap();
+        assert_eq!(m.set_memory_region(&gmem_region(4, BASE + 12 * P, 2, g, P)), Ok(Change::Create));
+    }
+}
+
+#[test]
+fn set_memory_attributes_input_rules() {
+    let mut m = model(Profile::linux_6_12(true));
+    let private = KVM_MEMORY_ATTRIBUTE_PRIVATE;
+    assert_eq!(m.set_memory_attributes(BASE, P, private, 1), Err(Errno::EINVAL), "flags");
+    assert_eq!(m.set_memory_attributes(BASE, P, 1, 0), Err(Errno::EINVAL), "unsupported attribute");
+    assert_eq!(m.set_memory_attributes(BASE, 0, private, 0), Err(Errno::EINVAL), "size 0");
+    assert_eq!(m.set_memory_attributes(!(P - 1), 2 * P, private, 0), Err(Errno::EINVAL), "wraps");
+    assert_eq!(m.set_memory_attributes(BASE + 8, P, private, 0), Err(Errno::EINVAL), "address");
+    assert_eq!(m.set_memory_attributes(BASE, P + 8, private, 0), Err(Errno::EINVAL), "size");
+    assert_eq!(m.attributes(BASE >> 12), 0, "rejected calls change nothing");
+    assert_eq!(m.set_memory_attributes(BASE, 2 * P, private, 0), Ok(()));
+    assert_eq!((m.attributes(BASE >> 12), m.attributes((BASE >> 12) + 1)), (private, private));
+    assert_eq!(m.set_memory_attributes(BASE + P, P, 0, 0), Ok(()));
+    assert_eq!((m.attributes(BASE >> 12), m.attributes((BASE >> 12) + 1)), (private, 0));
+    // A default VM supports no attribute, but clearing is valid.
+    let mut m = model(Profile::linux_7_3(false));
+    assert_eq!(m.set_memory_attributes(BASE, P, private, 0), Err(Errno::EINVAL));
+    assert_eq!(m.set_memory_attributes(BASE, P, 0, 0), Ok(()));
+    let mut m = model(Profile { memory_attributes_ioctl: false, ..Profile::linux_7_3(false) });
+    assert_eq!(m.set_memory_attributes(BASE, P, 0, 0), Err(Errno::ENOTTY));
+}
+
+#[test]
+fn fallocate_rules() {
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, 0, 0), Err(Errno::EINVAL), "len 0");
+    assert_eq!(m.fallocate(g, Fallocate::PunchHole, 0, 0), Err(Errno::EINVAL), "len 0");
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, 8, P), Err(Errno::EINVAL), "offset");
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, 0, 8), Err(Errno::EINVAL), "len");
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, 3 * P, 2 * P), Err(Errno::EINVAL), "past the end");
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, 0, !(P - 1)), Err(Errno::EINVAL), "negative len");
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, i64::MAX as u64 & !(P - 1), 2 * P), Err(Errno::EFBIG));
+    assert_eq!(m.fallocate(g, Fallocate::Allocate, P, 2 * P), Ok(()));
+    assert_eq!(m.gmems()[g].pages.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(m.fallocate(g, Fallocate::PunchHole, 2 * P, 8 * P), Ok(()), "punching past the end is fine");
+    assert_eq!(m.gmems()[g].pages.keys().copied().collect::<Vec<_>>(), [1]);
+}
+
+#[test]
+fn guest_accesses_without_a_slot_are_mmio_or_private_faults() {
+    let mut m = model(Profile::linux_6_12(true));
+    assert_eq!(m.guest_read(BASE + 16), GuestAccess::Mmio { gpa: BASE + 16, len: 8, is_write: false, data: 0 });
+    assert_eq!(m.guest_write(BASE + 16, 7), GuestAccess::Mmio { gpa: BASE + 16, len: 8, is_write: true, data: 7 });
+    m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    let fault =
+        GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_read(BASE + 16), fault);
+    assert_eq!(m.guest_write(BASE + 16, 7), fault);
+}
+
+#[test]
+fn shared_accesses_go_through_userspace_memory_and_private_ones_to_guest_memfd() {
+    let mut m = model(Profile::linux_6_12(true));
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    let anon = m.add_anon(2);
+    let r = MemoryRegion { user: UserMemory::Anon { anon, page: 0 }, ..gmem_region(1, BASE, 2, g, 2 * P) };
+    m.set_memory_region(&r).unwrap();
+    assert_eq!(m.guest_write(BASE + P + 8, 0x1111), GuestAccess::Done(0));
+    let mut buf = [0; 8];
+    m.host_read(HostMemory::Anon(anon), P + 8, &mut buf).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 0x1111);
+    m.set_memory_attributes(BASE + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    // The private view is guest_memfd page 3: fresh, zero.
+    assert_eq!(m.guest_read(BASE + P + 8), GuestAccess::Done(0));
+    assert_eq!(m.guest_write(BASE + P + 8, 0x2222), GuestAccess::Done(0));
+    m.host_read(HostMemory::Anon(anon), P + 8, &mut buf).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 0x1111, "private bytes never reach the shared view");
+    let mut page = [0; 8];
+    m.gmems()[g].read(3 * P + 8, &mut page);
+    assert_eq!(u64::from_le_bytes(page), 0x2222);
+    // Back to shared and private again: guest_memfd keeps its contents.
+    m.set_memory_attributes(BASE + P, P, 0, 0).unwrap();
+    assert_eq!(m.guest_read(BASE + P + 8), GuestAccess::Done(0x1111));
+    m.set_memory_attributes(BASE + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(m.guest_read(BASE + P + 8), GuestAccess::Done(0x2222));
+    // Punching the hole discards them.
+    m.fallocate(g, Fallocate::PunchHole, 3 * P, P).unwrap();
+    assert_eq!(m.guest_read(BASE + P + 8), GuestAccess::Done(0));
+}
+
+#[test]
+fn private_access_to_a_slot_without_guest_memfd_is_a_memory_fault() {
+    let mut m = model(Profile::linux_6_12(true));
+    let r = anon_region(&mut m, 1, BASE, 2);
+    m.set_memory_region(&r).unwrap();
+    m.set_memory_attributes(BASE + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    let fault =
+        GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE + P, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_write(BASE + P + 0x18, 5), fault);
+    assert_eq!(m.guest_read(BASE + 0x18), GuestAccess::Done(0), "the shared page next to it is fine");
+}
+
+#[test]
+fn read_only_slots_turn_writes_into_mmio() {
+    let mut m = model(Profile::linux_7_3(false));
+    let mut r = anon_region(&mut m, 1, BASE, 1);
+    r.flags = KVM_MEM_READONLY;
+    m.set_memory_region(&r).unwrap();
+    m.host_write(HostMemory::Anon(0), 0, &9u64.to_le_bytes()).unwrap();
+    assert_eq!(m.guest_read(BASE), GuestAccess::Done(9));
+    assert_eq!(m.guest_write(BASE, 1), GuestAccess::Mmio { gpa: BASE, len: 8, is_write: true, data: 1 });
+    assert_eq!(m.guest_read(BASE), GuestAccess::Done(9));
+}
+
+#[test]
+fn gmem_only_slots_serve_every_access_from_guest_memfd() {
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(2 * P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED).unwrap();
+    let anon = m.add_anon(2);
+    // userspace_addr points at anonymous memory, but the binding wins.
+    let r = MemoryRegion { user: UserMemory::Anon { anon, page: 0 }, ..gmem_region(1, BASE, 2, g, 0) };
+    m.set_memory_region(&r).unwrap();
+    assert!(m.slots()[&(0, 1)].gmem_only);
+    m.host_write(HostMemory::GmemMap(g), P, &0xabcdu64.to_le_bytes()).unwrap();
+    assert_eq!(m.guest_read(BASE + P), GuestAccess::Done(0xabcd));
+    assert_eq!(m.guest_write(BASE, 3), GuestAccess::Done(0));
+    let mut buf = [0; 8];
+    m.host_read(HostMemory::Anon(anon), 0, &mut buf).unwrap();
+    assert_eq!(buf, [0; 8]);
+    m.host_read(HostMemory::GmemMap(g), 0, &mut buf).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 3);
+    // A slot with userspace_addr 0 bound to it is served the same way.
+    let g2 = m.create_guest_memfd(P, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    m.set_memory_region(&gmem_region(2, BASE + 4 * P, 1, g2, 0)).unwrap();
+    assert_eq!(m.guest_read(BASE + 4 * P), GuestAccess::Done(0));
+}
+
+#[test]
+fn host_mappings_of_guest_memfd_fault_on_private_memory() {
+    let mut m = model(Profile::linux_7_3(false));
+    let private = m.create_guest_memfd(P, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    let shared = m.create_guest_memfd(P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED).unwrap();
+    let mut buf = [0; 8];
+    assert_eq!(m.host_read(HostMemory::GmemMap(private), 0, &mut buf), Err(HostFault::Sigbus));
+    assert_eq!(m.host_write(HostMemory::GmemMap(shared), P, &buf), Err(HostFault::Sigbus), "past the end");
+    assert_eq!(m.host_read(HostMemory::GmemMap(shared), 0, &mut buf), Ok(()));
+    assert!(m.gmems()[shared].pages.contains_key(&0), "a host fault allocates the page");
+}
+
+#[test]
+fn unbacked_shared_accesses_are_unmodeled() {
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(P, 0).unwrap();
+    m.set_memory_region(&gmem_region(1, BASE, 1, g, 0)).unwrap();
+    assert!(matches!(m.guest_read(BASE), GuestAccess::Unmodeled(_)));
+}
+
+#[test]
+fn punch_hole_discards_what_the_host_mapping_wrote() {
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(2 * P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED).unwrap();
+    m.host_write(HostMemory::GmemMap(g), P + 16, &[1, 2, 3]).unwrap();
+    m.fallocate(g, Fallocate::PunchHole, 0, 2 * P).unwrap();
+    let mut buf = [9; 3];
+    m.host_read(HostMemory::GmemMap(g), P + 16, &mut buf).unwrap();
+    assert_eq!(buf, [0; 3]);
+}
