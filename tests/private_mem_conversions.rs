@@ -26,12 +26,14 @@ use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
+use kvm_harness::backing::Backing;
 use kvm_harness::uapi::{
     KVM_EINVAL, KVM_EXIT_HYPERCALL_LONG_MODE, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
 };
 use kvm_harness::{
-    ensure, settings, threads, Agent, Cap, Error, Fill, GuestMemfd, Kvm, Need, Result, Suite, Vm, VmType,
+    ensure, settings, threads, Agent, Cap, Error, Fill, GmemBinding, GuestMemfd, Kvm, Need, Region, Result, Suite, Vm,
+    VmType,
 };
 
 /// Environment variable: number of concurrently converting vCPUs.
@@ -78,7 +80,7 @@ struct Setup {
     size: u64,
 }
 
-fn setup(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64) -> Result<Setup> {
+fn setup(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, backing: Backing) -> Result<Setup> {
     let size = PER_CPU_SIZE * vcpus;
     let slot_size = size / memslots;
     if memslots == 0 || slot_size * memslots != size || slot_size % PAGE != 0 {
@@ -90,7 +92,10 @@ fn setup(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64) -> Result<Setup> {
     vm.enable_map_gpa_range_exits()?;
     let gmem = Arc::new(vm.create_guest_memfd(size, 0)?);
     for i in 0..memslots {
-        vm.add_private_memory(BASE_SLOT + i as u32, BASE_GPA + slot_size * i, slot_size, &gmem, slot_size * i)?;
+        let shared = Arc::new(backing.allocate(slot_size)?);
+        let region = Region::new(BASE_SLOT + i as u32, BASE_GPA + slot_size * i, shared)
+            .with_guest_memfd(GmemBinding::Memfd(gmem.clone()), slot_size * i);
+        vm.set_region(&region)?;
     }
     Ok(Setup { vm, gmem, size })
 }
@@ -327,7 +332,14 @@ fn run_phase(conv: &mut Conv<'_>, phase: Phase) -> Result<()> {
 /// Runs `phase` on `vcpus` vCPUs concurrently (each on its own range,
 /// released together), then checks guest_memfd still works once the VM is gone.
 fn conversions(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, phase: Phase) -> Result<()> {
-    let Setup { vm, gmem, size } = setup(kvm, vcpus, memslots)?;
+    conversions_backed_by(kvm, vcpus, memslots, phase, Backing::Anonymous)
+}
+
+/// [`conversions`] with the memslots' shared side in `backing` (upstream's
+/// `-s`): KVM's shared faults and mmu-notifier invalidations take other
+/// paths for THP, shmem and hugetlb pages.
+fn conversions_backed_by(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, phase: Phase, backing: Backing) -> Result<()> {
+    let Setup { vm, gmem, size } = setup(kvm, vcpus, memslots, backing)?;
     let mut cpus = Vec::new();
     for i in 0..vcpus {
         cpus.push(vm.vcpu(i, [0; 4])?);
@@ -381,7 +393,7 @@ fn concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots(kvm: &
 }
 
 fn map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages(kvm: &Arc<Kvm>) -> Result<()> {
-    let Setup { vm, .. } = setup(kvm, 1, 1)?;
+    let Setup { vm, .. } = setup(kvm, 1, 1, Backing::Anonymous)?;
     let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
     let einval = KVM_EINVAL.wrapping_neg();
     for (gpa, npages, what) in [(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")] {
@@ -420,7 +432,7 @@ fn map_gpa_range_without_exit_hypercall_returns_enosys_to_guest(kvm: &Arc<Kvm>) 
 }
 
 fn hypercall_exit_reports_long_mode(kvm: &Arc<Kvm>) -> Result<()> {
-    let Setup { vm, .. } = setup(kvm, 1, 1)?;
+    let Setup { vm, .. } = setup(kvm, 1, 1, Backing::Anonymous)?;
     let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
     guest.submit(kvm_harness::Op::Hypercall {
         nr: KVM_HC_MAP_GPA_RANGE,
@@ -455,6 +467,13 @@ fn main() -> ExitCode {
         ("punch_hole_after_precise_fault_in_guest_reads_zeros", Phase::PunchHole { precise: true }),
     ] {
         suite.test(name, needs(), move |kvm| conversions(kvm, 1, 1, phase));
+    }
+    for backing in [Backing::AnonymousThp, Backing::Shmem, Backing::SharedHugetlb2M] {
+        let mut needs = needs();
+        needs.extend(backing.need(PER_CPU_SIZE));
+        suite.test(format!("conversions_and_punch_holes_with_shared_side_in_{backing}"), needs, move |kvm| {
+            conversions_backed_by(kvm, 1, 1, Phase::All, backing)
+        });
     }
 
     kvm_harness::register!(suite, needs() =>

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
-use kvm_harness::kernel_rules::GMEM_BINDING_OVERLAP;
+use kvm_harness::kernel_rules::{with_fix_hints, GMEM_BINDING_OFFSET_SIGNEDNESS, GMEM_BINDING_OVERLAP};
 use kvm_harness::{
     expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
     Result, Suite, SysResult, Vm, VmType,
@@ -335,10 +335,12 @@ fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
         ("offset_align_down_i64_max", (i64::MAX as u64) & !(page - 1), "offset + size crosses 2^63"),
         ("offset_ending_exactly_at_2_63", (1 << 63) - SIZE, "offset + size is exactly 2^63"),
     ] {
+        let fixes =
+            if name.contains("2_63") || name.contains("i64_max") { GMEM_BINDING_OFFSET_SIGNEDNESS } else { &[] };
         add(
             &format!("binding_rejects_{name}"),
             vec![],
-            Box::new(move |kvm| binding_rejects_offset(kvm, vm_type, offset, what)),
+            Box::new(move |kvm| with_fix_hints(fixes, || binding_rejects_offset(kvm, vm_type, offset, what))),
         );
     }
     add("valid_binding_can_be_deleted_and_readded", vec![], Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)));

@@ -231,6 +231,18 @@ pub const PREFAULT_VS_MEMSLOT_DELETION: &[Fix] = &[
     },
 ];
 
+/// The fix for bindings whose guest_memfd offset plus size crosses 2^63:
+/// compared as signed file offsets, the sum went negative and passed the
+/// "ends inside the file" check, so KVM accepted a binding far past the end
+/// of the guest_memfd (seen on 6.18). 6.12 compared them unsigned.
+pub const GMEM_BINDING_OFFSET_SIGNEDNESS: &[Fix] = &[Fix {
+    commit: Commit {
+        sha: "eba85fee7fc6",
+        subject: "KVM: guest_memfd: Treat memslot binding offset+size as unsigned values",
+    },
+    mainline: KernelVersion::new(7, 2),
+}];
+
 /// Run a test body; if it fails on a kernel older than a fix's mainline
 /// release, append "this kernel may lack upstream fix ..." for each such fix
 /// (LTP's `linux-git` tags). A pass is never touched.

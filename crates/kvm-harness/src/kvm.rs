@@ -174,6 +174,19 @@ impl Kvm {
         Ok(self.supported_cpuid.get_or_init(|| cpuid))
     }
 
+    /// The guest physical address width KVM supports (CPUID
+    /// 0x80000008 EAX[7:0], what upstream's selftests take as `pa_bits`).
+    pub fn guest_phys_bits(&self) -> Result<u32> {
+        let cpuid = self.supported_cpuid()?;
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map(|e| e.eax & 0xff)
+            .filter(|bits| (32..=52).contains(bits))
+            .ok_or_else(|| Error::misuse("KVM_GET_SUPPORTED_CPUID has no usable leaf 0x80000008 (MAXPHYADDR)"))
+    }
+
     /// Whether the CPU vendor is AMD or Hygon (SVM: `vmmcall`, not `vmcall`).
     pub fn is_amd_like(&self) -> Result<bool> {
         let cpuid = self.supported_cpuid()?;
