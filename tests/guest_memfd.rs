@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
-use kvm_harness::kernel_rules::{Hex, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM};
+use kvm_harness::kernel_rules::{Hex, Versioned, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM};
 use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
@@ -104,25 +104,20 @@ fn advertised_flags_match_kernel(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> 
         VmType::Default => &GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
         VmType::SwProtected => &GMEM_FLAGS_WITH_PRIVATE_MEM,
     };
-    let expected = rule.expected()?;
-    let advertised = supported_flags(kvm, vm_type)?;
-    ensure!(
-        Hex(advertised) == expected.outcome,
-        format!("{vm_type}: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
-        "{} = {advertised:#x}; {}",
-        Cap::GuestMemfdFlags,
-        expected.why
-    );
-    Ok(())
+    expect_advertised(&vm_type.to_string(), supported_flags(kvm, vm_type)?, rule)
 }
 
 /// The same on `/dev/kvm`, which answers for a VM without private memory.
 fn system_advertises_flags_of_kernel(kvm: &Arc<Kvm>) -> Result<()> {
-    let expected = GMEM_FLAGS_WITHOUT_PRIVATE_MEM.expected()?;
     let advertised = u64::from(kvm.cap(Cap::GuestMemfdFlags) as u32);
+    expect_advertised("/dev/kvm", advertised, &GMEM_FLAGS_WITHOUT_PRIVATE_MEM)
+}
+
+fn expect_advertised(scope: &str, advertised: u64, rule: &Versioned<Hex>) -> Result<()> {
+    let expected = rule.expected()?;
     ensure!(
         Hex(advertised) == expected.outcome,
-        format!("/dev/kvm: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
+        format!("{scope}: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
         "{} = {advertised:#x}; {}",
         Cap::GuestMemfdFlags,
         expected.why

@@ -8,7 +8,7 @@
 use std::env;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -188,7 +188,13 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     let xtask = run_dir.join("xtask");
     let self_exe = Path::new("/proc/self/exe");
     fs::copy(self_exe, &xtask).map_err(io_err(self_exe))?;
-    fs::write(&init, init_script(&busybox, &xtask, &binaries, &opts.test_args, known_failures.as_deref()))
+    // Guest output is copied to our stdout as is: colour codes only where
+    // that is a terminal, never into logs and CI artifacts.
+    let mut test_args = opts.test_args.clone();
+    if !io::stdout().is_terminal() {
+        test_args.insert(0, "--color=never".into());
+    }
+    fs::write(&init, init_script(&busybox, &xtask, &binaries, &test_args, known_failures.as_deref()))
         .map_err(io_err(&init))?;
     set_executable(&init)?;
 
