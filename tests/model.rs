@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use guest_payloads::layout::{SYSTEM_SLOT_SIZE, TEST_AREA_GPA};
 use guest_payloads::GUEST_AGENT;
 use kvm_harness::bindings::{kvm_memory_attributes, kvm_regs};
+use kvm_harness::kernel_rules;
 use kvm_harness::{
     Agent, Cap, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need, Op, Region, Result, Suite, Vm,
     VmType,
@@ -879,10 +880,12 @@ fn guest_lines(w: &mut String, op: &str, access: &GuestAccess) {
 /// The VM's rule profile: the running kernel's version and what a fresh VM
 /// of `vm_type` reports.
 fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_err(|e| Error::Config(format!("/proc/sys/kernel/osrelease: {e}")))?;
-    let version = KernelVersion::parse(release.trim())
-        .ok_or_else(|| Error::Config(format!("cannot parse the kernel release {:?}", release.trim())))?;
+    // The release the version-dependent rules go by, KVM_SELFTESTS_KERNEL_VERSION included.
+    let running = kernel_rules::running_kernel()?.version;
+    let version = KernelVersion::new(running.major, running.minor);
+    let mmio_caching = std::fs::read_to_string("/sys/module/kvm/parameters/mmio_caching")
+        .map(|v| v.trim() == "Y")
+        .map_err(|e| Error::Config(format!("/sys/module/kvm/parameters/mmio_caching: {e}")))?;
     let vm = Vm::bare(kvm, vm_type)?;
     Ok(Profile {
         version,
@@ -893,6 +896,7 @@ fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
         supported_attributes: u64::from(vm.cap(Cap::MemoryAttributes) as u32),
         readonly_mem: vm.cap(Cap::ReadonlyMem) != 0,
         address_spaces: vm.cap(Cap::MultiAddressSpace).clamp(1, i32::from(u16::MAX)) as u16,
+        mmio_caching,
     })
 }
 

@@ -30,7 +30,7 @@
 mod errno;
 mod profile;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use errno::Errno;
 pub use profile::{KernelVersion, Profile};
@@ -320,6 +320,10 @@ pub struct Model {
     slots: BTreeMap<(u32, u32), Slot>,
     /// Memory attributes by GFN; absent means 0 (`kvm->mem_attr_array`).
     attributes: BTreeMap<u64, u64>,
+    /// GFNs without a memslot that a guest access has made emulated MMIO
+    /// since the last memslot change: with MMIO caching their SPTE is a
+    /// reserved-bit MMIO SPTE until the memslot generation moves on.
+    mmio_sptes: BTreeSet<u64>,
 }
 
 fn page_aligned(value: u64) -> bool {
@@ -329,7 +333,14 @@ fn page_aligned(value: u64) -> bool {
 impl Model {
     /// A VM with no memslots, no guest_memfd and all memory shared.
     pub fn new(profile: Profile) -> Self {
-        Self { profile, gmems: Vec::new(), anons: Vec::new(), slots: BTreeMap::new(), attributes: BTreeMap::new() }
+        Self {
+            profile,
+            gmems: Vec::new(),
+            anons: Vec::new(),
+            slots: BTreeMap::new(),
+            attributes: BTreeMap::new(),
+            mmio_sptes: BTreeSet::new(),
+        }
     }
 
     /// The profile the rules are selected by.
@@ -445,6 +456,7 @@ impl Model {
                 None => Err(Errno::EINVAL),
                 Some(_) => {
                     self.slots.remove(&(as_id, id));
+                    self.mmio_sptes.clear();
                     Ok(Change::Delete)
                 }
             };
@@ -523,6 +535,9 @@ impl Model {
             }
             Change::Delete | Change::Unchanged => unreachable!("handled above"),
         }
+        // kvm_swap_active_memslots() moves the memslot generation on,
+        // which retires every MMIO SPTE (is_mmio_spte() generation check).
+        self.mmio_sptes.clear();
         Ok(change)
     }
 
@@ -634,8 +649,12 @@ impl Model {
         let private_flag = if private { KVM_MEMORY_EXIT_FLAG_PRIVATE } else { 0 };
         let Some(slot) = self.slot_for(gfn) else {
             // kvm_handle_noslot_fault(): a private access exits with a
-            // memory fault; a shared one is emulated MMIO.
-            if private {
+            // memory fault; a shared one is emulated MMIO. But a GFN whose
+            // SPTE is already an MMIO SPTE faults with a reserved bit, which
+            // kvm_mmu_page_fault() treats as shared-only ("emulated MMIO is
+            // shared-only"), and KVM_SET_MEMORY_ATTRIBUTES zaps only
+            // memslot-backed ranges: that GFN stays MMIO though now private.
+            if private && !self.mmio_sptes.contains(&gfn) {
                 return Err(fault(KVM_MEMORY_EXIT_FLAG_PRIVATE));
             }
             return Err(GuestAccess::Mmio { gpa, len: 8, is_write, data: if is_write { data } else { 0 } });
@@ -694,7 +713,7 @@ impl Model {
         assert_eq!(gpa % 8, 0, "the model knows aligned 8-byte accesses only");
         let offset = (gpa % PAGE_SIZE) as usize;
         match self.route(gpa, false, 0) {
-            Err(outcome) => outcome,
+            Err(outcome) => self.note_mmio(gpa, outcome),
             Ok(Route::Gmem(g, index)) => {
                 let page = self.gmem_page_mut(g, index);
                 GuestAccess::Done(u64::from_le_bytes(page[offset..offset + 8].try_into().expect("8 bytes")))
@@ -712,7 +731,7 @@ impl Model {
         assert_eq!(gpa % 8, 0, "the model knows aligned 8-byte accesses only");
         let offset = (gpa % PAGE_SIZE) as usize;
         match self.route(gpa, true, value) {
-            Err(outcome) => outcome,
+            Err(outcome) => self.note_mmio(gpa, outcome),
             Ok(Route::Gmem(g, index)) => {
                 self.gmem_page_mut(g, index)[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
                 GuestAccess::Done(0)
@@ -722,6 +741,17 @@ impl Model {
                 GuestAccess::Done(0)
             }
         }
+    }
+
+    /// kvm_handle_noslot_fault() installs an MMIO SPTE for a GFN without a
+    /// memslot (a read-only slot's write takes another path and installs
+    /// none), where MMIO caching is on.
+    fn note_mmio(&mut self, gpa: u64, outcome: GuestAccess) -> GuestAccess {
+        let gfn = gpa >> PAGE_SHIFT;
+        if matches!(outcome, GuestAccess::Mmio { .. }) && self.profile.mmio_caching && self.slot_for(gfn).is_none() {
+            self.mmio_sptes.insert(gfn);
+        }
+        outcome
     }
 
     fn host_check(&self, mem: HostMemory, offset: u64, len: u64) -> Result<(), HostFault> {

@@ -75,6 +75,9 @@ pub struct Profile {
     /// kvm_arch_nr_memslot_as_ids() (`KVM_CAP_MULTI_ADDRESS_SPACE` on the
     /// VM fd, at least 1).
     pub address_spaces: u16,
+    /// KVM caches emulated MMIO in reserved-bit SPTEs (`kvm.mmio_caching`,
+    /// /sys/module/kvm/parameters/mmio_caching).
+    pub mmio_caching: bool,
 }
 
 impl Profile {
@@ -90,6 +93,7 @@ impl Profile {
             supported_attributes: if private { crate::KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
             readonly_mem: true,
             address_spaces: if private { 1 } else { 2 },
+            mmio_caching: true,
         }
     }
 

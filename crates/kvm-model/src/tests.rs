@@ -226,11 +226,35 @@ fn guest_accesses_without_a_slot_are_mmio_or_private_faults() {
     let mut m = model(Profile::linux_6_12(true));
     assert_eq!(m.guest_read(BASE + 16), GuestAccess::Mmio { gpa: BASE + 16, len: 8, is_write: false, data: 0 });
     assert_eq!(m.guest_write(BASE + 16, 7), GuestAccess::Mmio { gpa: BASE + 16, len: 8, is_write: true, data: 7 });
+    // A GFN no access has made MMIO yet (see the next test for one that has).
+    m.set_memory_attributes(BASE + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    let fault =
+        GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE + P, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_read(BASE + P + 16), fault);
+    assert_eq!(m.guest_write(BASE + P + 16, 7), fault);
+}
+
+#[test]
+fn a_cached_mmio_gfn_stays_mmio_when_made_private_until_a_memslot_changes() {
+    let mut m = model(Profile::linux_6_12(true));
+    let mmio = GuestAccess::Mmio { gpa: BASE, len: 8, is_write: false, data: 0 };
+    assert_eq!(m.guest_read(BASE), mmio);
     m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(m.guest_read(BASE), mmio, "the MMIO SPTE survives the attribute change");
+    let fault =
+        GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE + P, size: P, errno: Errno::EFAULT };
+    m.set_memory_attributes(BASE + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(m.guest_read(BASE + P), fault, "a GFN never accessed faults as private");
+    let far = anon_region(&mut m, 3, BASE + (1 << 30), 1);
+    m.set_memory_region(&far).unwrap();
     let fault =
         GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE, size: P, errno: Errno::EFAULT };
-    assert_eq!(m.guest_read(BASE + 16), fault);
-    assert_eq!(m.guest_write(BASE + 16, 7), fault);
+    assert_eq!(m.guest_read(BASE), fault, "a memslot change retires the MMIO SPTE");
+
+    let mut uncached = model(Profile { mmio_caching: false, ..Profile::linux_6_12(true) });
+    assert_eq!(uncached.guest_read(BASE), mmio);
+    uncached.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(uncached.guest_read(BASE), fault, "without MMIO caching every access takes the full fault path");
 }
 
 #[test]
