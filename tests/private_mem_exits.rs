@@ -295,12 +295,77 @@ fn bytes_written_privately_never_appear_in_host_shared_mapping(kvm: &Arc<Kvm>) -
     guest.done().map(drop)
 }
 
+/// Found by the model test: a shared access to a GPA without a memslot
+/// leaves an MMIO SPTE (with MMIO caching). After a memslot is created
+/// elsewhere (the memslot generation moves on, the SPTE goes stale but stays)
+/// and the GPA is made private, the next access takes a reserved-bit fault,
+/// which `kvm_mmu_page_fault()` never marks private; the stale SPTE sends it
+/// down the full fault path as a *shared* fault, and the is_private mismatch
+/// exits with flags 0. The rule: a private GPA without a memslot exits with
+/// `KVM_MEMORY_EXIT_FLAG_PRIVATE`, whatever was cached for it before.
+fn private_read_of_slotless_gpa_exits_private_after_earlier_mmio(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    mmio_read(&mut agent, TARGET_GPA)?;
+    // Any memslot change moves the generation on; this one is far away.
+    vm.add_memory(SLOT, TEST_AREA_GPA + (1 << 30), SLOT_SIZE)?;
+    vm.make_private(TARGET_GPA, PAGE)?;
+    agent.submit(Op::Read { gpa: TARGET_GPA })?;
+    let exit = agent.vcpu().run()?;
+    expect_private_fault(
+        &mut agent,
+        exit,
+        TARGET_GPA,
+        "a private read of a GPA with no memslot exits KVM_EXIT_MEMORY_FAULT with flags PRIVATE, also after an \
+         earlier shared read of it was emulated MMIO and a memslot was added elsewhere",
+    )
+}
+
+/// The same stale MMIO SPTE under a guest_memfd memslot created over the
+/// GPA afterwards: a private read must be served from guest_memfd without
+/// any exit, not bounce to userspace as a shared fault.
+fn private_read_served_from_guest_memfd_after_earlier_mmio_at_that_gpa(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    mmio_read(&mut agent, TARGET_GPA)?;
+    let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+    vm.add_private_memory(SLOT, TEST_AREA_GPA, SLOT_SIZE, &gmem, 0)?;
+    vm.make_private(TARGET_GPA, PAGE)?;
+    let rule = "a private read of a guest_memfd-backed GPA completes in the guest (fresh guest_memfd: 0), also after \
+                an earlier read of that GPA, before it had a memslot, was emulated MMIO";
+    agent.submit(Op::Read { gpa: TARGET_GPA })?;
+    let exit = agent.vcpu().run()?;
+    if matches!(exit, Exit::MemoryFault { .. } | Exit::Mmio { .. }) {
+        return Err(Error::rule(rule, format!("the read exited to userspace: {}", agent.vcpu().report(exit))));
+    }
+    let value = agent.ready_from_exit(exit, "the private read")?;
+    ensure!(value == 0, rule, "the guest read {value:#x}");
+    Ok(())
+}
+
+/// The guest reads `gpa`, which has no memslot: an 8-byte MMIO read, completed.
+fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
+    agent.submit(Op::Read { gpa })?;
+    match agent.vcpu().run()? {
+        Exit::Mmio { gpa: at, len: 8, is_write: false, .. } if at == gpa => {
+            agent.vcpu().complete_mmio_read(&[0; 8])?;
+            agent.wait_ready("MMIO read").map(drop)
+        }
+        other => Err(Error::rule(
+            "a shared read of a GPA with no memslot exits KVM_EXIT_MMIO",
+            format!("expected an 8-byte MMIO read at {gpa:#x}, got {}", agent.vcpu().report(other)),
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_mem_exits");
 
     kvm_harness::register!(suite, needs() =>
         private_read_exits_memory_fault_when_memslot_is_deleted_under_running_vcpu,
         private_read_exits_memory_fault_when_memslot_was_deleted,
+        private_read_of_slotless_gpa_exits_private_after_earlier_mmio,
+        private_read_served_from_guest_memfd_after_earlier_mmio_at_that_gpa,
     );
     for access in Access::ALL {
         suite.test(

@@ -235,26 +235,28 @@ fn guest_accesses_without_a_slot_are_mmio_or_private_faults() {
 }
 
 #[test]
-fn a_cached_mmio_gfn_stays_mmio_when_made_private_until_a_memslot_changes() {
+fn a_cached_mmio_gfn_made_private_is_mmio_then_a_shared_fault_until_the_roots_are_zapped() {
     let mut m = model(Profile::linux_6_12(true));
     let mmio = GuestAccess::Mmio { gpa: BASE, len: 8, is_write: false, data: 0 };
     assert_eq!(m.guest_read(BASE), mmio);
     m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
-    assert_eq!(m.guest_read(BASE), mmio, "the MMIO SPTE survives the attribute change");
-    let fault =
-        GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE + P, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_read(BASE), mmio, "the current MMIO SPTE survives the attribute change");
+    let private =
+        |gpa| GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa, size: P, errno: Errno::EFAULT };
     m.set_memory_attributes(BASE + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
-    assert_eq!(m.guest_read(BASE + P), fault, "a GFN never accessed faults as private");
+    assert_eq!(m.guest_read(BASE + P), private(BASE + P), "a GFN never accessed faults as private");
+
     let far = anon_region(&mut m, 3, BASE + (1 << 30), 1);
     m.set_memory_region(&far).unwrap();
-    let fault =
-        GuestAccess::MemoryFault { flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: BASE, size: P, errno: Errno::EFAULT };
-    assert_eq!(m.guest_read(BASE), fault, "a memslot change retires the MMIO SPTE");
+    let shared_fault = GuestAccess::MemoryFault { flags: 0, gpa: BASE, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_read(BASE), shared_fault, "a stale MMIO SPTE makes the private access a shared fault");
+    m.set_memory_region(&MemoryRegion { size: 0, ..far }).unwrap();
+    assert_eq!(m.guest_read(BASE), private(BASE), "deleting a memslot zaps every root, the stale SPTE too");
 
     let mut uncached = model(Profile { mmio_caching: false, ..Profile::linux_6_12(true) });
     assert_eq!(uncached.guest_read(BASE), mmio);
     uncached.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
-    assert_eq!(uncached.guest_read(BASE), fault, "without MMIO caching every access takes the full fault path");
+    assert_eq!(uncached.guest_read(BASE), private(BASE), "without MMIO caching every access takes the full fault path");
 }
 
 #[test]
