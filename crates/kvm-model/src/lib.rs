@@ -322,9 +322,8 @@ pub struct Model {
     attributes: BTreeMap<u64, u64>,
     /// GFNs whose SPTE is an MMIO SPTE (with MMIO caching): installed by a
     /// guest access to a GFN without a memslot, made stale (but left in
-    /// place) by the next memslot creation or flags change, removed by a
-    /// memslot deletion or move (which zaps every root) or by the next
-    /// access that maps the GFN.
+    /// place) by any memslot change, replaced by the next access that maps
+    /// the GFN.
     mmio_sptes: BTreeMap<u64, MmioSpte>,
 }
 
@@ -481,8 +480,7 @@ impl Model {
                 None => Err(Errno::EINVAL),
                 Some(_) => {
                     self.slots.remove(&(as_id, id));
-                    // kvm_mmu_zap_all_fast(): every root goes, MMIO SPTEs too.
-                    self.mmio_sptes.clear();
+                    self.memslot_generation_moved();
                     Ok(Change::Delete)
                 }
             };
@@ -561,13 +559,7 @@ impl Model {
             }
             Change::Delete | Change::Unchanged => unreachable!("handled above"),
         }
-        match change {
-            // kvm_arch_flush_shadow_memslot() -> kvm_mmu_zap_all_fast().
-            Change::Move => self.mmio_sptes.clear(),
-            // kvm_swap_active_memslots() only moves the memslot generation
-            // on: the MMIO SPTEs stay, stale (check_mmio_spte()).
-            _ => self.mmio_sptes.values_mut().for_each(|s| *s = MmioSpte::Stale),
-        }
+        self.memslot_generation_moved();
         Ok(change)
     }
 
@@ -785,6 +777,17 @@ impl Model {
                 GuestAccess::Done(0)
             }
         }
+    }
+
+    /// kvm_swap_active_memslots() moves the memslot generation on: MMIO
+    /// SPTEs stay but go stale (check_mmio_spte()). Deleting or moving a
+    /// memslot zaps every root only for default VMs
+    /// (kvm_arch_flush_shadow_memslot(), KVM_X86_QUIRK_SLOT_ZAP_ALL), whose
+    /// memory is never private, so the stale state only matters where it is
+    /// kept; other VMs zap just the memslot's present leaves, and MMIO SPTEs
+    /// are not present ones.
+    fn memslot_generation_moved(&mut self) {
+        self.mmio_sptes.values_mut().for_each(|s| *s = MmioSpte::Stale);
     }
 
     /// kvm_handle_noslot_fault() installs an MMIO SPTE for a GFN without a

@@ -235,7 +235,7 @@ fn guest_accesses_without_a_slot_are_mmio_or_private_faults() {
 }
 
 #[test]
-fn a_cached_mmio_gfn_made_private_is_mmio_then_a_shared_fault_until_the_roots_are_zapped() {
+fn a_cached_mmio_gfn_made_private_is_mmio_then_a_shared_fault_after_any_memslot_change() {
     let mut m = model(Profile::linux_6_12(true));
     let mmio = GuestAccess::Mmio { gpa: BASE, len: 8, is_write: false, data: 0 };
     assert_eq!(m.guest_read(BASE), mmio);
@@ -251,7 +251,9 @@ fn a_cached_mmio_gfn_made_private_is_mmio_then_a_shared_fault_until_the_roots_ar
     let shared_fault = GuestAccess::MemoryFault { flags: 0, gpa: BASE, size: P, errno: Errno::EFAULT };
     assert_eq!(m.guest_read(BASE), shared_fault, "a stale MMIO SPTE makes the private access a shared fault");
     m.set_memory_region(&MemoryRegion { size: 0, ..far }).unwrap();
-    assert_eq!(m.guest_read(BASE), private(BASE), "deleting a memslot zaps every root, the stale SPTE too");
+    assert_eq!(m.guest_read(BASE), shared_fault, "a protected VM's memslot deletion zaps only that memslot");
+    m.set_memory_attributes(BASE, P, 0, 0).unwrap();
+    assert_eq!(m.guest_read(BASE), mmio, "a shared access re-installs a current MMIO SPTE");
 
     let mut uncached = model(Profile { mmio_caching: false, ..Profile::linux_6_12(true) });
     assert_eq!(uncached.guest_read(BASE), mmio);
