@@ -21,7 +21,13 @@
 //! it as `KVM_SELFTESTS_SEED` and `KVM_SELFTESTS_MODEL_CASES=1` that exact
 //! case runs first. Cases, steps and shrink iterations are bounded, every
 //! `KVM_RUN` has the harness watchdog, and a time budget stops exploring
-//! new cases (never the check of one) after 2 minutes.
+//! new cases (never the check of one), `KVM_SELFTESTS_MODEL_BUDGET` seconds
+//! (default 120).
+//!
+//! Soak: `KVM_SELFTESTS_MODEL_SOAK=1` (run with `--test-threads=1`, so no
+//! other test shares the process) requires the process's open fds to be the
+//! same after the sequences as before them, and prints the RSS before and
+//! after; every run prints both.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -69,7 +75,9 @@ const DEFAULT_SEED: u64 = 0x6b76_6d5f_6d6f_6465;
 const DEFAULT_CASES: u32 = 200;
 const STEPS: std::ops::RangeInclusive<usize> = 30..=50;
 const MAX_SHRINK_RUNS: u32 = 3000;
-const CASE_BUDGET: Duration = Duration::from_secs(120);
+const BUDGET_ENV: &str = "KVM_SELFTESTS_MODEL_BUDGET";
+const SOAK_ENV: &str = "KVM_SELFTESTS_MODEL_SOAK";
+const DEFAULT_BUDGET_SECS: u64 = 120;
 const SHRINK_BUDGET: Duration = Duration::from_secs(180);
 
 /// One operation of a sequence.
@@ -968,12 +976,15 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}",
         profile.version
     );
+    let budget = Duration::from_secs(env_u64(BUDGET_ENV)?.unwrap_or(DEFAULT_BUDGET_SECS));
+    let soak = env_u64(SOAK_ENV)?.is_some_and(|v| v != 0);
+    let before = Resources::now()?;
     let start = Instant::now();
     let (mut ran, mut steps_run) = (0u32, 0usize);
     let mut tally = std::collections::BTreeMap::new();
     for case in 0..cases {
-        if start.elapsed() > CASE_BUDGET {
-            eprintln!("model: time budget of {CASE_BUDGET:?} reached, stopping after {ran} of {cases} cases");
+        if start.elapsed() > budget {
+            eprintln!("model: time budget of {budget:?} reached, stopping after {ran} of {cases} cases");
             break;
         }
         let seed = case_seed(base, case);
@@ -1004,7 +1015,39 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
     eprintln!("model: {vm_type}: {ran} sequences, {steps_run} steps, all matched, in {:.1?}", start.elapsed());
     let kinds: Vec<String> = tally.iter().map(|(kind, n)| format!("{kind}: {n}")).collect();
     eprintln!("model: outcomes checked: {}", kinds.join(", "));
+    let after = Resources::now()?;
+    eprintln!(
+        "model: {vm_type}: open fds {} -> {}, RSS {} KiB -> {} KiB over {ran} sequences",
+        before.fds, after.fds, before.rss_kib, after.rss_kib
+    );
+    kvm_harness::ensure!(
+        !soak || after.fds == before.fds,
+        "VMs, vCPUs, guest_memfds and mappings of finished sequences are all released",
+        "{} open fds before {ran} sequences, {} after",
+        before.fds,
+        after.fds
+    );
     Ok(())
+}
+
+/// What the process holds: open fds and resident memory.
+struct Resources {
+    fds: usize,
+    rss_kib: u64,
+}
+
+impl Resources {
+    fn now() -> Result<Self> {
+        let fds = std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Config(format!("/proc/self/fd: {e}")))?.count();
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(|e| Error::Config(format!("/proc/self/status: {e}")))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| Error::Config("/proc/self/status has no VmRSS".into()))?;
+        Ok(Resources { fds, rss_kib })
+    }
 }
 
 /// Counts what the steps of a passed sequence did, by kind and outcome, so

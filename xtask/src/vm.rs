@@ -314,8 +314,10 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
 "#,
         xtask = q(xtask),
     );
-    if let Ok(t) = env::var("KVM_SELFTESTS_TIMEOUT") {
-        let _ = writeln!(s, "export KVM_SELFTESTS_TIMEOUT={}", shell_quote(&t));
+    // The host's suite settings (watchdog, seeds, budgets, ...) apply in the
+    // guest too; the runner's own variables are set above.
+    for (name, value) in forwarded_settings(env::vars()) {
+        let _ = writeln!(s, "export {name}={}", shell_quote(&value));
     }
     if let Some(list) = known_failures {
         // The host's / is the guest's root, so the host path works as is.
@@ -331,6 +333,21 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     }
     s.push_str("echo done > $R/status\n$bb sync\necho \"$M done\"\n$bb poweroff -f\n");
     s
+}
+
+/// The `KVM_SELFTESTS_*` variables to pass on to the guest: all but those
+/// the runner sets itself.
+fn forwarded_settings(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    const OWN: [&str; 3] = ["KVM_SELFTESTS_STRICT", "KVM_SELFTESTS_RESULTS", "KVM_SELFTESTS_KNOWN_FAILURES"];
+    let mut settings: Vec<(String, String)> = vars
+        .filter(|(name, _)| {
+            name.starts_with("KVM_SELFTESTS_")
+                && !OWN.contains(&name.as_str())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .collect();
+    settings.sort();
+    settings
 }
 
 fn qemu_command(kernel: &Path, init: &Path, results: &Path, accel: Accel) -> Command {
@@ -555,6 +572,20 @@ mod tests {
         assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));
         assert!(s.contains("'/t/vm types-1' 'it'\\''s' '--exact'\n"));
         assert!(s.contains("echo 'vm_types' $? >> $R/exit-codes"));
+    }
+
+    #[test]
+    fn suite_settings_reach_the_guest_but_not_the_runners_own() {
+        let vars = [
+            ("KVM_SELFTESTS_SEED", "0x5"),
+            ("KVM_SELFTESTS_STRICT", "0"),
+            ("KVM_SELFTESTS_RESULTS", "/x"),
+            ("HOME", "/root"),
+            ("KVM_SELFTESTS_TIMEOUT", "30"),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()));
+        let names: Vec<String> = forwarded_settings(vars.into_iter()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["KVM_SELFTESTS_SEED", "KVM_SELFTESTS_TIMEOUT"]);
     }
 
     #[test]
