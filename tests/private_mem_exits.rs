@@ -66,6 +66,13 @@ fn expect_private_fault(agent: &mut Agent, exit: Exit, accessed: u64, rule: &str
     }
 }
 
+/// The agent reads `TARGET_GPA`, which must exit as its private memory fault.
+fn expect_private_read_fault(agent: &mut Agent, rule: &str) -> Result<()> {
+    agent.submit(Op::Read { gpa: TARGET_GPA })?;
+    let exit = agent.vcpu().run()?;
+    expect_private_fault(agent, exit, TARGET_GPA, rule)
+}
+
 /// A protected VM running the agent, with slot `SLOT` at `TEST_AREA_GPA`:
 /// anonymous memory only (`gmem == false`) or bound to a guest_memfd.
 fn protected_vm(kvm: &Arc<Kvm>, gmem: bool) -> Result<(Vm, Arc<kvm_harness::HostMemory>)> {
@@ -219,14 +226,7 @@ fn private_read_exits_memory_fault_when_memslot_was_deleted(kvm: &Arc<Kvm>) -> R
     vm.make_private(TARGET_GPA, PAGE)?;
     vm.delete_slot(SLOT)?;
     let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
-    agent.submit(Op::Read { gpa: TARGET_GPA })?;
-    let exit = agent.vcpu().run()?;
-    expect_private_fault(
-        &mut agent,
-        exit,
-        TARGET_GPA,
-        "a private read of a GPA with no memslot exits KVM_EXIT_MEMORY_FAULT",
-    )?;
+    expect_private_read_fault(&mut agent, "a private read of a GPA with no memslot exits KVM_EXIT_MEMORY_FAULT")?;
     // Shared again with no memslot: the access is emulated MMIO, not a fault.
     vm.make_shared(TARGET_GPA, PAGE)?;
     match agent.vcpu().run()? {
@@ -310,12 +310,8 @@ fn private_read_of_slotless_gpa_exits_private_after_earlier_mmio(kvm: &Arc<Kvm>)
     // Any memslot change moves the generation on; this one is far away.
     vm.add_memory(SLOT, TEST_AREA_GPA + (1 << 30), SLOT_SIZE)?;
     vm.make_private(TARGET_GPA, PAGE)?;
-    agent.submit(Op::Read { gpa: TARGET_GPA })?;
-    let exit = agent.vcpu().run()?;
-    expect_private_fault(
+    expect_private_read_fault(
         &mut agent,
-        exit,
-        TARGET_GPA,
         "a private read of a GPA with no memslot exits KVM_EXIT_MEMORY_FAULT with flags PRIVATE, also after an \
          earlier shared read of it was emulated MMIO and a memslot was added elsewhere",
     )
