@@ -583,93 +583,111 @@ fn guest_access(kvm: &Arc<Kvm>, case: Case, how: GmemSlot) -> Result<()> {
     host.expect_filled(&rule, 0, size, Fill::U64(guest_pattern), |offset| format!("guest_memfd offset {offset:#x}"))
 }
 
+fn gmem_needs(vm_type: VmType) -> Vec<Need> {
+    vec![Need::Cap(Cap::GuestMemfd), Need::VmType(vm_type)]
+}
+
+/// What a VM type advertises and accepts at creation, whatever the flags.
+fn register_creation_rules(suite: &mut Suite, vm_type: VmType) {
+    let short = vm_type.short();
+    suite.test(format!("{short}_vm_advertises_guest_memfd_flags_of_its_kernel"), gmem_needs(vm_type), move |kvm| {
+        advertised_flags_match_kernel(kvm, vm_type)
+    });
+    for bit in 0..64 {
+        suite.test(
+            format!("{short}_vm_create_flag_bit_{bit:02}_accepted_iff_advertised"),
+            gmem_needs(vm_type),
+            move |kvm| create_flag_bit(kvm, vm_type, bit),
+        );
+    }
+    suite.test(format!("{short}_vm_init_shared_flag_implies_mmap_flag"), gmem_needs(vm_type), move |kvm| {
+        let flags = supported_flags(kvm, vm_type)?;
+        ensure!(
+            flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 || flags & GUEST_MEMFD_FLAG_MMAP != 0,
+            format!("{vm_type}: GUEST_MEMFD_FLAG_INIT_SHARED is only offered with GUEST_MEMFD_FLAG_MMAP"),
+            "{} = {flags:#x}",
+            Cap::GuestMemfdFlags
+        );
+        Ok(())
+    });
+}
+
+/// The file rules of one (VM type, flags) case.
+fn register_file_rules(suite: &mut Suite, case: Case) {
+    let mut add = |rule: &str, body: Body| {
+        suite.test(case.name(rule), gmem_needs(case.vm_type), body);
+    };
+    add("create_rejects_size_0", Box::new(move |kvm| create_rejects_sizes(kvm, case, [0], "size 0")));
+    add(
+        "create_rejects_sizes_1_to_page_minus_1",
+        Box::new(move |kvm| create_rejects_sizes(kvm, case, 1..page_size(), "every size below a page")),
+    );
+    add(
+        "create_rejects_size_with_bit_63",
+        Box::new(move |kvm| {
+            create_rejects_sizes(kvm, case, [1 << 63, !(page_size() - 1)], "a size negative as loff_t")
+        }),
+    );
+    add("multiple_fds_have_own_size_and_inode", Box::new(move |kvm| multiple_fds(kvm, case)));
+    add("fstat_reports_size_and_page_blksize", Box::new(move |kvm| file_size(kvm, case)));
+    for io in IO {
+        let rule = format!("{}_fails_with_{}", io.name, errno_name(io.expected).to_lowercase());
+        add(&rule, Box::new(move |kvm| io_fails(kvm, case, io)));
+    }
+    for (name, steps) in FALLOCATE {
+        add(name, Box::new(move |kvm| fallocate_rule(kvm, case, steps)));
+    }
+    for pair in BAD_PUNCHES {
+        add(&format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair)));
+    }
+    add("fallocate_and_punch_hole_work_after_vm_is_closed", Box::new(move |kvm| outlives_vm(kvm, case)));
+}
+
+/// The mapping rules of one case: which depend on MMAP and INIT_SHARED.
+fn register_mapping_rules(suite: &mut Suite, case: Case) {
+    let flags = case.flags;
+    let mut add = |rule: &str, body: Body| {
+        suite.test(case.name(rule), gmem_needs(case.vm_type), body);
+    };
+    if flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+        add("mmap_shared_fails_with_enodev", Box::new(move |kvm| mmap_not_supported(kvm, case)));
+        return;
+    }
+    add("mmap_private_fails_with_einval", Box::new(move |kvm| mmap_private_fails(kvm, case)));
+    add("mbind_policy_round_trips", Box::new(move |kvm| mbind_policy_round_trips(kvm, case)));
+    if flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
+        add("any_host_access_raises_sigbus", Box::new(move |kvm| fault_private(kvm, case)));
+        return;
+    }
+    add("mmap_round_trips_data_and_punch_hole_zeroes", Box::new(move |kvm| mmap_supported(kvm, case)));
+    add("access_past_end_raises_sigbus", Box::new(move |kvm| fault_overflow(kvm, case)));
+    add("madvise_collapse_fails_with_einval", Box::new(move |kvm| collapse_refused(kvm, case)));
+    add(
+        "guest_and_host_share_data_through_gmem_only_slot",
+        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::WithoutUserspaceAddr)),
+    );
+    add(
+        "guest_and_host_share_data_through_slot_mapping_the_guest_memfd",
+        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::UserspaceAddrIsGmemMapping)),
+    );
+    let mut numa_needs = gmem_needs(case.vm_type);
+    numa_needs.push(numa::need_two_nodes());
+    suite.test(case.name("numa_allocation_follows_policy"), numa_needs, move |kvm| {
+        numa_allocation_follows_policy(kvm, case)
+    });
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("guest_memfd");
-    let gmem_needs = |vm_type| vec![Need::Cap(Cap::GuestMemfd), Need::VmType(vm_type)];
-
     suite.test("system_advertises_guest_memfd_flags_of_its_kernel", vec![Need::Cap(Cap::GuestMemfd)], |kvm| {
         system_advertises_flags_of_kernel(kvm)
     });
     for vm_type in VmType::ALL {
-        let short = vm_type.short();
-        suite.test(format!("{short}_vm_advertises_guest_memfd_flags_of_its_kernel"), gmem_needs(vm_type), move |kvm| {
-            advertised_flags_match_kernel(kvm, vm_type)
-        });
-        for bit in 0..64 {
-            suite.test(
-                format!("{short}_vm_create_flag_bit_{bit:02}_accepted_iff_advertised"),
-                gmem_needs(vm_type),
-                move |kvm| create_flag_bit(kvm, vm_type, bit),
-            );
-        }
-        suite.test(format!("{short}_vm_init_shared_flag_implies_mmap_flag"), gmem_needs(vm_type), move |kvm| {
-            let flags = supported_flags(kvm, vm_type)?;
-            ensure!(
-                flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 || flags & GUEST_MEMFD_FLAG_MMAP != 0,
-                format!("{vm_type}: GUEST_MEMFD_FLAG_INIT_SHARED is only offered with GUEST_MEMFD_FLAG_MMAP"),
-                "{} = {flags:#x}",
-                Cap::GuestMemfdFlags
-            );
-            Ok(())
-        });
-
+        register_creation_rules(&mut suite, vm_type);
         for flags in flag_cases(suite.kvm(), vm_type) {
             let case = Case { vm_type, flags };
-            let mut add = |rule: &str, body: Body| {
-                suite.test(case.name(rule), gmem_needs(vm_type), body);
-            };
-            add("create_rejects_size_0", Box::new(move |kvm| create_rejects_sizes(kvm, case, [0], "size 0")));
-            add(
-                "create_rejects_sizes_1_to_page_minus_1",
-                Box::new(move |kvm| create_rejects_sizes(kvm, case, 1..page_size(), "every size below a page")),
-            );
-            add(
-                "create_rejects_size_with_bit_63",
-                Box::new(move |kvm| {
-                    create_rejects_sizes(kvm, case, [1 << 63, !(page_size() - 1)], "a size negative as loff_t")
-                }),
-            );
-            add("multiple_fds_have_own_size_and_inode", Box::new(move |kvm| multiple_fds(kvm, case)));
-            add("fstat_reports_size_and_page_blksize", Box::new(move |kvm| file_size(kvm, case)));
-            for io in IO {
-                let rule = format!("{}_fails_with_{}", io.name, errno_name(io.expected).to_lowercase());
-                add(&rule, Box::new(move |kvm| io_fails(kvm, case, io)));
-            }
-            for (name, steps) in FALLOCATE {
-                add(name, Box::new(move |kvm| fallocate_rule(kvm, case, steps)));
-            }
-            for pair in BAD_PUNCHES {
-                add(&format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair)));
-            }
-            if flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-                add("mmap_shared_fails_with_enodev", Box::new(move |kvm| mmap_not_supported(kvm, case)));
-            } else {
-                add("mmap_private_fails_with_einval", Box::new(move |kvm| mmap_private_fails(kvm, case)));
-                add("mbind_policy_round_trips", Box::new(move |kvm| mbind_policy_round_trips(kvm, case)));
-                if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
-                    add("mmap_round_trips_data_and_punch_hole_zeroes", Box::new(move |kvm| mmap_supported(kvm, case)));
-                    add("access_past_end_raises_sigbus", Box::new(move |kvm| fault_overflow(kvm, case)));
-                    add("madvise_collapse_fails_with_einval", Box::new(move |kvm| collapse_refused(kvm, case)));
-                    add(
-                        "guest_and_host_share_data_through_gmem_only_slot",
-                        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::WithoutUserspaceAddr)),
-                    );
-                    add(
-                        "guest_and_host_share_data_through_slot_mapping_the_guest_memfd",
-                        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::UserspaceAddrIsGmemMapping)),
-                    );
-                } else {
-                    add("any_host_access_raises_sigbus", Box::new(move |kvm| fault_private(kvm, case)));
-                }
-            }
-            add("fallocate_and_punch_hole_work_after_vm_is_closed", Box::new(move |kvm| outlives_vm(kvm, case)));
-            if flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
-                let mut numa_needs = gmem_needs(vm_type);
-                numa_needs.push(numa::need_two_nodes());
-                suite.test(case.name("numa_allocation_follows_policy"), numa_needs, move |kvm| {
-                    numa_allocation_follows_policy(kvm, case)
-                });
-            }
+            register_file_rules(&mut suite, case);
+            register_mapping_rules(&mut suite, case);
         }
     }
     suite.run()
