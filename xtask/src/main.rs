@@ -3,10 +3,13 @@
 mod bisect;
 mod debian;
 mod error;
+mod guest_init;
 mod kernel;
 mod probe;
+mod qemu;
 mod recipe;
 mod report;
+mod test_binaries;
 mod util;
 mod vm;
 

@@ -184,9 +184,48 @@ pub fn write_reports(results: &[TestResult], stem: &str) -> Result<(PathBuf, Pat
     Ok((ktap_path, junit_path))
 }
 
+/// A binary that died (signal, abort, harness bug) may not have recorded any
+/// failure; make its exit status visible as one.
+pub fn add_crashed_binaries(results: &mut Vec<TestResult>, exit_codes: &Path) -> Result<()> {
+    let text = match fs::read_to_string(exit_codes) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(exit_codes)(e)),
+    };
+    for line in text.lines() {
+        let Some((name, code)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let recorded_failure = results.iter().any(|r| r.binary == name && r.outcome == Outcome::Fail);
+        if code != "0" && !recorded_failure {
+            results.push(TestResult {
+                binary: name.to_string(),
+                test: "exit_status".to_string(),
+                outcome: Outcome::Fail,
+                duration_ms: 0,
+                message: format!("{name} exited with status {code} without reporting a failed test"),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crashed_binary_becomes_failure() {
+        let dir = std::env::temp_dir().join(format!("xtask-vm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("exit-codes");
+        fs::write(&f, "a 0\nb 139\n").unwrap();
+        let mut results = Vec::new();
+        add_crashed_binaries(&mut results, &f).unwrap();
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].binary, "b");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn r(binary: &str, test: &str, outcome: Outcome, message: &str) -> TestResult {
         TestResult { binary: binary.into(), test: test.into(), outcome, duration_ms: 5, message: message.into() }
