@@ -746,11 +746,33 @@ fn call_line(out: &mut String, what: &str, expected: &Result<(), Errno>, call: &
 fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> String {
     let mut out = String::new();
     let mut model = initial_model(profile);
+    reproducer_prelude(&mut out, vm_type, profile, seed);
+    let mut agent_started = false;
+    let mut ngmem = 0;
+    for step in steps {
+        let expected = apply_model(&mut model, step);
+        let _ = writeln!(out, "    // {step:x?}");
+        if matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. }) && !agent_started {
+            agent_started = true;
+            let _ = writeln!(
+                out,
+                "    let vcpu = vm.vcpu(0, [0; 4])?;\n    let entry = vcpu.regs()?;\n    let mut agent = Agent::start(vcpu)?;"
+            );
+        }
+        step_lines(&mut out, step, &expected, &mut ngmem);
+    }
+    host_view_lines(&mut out, &mut model);
+    let _ = writeln!(out, "    Ok(())\n}});");
+    out
+}
+
+/// The reproducer's first lines: how to rerun the case, the imports, the VM
+/// and the anonymous memories.
+fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: u64) {
     let vm_type_expr = match vm_type {
         VmType::Default => "VmType::Default",
         VmType::SwProtected => "VmType::SwProtected",
     };
-    let w = &mut out;
     let _ = writeln!(w, "// {SEED_ENV}={seed:#x} {CASES_ENV}=1 reruns this case; kernel {}.", profile.version);
     let _ = writeln!(
         w,
@@ -763,71 +785,62 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
     for (i, pages) in ANON_PAGES.iter().enumerate() {
         let _ = writeln!(w, "    let {} = Arc::new(HostMemory::anonymous({:#x})?);", anon_name(i + 1), pages * P);
     }
-    let mut agent_started = false;
-    let mut ngmem = 0;
-    for step in steps {
-        let expected = apply_model(&mut model, step);
-        let w = &mut out;
-        let _ = writeln!(w, "    // {step:x?}");
-        if matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. }) && !agent_started {
-            agent_started = true;
-            let _ = writeln!(
-                w,
-                "    let vcpu = vm.vcpu(0, [0; 4])?;\n    let entry = vcpu.regs()?;\n    let mut agent = Agent::start(vcpu)?;"
-            );
+}
+
+/// One step and the outcome the model expects of it, as harness calls.
+fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize) {
+    match (step, expected) {
+        (Step::CreateGmem { size, flags }, Outcome::Call(Ok(()))) => {
+            let g = *ngmem;
+            *ngmem += 1;
+            let _ = writeln!(w, "    let gmem{g} = Arc::new(vm.create_guest_memfd({size:#x}, {flags:#x})?);");
+            if flags & kvm_model::GUEST_MEMFD_FLAG_MMAP != 0 {
+                let _ =
+                    writeln!(w, "    let gmem{g}_map = Arc::new(gmem{g}.map(0, {size:#x}, MapFlags::MAP_SHARED)?);");
+            }
         }
-        match (step, &expected) {
-            (Step::CreateGmem { size, flags }, Outcome::Call(Ok(()))) => {
-                let g = ngmem;
-                ngmem += 1;
-                let _ = writeln!(w, "    let gmem{g} = Arc::new(vm.create_guest_memfd({size:#x}, {flags:#x})?);");
-                if flags & kvm_model::GUEST_MEMFD_FLAG_MMAP != 0 {
-                    let _ = writeln!(
-                        w,
-                        "    let gmem{g}_map = Arc::new(gmem{g}.map(0, {size:#x}, MapFlags::MAP_SHARED)?);"
-                    );
-                }
-            }
-            (Step::CreateGmem { size, flags }, Outcome::Call(result)) => {
-                call_line(w, "KVM_CREATE_GUEST_MEMFD", result, &format!("vm.create_guest_memfd({size:#x}, {flags:#x})"))
-            }
-            (Step::SetRegion(r), Outcome::Call(result)) => {
-                call_line(w, "KVM_SET_USER_MEMORY_REGION2", result, &format!("vm.set_region(&{})", region_expr(r)))
-            }
-            (Step::SetAttributes { address, size, attributes, flags }, Outcome::Call(result)) => call_line(
-                w,
-                "KVM_SET_MEMORY_ATTRIBUTES",
-                result,
-                &format!(
-                    "vm.set_memory_attributes_raw(kvm_memory_attributes {{ address: {address:#x}, size: {size:#x}, \
-                     attributes: {attributes:#x}, flags: {flags:#x} }})"
-                ),
+        (Step::CreateGmem { size, flags }, Outcome::Call(result)) => {
+            call_line(w, "KVM_CREATE_GUEST_MEMFD", result, &format!("vm.create_guest_memfd({size:#x}, {flags:#x})"))
+        }
+        (Step::SetRegion(r), Outcome::Call(result)) => {
+            call_line(w, "KVM_SET_USER_MEMORY_REGION2", result, &format!("vm.set_region(&{})", region_expr(r)))
+        }
+        (Step::SetAttributes { address, size, attributes, flags }, Outcome::Call(result)) => call_line(
+            w,
+            "KVM_SET_MEMORY_ATTRIBUTES",
+            result,
+            &format!(
+                "vm.set_memory_attributes_raw(kvm_memory_attributes {{ address: {address:#x}, size: {size:#x}, \
+                 attributes: {attributes:#x}, flags: {flags:#x} }})"
             ),
-            (Step::Fallocate { gmem, mode, offset, len }, Outcome::Call(result)) => {
-                let call = match mode {
-                    Fallocate::Allocate => "allocate",
-                    Fallocate::PunchHole => "punch_hole",
-                };
-                call_line(w, "fallocate", result, &format!("gmem{gmem}.{call}({offset:#x}, {len:#x})"));
-            }
-            (Step::GuestRead { gpa }, Outcome::Guest(access)) => {
-                guest_lines(w, &format!("Op::Read {{ gpa: {gpa:#x} }}"), access)
-            }
-            (Step::GuestWrite { gpa, value }, Outcome::Guest(access)) => {
-                guest_lines(w, &format!("Op::Write {{ gpa: {gpa:#x}, value: {value:#x} }}"), access)
-            }
-            (Step::HostWrite { mem, offset, value }, _) => {
-                let name = match mem {
-                    ModelMemory::Anon(a) => anon_name(*a),
-                    ModelMemory::GmemMap(g) => format!("gmem{g}_map"),
-                };
-                let _ = writeln!(w, "    {name}.write_u64({offset:#x}, {value:#x});");
-            }
-            (step, outcome) => unreachable!("{step:?} cannot have the outcome {outcome:?}"),
+        ),
+        (Step::Fallocate { gmem, mode, offset, len }, Outcome::Call(result)) => {
+            let call = match mode {
+                Fallocate::Allocate => "allocate",
+                Fallocate::PunchHole => "punch_hole",
+            };
+            call_line(w, "fallocate", result, &format!("gmem{gmem}.{call}({offset:#x}, {len:#x})"));
         }
+        (Step::GuestRead { gpa }, Outcome::Guest(access)) => {
+            guest_lines(w, &format!("Op::Read {{ gpa: {gpa:#x} }}"), access)
+        }
+        (Step::GuestWrite { gpa, value }, Outcome::Guest(access)) => {
+            guest_lines(w, &format!("Op::Write {{ gpa: {gpa:#x}, value: {value:#x} }}"), access)
+        }
+        (Step::HostWrite { mem, offset, value }, _) => {
+            let name = match mem {
+                ModelMemory::Anon(a) => anon_name(*a),
+                ModelMemory::GmemMap(g) => format!("gmem{g}_map"),
+            };
+            let _ = writeln!(w, "    {name}.write_u64({offset:#x}, {value:#x});");
+        }
+        (step, outcome) => unreachable!("{step:?} cannot have the outcome {outcome:?}"),
     }
-    // The host's view after the last step, as the model has it.
-    let w = &mut out;
+}
+
+/// The host's view after the last step, as the model has it: every
+/// host-visible u64, checked.
+fn host_view_lines(w: &mut String, model: &mut Model) {
     let _ = writeln!(w, "    // Every host-visible u64 after the last step (unlisted ones are 0):");
     let mut views: Vec<(String, ModelMemory, u64)> =
         (1..=ANON_PAGES.len()).map(|a| (anon_name(a), ModelMemory::Anon(a), ANON_PAGES[a - 1] * P)).collect();
@@ -854,8 +867,6 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
             words.join(", ")
         );
     }
-    let _ = writeln!(w, "    Ok(())\n}});");
-    out
 }
 
 fn guest_lines(w: &mut String, op: &str, access: &GuestAccess) {
