@@ -434,45 +434,8 @@ impl Model {
         if id >= KVM_USER_MEM_SLOTS {
             return Err(Errno::EINVAL);
         }
-        // check_memory_region_flags().
-        let mut valid = KVM_MEM_LOG_DIRTY_PAGES;
-        if self.profile.guest_memfd_slots {
-            // 6.12: kvm_arch_has_private_mem(); 7.x: CONFIG_KVM_GUEST_MEMFD.
-            valid |= KVM_MEM_GUEST_MEMFD;
-        }
-        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
-            // "Dirty logging private memory is not currently supported."
-            valid &= !KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        if self.profile.readonly_mem && mem.flags & KVM_MEM_GUEST_MEMFD == 0 {
-            // kvm_arch_has_readonly_mem(); never with GUEST_MEMFD.
-            valid |= KVM_MEM_READONLY;
-        }
-        if mem.flags & !valid != 0 {
-            return Err(Errno::EINVAL);
-        }
-        // kvm_set_memory_region(): "General sanity checks". userspace_addr
-        // is always page aligned and access_ok() here: it is symbolic.
-        if !page_aligned(mem.size) {
-            return Err(Errno::EINVAL);
-        }
-        if !page_aligned(mem.gpa) {
-            return Err(Errno::EINVAL);
-        }
-        let (fd, offset) = mem.guest_memfd.unwrap_or((GmemFd::NotGuestMemfd, 0));
-        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 && (!page_aligned(offset) || offset.checked_add(mem.size).is_none()) {
-            return Err(Errno::EINVAL);
-        }
-        if as_id >= u32::from(self.profile.address_spaces) || id >= KVM_MEM_SLOTS_NUM {
-            return Err(Errno::EINVAL);
-        }
-        if mem.gpa.checked_add(mem.size).is_none() {
-            return Err(Errno::EINVAL);
-        }
-        let npages = mem.size >> PAGE_SHIFT;
-        if npages > KVM_MEM_MAX_NR_PAGES {
-            return Err(Errno::EINVAL);
-        }
+        self.check_region_flags(mem.flags)?;
+        let npages = self.check_region_geometry(mem)?;
         let old = self.slots.get(&(as_id, id)).cloned();
         if mem.size == 0 {
             // Deleting a slot that does not exist.
@@ -488,26 +451,11 @@ impl Model {
         let base_gfn = mem.gpa >> PAGE_SHIFT;
         let change = match &old {
             None => Change::Create,
-            Some(old) => {
-                // "Private memslots are immutable, they can only be deleted."
-                if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                if mem.user != old.user
-                    || npages != old.npages
-                    || (mem.flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD) != 0
-                {
-                    return Err(Errno::EINVAL);
-                }
-                if base_gfn != old.base_gfn {
-                    Change::Move
-                } else if mem.flags != old.flags {
-                    Change::FlagsOnly
-                } else {
-                    return Ok(Change::Unchanged);
-                }
-            }
+            Some(old) => Self::classify_change(mem, old, base_gfn, npages)?,
         };
+        if change == Change::Unchanged {
+            return Ok(change);
+        }
         // kvm_check_memslot_overlap(): another slot of the same address
         // space over any of the GFNs.
         if matches!(change, Change::Create | Change::Move)
@@ -517,36 +465,11 @@ impl Model {
         {
             return Err(Errno::EEXIST);
         }
-        let mut gmem = None;
-        let mut gmem_only = false;
-        if change == Change::Create && mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
-            // 6.12 kvm_gmem_bind(); 7.x kvm_gmem_prepare_memory_region()
-            // then kvm_gmem_commit_memory_region().
-            let g = match fd {
-                // fget() fails.
-                GmemFd::Closed => return Err(Errno::EBADF),
-                // `file->f_op != &kvm_gmem_fops`.
-                GmemFd::NotGuestMemfd => return Err(Errno::EINVAL),
-                GmemFd::File(g) => g,
-            };
-            let file = &self.gmems[g];
-            // `!PAGE_ALIGNED(offset) || offset + size > i_size_read(inode)`.
-            if !page_aligned(offset) || offset + mem.size > file.size {
-                return Err(Errno::EINVAL);
-            }
-            let start = offset >> PAGE_SHIFT;
-            let end = start + npages;
-            // The xarray of bindings already holds a slot in [start, end):
-            // 6.12 kvm_gmem_bind() fails with its initial -EINVAL; from 7.2
-            // kvm_gmem_commit_memory_region() returns -EEXIST.
-            if self.slot_bound_pages(g).any(|(s, e)| s < end && start < e) {
-                return Err(self.profile.version.gmem_binding_overlap_errno());
-            }
-            gmem = Some((g, start));
-            // 7.x: `if (kvm_gmem_supports_mmap(inode)) slot->flags |=
-            // KVM_MEMSLOT_GMEM_ONLY`.
-            gmem_only = file.mmap();
-        }
+        let (gmem, gmem_only) = if change == Change::Create && mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+            self.bind_guest_memfd(mem, npages)?
+        } else {
+            (None, false)
+        };
         match change {
             Change::Create => {
                 let slot = Slot { as_id, id, flags: mem.flags, base_gfn, npages, user: mem.user, gmem, gmem_only };
@@ -561,6 +484,103 @@ impl Model {
         }
         self.memslot_generation_moved();
         Ok(change)
+    }
+
+    /// check_memory_region_flags().
+    fn check_region_flags(&self, flags: u32) -> Result<(), Errno> {
+        let mut valid = KVM_MEM_LOG_DIRTY_PAGES;
+        if self.profile.guest_memfd_slots {
+            // 6.12: kvm_arch_has_private_mem(); 7.x: CONFIG_KVM_GUEST_MEMFD.
+            valid |= KVM_MEM_GUEST_MEMFD;
+        }
+        if flags & KVM_MEM_GUEST_MEMFD != 0 {
+            // "Dirty logging private memory is not currently supported."
+            valid &= !KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        if self.profile.readonly_mem && flags & KVM_MEM_GUEST_MEMFD == 0 {
+            // kvm_arch_has_readonly_mem(); never with GUEST_MEMFD.
+            valid |= KVM_MEM_READONLY;
+        }
+        if flags & !valid != 0 {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
+    }
+
+    /// kvm_set_memory_region()'s "General sanity checks", in order; the
+    /// slot's page count. userspace_addr is always page aligned and
+    /// access_ok() here: it is symbolic.
+    fn check_region_geometry(&self, mem: &MemoryRegion) -> Result<u64, Errno> {
+        if !page_aligned(mem.size) || !page_aligned(mem.gpa) {
+            return Err(Errno::EINVAL);
+        }
+        let offset = mem.guest_memfd.map_or(0, |(_, offset)| offset);
+        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 && (!page_aligned(offset) || offset.checked_add(mem.size).is_none()) {
+            return Err(Errno::EINVAL);
+        }
+        if mem.as_id() >= u32::from(self.profile.address_spaces) || mem.id() >= KVM_MEM_SLOTS_NUM {
+            return Err(Errno::EINVAL);
+        }
+        if mem.gpa.checked_add(mem.size).is_none() {
+            return Err(Errno::EINVAL);
+        }
+        let npages = mem.size >> PAGE_SHIFT;
+        if npages > KVM_MEM_MAX_NR_PAGES {
+            return Err(Errno::EINVAL);
+        }
+        Ok(npages)
+    }
+
+    /// What a request for an existing slot changes (kvm_set_memory_region()).
+    fn classify_change(mem: &MemoryRegion, old: &Slot, base_gfn: u64, npages: u64) -> Result<Change, Errno> {
+        // "Private memslots are immutable, they can only be deleted."
+        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if mem.user != old.user
+            || npages != old.npages
+            || (mem.flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD) != 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        Ok(if base_gfn != old.base_gfn {
+            Change::Move
+        } else if mem.flags != old.flags {
+            Change::FlagsOnly
+        } else {
+            Change::Unchanged
+        })
+    }
+
+    /// The guest_memfd binding of a new slot: 6.12 kvm_gmem_bind(); 7.x
+    /// kvm_gmem_prepare_memory_region() then kvm_gmem_commit_memory_region().
+    /// Returns the file and first page, and whether the slot is
+    /// guest_memfd-only.
+    fn bind_guest_memfd(&self, mem: &MemoryRegion, npages: u64) -> Result<(Option<(GmemId, u64)>, bool), Errno> {
+        let (fd, offset) = mem.guest_memfd.unwrap_or((GmemFd::NotGuestMemfd, 0));
+        let g = match fd {
+            // fget() fails.
+            GmemFd::Closed => return Err(Errno::EBADF),
+            // `file->f_op != &kvm_gmem_fops`.
+            GmemFd::NotGuestMemfd => return Err(Errno::EINVAL),
+            GmemFd::File(g) => g,
+        };
+        let file = &self.gmems[g];
+        // `!PAGE_ALIGNED(offset) || offset + size > i_size_read(inode)`.
+        if !page_aligned(offset) || offset + mem.size > file.size {
+            return Err(Errno::EINVAL);
+        }
+        let start = offset >> PAGE_SHIFT;
+        let end = start + npages;
+        // The xarray of bindings already holds a slot in [start, end):
+        // 6.12 kvm_gmem_bind() fails with its initial -EINVAL; from 7.2
+        // kvm_gmem_commit_memory_region() returns -EEXIST.
+        if self.slot_bound_pages(g).any(|(s, e)| s < end && start < e) {
+            return Err(self.profile.version.gmem_binding_overlap_errno());
+        }
+        // 7.x: `if (kvm_gmem_supports_mmap(inode)) slot->flags |=
+        // KVM_MEMSLOT_GMEM_ONLY`.
+        Ok((Some((g, start)), file.mmap()))
     }
 
     /// `KVM_SET_MEMORY_ATTRIBUTES`.
