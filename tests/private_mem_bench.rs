@@ -11,6 +11,10 @@
 //!    VM only where the kernel lets it bind guest_memfd), next to a fresh
 //!    anonymous-memory slot in the same run.
 //!
+//! 3. Setup costs per VM type: a bare `KVM_CREATE_VM`, a memslot created
+//!    and deleted, and the whole setup every scenario pays (VM with its
+//!    payload memslot and page tables, a vCPU, the agent's first guest call).
+//!
 //! Run: `cargo bench -p kvm-selftests --bench private_mem_bench` (host), or
 //! the built binary (`target/release/deps/private_mem_bench-*`) inside the
 //! VM. `KVM_SELFTESTS_BENCH_SCALE` (default 1, up to 64) multiplies the
@@ -129,8 +133,23 @@ fn fault_in(kvm: &Arc<Kvm>, vm_type: VmType, size: u64, gmem_flags: Option<u64>)
 /// (`KVM_SELFTESTS_RESULTS`), records it as a passed entry whose message is
 /// the figure (a failed measurement is a failed entry).
 fn report(what: &str, outcome: Result<Duration>, pages: u64) {
-    let (outcome, line) = match outcome {
-        Ok(time) => (Outcome::Pass, rate(pages, time)),
+    record(what, outcome.map(|time| rate(pages, time)));
+}
+
+/// [`report`] for per-operation costs: `ops` operations took the duration.
+fn report_per_op(what: &str, outcome: Result<Duration>, ops: u64) {
+    record(
+        what,
+        outcome.map(|time| {
+            let us = time.as_secs_f64() * 1e6 / ops as f64;
+            format!("{us:>12.1} us/op ({ops} ops in {:.3} s)", time.as_secs_f64())
+        }),
+    );
+}
+
+fn record(what: &str, figure: Result<String>) {
+    let (outcome, line) = match figure {
+        Ok(line) => (Outcome::Pass, line),
         Err(e) => (Outcome::Fail, format!("failed: {e}")),
     };
     println!("  {what:<58} {line}");
@@ -165,8 +184,62 @@ fn main() {
             return;
         }
     };
+    setup_figures(&kvm, scale);
     conversion_figures(&kvm, scale);
     fault_in_figures(&kvm, scale);
+}
+
+/// Operations per measured pass of the setup figures.
+const SETUP_OPS: u64 = 20;
+
+/// What setting up costs, per VM type the kernel offers, raw ioctls next to
+/// a scenario's whole setup, in the same run.
+fn setup_figures(kvm: &Arc<Kvm>, scale: u64) {
+    println!("setup costs:");
+    let ops = SETUP_OPS * scale;
+    for vm_type in VmType::ALL {
+        if !kvm.supports(vm_type) {
+            println!("  {vm_type}: skipped: needs {vm_type}: {} = {:#x}", Cap::VmTypes, kvm.vm_types());
+            continue;
+        }
+        report_per_op(&format!("{vm_type}: KVM_CREATE_VM"), timed(ops, || Vm::bare(kvm, vm_type).map(drop)), ops);
+        let vm = match Vm::bare(kvm, vm_type) {
+            Ok(vm) => vm,
+            Err(e) => {
+                record(&format!("{vm_type}: memslot create + delete"), Err(e));
+                continue;
+            }
+        };
+        report_per_op(
+            &format!("{vm_type}: memslot create + delete (2 MiB)"),
+            timed(ops, || {
+                vm.add_memory(SLOT, TEST_AREA_GPA, SZ_2M)?;
+                vm.delete_slot(SLOT)
+            }),
+            ops,
+        );
+        report_per_op(
+            &format!("{vm_type}: VM + payload + vCPU + first guest call"),
+            timed(ops, || {
+                let vm = Vm::with_payload(kvm, vm_type, &GUEST_AGENT)?;
+                Agent::start(vm.vcpu(0, [0; 4])?)?.done().map(drop)
+            }),
+            ops,
+        );
+    }
+}
+
+/// The median over [`REPEATS`] passes of `ops` calls of `op`.
+fn timed(ops: u64, mut op: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let mut samples = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        for _ in 0..ops {
+            op()?;
+        }
+        samples.push(start.elapsed());
+    }
+    Ok(median(samples))
 }
 
 /// Conversion round trips, guest-driven and raw, at 4 KiB and 2 MiB.
