@@ -80,6 +80,9 @@ pub enum Error {
     #[error("no tests ran (does the filter match any test?)")]
     NoTestsRan,
 
+    #[error("upstream C selftests: {0}")]
+    Upstream(String),
+
     #[error("guest probe: {0}")]
     Probe(String),
 

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::error::Result;
 use crate::test_binaries::TestBinary;
+use crate::upstream::CTest;
 use crate::util::{self, io_err, shell_quote};
 
 /// Prefix of the lines the generated init prints to report progress.
@@ -23,6 +24,7 @@ pub fn init_script(
     busybox: &Path,
     xtask: &Path,
     binaries: &[TestBinary],
+    c_tests: &[CTest],
     args: &[String],
     known_failures: Option<&Path>,
 ) -> String {
@@ -71,10 +73,27 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     // cargo runs integration tests from the package directory; do the same.
     let _ = writeln!(s, "cd {} || die \"setup-failed cd\"", q(&util::workspace_root().join("tests")));
     let args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+    // Wall times in centiseconds, from /proc/uptime ("12.34" -> 1234).
+    s.push_str("now() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }\n");
     for b in binaries {
         let name = shell_quote(&b.name);
-        let _ =
-            writeln!(s, "echo \"$M run \"{name}\n{} {}\necho {name} $? >> $R/exit-codes", q(&b.path), args.join(" "));
+        let _ = writeln!(
+            s,
+            "echo \"$M run \"{name}\nt0=$(now)\n{} {}\necho {name} $? >> $R/exit-codes\necho {name} $(( $(now) - t0 )) >> $R/wall-times",
+            q(&b.path),
+            args.join(" ")
+        );
+    }
+    // The tree's C tests (--upstream): kselftest exit codes, 4 meaning skip.
+    for t in c_tests {
+        let name = shell_quote(&t.name);
+        let _ = writeln!(
+            s,
+            "echo \"$M run \"{name}\nt0=$(now)\n{}\nrc=$?\ncs=$(( $(now) - t0 ))\n\
+             case $rc in 0) o=pass;; 4) o=skip;; *) o=fail;; esac\n\
+             echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"exit status $rc\\\"}}\" >> $R/results.jsonl",
+            q(&t.path)
+        );
     }
     s.push_str("echo done > $R/status\n$bb sync\necho \"$M done\"\n$bb poweroff -f\n");
     s
@@ -100,11 +119,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn c_tests_record_their_verdict_as_results() {
+        let dir = env::temp_dir().join(format!("xtask-init-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let tests: Vec<CTest> = [("passing_test", "/bin/true"), ("failing_test", "/bin/false")]
+            .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"] })
+            .to_vec();
+        let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None);
+        // Run just the part after the setup: the timing helper and the tests.
+        let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("M=@@ R={}\n{body}", dir.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let results = crate::report::read_results(&dir.join("results.jsonl")).unwrap();
+        let verdicts: Vec<_> =
+            results.iter().map(|r| (r.test.as_str(), r.outcome.to_string(), r.message.as_str())).collect();
+        assert_eq!(
+            verdicts,
+            [("passing_test", "pass".into(), "exit status 0"), ("failing_test", "fail".into(), "exit status 1")]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn init_quotes_arguments() {
         let s = init_script(
             Path::new("/bin/busybox"),
             Path::new("/x/xtask"),
             &[TestBinary { name: "vm_types".into(), path: "/t/vm types-1".into() }],
+            &[],
             &["it's".into(), "--exact".into()],
             Some(Path::new("/k/known failures.txt")),
         );

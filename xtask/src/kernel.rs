@@ -135,7 +135,7 @@ fn cached_debian_image(id: &str, fragment: &str) -> Option<PathBuf> {
 
 /// Identify an arbitrary tree by its location: bisection rebuilds the same
 /// tree in place, and reusing its O= directory keeps each step incremental.
-fn tree_source(tree: &Path) -> Result<(String, PathBuf)> {
+pub fn tree_source(tree: &Path) -> Result<(String, PathBuf)> {
     let src = tree.canonicalize().map_err(io_err(tree))?;
     if !src.join("Makefile").is_file() || !src.join("Kconfig").is_file() {
         return Err(Error::NotAKernelTree(src));

@@ -10,6 +10,7 @@ mod qemu;
 mod recipe;
 mod report;
 mod test_binaries;
+mod upstream;
 mod util;
 mod vm;
 
@@ -135,6 +136,10 @@ struct VmArgs {
     /// Run the benchmarks (optimized) instead of the tests.
     #[arg(long)]
     bench: bool,
+    /// Also build the kernel tree's own private-memory C selftests and run
+    /// them in the same boot, after the Rust suite, timing both.
+    #[arg(long, conflicts_with_all = ["kernel", "bench"])]
+    upstream: bool,
     /// Passed to every test binary: filters, --exact, ... (after `--` when
     /// they start with a dash).
     #[arg(value_name = "TEST ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
@@ -189,6 +194,7 @@ impl VmArgs {
             test_args: self.test_args,
             known_failures: self.known_failures,
             bench: self.bench,
+            upstream: self.upstream,
             ..VmOpts::default()
         };
         self.guest.apply(&mut opts);

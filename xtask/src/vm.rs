@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::guest_init::{init_script, set_executable};
-use crate::kernel::{self, KernelOpts};
+use crate::kernel::{self, KernelOpts, Source};
 pub use crate::qemu::Accel;
 use crate::qemu::{host_can_nest, qemu_command, supervise, Guest};
 use crate::report::{self, Outcome, Summary, TestResult};
 use crate::test_binaries::{self, TestBinary};
+use crate::upstream::{self, CTest};
 use crate::util::{self, io_err, req};
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct VmOpts {
     pub known_failures: Option<PathBuf>,
     /// Run the benchmarks instead of the tests.
     pub bench: bool,
+    /// Also run the kernel tree's C selftests in the same boot.
+    pub upstream: bool,
 }
 
 impl Default for VmOpts {
@@ -47,6 +50,7 @@ impl Default for VmOpts {
             test_args: Vec::new(),
             known_failures: None,
             bench: false,
+            upstream: false,
         }
     }
 }
@@ -84,11 +88,12 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         Some(k) => k.canonicalize().map_err(io_err(k))?,
         None => kernel::build(&opts.kernel_opts)?,
     };
+    let c_tests = if opts.upstream { upstream_tests(&opts.kernel_opts.source)? } else { Vec::new() };
 
     // Per process, so concurrent runs (a bisection next to an interactive
     // run) cannot clobber each other's init or results.
     let mut scratch = Scratch { dir: util::output_dir().join(format!("vm-{}", std::process::id())), keep: true };
-    let init = write_init(&scratch.dir, opts, &binaries)?;
+    let init = write_init(&scratch.dir, opts, &binaries, &c_tests)?;
     let results_dir = scratch.dir.join("results");
     let accel = match opts.accel {
         Accel::Auto if host_can_nest() => Accel::Kvm,
@@ -106,13 +111,26 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         }
     });
     let outcome = collect(guest, &results_dir)?;
+    if !c_tests.is_empty() {
+        let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
+        eprint!("{}", upstream::comparison(&c_tests, &outcome.results, &wall));
+    }
     scratch.keep = false;
     Ok(outcome)
 }
 
+/// The C selftests of the kernel's source tree.
+fn upstream_tests(source: &Source) -> Result<Vec<CTest>> {
+    let (id, src) = match source {
+        Source::Debian(release) => kernel::debian_source(release)?,
+        Source::Tree(tree) => kernel::tree_source(tree)?,
+    };
+    upstream::build(&id, &src)
+}
+
 /// Lay out the run directory (results share, a private copy of xtask for
 /// the guest probe) and write the guest's init; returns the init's path.
-fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary]) -> Result<PathBuf> {
+fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary], c_tests: &[CTest]) -> Result<PathBuf> {
     if run_dir.exists() {
         fs::remove_dir_all(run_dir).map_err(io_err(run_dir))?;
     }
@@ -134,7 +152,7 @@ fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary]) -> Result<
     }
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
-    fs::write(&init, init_script(&busybox, &xtask, binaries, &test_args, known_failures.as_deref()))
+    fs::write(&init, init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref()))
         .map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)
