@@ -40,8 +40,8 @@ use guest_payloads::GUEST_AGENT;
 use kvm_harness::bindings::{kvm_memory_attributes, kvm_regs};
 use kvm_harness::kernel_rules;
 use kvm_harness::{
-    Agent, Cap, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need, Op, Region, Result, Suite, Vm,
-    VmType,
+    settings, Agent, Cap, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need, Op, Region, Result,
+    Suite, Vm, VmType,
 };
 use kvm_model::{
     Change, Errno, Fallocate, GmemFd, GuestAccess, HostMemory as ModelMemory, KernelVersion, MemoryRegion, Model,
@@ -929,23 +929,6 @@ fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
     })
 }
 
-fn parse_u64(name: &str, value: &str) -> Result<u64> {
-    let value = value.trim();
-    let parsed = match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => value.parse(),
-    };
-    parsed.map_err(|e| Error::Config(format!("{name}={value:?}: {e} (expected a u64, decimal or 0x-hex)")))
-}
-
-fn env_u64(name: &str) -> Result<Option<u64>> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => parse_u64(name, &v).map(Some),
-        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(e) => Err(Error::Config(format!("{name}: {e}"))),
-    }
-}
-
 /// Case `i`'s seed: case 0 runs the base seed itself, so a printed case
 /// seed given back as the base seed reruns exactly that case first.
 fn case_seed(base: u64, case: u32) -> u64 {
@@ -987,8 +970,8 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
 /// a mismatch, shrinks it and fails with the reproducer.
 fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result<()> {
     let profile = probe_profile(kvm, vm_type)?;
-    let base = env_u64(SEED_ENV)?.unwrap_or(DEFAULT_SEED);
-    let cases = match env_u64(CASES_ENV)? {
+    let base = settings::u64_opt(SEED_ENV)?.unwrap_or(DEFAULT_SEED);
+    let cases = match settings::u64_opt(CASES_ENV)? {
         None => DEFAULT_CASES,
         Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => n as u32,
         Some(n) => return Err(Error::Config(format!("{CASES_ENV}={n}: expected at least 1"))),
@@ -997,8 +980,8 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}",
         profile.version
     );
-    let budget = Duration::from_secs(env_u64(BUDGET_ENV)?.unwrap_or(DEFAULT_BUDGET_SECS));
-    let soak = env_u64(SOAK_ENV)?.is_some_and(|v| v != 0);
+    let budget = Duration::from_secs(settings::u64_opt(BUDGET_ENV)?.unwrap_or(DEFAULT_BUDGET_SECS));
+    let soak = settings::u64_opt(SOAK_ENV)?.is_some_and(|v| v != 0);
     let before = Resources::now()?;
     let start = Instant::now();
     let (mut ran, mut steps_run) = (0u32, 0usize);
