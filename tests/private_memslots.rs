@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
-use kvm_harness::kernel_rules::{with_fix_hints, GMEM_BINDING_OFFSET_SIGNEDNESS, GMEM_BINDING_OVERLAP};
+use kvm_harness::kernel_rules::{with_fix_hints, Fix, GMEM_BINDING_OFFSET_SIGNEDNESS, GMEM_BINDING_OVERLAP};
 use kvm_harness::{
     expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
     Result, Suite, SysResult, Vm, VmType,
@@ -324,19 +324,27 @@ fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
         Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
     );
     let page = page_size();
-    for (name, offset, what) in [
-        ("offset_ending_one_page_past_end", SIZE + page, "the range ends one page past the guest_memfd"),
-        ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd"),
-        ("offset_with_bit_63", 1 << 63, "negative as a file offset"),
-        ("offset_wrapping_u64", !(page - 1), "offset + size wraps around"),
+    let none: &'static [Fix] = &[];
+    for (name, offset, what, fixes) in [
+        ("offset_ending_one_page_past_end", SIZE + page, "the range ends one page past the guest_memfd", none),
+        ("offset_at_end", 2 * SIZE, "the range starts at the end of the guest_memfd", none),
+        ("offset_with_bit_63", 1 << 63, "negative as a file offset", none),
+        ("offset_wrapping_u64", !(page - 1), "offset + size wraps around", none),
         // Upstream's test_invalid_binding: offset and size each valid as a
-        // signed file offset, their sum not (eba85fee7fc6, "KVM: guest_memfd:
-        // Treat memslot binding offset+size as unsigned values").
-        ("offset_align_down_i64_max", (i64::MAX as u64) & !(page - 1), "offset + size crosses 2^63"),
-        ("offset_ending_exactly_at_2_63", (1 << 63) - SIZE, "offset + size is exactly 2^63"),
+        // signed file offset, their sum not.
+        (
+            "offset_align_down_i64_max",
+            (i64::MAX as u64) & !(page - 1),
+            "offset + size crosses 2^63",
+            GMEM_BINDING_OFFSET_SIGNEDNESS,
+        ),
+        (
+            "offset_ending_exactly_at_2_63",
+            (1 << 63) - SIZE,
+            "offset + size is exactly 2^63",
+            GMEM_BINDING_OFFSET_SIGNEDNESS,
+        ),
     ] {
-        let fixes =
-            if name.contains("2_63") || name.contains("i64_max") { GMEM_BINDING_OFFSET_SIGNEDNESS } else { &[] };
         add(
             &format!("binding_rejects_{name}"),
             vec![],
