@@ -4,7 +4,6 @@
 //! that kernel is broken, not untestable, so the probe records a failure and
 //! lets the tests run.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -89,9 +88,7 @@ pub fn run(results: Option<&Path>) -> Result<ExitCode> {
             duration_ms: start.elapsed().as_millis() as u64,
             message: if outcome == Outcome::Pass { String::new() } else { message },
         };
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
-        let line = serde_json::to_string(&record).expect("a result record serializes");
-        writeln!(file, "{line}").map_err(io_err(path))?;
+        kvm_harness::results::append(path, &record).map_err(io_err(path))?;
     }
     Ok(ExitCode::SUCCESS)
 }
