@@ -16,7 +16,7 @@ use crate::util::{self, io_err, req, Requirement};
 
 /// Bumped whenever the configuration recipe changes, so cached images built
 /// by an older recipe are not reused.
-const RECIPE: &str = "x86_64_defconfig + kvm_guest.config + xtask/kernel.config, v1";
+const RECIPE: &str = "allnoconfig + xtask/kernel.config, v2";
 
 const BUILD_DEPS: &[Requirement] = &[
     req("make", "make"),
@@ -191,19 +191,16 @@ fn configure(src: &Path, out: &Path, fragment: &Path, hash: &str) -> Result<()> 
     }
     eprintln!("xtask: configuring {}", out.display());
     let _ = fs::remove_file(&stamp);
-    let o = format!("O={}", out.display());
-    quiet(Command::new("make").arg("-C").arg(src).arg(&o).arg("x86_64_defconfig"))?;
+    // allnoconfig with the recipe as its preset: the recipe's options and
+    // what they select, everything else off, dependencies resolved by Kconfig.
     quiet(
-        Command::new(src.join("scripts/kconfig/merge_config.sh"))
-            .current_dir(src)
-            .arg("-m")
-            .arg("-O")
-            .arg(out)
-            .arg(out.join(".config"))
-            .arg(src.join("kernel/configs/kvm_guest.config"))
-            .arg(fragment),
+        Command::new("make")
+            .arg("-C")
+            .arg(src)
+            .arg(format!("O={}", out.display()))
+            .arg(format!("KCONFIG_ALLCONFIG={}", fragment.display()))
+            .arg("allnoconfig"),
     )?;
-    quiet(Command::new("make").arg("-C").arg(src).arg(&o).arg("olddefconfig"))?;
     fs::write(&stamp, hash).map_err(io_err(&stamp))
 }
 
