@@ -38,6 +38,9 @@ pub enum Error {
     )]
     TreeLacksOptions(Vec<String>),
 
+    #[error("coverage: {0}")]
+    Coverage(String),
+
     #[error("Debian kernel source: {0}")]
     Debian(String),
 

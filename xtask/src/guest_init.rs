@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 
+use crate::coverage;
 use crate::error::Result;
 use crate::test_binaries::TestBinary;
 use crate::upstream::CTest;
@@ -27,6 +28,7 @@ pub fn init_script(
     c_tests: &[CTest],
     args: &[String],
     known_failures: Option<&Path>,
+    coverage: bool,
 ) -> String {
     let bb = busybox.display();
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
@@ -75,6 +77,11 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     let args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
     // Wall times in centiseconds, from /proc/uptime ("12.34" -> 1234).
     s.push_str("now() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }\n");
+    // Coverage counts the suites only: not boot, not the probe.
+    if coverage {
+        s.push_str(coverage::init_functions());
+        s.push_str("gcov_reset\n");
+    }
     for b in binaries {
         let name = shell_quote(&b.name);
         let _ = writeln!(
@@ -83,6 +90,12 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
             q(&b.path),
             args.join(" ")
         );
+    }
+    if coverage {
+        s.push_str("gcov_save rust\n");
+        if !c_tests.is_empty() {
+            s.push_str("gcov_reset\n");
+        }
     }
     // The tree's C tests (--upstream): kselftest exit codes, 4 meaning skip.
     for t in c_tests {
@@ -94,6 +107,9 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
              echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"exit status $rc\\\"}}\" >> $R/results.jsonl",
             q(&t.path)
         );
+    }
+    if coverage && !c_tests.is_empty() {
+        s.push_str("gcov_save upstream\n");
     }
     s.push_str("echo done > $R/status\n$bb sync\necho \"$M done\"\n$bb poweroff -f\n");
     s
@@ -125,7 +141,7 @@ mod tests {
         let tests: Vec<CTest> = [("passing_test", "/bin/true"), ("failing_test", "/bin/false")]
             .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"] })
             .to_vec();
-        let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None);
+        let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None, false);
         // Run just the part after the setup: the timing helper and the tests.
         let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
         let out = std::process::Command::new("sh")
@@ -153,6 +169,7 @@ mod tests {
             &[],
             &["it's".into(), "--exact".into()],
             Some(Path::new("/k/known failures.txt")),
+            false,
         );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Instant;
 
+use crate::coverage;
 use crate::debian::{self, Release, Tarball};
 use crate::error::{Error, Result};
 use crate::recipe::{KconfigSymbols, Recipe};
@@ -43,6 +44,8 @@ pub enum Source {
 pub struct KernelOpts {
     pub source: Source,
     pub jobs: usize,
+    /// Build KVM with gcov profiling (`cargo xtask vm --coverage`).
+    pub coverage: bool,
 }
 
 impl Default for KernelOpts {
@@ -50,6 +53,7 @@ impl Default for KernelOpts {
         KernelOpts {
             source: Source::Debian(Release::DEFAULT),
             jobs: thread::available_parallelism().map_or(1, |n| n.get()),
+            coverage: false,
         }
     }
 }
@@ -61,7 +65,10 @@ pub fn fragment_path() -> PathBuf {
 /// Configure and build the kernel, returning the path of its bzImage.
 pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     let fragment_file = fragment_path();
-    let fragment = fs::read_to_string(&fragment_file).map_err(io_err(&fragment_file))?;
+    let mut fragment = fs::read_to_string(&fragment_file).map_err(io_err(&fragment_file))?;
+    if opts.coverage {
+        fragment.push_str(coverage::FRAGMENT);
+    }
 
     let (id, src, cache_image) = match &opts.source {
         Source::Tree(tree) => {
@@ -74,13 +81,20 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
             // without extracting the source or asking make; a tree can
             // change under us and is always rebuilt (incrementally, in its
             // own O= directory).
-            if let Some(cached) = cached_debian_image(&tarball.id, &fragment) {
+            let key_id = if opts.coverage { format!("{}-coverage", tarball.id) } else { tarball.id.clone() };
+            if let Some(cached) = cached_debian_image(&key_id, &fragment) {
                 eprintln!("xtask: using cached kernel for {}", tarball.id);
                 return Ok(cached);
             }
             let src = extract(&tarball)?;
             (tarball.id, src, true)
         }
+    };
+    let (id, src) = if opts.coverage {
+        let src = coverage::instrumented_source(&id, &src, cache_image)?;
+        (format!("{id}-coverage"), src)
+    } else {
+        (id, src)
     };
     let recipe = Recipe::resolve(&fragment, &KconfigSymbols::of_tree(&src)?)?;
     let config_hash = format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), recipe.text.as_bytes()]));

@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer and CI automation for the KVM selftests.
 
 mod bisect;
+mod coverage;
 mod debian;
 mod error;
 mod guest_init;
@@ -140,6 +141,10 @@ struct VmArgs {
     /// them in the same boot, after the Rust suite, timing both.
     #[arg(long, conflicts_with_all = ["kernel", "bench"])]
     upstream: bool,
+    /// Build KVM with gcov profiling and report its line and branch coverage
+    /// (per suite with --upstream); HTML under target/kvm-selftests/coverage.
+    #[arg(long, conflicts_with_all = ["kernel", "bench"])]
+    coverage: bool,
     /// Passed to every test binary: filters, --exact, ... (after `--` when
     /// they start with a dash).
     #[arg(value_name = "TEST ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
@@ -189,7 +194,7 @@ impl VmArgs {
     fn opts(self) -> VmOpts {
         let mut opts = VmOpts {
             kernel: self.kernel,
-            kernel_opts: self.build.kernel_opts(self.source.source()),
+            kernel_opts: KernelOpts { coverage: self.coverage, ..self.build.kernel_opts(self.source.source()) },
             binaries: self.test_binaries,
             test_args: self.test_args,
             known_failures: self.known_failures,

@@ -9,6 +9,7 @@ use std::fs;
 use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 
+use crate::coverage;
 use crate::error::{Error, Result};
 use crate::guest_init::{init_script, set_executable};
 use crate::kernel::{self, KernelOpts, Source};
@@ -36,6 +37,13 @@ pub struct VmOpts {
     pub bench: bool,
     /// Also run the kernel tree's C selftests in the same boot.
     pub upstream: bool,
+}
+
+impl VmOpts {
+    /// gcov coverage of KVM (`--coverage`), a property of the kernel build.
+    fn coverage(&self) -> bool {
+        self.kernel_opts.coverage
+    }
 }
 
 impl Default for VmOpts {
@@ -74,6 +82,9 @@ impl RunOutcome {
 /// Build (or reuse) everything, boot the guest and run the tests in it.
 pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     util::ensure_requirements(&[req("qemu-system-x86_64", "qemu-system-x86"), req("busybox", "busybox-static")])?;
+    if opts.coverage() {
+        util::ensure_requirements(coverage::TOOLS)?;
+    }
     if let Some(k) = opts.kernel.as_ref().filter(|k| !k.is_file()) {
         return Err(Error::NoKernelImage(k.clone()));
     }
@@ -115,6 +126,11 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
         eprint!("{}", upstream::comparison(&c_tests, &outcome.results, &wall));
     }
+    if opts.coverage() {
+        let sets: &[coverage::Set] =
+            if c_tests.is_empty() { &[coverage::RUST] } else { &[coverage::RUST, coverage::UPSTREAM] };
+        eprint!("{}", coverage::report(&results_dir, sets)?);
+    }
     scratch.keep = false;
     Ok(outcome)
 }
@@ -152,8 +168,9 @@ fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary], c_tests: &
     }
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
-    fs::write(&init, init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref()))
-        .map_err(io_err(&init))?;
+    let script =
+        init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref(), opts.coverage());
+    fs::write(&init, script).map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)
 }
