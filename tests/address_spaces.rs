@@ -99,6 +99,31 @@ fn address_space_count_matches_smm_support(kvm: &Arc<Kvm>) -> Result<()> {
     Ok(())
 }
 
+/// kvm_vm_ioctl_check_extension_generic(): `/dev/kvm` reports the most
+/// address spaces any VM may have (KVM_MAX_NR_ADDRESS_SPACES), each VM fd
+/// its own; no VM type may have more than the system reports.
+fn system_address_space_count_bounds_every_vm_type(kvm: &Arc<Kvm>) -> Result<()> {
+    let system = kvm.cap(Cap::MultiAddressSpace).max(1);
+    let smm = kvm.cap(Cap::X86Smm) != 0;
+    ensure!(
+        system == if smm { 2 } else { 1 },
+        "/dev/kvm reports two address spaces exactly when KVM_CAP_X86_SMM is set",
+        "KVM_CAP_X86_SMM = {}, {} on /dev/kvm = {system}",
+        u8::from(smm),
+        Cap::MultiAddressSpace
+    );
+    for vm_type in VmType::ALL.into_iter().filter(|t| kvm.supports(*t)) {
+        let nr = i32::from(nr_address_spaces(&Vm::bare(kvm, vm_type)?));
+        ensure!(
+            nr <= system,
+            format!("a {vm_type} has no more address spaces than /dev/kvm reports"),
+            "{} = {nr} on the VM fd, {system} on /dev/kvm",
+            Cap::MultiAddressSpace
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("address_spaces");
     let protected = || vec![Need::VmType(VmType::SwProtected)];
@@ -112,7 +137,10 @@ fn main() -> ExitCode {
         smm_default_vm_reports_two_address_spaces,
         smm_default_vm_accepts_second_address_space,
     );
-    kvm_harness::register!(suite, vec![] => address_space_count_matches_smm_support);
+    kvm_harness::register!(suite, vec![] =>
+        address_space_count_matches_smm_support,
+        system_address_space_count_bounds_every_vm_type,
+    );
     for vm_type in VmType::ALL {
         for (label, as_id) in [
             ("first_past_count", AsId::FirstPastCount),

@@ -10,6 +10,7 @@
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
@@ -18,7 +19,7 @@ use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
     ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, sweep, Access, Agent, Cap, ChildFate, Errno,
-    Error, Fill, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region, Result, Suite, Vm, VmType,
+    Error, Fill, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region, Result, SignalStorm, Suite, Vm, VmType,
 };
 use nix::fcntl::FallocateFlags;
 use nix::sys::mman::MapFlags;
@@ -76,6 +77,22 @@ impl Case {
         })?;
         Ok((vm, gmem))
     }
+}
+
+/// __kvm_gmem_create() reserves the fd first: with no fd free the request
+/// fails with EMFILE, while the identical request succeeds with one free.
+fn create_without_free_fd(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    let vm = Vm::bare(kvm, vm_type)?;
+    let size = PAGES * page_size();
+    expect_errno(
+        &format!("{vm_type}: KVM_CREATE_GUEST_MEMFD(size {size:#x}) with no fd free fails with EMFILE"),
+        Errno::EMFILE,
+        || vm.create_guest_memfd_without_free_fds(size, 0),
+    )?;
+    expect_ok(&format!("{vm_type}: the same KVM_CREATE_GUEST_MEMFD succeeds with fds free"), || {
+        vm.create_guest_memfd(size, 0)
+    })
+    .map(drop)
 }
 
 /// Flags `KVM_CAP_GUEST_MEMFD_FLAGS` advertises on a fresh VM of the type (0 when absent).
@@ -232,7 +249,7 @@ const fn fails(rule: &'static str, errno: Errno, mode: FallocateFlags, at: fn(u6
 const EINVAL: Errno = Errno::EINVAL;
 
 /// The fallocate rules, each a test (on a guest_memfd of `Case::total()`).
-const FALLOCATE: [(&str, &[Step]); 12] = [
+const FALLOCATE: [(&str, &[Step]); 13] = [
     ("fallocate_whole_file_succeeds", &[ok("fallocate of the whole file succeeds", KEEP_SIZE, |_, t| (0, t))]),
     // In bounds and page-sized: only the offset's alignment is wrong.
     (
@@ -284,6 +301,16 @@ const FALLOCATE: [(&str, &[Step]); 12] = [
             "fallocate without KEEP_SIZE fails with EOPNOTSUPP",
             Errno::EOPNOTSUPP,
             FallocateFlags::empty(),
+            |p, _| (0, p),
+        )],
+    ),
+    // kvm_gmem_fallocate: KEEP_SIZE plus any mode but PUNCH_HOLE.
+    (
+        "fallocate_zero_range_is_unsupported",
+        &[fails(
+            "fallocate(KEEP_SIZE | ZERO_RANGE) fails with EOPNOTSUPP",
+            Errno::EOPNOTSUPP,
+            KEEP_SIZE.union(FallocateFlags::FALLOC_FL_ZERO_RANGE),
             |p, _| (0, p),
         )],
     ),
@@ -519,6 +546,38 @@ fn collapse_refused(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
 
 // ---- lifetime and guest access ----
 
+/// kvm_gmem_setattr(): the inode's attributes are immutable, so every
+/// setattr fails with EINVAL, even a truncate to the size it already has.
+fn setattr_is_rejected(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    let total = Case::total();
+    let (_vm, gmem) = case.gmem(kvm, total)?;
+    expect_errno(&case.rule("ftruncate to its own size fails with EINVAL"), Errno::EINVAL, || gmem.truncate(total))?;
+    expect_errno(&case.rule("ftruncate to twice its size fails with EINVAL"), Errno::EINVAL, || {
+        gmem.truncate(2 * total)
+    })?;
+    expect_errno(&case.rule("fchmod(0600) fails with EINVAL"), Errno::EINVAL, || gmem.chmod(0o600))?;
+    expect_eq(&case.rule("the size survives the rejected truncates"), "st_size", gmem.stat()?.st_size as u64, total)
+}
+
+/// kvm_gmem_allocate() checks for a pending signal before each folio: under
+/// a signal storm a large fallocate fails with EINTR, and once the storm is
+/// over the same call allocates the whole range.
+fn fallocate_interrupted_by_signals(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
+    // 16384 pages: far longer to allocate than the storm's 200 µs period.
+    const SIZE: u64 = 64 << 20;
+    let (_vm, gmem) = case.gmem(kvm, SIZE)?;
+    let storm = SignalStorm::start(Duration::from_micros(200));
+    let interrupted = gmem.allocate(0, SIZE);
+    let sent = storm.sent();
+    drop(storm);
+    expect_errno(
+        &case.rule(&format!("fallocate of {SIZE:#x} bytes while {sent} signals arrive fails with EINTR")),
+        Errno::EINTR,
+        || interrupted,
+    )?;
+    expect_ok(&case.rule("the same fallocate succeeds once no signal is pending"), || gmem.allocate(0, SIZE))
+}
+
 fn outlives_vm(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     let total = Case::total();
     let (vm, gmem) = case.gmem(kvm, total)?;
@@ -600,6 +659,9 @@ fn register_creation_rules(suite: &mut Suite, vm_type: VmType) {
             move |kvm| create_flag_bit(kvm, vm_type, bit),
         );
     }
+    suite.test(format!("{short}_vm_create_without_free_fd_fails_with_emfile"), gmem_needs(vm_type), move |kvm| {
+        create_without_free_fd(kvm, vm_type)
+    });
     suite.test(format!("{short}_vm_init_shared_flag_implies_mmap_flag"), gmem_needs(vm_type), move |kvm| {
         let flags = supported_flags(kvm, vm_type)?;
         ensure!(
@@ -641,6 +703,13 @@ fn register_file_rules(suite: &mut Suite, case: Case) {
         add(&format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair)));
     }
     add("fallocate_and_punch_hole_work_after_vm_is_closed", Box::new(move |kvm| outlives_vm(kvm, case)));
+    add("setattr_fails_with_einval", Box::new(move |kvm| setattr_is_rejected(kvm, case)));
+    if case.flags == 0 {
+        add(
+            "fallocate_interrupted_by_signals_fails_with_eintr",
+            Box::new(move |kvm| fallocate_interrupted_by_signals(kvm, case)),
+        );
+    }
 }
 
 /// The mapping rules of one case: which depend on MMAP and INIT_SHARED.

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
-use kvm_harness::{ensure, threads, Agent, Errno, Error, Exit, Fill, Kvm, Need, Op, Result, Suite, Vm, VmType};
+use kvm_harness::{
+    ensure, expect_ok, threads, Agent, Errno, Error, Exit, Fill, Kvm, Need, Op, Result, Suite, Vm, VmType,
+};
 
 const SLOT: u32 = 10;
 const SLOT_SIZE: u64 = 2 << 20;
@@ -339,6 +341,40 @@ fn private_read_served_from_guest_memfd_after_earlier_mmio_at_that_gpa(kvm: &Arc
     Ok(())
 }
 
+/// Closing a guest_memfd while a memslot binds it (kvm_gmem_release()
+/// clears the slot's file and zaps its SPTEs): a private access that was
+/// served before now exits KVM_EXIT_MEMORY_FAULT (kvm_gmem_get_pfn() finds
+/// no file), the shared side keeps working, and the memslot can still be
+/// deleted.
+fn private_read_exits_memory_fault_after_its_guest_memfd_is_closed(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+    let shared = vm.add_private_memory(SLOT, TEST_AREA_GPA, SLOT_SIZE, &gmem, 0)?;
+    vm.make_private(TARGET_GPA, PAGE)?;
+    // Control: the private page is served from guest_memfd while it is open.
+    agent.write(TARGET_GPA, WRITTEN)?;
+    let before = agent.read(TARGET_GPA)?;
+    ensure!(before == WRITTEN, "a private page is served from an open guest_memfd", "the guest read {before:#x}");
+
+    vm.forget_guest_memfd(SLOT)?;
+    drop(gmem);
+    expect_private_read_fault(
+        &mut agent,
+        "a private read of a page whose guest_memfd was closed exits KVM_EXIT_MEMORY_FAULT",
+    )?;
+
+    shared.write_u64(TARGET_GPA - TEST_AREA_GPA, HOST_VALUE);
+    vm.make_shared(TARGET_GPA, PAGE)?;
+    let after = agent.read(TARGET_GPA)?;
+    ensure!(
+        after == HOST_VALUE,
+        "after its guest_memfd is closed, the slot's shared side still serves the guest",
+        "the guest read {after:#x}, the host wrote {HOST_VALUE:#x}"
+    );
+    expect_ok("a memslot whose guest_memfd was closed can be deleted", || vm.delete_slot(SLOT))
+}
+
 /// The guest reads `gpa`, which has no memslot: an 8-byte MMIO read, completed.
 fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
     agent.submit(Op::Read { gpa })?;
@@ -362,6 +398,7 @@ fn main() -> ExitCode {
         private_read_exits_memory_fault_when_memslot_was_deleted,
         private_read_of_slotless_gpa_exits_private_after_earlier_mmio,
         private_read_served_from_guest_memfd_after_earlier_mmio_at_that_gpa,
+        private_read_exits_memory_fault_after_its_guest_memfd_is_closed,
     );
     for access in Access::ALL {
         suite.test(

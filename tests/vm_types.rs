@@ -9,7 +9,7 @@ use std::sync::Arc;
 use guest_payloads::{layout, SYNC_ROUNDTRIP};
 use kvm_harness::bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE;
 use kvm_harness::{
-    ensure, expect_errno, page_size, Cap, Errno, Error, GmemBinding, Kvm, Need, Result, Suite, Vm, VmType,
+    ensure, expect_errno, expect_ok, page_size, Cap, Errno, Error, GmemBinding, Kvm, Need, Result, Suite, Vm, VmType,
 };
 use kvm_selftests::valid_region;
 
@@ -108,6 +108,16 @@ fn protected_vm_reports_guest_memfd(kvm: &Arc<Kvm>) -> Result<()> {
     Ok(())
 }
 
+/// kvm_dev_ioctl_create_vm() reserves the VM's fd first: with no fd free
+/// the request fails with EMFILE, while the identical request succeeds with
+/// one free.
+fn create_vm_without_free_fd_fails_with_emfile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    expect_errno(&format!("KVM_CREATE_VM({vm_type}) with no fd free fails with EMFILE"), Errno::EMFILE, || {
+        kvm.create_vm_without_free_fds(vm_type.raw())
+    })?;
+    expect_ok(&format!("the same KVM_CREATE_VM({vm_type}) succeeds with fds free"), || Vm::bare(kvm, vm_type)).map(drop)
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("vm_types");
 
@@ -133,6 +143,11 @@ fn main() -> ExitCode {
     );
     kvm_harness::register!(suite, vec![Need::VmType(VmType::SwProtected)] => protected_vm_reports_guest_memfd);
     for vm_type in VmType::ALL {
+        suite.test(
+            format!("{}_vm_create_without_free_fd_fails_with_emfile", vm_type.short()),
+            vec![Need::VmType(vm_type)],
+            move |kvm| create_vm_without_free_fd_fails_with_emfile(kvm, vm_type),
+        );
         suite.test(
             format!("{}_vm_guest_memfd_cap_matches_slot_binding", vm_type.short()),
             vec![Need::VmType(vm_type), Need::Cap(Cap::GuestMemfd)],

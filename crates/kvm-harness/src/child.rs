@@ -1,8 +1,11 @@
-//! Memory accesses that are expected to kill the accessing process.
+//! What must not happen in the test process itself: memory accesses that
+//! are expected to kill the accessing process, and fd-creating ioctls under
+//! an exhausted fd table.
 //!
-//! A guest_memfd mapping raises SIGBUS on pages the host may not touch. The
-//! test runner executes tests on threads of one process, so such an access
-//! runs in a forked child instead, and the test asserts how the child ended.
+//! A guest_memfd mapping raises SIGBUS on pages the host may not touch, and
+//! lowering `RLIMIT_NOFILE` would starve every other test. The runner
+//! executes tests on threads of one process, so such work runs in a child
+//! process instead, and the test asserts how the child ended.
 
 use std::fmt;
 
@@ -84,6 +87,77 @@ impl HostMemory {
                     Err(errno) => return Err(Error::Sys { op: format!("waitpid({child})"), errno }),
                 }
             },
+        }
+    }
+}
+
+/// An fd-creating ioctl for [`ioctl_without_free_fds`]'s child.
+#[repr(C)]
+struct FdIoctl {
+    fd: i32,
+    request: u64,
+    arg: u64,
+}
+
+/// The child: no fd may be installed, then the ioctl; its errno (0: success)
+/// is the exit status.
+extern "C" fn fd_ioctl_child(data: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `data` is the FdIoctl the parent passed, alive while it waits.
+    let call = unsafe { &*data.cast::<FdIoctl>() };
+    let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit reads the struct we pass; the limit is this child's own.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &none) };
+    // SAFETY: the caller of ioctl_without_free_fds guarantees `arg` suits `request`.
+    let ret = unsafe { libc::ioctl(call.fd, call.request as _, call.arg as libc::c_ulong) };
+    if ret >= 0 {
+        0
+    } else {
+        nix::errno::Errno::last_raw()
+    }
+}
+
+/// Runs the fd-creating `ioctl(fd, request, arg)` in a child whose
+/// `RLIMIT_NOFILE` is 0, so the kernel cannot install the new fd: `Ok(())`
+/// if it succeeded anyway, else the errno, as an [`Error::Sys`] naming `op`.
+///
+/// The child shares this process's memory (`CLONE_VM`, as KVM serves VM
+/// ioctls only to the VM's own mm) but has its own fd table and limits;
+/// `CLONE_VFORK` suspends this thread until it exits.
+///
+/// # Safety
+/// `arg` must be what `request` expects: an integer, or the address of a
+/// live value of the request's struct.
+pub(crate) unsafe fn ioctl_without_free_fds(op: &str, fd: i32, request: u64, arg: u64) -> Result<()> {
+    let op = format!("{op} in a child with RLIMIT_NOFILE 0");
+    let mut call = FdIoctl { fd, request, arg };
+    let mut stack = vec![0u8; 64 << 10];
+    // 16-byte aligned, as x86-64 requires (the buffer's length is a multiple).
+    let top = stack.as_mut_ptr().wrapping_add(stack.len() & !15);
+    // SAFETY: the stack is ours and outlives the child (CLONE_VFORK returns
+    // once it has exited); `call` lives until then too. The child runs only
+    // setrlimit and the ioctl and never allocates.
+    let pid = unsafe {
+        libc::clone(
+            fd_ioctl_child,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_mut(&mut call).cast(),
+        )
+    };
+    if pid < 0 {
+        return Err(Error::Sys { op: "clone(CLONE_VM | CLONE_VFORK)".into(), errno: nix::errno::Errno::last() });
+    }
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, 0)) => return Ok(()),
+            Ok(WaitStatus::Exited(_, errno)) => {
+                return Err(Error::Sys { op, errno: nix::errno::Errno::from_raw(errno) })
+            }
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Err(Error::Guest(format!("{op}: the child was killed by {}", signal.as_str())))
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(errno) => return Err(Error::Sys { op: format!("waitpid({pid})"), errno }),
         }
     }
 }

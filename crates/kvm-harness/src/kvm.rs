@@ -1,6 +1,7 @@
 //! The `/dev/kvm` system fd, capabilities and VM types.
 
 use std::fmt;
+use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -163,6 +164,20 @@ impl Kvm {
     /// `KVM_CREATE_VM` with a raw type, returning the kernel's verdict.
     pub(crate) fn create_vm_fd(&self, vm_type: u64) -> Result<kvm_ioctls::VmFd> {
         self.fd.create_vm_with_type(vm_type).sys(|| format!("KVM_CREATE_VM(type {vm_type:#x})"))
+    }
+
+    /// `KVM_CREATE_VM(vm_type)` when no fd can be installed (`RLIMIT_NOFILE`
+    /// 0, in a forked child): the kernel must fail it, without a new fd.
+    pub fn create_vm_without_free_fds(&self, vm_type: u64) -> Result<()> {
+        // SAFETY: KVM_CREATE_VM takes the type as an integer argument.
+        unsafe {
+            crate::child::ioctl_without_free_fds(
+                &format!("KVM_CREATE_VM(type {vm_type:#x})"),
+                self.fd.as_raw_fd(),
+                uapi::KVM_CREATE_VM,
+                vm_type,
+            )
+        }
     }
 
     /// The CPUID KVM supports, cached.

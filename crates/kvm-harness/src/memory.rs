@@ -292,6 +292,17 @@ impl GuestMemfd {
         self.flags
     }
 
+    /// `ftruncate(2)` to `len`.
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        nix::unistd::ftruncate(&self.fd, len as i64).sys(|| format!("ftruncate(guest_memfd, {len:#x})"))
+    }
+
+    /// `fchmod(2)` to `mode`.
+    pub fn chmod(&self, mode: u32) -> Result<()> {
+        nix::sys::stat::fchmod(&self.fd, nix::sys::stat::Mode::from_bits_truncate(mode))
+            .sys(|| format!("fchmod(guest_memfd, {mode:#o})"))
+    }
+
     /// `fallocate(KEEP_SIZE)`: allocate `[offset, offset + len)` (guest_memfd
     /// refuses any mode without `KEEP_SIZE`: its size is immutable).
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {

@@ -210,6 +210,39 @@ impl Vm {
         Ok(GuestMemfd::new(fd, size, flags))
     }
 
+    /// `KVM_CREATE_GUEST_MEMFD` when no fd can be installed (`RLIMIT_NOFILE`
+    /// 0, in a forked child): the kernel must fail it, without a new fd.
+    pub fn create_guest_memfd_without_free_fds(&self, size: u64, flags: u64) -> Result<()> {
+        let request = kvm_create_guest_memfd { size, flags, ..Default::default() };
+        let op = format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})");
+        // SAFETY: the request's argument is the address of `request`, alive
+        // until the child has exited.
+        unsafe {
+            crate::child::ioctl_without_free_fds(
+                &op,
+                self.raw_fd(),
+                uapi::KVM_CREATE_GUEST_MEMFD,
+                std::ptr::from_ref(&request) as u64,
+            )
+        }
+    }
+
+    /// Stops keeping slot `slot`'s guest_memfd open: once the caller drops
+    /// its own handles the fd is closed while the memslot still binds it,
+    /// the lifecycle `kvm_gmem_release()` exists for. The kernel owns the
+    /// guest_memfd's memory, so no host memory goes away under the guest.
+    pub fn forget_guest_memfd(&self, slot: u32) -> Result<()> {
+        let mut slots = self.slots();
+        let region = slots.get_mut(&slot).ok_or_else(|| Error::Misuse(format!("no memslot {slot:#x} to forget")))?;
+        match region.guest_memfd.take() {
+            Some((binding, offset)) => {
+                region.guest_memfd = Some((GmemBinding::RawFd(binding.raw_fd()), offset));
+                Ok(())
+            }
+            None => Err(Error::Misuse(format!("memslot {slot:#x} binds no guest_memfd"))),
+        }
+    }
+
     fn slots(&self) -> MutexGuard<'_, BTreeMap<u32, Region>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
