@@ -197,6 +197,36 @@ const RULES: &[(&str, Case)] = &[
     }),
 ];
 
+/// Attributes live per GFN in the VM, not in a memslot: a page made
+/// private before any memslot covers it is private once a guest_memfd
+/// memslot is created over it (kvm_mmu_init_memslot_memory_attributes()
+/// also marks its 2 MiB page mixed), while its neighbours stay shared.
+fn attributes_set_before_memslot_creation_apply_to_it(kvm: &Arc<Kvm>) -> Result<()> {
+    const SLOT_SIZE: u64 = 2 << 20;
+    let private_gpa = RANGE_GPA + PAGE;
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    expect_ok("a page without a memslot can be made private", || vm.make_private(private_gpa, PAGE))?;
+    let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+    let shared = vm.add_private_memory(SLOT, RANGE_GPA, SLOT_SIZE, &gmem, 0)?;
+    for page in 0..PAGES {
+        shared.write_u64(page * PAGE, host_value(page));
+    }
+    for page in [0, 2, 3] {
+        let read = agent.read(RANGE_GPA + page * PAGE)?;
+        let rule = "pages left shared around an earlier private one are served from the shared mapping";
+        kvm_harness::ensure!(read == host_value(page), rule, "page {page}: the guest read {read:#x}");
+    }
+    let read = agent.read(private_gpa)?;
+    let rule = "a page made private before its memslot existed is served from guest_memfd (fresh: 0)";
+    kvm_harness::ensure!(read == 0, rule, "the guest read {read:#x}, the shared mapping holds {:#x}", host_value(1));
+    agent.write(private_gpa, !host_value(1))?;
+    let host = shared.read_u64(PAGE);
+    let rule = "a private store never reaches the shared mapping";
+    kvm_harness::ensure!(host == host_value(1), rule, "the shared mapping now holds {host:#x}");
+    agent.done().map(drop)
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("memory_attributes");
     for vm_type in VmType::ALL {
@@ -209,6 +239,7 @@ fn main() -> ExitCode {
             });
         }
     }
+    kvm_harness::register!(suite, needs(VmType::SwProtected) => attributes_set_before_memslot_creation_apply_to_it);
     // Only a kernel without the ioctl has this rule; elsewhere it is not
     // registered (a skip would fail strict runs on complete kernels).
     if suite.kvm().is_some_and(|kvm| kvm.cap(Cap::MemoryAttributes) == 0) {

@@ -392,11 +392,13 @@ fn concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots(kvm: &
     conversions(kvm, vcpus, memslots, Phase::All)
 }
 
-fn map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages(kvm: &Arc<Kvm>) -> Result<()> {
+/// __kvm_emulate_hypercall(): KVM_HC_MAP_GPA_RANGE checks its range itself
+/// and answers the guest -KVM_EINVAL without exiting to userspace.
+fn map_gpa_range_rejected_in_guest(kvm: &Arc<Kvm>, cases: &[(u64, u64, &str)]) -> Result<()> {
     let Setup { vm, .. } = setup(kvm, 1, 1, Backing::Anonymous)?;
     let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
     let einval = KVM_EINVAL.wrapping_neg();
-    for (gpa, npages, what) in [(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")] {
+    for &(gpa, npages, what) in cases {
         let ret =
             guest.hypercall(KVM_HC_MAP_GPA_RANGE, [gpa, npages, KVM_MAP_GPA_RANGE_ENCRYPTED, 0], |_, nr, args| {
                 Err(Error::rule(
@@ -407,10 +409,23 @@ fn map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages(kvm: &Arc<
         ensure!(
             ret == einval,
             format!("KVM_HC_MAP_GPA_RANGE with {what} returns -KVM_EINVAL to the guest"),
-            "guest rax {ret:#x}, expected {einval:#x} (gpa {gpa:#x}, npages {npages})"
+            "guest rax {ret:#x}, expected {einval:#x} (gpa {gpa:#x}, npages {npages:#x})"
         );
     }
     guest.done().map(drop)
+}
+
+fn map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages(kvm: &Arc<Kvm>) -> Result<()> {
+    map_gpa_range_rejected_in_guest(kvm, &[(BASE_GPA + 8, 1, "an unaligned GPA"), (BASE_GPA, 0, "zero pages")])
+}
+
+/// The page count is 64 bits: one that carries the end GFN past 2^64 wraps.
+fn map_gpa_range_is_rejected_in_guest_for_a_wrapping_page_count(kvm: &Arc<Kvm>) -> Result<()> {
+    let wraps_to_zero = (BASE_GPA >> 12).wrapping_neg();
+    map_gpa_range_rejected_in_guest(
+        kvm,
+        &[(BASE_GPA, wraps_to_zero, "a page count whose end GFN wraps to 0"), (BASE_GPA, u64::MAX, "u64::MAX pages")],
+    )
 }
 
 fn map_gpa_range_without_exit_hypercall_returns_enosys_to_guest(kvm: &Arc<Kvm>) -> Result<()> {
@@ -479,6 +494,7 @@ fn main() -> ExitCode {
     kvm_harness::register!(suite, needs() =>
         concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots,
         map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages,
+        map_gpa_range_is_rejected_in_guest_for_a_wrapping_page_count,
         map_gpa_range_without_exit_hypercall_returns_enosys_to_guest,
         hypercall_exit_reports_long_mode,
     );

@@ -20,6 +20,7 @@ use kvm_harness::{
     expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
     Result, Suite, SysResult, Vm, VmType,
 };
+use kvm_selftests::BEYOND_MAX_GPA;
 
 /// Slot, GPA and size of the binding under test (upstream's MEM_REGION_*).
 const SLOT: u32 = 10;
@@ -282,6 +283,25 @@ fn binds_guest_memfd(kvm: &Arc<Kvm>, vm_type: VmType) -> bool {
 /// prefix, `extra` what it needs beyond a guest_memfd-capable VM of the type.
 type Add<'a> = dyn FnMut(&str, Vec<Need>, Body) + 'a;
 
+/// __kvm_set_memory_region(): when creating a guest_memfd memslot fails
+/// after its binding was made (kvm_arch_prepare_memory_region() refuses a
+/// GFN past the maximum), the binding is undone: the same guest_memfd range
+/// binds to a valid memslot right after.
+fn failed_memslot_creation_releases_its_guest_memfd_binding(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    let (vm, gmem) = vm_and_gmem(kvm, vm_type, SIZE)?;
+    let beyond = bound(SLOT, BEYOND_MAX_GPA, SIZE, GmemBinding::Memfd(gmem.clone()), 0)?;
+    expect_errno(
+        &format!("{vm_type}: a guest_memfd memslot at {BEYOND_MAX_GPA:#x} is rejected with EINVAL"),
+        Errno::EINVAL,
+        || vm.set_region(&beyond),
+    )?;
+    let valid = bound(SLOT, GPA, SIZE, GmemBinding::Memfd(gmem), 0)?;
+    expect_ok(
+        &format!("{vm_type}: the guest_memfd range a rejected memslot would have bound can be bound again"),
+        || vm.set_region(&valid),
+    )
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_memslots");
     for vm_type in VmType::ALL {
@@ -322,6 +342,11 @@ fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
         "binding_rejects_offsets_1_to_page_minus_1",
         vec![],
         Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
+    );
+    add(
+        "failed_memslot_creation_releases_its_guest_memfd_binding",
+        vec![],
+        Box::new(move |kvm| failed_memslot_creation_releases_its_guest_memfd_binding(kvm, vm_type)),
     );
     let page = page_size();
     let none: &'static [Fix] = &[];

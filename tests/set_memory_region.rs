@@ -8,15 +8,15 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest_payloads::{layout, protocol, WATCH_MEMSLOT};
+use guest_payloads::{layout, protocol, GUEST_AGENT, WATCH_MEMSLOT};
 use kvm_harness::bindings::{
     KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_QUIRK_SLOT_ZAP_ALL,
 };
 use kvm_harness::{
-    ensure, expect_errno, expect_ok, threads, Cap, Errno, Error, Exit, GmemBinding, GuestCall, HostMemory, Kvm, Need,
-    Region, Result, Suite, Vcpu, Vm, VmType,
+    ensure, expect_errno, expect_ok, threads, Agent, Cap, Errno, Error, Exit, GmemBinding, GuestCall, HostMemory, Kvm,
+    Need, Region, Result, Suite, Vcpu, Vm, VmType,
 };
-use kvm_selftests::valid_region;
+use kvm_selftests::{valid_region, BEYOND_MAX_GPA};
 
 /// The memslot the move/delete scenarios work on (upstream's MEM_REGION_*):
 /// one 2 MiB page, so the initial mapping can be a single huge page.
@@ -330,6 +330,73 @@ fn slot_zap_quirk_can_be_disabled(kvm: &Kvm) -> bool {
     kvm.cap(Cap::DisableQuirks2) as u32 & KVM_X86_QUIRK_SLOT_ZAP_ALL != 0
 }
 
+// ---- the guest physical address limit, flags-only changes ----
+
+/// kvm_arch_prepare_memory_region(): a memslot whose last GFN lies past
+/// kvm_mmu_max_gfn() is rejected with EINVAL, wholly beyond or straddling
+/// 2^52; the identical memslot at GPA 0 is accepted.
+fn memslot_beyond_max_gfn_rejected_with_einval(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::Default)?;
+    for (gpa, what) in [(BEYOND_MAX_GPA, "starting at 2^52"), (BEYOND_MAX_GPA - SIZE / 2, "straddling 2^52")] {
+        expect_errno(&format!("a memslot {what} (gpa {gpa:#x}) is rejected with EINVAL"), Errno::EINVAL, || {
+            vm.set_region(&valid_region(SLOT, gpa)?)
+        })?;
+    }
+    expect_ok("control: the same memslot at GPA 0 is accepted", || vm.set_region(&valid_region(SLOT, 0)?))
+}
+
+/// A guest running the agent with slot `SLOT` at `GPA`, its first u64 set by the host.
+fn agent_with_slot(kvm: &Arc<Kvm>) -> Result<(Vm, Agent, Arc<HostMemory>)> {
+    let vm = Vm::with_payload(kvm, VmType::Default, &GUEST_AGENT)?;
+    let agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let memory = vm.add_memory(SLOT, GPA, SIZE)?;
+    memory.write_u64(0, HOST_VALUE);
+    Ok((vm, agent, memory))
+}
+
+/// The guest reads the host's value at `GPA` and its store at `GPA + 8`
+/// reaches the host's memory: the slot is in place and intact.
+fn expect_slot_intact(agent: &mut Agent, memory: &HostMemory, when: &str) -> Result<()> {
+    let read = agent.read(GPA)?;
+    ensure!(read == HOST_VALUE, format!("{when}, the guest reads the memslot's memory"), "read {read:#x}");
+    agent.write(GPA + 8, GUEST_VALUE)?;
+    let seen = memory.read_u64(8);
+    ensure!(seen == GUEST_VALUE, format!("{when}, guest stores reach the memslot's memory"), "host sees {seen:#x}");
+    Ok(())
+}
+
+/// kvm_set_memslot(): a move the architecture rejects (past the max GFN)
+/// fails with EINVAL and restores the invalidated slot where it was.
+fn moving_memslot_beyond_max_gfn_fails_and_keeps_it_in_place(kvm: &Arc<Kvm>) -> Result<()> {
+    let (vm, mut agent, memory) = agent_with_slot(kvm)?;
+    expect_slot_intact(&mut agent, &memory, "before the move")?;
+    let moved = Region { gpa: BEYOND_MAX_GPA, ..Region::new(SLOT, GPA, memory.clone()) };
+    expect_errno(&format!("moving a memslot to {BEYOND_MAX_GPA:#x} is rejected with EINVAL"), Errno::EINVAL, || {
+        vm.set_region(&moved)
+    })?;
+    memory.write_u64(8, 0);
+    expect_slot_intact(&mut agent, &memory, "after the rejected move")?;
+    agent.done().map(drop)
+}
+
+/// KVM_MR_FLAGS_ONLY: turning dirty logging on and off keeps the memslot's
+/// memory and the guest's view of it.
+fn dirty_logging_toggle_keeps_memslot_memory(kvm: &Arc<Kvm>) -> Result<()> {
+    let (vm, mut agent, memory) = agent_with_slot(kvm)?;
+    expect_slot_intact(&mut agent, &memory, "before dirty logging")?;
+    for (flags, when) in [(KVM_MEM_LOG_DIRTY_PAGES, "with dirty logging on"), (0, "with dirty logging off again")] {
+        let region = Region { flags, ..Region::new(SLOT, GPA, memory.clone()) };
+        expect_ok(&format!("a flags-only change to {flags:#x} is accepted"), || vm.set_region(&region))?;
+        memory.write_u64(8, 0);
+        expect_slot_intact(&mut agent, &memory, when)?;
+    }
+    agent.done().map(drop)
+}
+
+/// What the host stores for the guest to read, and the guest for the host.
+const HOST_VALUE: u64 = 0x484f_5354_5641_4c55;
+const GUEST_VALUE: u64 = 0x4755_4553_5456_414c;
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("set_memory_region");
     suite.test("zero_memslots_run_exits_with_internal_error", vec![], zero_memslots);
@@ -341,6 +408,11 @@ fn main() -> ExitCode {
         slot_id_limit(kvm, kvm.cap(Cap::NrMemslots) as u32, false)
     });
     suite.test("slot_id_0x7fff_rejected_on_empty_vm", vec![], |kvm| slot_id_limit(kvm, 0x7fff, false));
+    kvm_harness::register!(suite, vec![] =>
+        memslot_beyond_max_gfn_rejected_with_einval,
+        moving_memslot_beyond_max_gfn_fails_and_keeps_it_in_place,
+        dirty_logging_toggle_keeps_memslot_memory,
+    );
 
     for vm_type in VmType::ALL {
         for (ioctl, label) in [(Ioctl::V1, "v1"), (Ioctl::V2, "v2")] {

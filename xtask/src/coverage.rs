@@ -333,12 +333,22 @@ impl FileCoverage {
         (lines, branches)
     }
 
-    /// The lines of function `index`: from its start to the line before the
-    /// next function's (lcov 1.x records no end line).
-    pub fn function_range(&self, index: usize) -> (u32, u32) {
+    /// The lines of function `index`: from its start to its closing brace,
+    /// which kernel style puts in column 0 (lcov 1.x records no end line);
+    /// without the source, up to the line before the next function's start.
+    pub fn function_range(&self, index: usize, source: &[&str]) -> (u32, u32) {
         let start = self.functions[index].0;
-        let end = self.functions.get(index + 1).map_or(u32::MAX, |f| f.0.saturating_sub(1));
-        (start, end)
+        let next = self.functions.get(index + 1).map_or(u32::MAX, |f| f.0.saturating_sub(1));
+        let from = (start as usize).saturating_sub(1);
+        let body = source.iter().enumerate().skip(from).take_while(|(i, _)| (*i as u32) < next);
+        let mut opened = false;
+        for (i, line) in body {
+            opened |= line.starts_with('{');
+            if opened && line.starts_with('}') {
+                return (start, i as u32 + 1);
+            }
+        }
+        (start, next)
     }
 
     /// Lines never executed, and lines with a branch never taken, in `range`.
@@ -396,7 +406,7 @@ fn rule_function_table(files: &[FileCoverage]) -> String {
             if wanted.is_some_and(|w| !w.contains(&func.as_str())) {
                 continue;
             }
-            let range = f.function_range(i);
+            let range = f.function_range(i, &text);
             let (lines, branches) = f.counts(Some(range));
             let _ = writeln!(s, "xtask:   {:<44} {lines} {branches} {calls:>9}", format!("{func}()"));
             for (l, what) in f.uncovered(range) {
@@ -441,11 +451,26 @@ mod tests {
         assert_eq!(f.functions, [(10, "kvm_gmem_a".into(), 3), (20, "kvm_gmem_b".into(), 0)]);
         let (lines, branches) = f.counts(None);
         assert_eq!((lines, branches), (Ratio { hit: 1, total: 3 }, Ratio { hit: 1, total: 3 }));
-        assert_eq!(f.function_range(0), (10, 19));
-        assert_eq!(f.counts(Some(f.function_range(0))).0, Ratio { hit: 1, total: 2 });
+        assert_eq!(f.function_range(0, &[]), (10, 19));
+        assert_eq!(f.counts(Some(f.function_range(0, &[]))).0, Ratio { hit: 1, total: 2 });
         // Line 11 ran but one of its branches never did; 12 never ran.
-        assert_eq!(f.uncovered(f.function_range(0)), [(11, "branch"), (12, "line")]);
-        assert_eq!(f.uncovered(f.function_range(1)), [(21, "line")]);
+        assert_eq!(f.uncovered(f.function_range(0, &[])), [(11, "branch"), (12, "line")]);
+        assert_eq!(f.uncovered(f.function_range(1, &[])), [(21, "line")]);
+    }
+
+    #[test]
+    fn a_function_ends_at_its_column_0_brace_not_at_the_next_function() {
+        let mut source = vec![""; 30];
+        source[9] = "static int kvm_gmem_a(int x,";
+        source[10] = "                       int y)";
+        source[11] = "{";
+        source[12] = "\tif (x) {";
+        source[13] = "\t}";
+        source[14] = "}";
+        let f = &parse_tracefile(INFO)[0];
+        assert_eq!(f.function_range(0, &source), (10, 15));
+        // No closing brace before the next function: fall back to it.
+        assert_eq!(f.function_range(1, &source), (20, u32::MAX));
     }
 
     #[test]
