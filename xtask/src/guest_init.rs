@@ -123,7 +123,7 @@ mod tests {
         let dir = env::temp_dir().join(format!("xtask-init-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let tests: Vec<CTest> = [("passing_test", "/bin/true"), ("failing_test", "/bin/false")]
-            .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"] })
+            .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"], cases: &[] })
             .to_vec();
         let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None);
         // Run just the part after the setup: the timing helper and the tests.

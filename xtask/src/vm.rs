@@ -111,8 +111,9 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         }
     });
     let outcome = collect(guest, &results_dir)?;
+    let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
+    eprint!("{}", upstream::wall_times(&outcome.results, &wall));
     if !c_tests.is_empty() {
-        let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
         eprint!("{}", upstream::comparison(&c_tests, &outcome.results, &wall));
     }
     scratch.keep = false;
