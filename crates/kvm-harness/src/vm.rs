@@ -172,6 +172,10 @@ impl Vm {
         }
         let kvm = &self.kvm;
         let system = Arc::new(HostMemory::anonymous(layout::SYSTEM_SLOT_SIZE)?);
+        // The guest touches a few dozen pages of it; a transparent huge page
+        // would be 2 MiB to zero per VM (and to free), which under TCG costs
+        // milliseconds. Where THP is off or unknown this changes nothing.
+        let _ = system.madvise(libc::MADV_NOHUGEPAGE);
         x86::write_page_tables(&system);
         x86::write_gdt(&system);
         x86::write_idt(&system, &GUEST_RUNTIME);
