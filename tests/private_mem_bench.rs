@@ -230,6 +230,11 @@ fn setup_figures(kvm: &Arc<Kvm>, scale: u64) {
             ops,
         );
         setup_stages(kvm, vm_type, ops);
+        report_per_op(
+            &format!("{vm_type}: one agent command (guest exit and re-entry)"),
+            agent_round_trips(kvm, vm_type, 50 * ops),
+            50 * ops,
+        );
     }
     if kvm.supports(VmType::SwProtected) {
         report_per_op(
@@ -287,6 +292,17 @@ fn setup_stages(kvm: &Arc<Kvm>, vm_type: VmType, ops: u64) {
         let line = format!("{:>12.1} us/op wall, {:>9.1} us/op CPU of this thread", per_op(wall), per_op(cpu));
         record(&format!("{vm_type}:   stage: {stage}"), Ok(line));
     }
+}
+
+/// `ops` agent reads of a mapped GPA: what one guest exit and re-entry
+/// costs a scenario, against which per-command batching can be weighed.
+fn agent_round_trips(kvm: &Arc<Kvm>, vm_type: VmType, ops: u64) -> Result<Duration> {
+    let vm = Vm::with_payload(kvm, vm_type, &GUEST_AGENT)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let gpa = guest_payloads::layout::MAILBOX_GPA;
+    let time = timed(ops, || guest.read(gpa).map(drop));
+    guest.done()?;
+    time
 }
 
 /// A wall-clock and thread-CPU timestamp.
