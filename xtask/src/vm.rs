@@ -36,6 +36,8 @@ pub struct VmOpts {
     pub bench: bool,
     /// Also run the kernel tree's C selftests in the same boot.
     pub upstream: bool,
+    /// Test binaries run at once in the guest (1: one after the other).
+    pub binary_jobs: usize,
 }
 
 impl Default for VmOpts {
@@ -51,6 +53,7 @@ impl Default for VmOpts {
             known_failures: None,
             bench: false,
             upstream: false,
+            binary_jobs: 1,
         }
     }
 }
@@ -153,8 +156,11 @@ fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary], c_tests: &
     }
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
-    fs::write(&init, init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref()))
-        .map_err(io_err(&init))?;
+    fs::write(
+        &init,
+        init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref(), opts.binary_jobs),
+    )
+    .map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)
 }
