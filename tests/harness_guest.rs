@@ -21,7 +21,7 @@ fn agent_with_test_memory(kvm: &Arc<Kvm>) -> Result<(Vm, Arc<HostMemory>, Agent)
 fn watchdog_turns_infinite_loop_into_timeout_failure(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::with_payload(kvm, VmType::Default, &SPIN_FOREVER)?;
     let mut vcpu = vm.vcpu(0, [0; 4])?;
-    let deadline = Duration::from_millis(500);
+    let deadline = Duration::from_millis(200);
     vcpu.set_timeout(deadline);
     let start = Instant::now();
     let outcome = vcpu.run();

@@ -367,7 +367,7 @@ fn guest_reads_every_page(vcpu: Vcpu, gpa: u64, size: u64, rule: &str) -> Result
 
 /// Size of the range prefaulted under a signal storm: large enough that
 /// 4 KiB-granular prefaulting (guest_memfd) takes many iterations.
-const STORM_SIZE: u64 = 64 << 20;
+const STORM_SIZE: u64 = 16 << 20;
 const STORM_SLOT: u32 = 11;
 const STORM_GPA: u64 = TEST_AREA_GPA + (1 << 30);
 

@@ -13,7 +13,10 @@
 //!
 //! 3. Setup costs per VM type: a bare `KVM_CREATE_VM`, a memslot created
 //!    and deleted, and the whole setup every scenario pays (VM with its
-//!    payload memslot and page tables, a vCPU, the agent's first guest call).
+//!    payload memslot and page tables, a vCPU, the agent's first guest call),
+//!    that setup split into its stages (teardown included), the setup of the
+//!    private_mem_* scenarios (plus a guest_memfd slot), and the cost of one
+//!    memslot creation as slots accumulate.
 //!
 //! Run: `cargo bench -p kvm-selftests --bench private_mem_bench` (host), or
 //! the built binary (`target/release/deps/private_mem_bench-*`) inside the
@@ -152,7 +155,7 @@ fn record(what: &str, figure: Result<String>) {
         Ok(line) => (Outcome::Pass, line),
         Err(e) => (Outcome::Fail, format!("failed: {e}")),
     };
-    println!("  {what:<58} {line}");
+    println!("  {what:<76} {line}");
     let mut name: String =
         what.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     while name.contains("__") {
@@ -226,7 +229,136 @@ fn setup_figures(kvm: &Arc<Kvm>, scale: u64) {
             }),
             ops,
         );
+        setup_stages(kvm, vm_type, ops);
+        report_per_op(
+            &format!("{vm_type}: one agent command (guest exit and re-entry)"),
+            agent_round_trips(kvm, vm_type, 50 * ops),
+            50 * ops,
+        );
     }
+    if kvm.supports(VmType::SwProtected) {
+        report_per_op(
+            "KVM_X86_SW_PROTECTED_VM: private_mem_* scenario setup (+ guest_memfd slot)",
+            timed(ops, || {
+                let (vm, _gmem) = protected(kvm, SZ_2M)?;
+                Agent::start(vm.vcpu(0, [0; 4])?)?.done().map(drop)
+            }),
+            ops,
+        );
+    }
+    memslot_scaling(kvm, scale);
+}
+
+/// The whole setup split into its stages, each timed in the same passes:
+/// which of them a scenario's fixed cost is made of. Each stage's wall time
+/// is shown next to the CPU time of this thread: where the wall time is far
+/// larger, the kernel waits (e.g. for grace periods at teardown) and another
+/// test running meanwhile would not be slowed.
+fn setup_stages(kvm: &Arc<Kvm>, vm_type: VmType, ops: u64) {
+    const STAGES: [&str; 6] = [
+        "KVM_CREATE_VM",
+        "system memslot with tables and payload",
+        "vCPU in long mode (create, CPUID, sregs, regs)",
+        "first guest call (KVM_RUN to READY)",
+        "KVM_CREATE_VCPU alone (a second vCPU, no state set)",
+        "teardown (close both vCPUs and the VM)",
+    ];
+    let mut totals = [(Duration::ZERO, Duration::ZERO); 6];
+    let mut pass = || -> Result<()> {
+        let mut marks = vec![Mark::now()];
+        let mut vm = Vm::bare(kvm, vm_type)?;
+        marks.push(Mark::now());
+        vm.load_payload(&GUEST_AGENT)?;
+        marks.push(Mark::now());
+        let vcpu = vm.vcpu(0, [0; 4])?;
+        marks.push(Mark::now());
+        let agent = Agent::start(vcpu)?;
+        marks.push(Mark::now());
+        let extra = vm.bare_vcpu(1)?;
+        marks.push(Mark::now());
+        drop((agent, extra, vm));
+        marks.push(Mark::now());
+        for (total, pair) in totals.iter_mut().zip(marks.windows(2)) {
+            total.0 += pair[1].wall - pair[0].wall;
+            total.1 += pair[1].cpu.saturating_sub(pair[0].cpu);
+        }
+        Ok(())
+    };
+    if let Err(e) = (0..ops).try_for_each(|_| pass()) {
+        return record(&format!("{vm_type}:   setup stages"), Err(e));
+    }
+    let per_op = |d: Duration| d.as_secs_f64() * 1e6 / ops as f64;
+    for (stage, (wall, cpu)) in STAGES.iter().zip(totals) {
+        let line = format!("{:>12.1} us/op wall, {:>9.1} us/op CPU of this thread", per_op(wall), per_op(cpu));
+        record(&format!("{vm_type}:   stage: {stage}"), Ok(line));
+    }
+}
+
+/// `ops` agent reads of a mapped GPA: what one guest exit and re-entry
+/// costs a scenario, against which per-command batching can be weighed.
+fn agent_round_trips(kvm: &Arc<Kvm>, vm_type: VmType, ops: u64) -> Result<Duration> {
+    let vm = Vm::with_payload(kvm, vm_type, &GUEST_AGENT)?;
+    let mut guest = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let gpa = guest_payloads::layout::MAILBOX_GPA;
+    let time = timed(ops, || guest.read(gpa).map(drop));
+    guest.done()?;
+    time
+}
+
+/// A wall-clock and thread-CPU timestamp.
+struct Mark {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Mark {
+    fn now() -> Self {
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map_or(Duration::ZERO, Duration::from);
+        Self { wall: Instant::now(), cpu }
+    }
+}
+
+/// `KVM_SET_USER_MEMORY_REGION2` creating one 2 MiB memslot, as the slot
+/// count grows: whether `set_memory_region`'s all-slots test pays per slot
+/// or per slot already present.
+fn memslot_scaling(kvm: &Arc<Kvm>, scale: u64) {
+    const BATCH: u32 = 256;
+    let vm = match Vm::bare(kvm, VmType::Default) {
+        Ok(vm) => vm,
+        Err(e) => return record("memslot create as slots accumulate", Err(e)),
+    };
+    let nr = (kvm.cap(Cap::NrMemslots).max(0) as u32).min(4096 * scale as u32);
+    let memory = match kvm_harness::HostMemory::anonymous(u64::from(nr) * SZ_2M) {
+        Ok(m) => Arc::new(m),
+        Err(e) => return record("memslot create as slots accumulate", Err(e)),
+    };
+    let mut created = 0;
+    while created + BATCH <= nr {
+        let outcome = timed_once(|| {
+            for slot in created..created + BATCH {
+                let offset = u64::from(slot) * SZ_2M;
+                let region = kvm_harness::Region {
+                    memory_offset: offset,
+                    size: SZ_2M,
+                    ..kvm_harness::Region::new(slot, offset, memory.clone())
+                };
+                vm.set_region(&region)?;
+            }
+            Ok(())
+        });
+        if created == 0 || created + 2 * BATCH > nr || created.is_power_of_two() {
+            report_per_op(&format!("memslot create (2 MiB) with {created} slots present"), outcome, BATCH.into());
+        } else if let Err(e) = outcome {
+            return record("memslot create as slots accumulate", Err(e));
+        }
+        created += BATCH;
+    }
+}
+
+fn timed_once(op: impl FnOnce() -> Result<()>) -> Result<Duration> {
+    let start = Instant::now();
+    op().map(|()| start.elapsed())
 }
 
 /// The median over [`REPEATS`] passes of `ops` calls of `op`.

@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_payloads::{layout, protocol, GUEST_AGENT, WATCH_MEMSLOT};
 use kvm_harness::bindings::{
@@ -29,8 +29,13 @@ const MMIO_VAL: u64 = 0xbeef;
 const LOOPS: usize = 10;
 /// How long the host waits for the guest to report (upstream: 2 s).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Time for the vCPU to re-enter the guest after a report (upstream: 100 ms).
+/// The most the host waits for the guest to spin where it should before
+/// going on regardless (upstream sleeps this long every time); the guest's
+/// progress counters normally end the wait within microseconds.
 const REENTER: Duration = Duration::from_millis(100);
+/// Spin iterations (each a read of the watched GPA) the guest makes while
+/// the moved-away memslot's old page holds a value it must never see.
+const WINDOW_SPINS: u64 = 1000;
 
 /// A test body, boxed so one closure can register them all.
 type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
@@ -185,9 +190,48 @@ fn thp_region(gpa: u64) -> Result<Region> {
     Ok(Region::new(SLOT, gpa, memory))
 }
 
+/// vCPU 0's mailbox, where the watcher publishes its progress.
+struct Progress {
+    mailbox: Arc<HostMemory>,
+    offset: u64,
+}
+
+impl Progress {
+    /// Polls until `done(phase + 1 or 0, spins)` holds, for at most [`REENTER`].
+    fn wait(&self, done: impl Fn(u64, u64) -> bool) {
+        let start = Instant::now();
+        while !done(self.word(protocol::MAILBOX_WATCH_PHASE), self.word(protocol::MAILBOX_WATCH_SPINS))
+            && start.elapsed() < REENTER
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn word(&self, at: u64) -> u64 {
+        self.mailbox.read_u64(self.offset + at)
+    }
+
+    /// Until the guest spins in `phase` (0-based), so a memslot change lands
+    /// while it watches for that phase, as upstream's 100 ms sleep intends.
+    fn wait_spinning(&self, phase: u64) {
+        self.wait(|current, _| current == phase + 1);
+    }
+
+    /// Until the guest has read the watched GPA [`WINDOW_SPINS`] more times.
+    fn wait_spins(&self) {
+        let from = self.word(protocol::MAILBOX_WATCH_SPINS);
+        self.wait(|_, spins| spins >= from + WINDOW_SPINS);
+    }
+}
+
 /// The VM of both scenarios: the watcher payload, slot 10 at [`GPA`], and
 /// the phases' spin values in vCPU 0's mailbox.
-fn spawn_vm(kvm: &Arc<Kvm>, disable_slot_zap_quirk: bool, spins: &[u64], clobber_idt: bool) -> Result<(Vm, Vcpu)> {
+fn spawn_vm(
+    kvm: &Arc<Kvm>,
+    disable_slot_zap_quirk: bool,
+    spins: &[u64],
+    clobber_idt: bool,
+) -> Result<(Vm, Vcpu, Progress)> {
     let vm = Vm::with_payload(kvm, VmType::Default, &WATCH_MEMSLOT)?;
     if disable_slot_zap_quirk {
         vm.enable_cap(Cap::DisableQuirks2, [u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL), 0, 0, 0])?;
@@ -198,19 +242,17 @@ fn spawn_vm(kvm: &Arc<Kvm>, disable_slot_zap_quirk: bool, spins: &[u64], clobber
         mailbox.write_u64(offset + protocol::MAILBOX_ARG0 + 8 * i as u64, *spin);
     }
     let vcpu = vm.vcpu(0, [GPA, spins.len() as u64, u64::from(clobber_idt), 0])?;
-    Ok((vm, vcpu))
+    Ok((vm, vcpu, Progress { mailbox, offset }))
 }
 
-/// Waits for the guest's next report, then gives it time to re-enter.
+/// Waits for the guest's next report.
 fn wait_for_vcpu(reports: &mpsc::Receiver<u64>, what: &str) -> Result<u64> {
-    let value = reports.recv_timeout(REPORT_TIMEOUT).map_err(|_| {
+    reports.recv_timeout(REPORT_TIMEOUT).map_err(|_| {
         Error::rule(
             "the guest reports within 2 s of each memslot change",
             format!("no report {what} within {REPORT_TIMEOUT:?}"),
         )
-    })?;
-    std::thread::sleep(REENTER);
-    Ok(value)
+    })
 }
 
 fn expect_in(rule: &str, phase: &str, value: u64, allowed: &[u64]) -> Result<()> {
@@ -256,16 +298,17 @@ fn in_rounds(kvm: &Arc<Kvm>, quirk_off: bool, once: fn(&Arc<Kvm>, bool) -> Resul
 
 fn move_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
     // Phases: spin while 0, while MMIO, while 0, while MMIO.
-    let (vm, vcpu) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], false)?;
+    let (vm, vcpu, progress) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], false)?;
     let (seen, end) = with_running_guest(&vm, vcpu, |rx, seen| {
         seen.push(wait_for_vcpu(rx, "at start")?);
+        progress.wait_spinning(0);
         let region = vm.slot_at(GPA).ok_or_else(|| Error::misuse("slot 10 is not installed"))?;
         let memory = region.memory.clone().ok_or_else(|| Error::misuse("slot 10 has no memory"))?;
         // KVM_MR_MOVE one page down: the GPA now maps the backing's second
         // page (zero), so the guest must not see what lands in the first.
         vm.set_region(&Region { gpa: GPA - 4096, ..region.clone() })?;
         memory.write_u64(0, 2);
-        std::thread::sleep(REENTER);
+        progress.wait_spins();
         // Change the value before moving back, else the guest could race and see 2.
         memory.write_u64(0, 1);
         vm.set_region(&region)?;
@@ -288,15 +331,19 @@ fn delete_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
     // Phases: spin while 0, while MMIO, while 0, then while MMIO until the
     // code memslot goes away. The IDT is clobbered so that the #PF from the
     // missing code slot escalates to a triple fault.
-    let (vm, vcpu) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], true)?;
+    let (vm, vcpu, progress) = spawn_vm(kvm, quirk_off, &[0, MMIO_VAL, 0, MMIO_VAL], true)?;
     let (seen, end) = with_running_guest(&vm, vcpu, |rx, seen| {
         seen.push(wait_for_vcpu(rx, "at start")?);
+        progress.wait_spinning(0);
         vm.delete_slot(SLOT)?;
         seen.push(wait_for_vcpu(rx, "after deleting the memslot")?);
+        progress.wait_spinning(1);
         vm.set_region(&thp_region(GPA)?)?;
         seen.push(wait_for_vcpu(rx, "after re-creating the memslot")?);
+        progress.wait_spinning(2);
         vm.delete_slot(SLOT)?;
         seen.push(wait_for_vcpu(rx, "after deleting the memslot again")?);
+        progress.wait_spinning(3);
         // Now delete the memslot holding code and page tables.
         vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT)
     })?;

@@ -348,7 +348,8 @@ fn watch_memslot() -> Result<Program> {
     let mut p = Program::new(
         "watch_memslot",
         "rdi = watched GPA, rsi = phase count, rdx != 0 clobbers the IDT (limit 0) first. SYNC(0), then for \
-         each phase i: spin (labels `spin`..`spin_end`) while [rdi] == mailbox arg i, SYNC(value seen); DONE.",
+         each phase i: spin (labels `spin`..`spin_end`) while [rdi] == mailbox arg i, SYNC(value seen); DONE. \
+         Each spin iteration stores i + 1 at MAILBOX_WATCH_PHASE and counts at MAILBOX_WATCH_SPINS.",
         PAYLOAD_GPA,
     )?;
     let mut phase = p.asm.create_label();
@@ -373,8 +374,12 @@ fn watch_memslot() -> Result<Program> {
     a.cmp(r13, r12)?;
     a.jae(finished)?;
     a.mov(r14, qword_ptr(r15 + r13 * 8 + MAILBOX_ARG0))?;
+    a.lea(rcx, qword_ptr(r13 + 1))?;
     let spin = p.export("spin")?;
+    // Progress for the host, which waits on it instead of sleeping.
     let a = &mut p.asm;
+    a.mov(qword_ptr(r15 + MAILBOX_WATCH_PHASE), rcx)?;
+    a.inc(qword_ptr(r15 + MAILBOX_WATCH_SPINS))?;
     a.mov(rax, qword_ptr(rbx))?;
     a.cmp(rax, r14)?;
     a.je(spin)?;

@@ -21,6 +21,19 @@ pub fn set_executable(path: &Path) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(io_err(path))
 }
 
+/// How the guest runs the suite: gcov saved per suite, binaries at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub coverage: bool,
+    pub binary_jobs: usize,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape { coverage: false, binary_jobs: 1 }
+    }
+}
+
 pub fn init_script(
     busybox: &Path,
     xtask: &Path,
@@ -28,7 +41,7 @@ pub fn init_script(
     c_tests: &[CTest],
     args: &[String],
     known_failures: Option<&Path>,
-    coverage: bool,
+    shape: Shape,
 ) -> String {
     let bb = busybox.display();
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
@@ -78,20 +91,12 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     // Wall times in centiseconds, from /proc/uptime ("12.34" -> 1234).
     s.push_str("now() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }\n");
     // Coverage counts the suites only: not boot, not the probe.
-    if coverage {
+    if shape.coverage {
         s.push_str(coverage::init_functions());
         s.push_str("gcov_reset\n");
     }
-    for b in binaries {
-        let name = shell_quote(&b.name);
-        let _ = writeln!(
-            s,
-            "echo \"$M run \"{name}\nt0=$(now)\n{} {}\necho {name} $? >> $R/exit-codes\necho {name} $(( $(now) - t0 )) >> $R/wall-times",
-            q(&b.path),
-            args.join(" ")
-        );
-    }
-    if coverage {
+    s.push_str(&binary_runs(binaries, &args, shape.binary_jobs));
+    if shape.coverage {
         s.push_str("gcov_save rust\n");
         if !c_tests.is_empty() {
             s.push_str("gcov_reset\n");
@@ -108,10 +113,42 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
             q(&t.path)
         );
     }
-    if coverage && !c_tests.is_empty() {
+    if shape.coverage && !c_tests.is_empty() {
         s.push_str("gcov_save upstream\n");
     }
     s.push_str("echo done > $R/status\n$bb sync\necho \"$M done\"\n$bb poweroff -f\n");
+    s
+}
+
+/// The shell lines running each test binary and recording its exit status
+/// and wall time. With `jobs` > 1, up to that many binaries run at once
+/// (the guest's CPUs idle while tests wait in the kernel, e.g. for VM
+/// teardown); each one's output is held back and printed when it finishes,
+/// so the console shows whole binaries, not interleaved lines.
+fn binary_runs(binaries: &[TestBinary], args: &[String], jobs: usize) -> String {
+    let mut s = String::new();
+    if jobs > 1 {
+        s.push_str("running=0\n");
+    }
+    for b in binaries {
+        let name = shell_quote(&b.name);
+        let run = format!("{} {}", shell_quote(&b.path.to_string_lossy()), args.join(" "));
+        let record = format!("echo {name} $rc >> $R/exit-codes\necho {name} $(( $(now) - t0 )) >> $R/wall-times");
+        if jobs > 1 {
+            let out = shell_quote(&format!("/run/tmp/{}.out", b.name));
+            let _ = writeln!(
+                s,
+                "[ $running -ge {jobs} ] && {{ wait -n; running=$((running - 1)); }}\n\
+                 (\necho \"$M run \"{name}\nt0=$(now)\n{run} > {out} 2>&1\nrc=$?\n$bb cat {out}\n{record}\n) &\n\
+                 running=$((running + 1))"
+            );
+        } else {
+            let _ = writeln!(s, "echo \"$M run \"{name}\nt0=$(now)\n{run}\nrc=$?\n{record}");
+        }
+    }
+    if jobs > 1 {
+        s.push_str("wait\n");
+    }
     s
 }
 
@@ -139,9 +176,9 @@ mod tests {
         let dir = env::temp_dir().join(format!("xtask-init-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let tests: Vec<CTest> = [("passing_test", "/bin/true"), ("failing_test", "/bin/false")]
-            .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"] })
+            .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"], cases: &[] })
             .to_vec();
-        let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None, false);
+        let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None, Shape::default());
         // Run just the part after the setup: the timing helper and the tests.
         let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
         let out = std::process::Command::new("sh")
@@ -169,12 +206,36 @@ mod tests {
             &[],
             &["it's".into(), "--exact".into()],
             Some(Path::new("/k/known failures.txt")),
-            false,
+            Shape::default(),
         );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));
         assert!(s.contains("'/t/vm types-1' 'it'\\''s' '--exact'\n"));
-        assert!(s.contains("echo 'vm_types' $? >> $R/exit-codes"));
+        assert!(s.contains("echo 'vm_types' $rc >> $R/exit-codes"));
+    }
+
+    #[test]
+    fn binaries_run_in_parallel_record_each_status_and_whole_output() {
+        let dir = env::temp_dir().join(format!("xtask-jobs-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let binaries: Vec<TestBinary> = [("a", "/bin/true"), ("b", "/bin/false"), ("c", "/bin/echo")]
+            .map(|(name, path)| TestBinary { name: name.into(), path: path.into() })
+            .into();
+        let body = binary_runs(&binaries, &["hello".to_string()], 2).replace("/run/tmp", &dir.to_string_lossy());
+        let out = std::process::Command::new("busybox")
+            .arg("sh")
+            .arg("-c")
+            .arg(format!("bb=busybox M=@@ R={}\nnow() {{ echo 0; }}\n{body}", dir.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut codes: Vec<String> =
+            fs::read_to_string(dir.join("exit-codes")).unwrap().lines().map(String::from).collect();
+        codes.sort();
+        assert_eq!(codes, ["a 0", "b 1", "c 0"]);
+        assert_eq!(fs::read_to_string(dir.join("wall-times")).unwrap().lines().count(), 3);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("hello\n"), "the held-back output is printed");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

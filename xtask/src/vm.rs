@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::coverage;
 use crate::error::{Error, Result};
-use crate::guest_init::{init_script, set_executable};
+use crate::guest_init::{init_script, set_executable, Shape};
 use crate::kernel::{self, KernelOpts, Source};
 pub use crate::qemu::Accel;
 use crate::qemu::{host_can_nest, qemu_command, supervise, Guest};
@@ -37,6 +37,8 @@ pub struct VmOpts {
     pub bench: bool,
     /// Also run the kernel tree's C selftests in the same boot.
     pub upstream: bool,
+    /// Test binaries run at once in the guest (1: one after the other).
+    pub binary_jobs: usize,
 }
 
 impl VmOpts {
@@ -59,6 +61,7 @@ impl Default for VmOpts {
             known_failures: None,
             bench: false,
             upstream: false,
+            binary_jobs: 1,
         }
     }
 }
@@ -122,8 +125,9 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         }
     });
     let outcome = collect(guest, &results_dir)?;
+    let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
+    eprint!("{}", upstream::wall_times(&outcome.results, &wall));
     if !c_tests.is_empty() {
-        let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
         eprint!("{}", upstream::comparison(&c_tests, &outcome.results, &wall));
     }
     if opts.coverage() {
@@ -168,8 +172,8 @@ fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary], c_tests: &
     }
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
-    let script =
-        init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref(), opts.coverage());
+    let shape = Shape { coverage: opts.coverage(), binary_jobs: opts.binary_jobs };
+    let script = init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref(), shape);
     fs::write(&init, script).map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)

@@ -140,6 +140,15 @@ pub mod protocol {
     pub const MAILBOX_OP: u64 = 0;
     /// First argument; argument n lives at `MAILBOX_ARG0 + 8 * n`.
     pub const MAILBOX_ARG0: u64 = 8;
+    /// `watch_memslot` progress, written on every spin iteration so the host
+    /// can wait for "the guest is spinning in phase i" instead of sleeping:
+    /// the phase index plus one (0: not spinning yet).
+    pub const MAILBOX_WATCH_PHASE: u64 = 0x30;
+    /// `watch_memslot` progress: spin iterations so far, over all phases.
+    pub const MAILBOX_WATCH_SPINS: u64 = 0x38;
+    // Both lie past the agent's five arguments and inside one mailbox.
+    const _: () = assert!(MAILBOX_WATCH_PHASE >= MAILBOX_ARG0 + 5 * 8);
+    const _: () = assert!(MAILBOX_WATCH_SPINS + 8 <= super::layout::MAILBOX_STRIDE);
 
     agent_ops! {
         /// Read the u64 at `gpa`; result: the value.

@@ -171,21 +171,42 @@ impl HostMemory {
 
     /// Fills `len` bytes at `offset` with the repeated u64 `pattern`.
     pub fn fill_u64(&self, offset: u64, len: u64, pattern: u64) {
-        let chunk: Vec<u8> = std::iter::repeat_n(pattern.to_le_bytes(), (len / 8) as usize).flatten().collect();
-        self.write(offset, &chunk);
+        // A page-sized pattern written repeatedly: no buffer as large as the
+        // range, whose own page faults cost more than the fill under TCG.
+        let chunk = Fill::U64(pattern).chunk();
+        let len = len - len % 8;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(CHUNK as u64);
+            self.write(offset + at, &chunk[..n as usize]);
+            at += n;
+        }
     }
 
     /// The first element of `[offset, offset + len)` that differs from
     /// `fill`, as `(offset, value)`.
     pub fn find_mismatch(&self, offset: u64, len: u64, fill: Fill) -> Option<(u64, u64)> {
-        let mut buf = vec![0; len as usize];
-        self.read(offset, &mut buf);
-        let width = fill.width();
-        buf.chunks_exact(width)
-            .map(|c| c.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b)))
-            .enumerate()
-            .find(|&(_, v)| v != fill.value())
-            .map(|(i, v)| (offset + (i * width) as u64, v))
+        // Compared a page at a time against a page of the pattern (memcmp),
+        // through one stack buffer instead of a copy of the whole range.
+        let (expected, width) = (fill.chunk(), fill.width());
+        let len = len - len % width as u64;
+        let mut buf = [0u8; CHUNK];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(CHUNK as u64) as usize;
+            self.read(offset + at, &mut buf[..n]);
+            if buf[..n] != expected[..n] {
+                let (i, v) = buf[..n]
+                    .chunks_exact(width)
+                    .map(|c| c.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b)))
+                    .enumerate()
+                    .find(|&(_, v)| v != fill.value())
+                    .expect("the chunks differ, so one element does");
+                return Some((offset + at + (i * width) as u64, v));
+            }
+            at += n as u64;
+        }
+        None
     }
 
     /// Requires `[offset, offset + len)` to hold `fill` throughout. A
@@ -238,7 +259,21 @@ pub enum Fill {
     Byte(u8),
 }
 
+/// Bytes [`HostMemory::fill_u64`] and [`HostMemory::find_mismatch`] handle
+/// at a time (a multiple of every fill width).
+const CHUNK: usize = 4096;
+
 impl Fill {
+    /// [`CHUNK`] bytes of this fill.
+    fn chunk(self) -> [u8; CHUNK] {
+        let mut chunk = [0u8; CHUNK];
+        let bytes = self.value().to_le_bytes();
+        for element in chunk.chunks_exact_mut(self.width()) {
+            element.copy_from_slice(&bytes[..self.width()]);
+        }
+        chunk
+    }
+
     fn width(self) -> usize {
         match self {
             Self::U64(_) => 8,
@@ -381,5 +416,24 @@ mod tests {
         first.write_u64(page_size(), 0x1234);
         assert_eq!(second.read_u64(page_size()), 0x1234);
         assert!(HostMemory::map_fd_aligned(fd.as_fd(), 0, page_size(), 3, MapFlags::MAP_SHARED).is_err());
+    }
+
+    #[test]
+    fn fills_and_mismatches_across_chunks() {
+        let memory = HostMemory::anonymous(4 * CHUNK as u64).unwrap();
+        // Unaligned start and a length that is not a multiple of the chunk.
+        let (offset, len) = (8, 3 * CHUNK as u64 + 24);
+        memory.fill_u64(offset, len, 0x1122_3344_5566_7788);
+        assert_eq!(memory.find_mismatch(offset, len, Fill::U64(0x1122_3344_5566_7788)), None);
+        assert_eq!(memory.read_u64(offset + len), 0, "the fill stops at its end");
+        // One differing element in a later chunk is found, with its offset.
+        let at = offset + 2 * CHUNK as u64 + 40;
+        memory.write_u64(at, 7);
+        assert_eq!(memory.find_mismatch(offset, len, Fill::U64(0x1122_3344_5566_7788)), Some((at, 7)));
+        assert_eq!(memory.find_mismatch(offset, at - offset, Fill::U64(0x1122_3344_5566_7788)), None);
+        // Byte fills compare every byte.
+        memory.write(CHUNK as u64 + 3, &[9]);
+        assert_eq!(memory.find_mismatch(CHUNK as u64 + 3, 10, Fill::Byte(0x88)), Some((CHUNK as u64 + 3, 9)));
+        assert_eq!(memory.find_mismatch(3 * CHUNK as u64 + 40, 100, Fill::Byte(0)), None);
     }
 }

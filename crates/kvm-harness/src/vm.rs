@@ -160,7 +160,22 @@ impl Vm {
     /// with long-mode tables, the guest runtime and the payload loaded.
     pub fn with_payload(kvm: &Arc<Kvm>, vm_type: VmType, payload: &'static Payload) -> Result<Self> {
         let mut vm = Self::bare(kvm, vm_type)?;
+        vm.load_payload(payload)?;
+        Ok(vm)
+    }
+
+    /// Installs the system memslot with `payload` in a bare VM (the second
+    /// half of [`Self::with_payload`], separate so the benchmark can time it).
+    pub fn load_payload(&mut self, payload: &'static Payload) -> Result<()> {
+        if self.system.is_some() {
+            return Err(Error::Misuse("this VM already has its system memslot".into()));
+        }
+        let kvm = &self.kvm;
         let system = Arc::new(HostMemory::anonymous(layout::SYSTEM_SLOT_SIZE)?);
+        // The guest touches a few dozen pages of it; a transparent huge page
+        // would be 2 MiB to zero per VM (and to free), which under TCG costs
+        // milliseconds. Where THP is off or unknown this changes nothing.
+        let _ = system.madvise(libc::MADV_NOHUGEPAGE);
         x86::write_page_tables(&system);
         x86::write_gdt(&system);
         x86::write_idt(&system, &GUEST_RUNTIME);
@@ -171,10 +186,10 @@ impl Vm {
             let insn: [u8; 3] = if kvm.is_amd_like()? { [0x0f, 0x01, 0xd9] } else { [0x0f, 0x01, 0xc1] };
             system.write(site, &insn);
         }
-        vm.set_region(&Region::new(SYSTEM_SLOT, 0, system.clone()))?;
-        vm.system = Some(system);
-        vm.payload = Some(payload);
-        Ok(vm)
+        self.set_region(&Region::new(SYSTEM_SLOT, 0, system.clone()))?;
+        self.system = Some(system);
+        self.payload = Some(payload);
+        Ok(())
     }
 
     /// The `/dev/kvm` this VM came from.
