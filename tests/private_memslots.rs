@@ -274,15 +274,6 @@ fn v1_rejects_guest_memfd_flag(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
     })
 }
 
-/// Whether a fresh VM of the type reports `KVM_CAP_GUEST_MEMFD` on its fd.
-fn binds_guest_memfd(kvm: &Arc<Kvm>, vm_type: VmType) -> bool {
-    Vm::bare(kvm, vm_type).is_ok_and(|vm| vm.cap(Cap::GuestMemfd) != 0)
-}
-
-/// Registers a test of one VM type: `rule` is its name after the type
-/// prefix, `extra` what it needs beyond a guest_memfd-capable VM of the type.
-type Add<'a> = dyn FnMut(&str, Vec<Need>, Body) + 'a;
-
 /// __kvm_set_memory_region(): when creating a guest_memfd memslot fails
 /// after its binding was made (kvm_arch_prepare_memory_region() refuses a
 /// GFN past the maximum), the binding is undone: the same guest_memfd range
@@ -301,6 +292,15 @@ fn failed_memslot_creation_releases_its_guest_memfd_binding(kvm: &Arc<Kvm>, vm_t
         || vm.set_region(&valid),
     )
 }
+
+/// Whether a fresh VM of the type reports `KVM_CAP_GUEST_MEMFD` on its fd.
+fn binds_guest_memfd(kvm: &Arc<Kvm>, vm_type: VmType) -> bool {
+    Vm::bare(kvm, vm_type).is_ok_and(|vm| vm.cap(Cap::GuestMemfd) != 0)
+}
+
+/// Registers a test of one VM type: `rule` is its name after the type
+/// prefix, `extra` what it needs beyond a guest_memfd-capable VM of the type.
+type Add<'a> = dyn FnMut(&str, Vec<Need>, Body) + 'a;
 
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_memslots");
