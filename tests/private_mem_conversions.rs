@@ -32,8 +32,8 @@ use kvm_harness::uapi::{
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
 };
 use kvm_harness::{
-    ensure, settings, threads, Agent, Cap, Error, Fill, GmemBinding, GuestMemfd, Kvm, Need, Region, Result, Suite, Vm,
-    VmType,
+    ensure, expect_errno, expect_ok, settings, sweep, threads, Agent, Cap, Errno, Error, Fill, GmemBinding, GuestMemfd,
+    Kvm, Need, Region, Result, Suite, Vm, VmType,
 };
 
 /// Environment variable: number of concurrently converting vCPUs.
@@ -380,9 +380,9 @@ fn conversions_backed_by(kvm: &Arc<Kvm>, vcpus: u64, memslots: u64, phase: Phase
 /// fallocate and PUNCH_HOLE still work.
 fn guest_memfd_outlives_vm(gmem: &GuestMemfd, size: u64) -> Result<()> {
     let rule = "a guest_memfd stays usable after its VM fd is closed";
-    kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))?;
-    kvm_harness::expect_ok(rule, || gmem.allocate(0, size))?;
-    kvm_harness::expect_ok(rule, || gmem.punch_hole(0, size))
+    expect_ok(rule, || gmem.punch_hole(0, size))?;
+    expect_ok(rule, || gmem.allocate(0, size))?;
+    expect_ok(rule, || gmem.punch_hole(0, size))
 }
 
 fn concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots(kvm: &Arc<Kvm>) -> Result<()> {
@@ -426,6 +426,37 @@ fn map_gpa_range_is_rejected_in_guest_for_a_wrapping_page_count(kvm: &Arc<Kvm>) 
         kvm,
         &[(BASE_GPA, wraps_to_zero, "a page count whose end GFN wraps to 0"), (BASE_GPA, u64::MAX, "u64::MAX pages")],
     )
+}
+
+/// kvm_vm_ioctl_enable_cap() and kvm_vm_ioctl_check_extension(): the
+/// hypercalls that may exit to userspace are exactly KVM_HC_MAP_GPA_RANGE,
+/// advertised as that one bit; enabling any other bit fails with EINVAL,
+/// enabling that bit or none succeeds.
+fn exit_hypercall_cap_accepts_only_map_gpa_range(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let valid = 1u64 << KVM_HC_MAP_GPA_RANGE;
+    let advertised = vm.cap(Cap::ExitHypercall) as u32 as u64;
+    ensure!(
+        advertised == valid,
+        "KVM_CAP_EXIT_HYPERCALL advertises exactly the KVM_HC_MAP_GPA_RANGE bit",
+        "{} = {advertised:#x}, expected {valid:#x}",
+        Cap::ExitHypercall
+    );
+    sweep(
+        "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) rejects every bit but KVM_HC_MAP_GPA_RANGE with EINVAL",
+        (0..64).filter(|b| *b != KVM_HC_MAP_GPA_RANGE),
+        |bit| {
+            expect_errno(&format!("bit {bit}"), Errno::EINVAL, || {
+                vm.enable_cap(Cap::ExitHypercall, [1 << bit, 0, 0, 0])
+            })
+        },
+    )?;
+    for args0 in [valid, 0] {
+        expect_ok(&format!("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, {args0:#x}) succeeds"), || {
+            vm.enable_cap(Cap::ExitHypercall, [args0, 0, 0, 0])
+        })?;
+    }
+    Ok(())
 }
 
 fn map_gpa_range_without_exit_hypercall_returns_enosys_to_guest(kvm: &Arc<Kvm>) -> Result<()> {
@@ -495,6 +526,7 @@ fn main() -> ExitCode {
         concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots,
         map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages,
         map_gpa_range_is_rejected_in_guest_for_a_wrapping_page_count,
+        exit_hypercall_cap_accepts_only_map_gpa_range,
         map_gpa_range_without_exit_hypercall_returns_enosys_to_guest,
         hypercall_exit_reports_long_mode,
     );
