@@ -432,8 +432,8 @@ fn map_gpa_range_is_rejected_in_guest_for_a_wrapping_page_count(kvm: &Arc<Kvm>) 
 /// hypercalls that may exit to userspace are exactly KVM_HC_MAP_GPA_RANGE,
 /// advertised as that one bit; enabling any other bit fails with EINVAL,
 /// enabling that bit or none succeeds.
-fn exit_hypercall_cap_accepts_only_map_gpa_range(kvm: &Arc<Kvm>) -> Result<()> {
-    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+fn exit_hypercall_cap_accepts_only_map_gpa_range(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    let vm = Vm::bare(kvm, vm_type)?;
     let valid = 1u64 << KVM_HC_MAP_GPA_RANGE;
     let advertised = vm.cap(Cap::ExitHypercall) as u32 as u64;
     ensure!(
@@ -526,9 +526,15 @@ fn main() -> ExitCode {
         concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots,
         map_gpa_range_is_rejected_in_guest_for_unaligned_gpa_or_zero_pages,
         map_gpa_range_is_rejected_in_guest_for_a_wrapping_page_count,
-        exit_hypercall_cap_accepts_only_map_gpa_range,
         map_gpa_range_without_exit_hypercall_returns_enosys_to_guest,
         hypercall_exit_reports_long_mode,
     );
+    for vm_type in VmType::ALL {
+        suite.test(
+            format!("{}_vm_exit_hypercall_cap_accepts_only_map_gpa_range", vm_type.short()),
+            vec![Need::VmType(vm_type)],
+            move |kvm| exit_hypercall_cap_accepts_only_map_gpa_range(kvm, vm_type),
+        );
+    }
     suite.run()
 }
