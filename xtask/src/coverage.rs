@@ -161,9 +161,10 @@ gcov_save() {
 }
 
 /// Turn the guest's gcov data into lcov tracefiles, HTML and the printed
-/// tables; returns the summary text (also written next to the HTML).
-pub fn report(results: &Path, sets: &[Set]) -> Result<String> {
-    let out_root = util::output_dir().join("coverage");
+/// tables under `target/kvm-selftests/coverage/KERNEL/`; returns the
+/// summary text (also written next to the HTML).
+pub fn report(results: &Path, kernel: &str, sets: &[Set]) -> Result<String> {
+    let out_root = util::output_dir().join("coverage").join(util::sanitize(kernel));
     let mut summary = String::new();
     let mut per_set = Vec::new();
     for set in sets {

@@ -133,7 +133,11 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     if opts.coverage() {
         let sets: &[coverage::Set] =
             if c_tests.is_empty() { &[coverage::RUST] } else { &[coverage::RUST, coverage::UPSTREAM] };
-        eprint!("{}", coverage::report(&results_dir, sets)?);
+        let kernel = match &opts.kernel_opts.source {
+            Source::Debian(release) => format!("debian-{release}"),
+            Source::Tree(tree) => kernel::tree_source(tree)?.0,
+        };
+        eprint!("{}", coverage::report(&results_dir, &kernel, sets)?);
     }
     scratch.keep = false;
     Ok(outcome)
