@@ -187,7 +187,7 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
     // signed and accepted such bindings (private_memslots'
     // `binding_rejects_offset_*2_63*` tests hold that rule on every kernel).
     let version = state.model.profile().version;
-    let huge_offsets = version <= KernelVersion::new(6, 12) || version >= KernelVersion::new(7, 2);
+    let huge_offsets = version < KernelVersion::new(6, 13) || version >= KernelVersion::new(7, 2);
     let state = state.clone();
     let flags = prop_oneof![
         5 => Just(0u32),
@@ -910,8 +910,7 @@ fn guest_lines(w: &mut String, op: &str, access: &GuestAccess) {
 /// of `vm_type` reports.
 fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
     // The release the version-dependent rules go by, KVM_SELFTESTS_KERNEL_VERSION included.
-    let running = kernel_rules::running_kernel()?.version;
-    let version = KernelVersion::new(running.major, running.minor);
+    let version = kernel_rules::running_kernel()?.version;
     let mmio_caching = std::fs::read_to_string("/sys/module/kvm/parameters/mmio_caching")
         .map(|v| v.trim() == "Y")
         .map_err(|e| Error::Config(format!("/sys/module/kvm/parameters/mmio_caching: {e}")))?;

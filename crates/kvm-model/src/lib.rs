@@ -29,11 +29,13 @@
 
 mod errno;
 mod profile;
+pub mod versioned;
 
 use std::collections::BTreeMap;
 
 pub use errno::Errno;
-pub use profile::{KernelVersion, Profile};
+pub use profile::Profile;
+pub use versioned::KernelVersion;
 
 /// The page size the rules are written for (x86: 4 KiB).
 pub const PAGE_SIZE: u64 = 4096;
@@ -576,7 +578,7 @@ impl Model {
         // 6.12 kvm_gmem_bind() fails with its initial -EINVAL; from 7.2
         // kvm_gmem_commit_memory_region() returns -EEXIST.
         if self.slot_bound_pages(g).any(|(s, e)| s < end && start < e) {
-            return Err(self.profile.version.gmem_binding_overlap_errno());
+            return Err(versioned::GMEM_BINDING_OVERLAP.outcome(self.profile.version));
         }
         // 7.x: `if (kvm_gmem_supports_mmap(inode)) slot->flags |=
         // KVM_MEMSLOT_GMEM_ONLY`.

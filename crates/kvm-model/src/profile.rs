@@ -1,50 +1,6 @@
 //! What selects the rules: the kernel version and what the VM reports.
 
-use std::fmt;
-
-use crate::Errno;
-
-/// A kernel release, `major.minor`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KernelVersion {
-    /// Major number.
-    pub major: u32,
-    /// Minor number.
-    pub minor: u32,
-}
-
-impl KernelVersion {
-    /// `major.minor`.
-    pub const fn new(major: u32, minor: u32) -> Self {
-        Self { major, minor }
-    }
-
-    /// Parses the start of a release string (`uname -r`), e.g.
-    /// `6.18.44-fc-v595` or `7.3.0-rc1`.
-    pub fn parse(release: &str) -> Option<Self> {
-        let mut parts = release.split(|c: char| !c.is_ascii_digit());
-        let major = parts.next()?.parse().ok()?;
-        let minor = parts.next()?.parse().ok()?;
-        Some(Self { major, minor })
-    }
-
-    /// The errno of binding a guest_memfd range that another memslot
-    /// already binds: 6.12's kvm_gmem_bind() fails with its default
-    /// `-EINVAL`; from 7.2 kvm_gmem_commit_memory_region() says `-EEXIST`.
-    pub fn gmem_binding_overlap_errno(self) -> Errno {
-        if self >= Self::new(7, 2) {
-            Errno::EEXIST
-        } else {
-            Errno::EINVAL
-        }
-    }
-}
-
-impl fmt::Display for KernelVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
+use crate::KernelVersion;
 
 /// The facts about one VM that select among the rules. A test fills it
 /// from the running kernel's version and the capabilities the VM reports;

@@ -27,12 +27,15 @@ fn gmem_region(slot: u32, gpa: u64, npages: u64, gmem: GmemId, offset: u64) -> M
 
 #[test]
 fn kernel_versions_parse_and_pick_the_overlap_errno() {
-    assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion::new(6, 18)));
+    use crate::versioned::GMEM_BINDING_OVERLAP;
+    assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion { major: 6, minor: 18, patch: 44 }));
     assert_eq!(KernelVersion::parse("7.3.0-rc1"), Some(KernelVersion::new(7, 3)));
     assert_eq!(KernelVersion::parse("garbage"), None);
-    assert_eq!(KernelVersion::new(6, 12).gmem_binding_overlap_errno(), Errno::EINVAL);
-    assert_eq!(KernelVersion::new(7, 1).gmem_binding_overlap_errno(), Errno::EINVAL);
-    assert_eq!(KernelVersion::new(7, 2).gmem_binding_overlap_errno(), Errno::EEXIST);
+    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(6, 12)), Errno::EINVAL);
+    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(7, 1)), Errno::EINVAL);
+    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(7, 2)), Errno::EEXIST);
+    let why = GMEM_BINDING_OVERLAP.expected_for(KernelVersion::new(7, 3), "uname -r = 7.3.4").why;
+    assert!(why.starts_with("expected EEXIST because uname -r = 7.3.4 is since 7.2"), "{why}");
 }
 
 #[test]
