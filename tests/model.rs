@@ -51,7 +51,7 @@ use kvm_model::{
 use nix::sys::mman::MapFlags;
 use proptest::collection::SizeRange;
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
+use proptest::strategy::{SBoxedStrategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use proptest_state_machine::Sequential;
 
@@ -117,6 +117,15 @@ enum GmemOnlyAccess {
 struct RefState {
     model: Model,
     gmem_only: GmemOnlyAccess,
+    /// The strategies that depend on the profile only, built once per
+    /// sequence instead of once per step.
+    fixed: Arc<Fixed>,
+}
+
+#[derive(Debug)]
+struct Fixed {
+    create_gmem: SBoxedStrategy<Step>,
+    set_attributes: SBoxedStrategy<Step>,
 }
 
 fn gpa_in_window() -> impl Strategy<Value = u64> {
@@ -147,7 +156,7 @@ fn value() -> impl Strategy<Value = u64> {
     prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001)]
 }
 
-fn create_gmem(profile: &Profile) -> BoxedStrategy<Step> {
+fn create_gmem(profile: &Profile) -> SBoxedStrategy<Step> {
     let supported = profile.guest_memfd_flags;
     let flags = prop_oneof![
         4 => Just(0u64),
@@ -159,10 +168,15 @@ fn create_gmem(profile: &Profile) -> BoxedStrategy<Step> {
         9 => (1..=8u64).prop_map(|pages| pages * P),
         1 => prop_oneof![Just(0u64), Just(P / 2), Just(P + 8), Just(1u64 << 63)],
     ];
-    (size, flags).prop_map(|(size, flags)| Step::CreateGmem { size, flags }).boxed()
+    (size, flags).prop_map(|(size, flags)| Step::CreateGmem { size, flags }).sboxed()
 }
 
-fn user_memory(state: &RefState, npages: u64) -> BoxedStrategy<UserMemory> {
+/// The mmap-able guest_memfds a slot's userspace_addr may point into: (id, pages).
+fn mappable_gmems(state: &RefState) -> Vec<(usize, u64)> {
+    state.model.gmems().iter().enumerate().filter(|(_, g)| g.mmap()).map(|(i, g)| (i, g.size / P)).collect()
+}
+
+fn user_memory(mappable: &[(usize, u64)], npages: u64) -> BoxedStrategy<UserMemory> {
     let mut choices: Vec<BoxedStrategy<UserMemory>> = vec![Just(UserMemory::Null).boxed()];
     for (i, pages) in ANON_PAGES.iter().enumerate() {
         if npages <= *pages {
@@ -171,9 +185,9 @@ fn user_memory(state: &RefState, npages: u64) -> BoxedStrategy<UserMemory> {
             choices.push((0..=pages - npages).prop_map(move |page| UserMemory::Anon { anon, page }).boxed());
         }
     }
-    for (gmem, g) in state.model.gmems().iter().enumerate() {
-        if g.mmap() && npages <= g.size / P {
-            choices.push((0..=g.size / P - npages).prop_map(move |page| UserMemory::GmemMap { gmem, page }).boxed());
+    for &(gmem, pages) in mappable {
+        if npages <= pages {
+            choices.push((0..=pages - npages).prop_map(move |page| UserMemory::GmemMap { gmem, page }).boxed());
         }
     }
     proptest::strategy::Union::new(choices).boxed()
@@ -188,7 +202,9 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
     // `binding_rejects_offset_*2_63*` tests hold that rule on every kernel).
     let version = state.model.profile().version;
     let huge_offsets = version < KernelVersion::new(6, 13) || version >= KernelVersion::new(7, 2);
-    let state = state.clone();
+    // Only what the strategy needs: cloning the model per step would copy
+    // every page it holds.
+    let mappable = mappable_gmems(state);
     let flags = prop_oneof![
         5 => Just(0u32),
         5 => Just(KVM_MEM_GUEST_MEMFD),
@@ -217,7 +233,7 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
                 Just(!(P - 1)),
             ]];
             let binding = prop_oneof![9 => (fd, offset).prop_map(Some), 1 => Just(None)];
-            (Just((id, as_id, flags, npages)), 0..=WINDOW_PAGES - npages, user_memory(&state, npages), binding)
+            (Just((id, as_id, flags, npages)), 0..=WINDOW_PAGES - npages, user_memory(&mappable, npages), binding)
         })
         .prop_map(|((id, as_id, flags, npages), page, user, guest_memfd)| {
             let guest_memfd =
@@ -260,7 +276,7 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
     Some(strategy.boxed())
 }
 
-fn set_attributes(profile: &Profile) -> BoxedStrategy<Step> {
+fn set_attributes(profile: &Profile) -> SBoxedStrategy<Step> {
     let supported = profile.supported_attributes;
     let range = (0..WINDOW_PAGES, 1..=4u64).prop_map(|(page, n)| (WINDOW + page * P, n.min(WINDOW_PAGES - page) * P));
     let valid = (range.clone(), prop_oneof![Just(KVM_MEMORY_ATTRIBUTE_PRIVATE), Just(0u64)])
@@ -280,7 +296,7 @@ fn set_attributes(profile: &Profile) -> BoxedStrategy<Step> {
         };
         Step::SetAttributes { address, size, attributes, flags }
     });
-    prop_oneof![6 => valid, 1 => invalid].boxed()
+    prop_oneof![6 => valid, 1 => invalid].sboxed()
 }
 
 fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
@@ -351,11 +367,10 @@ fn gmem_only_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
 }
 
 fn transitions(state: &RefState) -> BoxedStrategy<Step> {
-    let profile = state.model.profile().clone();
     let mut choices: Vec<(u32, BoxedStrategy<Step>)> = vec![
-        (2, create_gmem(&profile)),
+        (2, state.fixed.create_gmem.clone().boxed()),
         (4, new_region(state)),
-        (2, set_attributes(&profile)),
+        (2, state.fixed.set_attributes.clone().boxed()),
         (4, guest_gpa(state).prop_map(|gpa| Step::GuestRead { gpa }).boxed()),
         (4, (guest_gpa(state), value()).prop_map(|(gpa, value)| Step::GuestWrite { gpa, value }).boxed()),
         (2, host_write(state)),
@@ -506,6 +521,13 @@ impl Real {
         Region { slot: r.slot, flags: r.flags, gpa: r.gpa, size: r.size, memory, memory_offset, guest_memfd }
     }
 
+    /// A fresh VM whose agent is already running, parked at READY.
+    fn started(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Self> {
+        let mut real = Self::new(kvm, vm_type)?;
+        real.agent()?;
+        Ok(real)
+    }
+
     fn agent(&mut self) -> Result<&mut (Agent, kvm_regs)> {
         if self.agent.is_none() {
             let vcpu = self.vm.vcpu(0, [0; 4])?;
@@ -621,30 +643,40 @@ impl Real {
         }
     }
 
-    /// Compares every byte the host can see with the model's.
+    /// Compares every byte the host can see with the model's, a page at a
+    /// time with `memcmp`; only a differing page is read out to name the
+    /// first differing byte.
     fn compare_memory(&self, model: &mut Model) -> Result<(), String> {
+        static ZERO: [u8; P as usize] = [0; P as usize];
         let mut targets: Vec<(ModelMemory, u64)> =
-            (1..self.anons.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages * P)).collect();
+            (1..self.anons.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
         for (g, gmem) in model.gmems().iter().enumerate() {
             if gmem.mmap() && gmem.host_accessible() {
-                targets.push((ModelMemory::GmemMap(g), gmem.size));
+                targets.push((ModelMemory::GmemMap(g), gmem.size / P));
             }
         }
-        for (mem, len) in targets {
-            let mut want = vec![0u8; len as usize];
-            model.host_read(mem, 0, &mut want).map_err(|f| format!("model: host read of {mem:?} faults: {f:?}"))?;
-            let mut got = vec![0u8; len as usize];
-            self.memory(mem).read(0, &mut got);
-            if let Some(i) = (0..want.len()).find(|&i| want[i] != got[i]) {
+        for (mem, pages) in targets {
+            let real = self.memory(mem);
+            for index in 0..pages {
+                let want = model.host_page(mem, index).map_err(|f| format!("model: host read of {mem:?} faults: {f:?}"))?;
+                let want = want.unwrap_or(&ZERO);
+                if real.matches(index * P, want) {
+                    continue;
+                }
+                let mut got = vec![0u8; P as usize];
+                real.read(index * P, &mut got);
+                let i = (0..want.len()).find(|&i| want[i] != got[i]).unwrap_or(0);
                 let word = i & !7;
                 let w = |b: &[u8]| u64::from_le_bytes(b[word..word + 8].try_into().expect("8 bytes"));
                 return Err(format!(
-                    "host view of {} at offset {i:#x}: model byte {:#04x}, kernel byte {:#04x} (u64 at {word:#x}: \
+                    "host view of {} at offset {:#x}: model byte {:#04x}, kernel byte {:#04x} (u64 at {:#x}: \
                      model {:#x}, kernel {:#x})",
                     describe_memory(mem),
+                    index * P + i as u64,
                     want[i],
                     got[i],
-                    w(&want),
+                    index * P + word as u64,
+                    w(want),
                     w(&got)
                 ));
             }
@@ -668,34 +700,150 @@ fn model_errno(e: &Error) -> Result<Errno, String> {
     all.into_iter().find(|m| m.raw() == errno as i32).ok_or_else(|| format!("{errno:?} (unknown to the model): {e}"))
 }
 
+/// Where a test thread's time went, for the summary line.
+#[derive(Debug, Default, Clone, Copy)]
+struct Times {
+    generate: Duration,
+    setup: Duration,
+    guest: Duration,
+    calls: Duration,
+    model: Duration,
+    compare: Duration,
+    teardown: Duration,
+    guest_steps: usize,
+    other_steps: usize,
+}
+
+thread_local! {
+    static TIMES: std::cell::Cell<Times> = std::cell::Cell::new(Times::default());
+}
+
+/// Adds the time since `start` to one of the thread's `Times` fields.
+fn charge(start: Instant, field: fn(&mut Times) -> &mut Duration) {
+    let elapsed = start.elapsed();
+    TIMES.with(|t| {
+        let mut times = t.get();
+        *field(&mut times) += elapsed;
+        t.set(times);
+    });
+}
+
+impl Times {
+    fn take() -> Self {
+        TIMES.with(|t| t.replace(Times::default()))
+    }
+
+    fn summary(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let per = |d: Duration, n: usize| if n == 0 { 0.0 } else { ms(d) / n as f64 };
+        format!(
+            "generation {:.0} ms, VM setup {:.0} ms, guest steps {:.0} ms ({} steps, {:.2} ms each), other calls {:.0} ms ({} steps, {:.2} ms each), model {:.0} ms, host byte checks {:.0} ms, teardown {:.0} ms",
+            ms(self.generate),
+            ms(self.setup),
+            ms(self.guest),
+            self.guest_steps,
+            per(self.guest, self.guest_steps),
+            ms(self.calls),
+            self.other_steps,
+            per(self.calls, self.other_steps),
+            ms(self.model),
+            ms(self.compare),
+            ms(self.teardown)
+        )
+    }
+}
+
 /// Runs `steps` on a fresh VM and the model, comparing after each step.
-fn run_sequence(
-    kvm: &Arc<Kvm>,
-    vm_type: VmType,
-    profile: &Profile,
-    steps: &[Step],
-    seen: Option<&AtomicUsize>,
-) -> Result<(), Mismatch> {
-    let mut real = Real::new(kvm, vm_type).map_err(|e| Mismatch { step: 0, detail: format!("setup: {e}") })?;
+fn run_sequence(vms: &Vms, profile: &Profile, steps: &[Step], seen: Option<&AtomicUsize>) -> Result<(), Mismatch> {
+    let t = Instant::now();
+    let mut real = vms.next().map_err(|e| Mismatch { step: 0, detail: format!("setup: {e}") })?;
     let mut model = initial_model(profile);
+    charge(t, |t| &mut t.setup);
+    let result = check_steps(&mut real, &mut model, steps, seen);
+    let t = Instant::now();
+    vms.release(real);
+    charge(t, |t| &mut t.teardown);
+    result
+}
+
+/// Applies `steps` to both sides, comparing after each.
+fn check_steps(real: &mut Real, model: &mut Model, steps: &[Step], seen: Option<&AtomicUsize>) -> Result<(), Mismatch> {
     for (i, step) in steps.iter().enumerate() {
         if let Some(seen) = seen {
             seen.fetch_add(1, Ordering::SeqCst);
         }
-        let expected = apply_model(&mut model, step);
+        let t = Instant::now();
+        let expected = apply_model(model, step);
+        charge(t, |t| &mut t.model);
         let fail = |detail: String| Mismatch { step: i, detail };
-        let actual =
-            real.apply(step, &expected).map_err(|e| fail(format!("{step:x?}: expected {expected:x?}, got {e}")))?;
+        let t = Instant::now();
+        let actual = real.apply(step, &expected);
+        let guest = matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. });
+        charge(t, if guest { |t: &mut Times| &mut t.guest } else { |t: &mut Times| &mut t.calls });
+        TIMES.with(|t| {
+            let mut times = t.get();
+            *(if guest { &mut times.guest_steps } else { &mut times.other_steps }) += 1;
+            t.set(times);
+        });
+        let actual = actual.map_err(|e| fail(format!("{step:x?}: expected {expected:x?}, got {e}")))?;
         if actual != expected {
             return Err(fail(format!("{step:x?}: expected {}, got {}", show(&expected), show(&actual))));
         }
-        real.compare_memory(&mut model).map_err(|e| fail(format!("after {step:x?}: {e}")))?;
+        let t = Instant::now();
+        let compared = real.compare_memory(model);
+        charge(t, |t| &mut t.compare);
+        compared.map_err(|e| fail(format!("after {step:x?}: {e}")))?;
     }
     // Leave the agent cleanly: DONE.
     if let Some((agent, _)) = real.agent.take() {
         agent.done().map_err(|e| Mismatch { step: steps.len(), detail: format!("agent DONE: {e}") })?;
     }
     Ok(())
+}
+
+/// Where sequences get their VMs and leave them. Exploring prepares each
+/// VM (with its agent started) on a helper thread while the previous
+/// sequence runs, and destroys finished ones on another, so the kernel's
+/// VM creation and teardown (SRCU grace periods included) overlap the
+/// sequences; shrinking and reproducing make them in line.
+enum Vms {
+    InLine { kvm: Arc<Kvm>, vm_type: VmType },
+    Pipelined { ready: std::sync::mpsc::Receiver<Result<Real>>, done: std::sync::mpsc::Sender<Real> },
+}
+
+impl Vms {
+    /// The pipelined source and its two helper threads; dropping the
+    /// source ends them, joining them waits until every VM is gone.
+    fn pipelined(kvm: &Arc<Kvm>, vm_type: VmType) -> (Self, [std::thread::JoinHandle<()>; 2]) {
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        let (done, done_rx) = std::sync::mpsc::channel::<Real>();
+        let kvm = kvm.clone();
+        let maker = std::thread::spawn(move || {
+            while ready_tx.send(Real::started(&kvm, vm_type)).is_ok() {}
+        });
+        let reaper = std::thread::spawn(move || done_rx.into_iter().for_each(drop));
+        (Self::Pipelined { ready, done }, [maker, reaper])
+    }
+
+    fn next(&self) -> Result<Real> {
+        match self {
+            Self::InLine { kvm, vm_type } => Real::started(kvm, *vm_type),
+            Self::Pipelined { ready, .. } => {
+                ready.recv().map_err(|_| Error::Config("the VM-making thread ended".into()))?
+            }
+        }
+    }
+
+    fn release(&self, real: Real) {
+        match self {
+            Self::InLine { .. } => drop(real),
+            Self::Pipelined { done, .. } => {
+                if let Err(back) = done.send(real) {
+                    drop(back.0);
+                }
+            }
+        }
+    }
 }
 
 fn show(outcome: &Outcome) -> String {
@@ -952,7 +1100,8 @@ fn rng(seed: u64) -> TestRng {
 type Sequences = Sequential<RefState, Step, BoxedStrategy<RefState>, BoxedStrategy<Step>>;
 
 fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
-    let init = RefState { model: initial_model(profile), gmem_only };
+    let fixed = Arc::new(Fixed { create_gmem: create_gmem(profile), set_attributes: set_attributes(profile) });
+    let init = RefState { model: initial_model(profile), gmem_only, fixed };
     Sequential::new(
         SizeRange::from(STEPS),
         move || Just(init.clone()).boxed(),
@@ -983,6 +1132,7 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
     let soak = settings::u64_opt(SOAK_ENV)?.is_some_and(|v| v != 0);
     let before = Resources::now()?;
     let start = Instant::now();
+    let (vms, helpers) = Vms::pipelined(kvm, vm_type);
     let (mut ran, mut steps_run) = (0u32, 0usize);
     let mut tally = std::collections::BTreeMap::new();
     for case in 0..cases {
@@ -991,18 +1141,22 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
             break;
         }
         let seed = case_seed(base, case);
+        let t = Instant::now();
         let mut runner = TestRunner::new_with_rng(Config::default(), rng(seed));
         let mut tree = sequences(&profile, gmem_only)
             .new_tree(&mut runner)
             .map_err(|e| Error::Config(format!("generating case {case}: {e}")))?;
         let (_, steps, seen) = tree.current();
+        charge(t, |t| &mut t.generate);
         ran += 1;
         steps_run += steps.len();
-        let Err(first) = run_sequence(kvm, vm_type, &profile, &steps, seen.as_deref()) else {
+        let Err(first) = run_sequence(&vms, &profile, &steps, seen.as_deref()) else {
             tally_outcomes(&profile, &steps, &mut tally);
             continue;
         };
-        let (steps, mismatch, runs) = shrink(kvm, vm_type, &profile, &mut tree, steps, first);
+        drop(vms);
+        let in_line = Vms::InLine { kvm: kvm.clone(), vm_type };
+        let (steps, mismatch, runs) = shrink(&in_line, &profile, &mut tree, steps, first);
         let repro = reproducer(vm_type, &profile, &steps[..=mismatch.step.min(steps.len() - 1)], seed);
         return Err(Error::rule(
             "KVM agrees with the private-memory model after every step",
@@ -1015,7 +1169,12 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
             ),
         ));
     }
+    drop(vms);
+    for helper in helpers {
+        helper.join().map_err(|_| Error::Config("a VM helper thread panicked".into()))?;
+    }
     eprintln!("model: {vm_type}: {ran} sequences, {steps_run} steps, all matched, in {:.1?}", start.elapsed());
+    eprintln!("model: {vm_type}: time: {}", Times::take().summary());
     let kinds: Vec<String> = tally.iter().map(|(kind, n)| format!("{kind}: {n}")).collect();
     eprintln!("model: outcomes checked: {}", kinds.join(", "));
     let after = Resources::now()?;
@@ -1076,8 +1235,7 @@ fn tally_outcomes(profile: &Profile, steps: &[Step], tally: &mut std::collection
 /// proptest's shrink loop, bounded: simplify while the sequence still
 /// fails, complicate back when a simplification made it pass.
 fn shrink(
-    kvm: &Arc<Kvm>,
-    vm_type: VmType,
+    vms: &Vms,
     profile: &Profile,
     tree: &mut <Sequences as Strategy>::Tree,
     steps: Vec<Step>,
@@ -1092,7 +1250,7 @@ fn shrink(
     while runs < MAX_SHRINK_RUNS && start.elapsed() < SHRINK_BUDGET {
         runs += 1;
         let (_, steps, seen) = tree.current();
-        match run_sequence(kvm, vm_type, profile, &steps, seen.as_deref()) {
+        match run_sequence(vms, profile, &steps, seen.as_deref()) {
             Err(mismatch) => {
                 best = (steps, mismatch);
                 if !tree.simplify() {

@@ -157,6 +157,16 @@ impl HostMemory {
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
     }
 
+    /// Whether the mapping holds `expected` at `offset`: one `memcmp`, no
+    /// copy (a model test compares every host-visible byte after every
+    /// step, which is most of its time under TCG when done byte by byte).
+    pub fn matches(&self, offset: u64, expected: &[u8]) -> bool {
+        let at = self.check(offset, expected.len());
+        // SAFETY: at..at+len is inside our live mapping (checked above) and
+        // expected is a distinct Rust slice; memcmp only reads both.
+        unsafe { libc::memcmp(at.cast(), expected.as_ptr().cast(), expected.len()) == 0 }
+    }
+
     /// Reads a little-endian u64.
     pub fn read_u64(&self, offset: u64) -> u64 {
         let mut buf = [0; 8];

@@ -859,6 +859,18 @@ impl Model {
         Ok(())
     }
 
+    /// Page `index` of `mem` as the host sees it, `None` where it reads as
+    /// zeroes; a fault on a guest_memfd mapping allocates the page as
+    /// [`Self::host_read`] does. Lets a test compare page by page without
+    /// copying.
+    pub fn host_page(&mut self, mem: HostMemory, index: u64) -> Result<Option<&[u8]>, HostFault> {
+        self.host_check(mem, index * PAGE_SIZE, PAGE_SIZE)?;
+        Ok(match mem {
+            HostMemory::Anon(a) => self.anons[a].pages.get(&index).map(|p| &p[..]),
+            HostMemory::GmemMap(g) => Some(self.gmem_page_mut(g, index)),
+        })
+    }
+
     /// The host writes `data` at `offset` of `mem`.
     pub fn host_write(&mut self, mem: HostMemory, offset: u64, data: &[u8]) -> Result<(), HostFault> {
         self.host_check(mem, offset, data.len() as u64)?;
