@@ -99,6 +99,21 @@ enum Step {
     HostWrite { mem: ModelMemory, offset: u64, value: u64 },
 }
 
+impl Step {
+    /// The variant's name, for the tally.
+    fn kind(&self) -> &'static str {
+        match self {
+            Step::CreateGmem { .. } => "CreateGmem",
+            Step::SetRegion(_) => "SetRegion",
+            Step::SetAttributes { .. } => "SetAttributes",
+            Step::Fallocate { .. } => "Fallocate",
+            Step::GuestRead { .. } => "GuestRead",
+            Step::GuestWrite { .. } => "GuestWrite",
+            Step::HostWrite { .. } => "HostWrite",
+        }
+    }
+}
+
 /// What a sequence may contain beyond the rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GmemOnlyAccess {
@@ -126,6 +141,7 @@ struct RefState {
 struct Fixed {
     create_gmem: SBoxedStrategy<Step>,
     set_attributes: SBoxedStrategy<Step>,
+    value: SBoxedStrategy<u64>,
 }
 
 fn gpa_in_window() -> impl Strategy<Value = u64> {
@@ -152,6 +168,13 @@ fn guest_gpa(state: &RefState) -> BoxedStrategy<u64> {
     prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
 }
 
+/// A guest read or write (half each) at a [`guest_gpa`].
+fn guest_access(state: &RefState) -> BoxedStrategy<Step> {
+    (guest_gpa(state), any::<bool>(), state.fixed.value.clone())
+        .prop_map(|(gpa, write, value)| if write { Step::GuestWrite { gpa, value } } else { Step::GuestRead { gpa } })
+        .boxed()
+}
+
 fn value() -> impl Strategy<Value = u64> {
     prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001)]
 }
@@ -176,21 +199,26 @@ fn mappable_gmems(state: &RefState) -> Vec<(usize, u64)> {
     state.model.gmems().iter().enumerate().filter(|(_, g)| g.mmap()).map(|(i, g)| (i, g.size / P)).collect()
 }
 
-fn user_memory(mappable: &[(usize, u64)], npages: u64) -> BoxedStrategy<UserMemory> {
-    let mut choices: Vec<BoxedStrategy<UserMemory>> = vec![Just(UserMemory::Null).boxed()];
+/// The userspace memory of an `npages` slot, chosen by the random `r`
+/// (derived from a number rather than a dependent strategy: a
+/// `prop_flat_map` per step reseeds an RNG, a large part of generation).
+fn user_memory(mappable: &[(usize, u64)], npages: u64, r: u64) -> UserMemory {
+    // (what, pages it has); anonymous mappings weigh double, as before.
+    let mut choices: Vec<(Option<UserMemory>, u64)> = vec![(None, 0)];
     for (i, pages) in ANON_PAGES.iter().enumerate() {
-        if npages <= *pages {
-            let anon = i + 1;
-            choices.push((0..=pages - npages).prop_map(move |page| UserMemory::Anon { anon, page }).boxed());
-            choices.push((0..=pages - npages).prop_map(move |page| UserMemory::Anon { anon, page }).boxed());
-        }
+        let anon = UserMemory::Anon { anon: i + 1, page: 0 };
+        choices.extend([(Some(anon), *pages), (Some(anon), *pages)]);
     }
-    for &(gmem, pages) in mappable {
-        if npages <= pages {
-            choices.push((0..=pages - npages).prop_map(move |page| UserMemory::GmemMap { gmem, page }).boxed());
-        }
+    choices.extend(mappable.iter().map(|&(gmem, pages)| (Some(UserMemory::GmemMap { gmem, page: 0 }), pages)));
+    choices.retain(|(what, pages)| what.is_none() || npages <= *pages);
+    let (what, pages) = choices[(r % choices.len() as u64) as usize];
+    let page = (r / choices.len() as u64) % (pages.saturating_sub(npages) + 1);
+    match what {
+        None => UserMemory::Null,
+        Some(UserMemory::Anon { anon, .. }) => UserMemory::Anon { anon, page },
+        Some(UserMemory::GmemMap { gmem, .. }) => UserMemory::GmemMap { gmem, page },
+        Some(UserMemory::Null) => unreachable!("Null is None"),
     }
-    proptest::strategy::Union::new(choices).boxed()
 }
 
 fn new_region(state: &RefState) -> BoxedStrategy<Step> {
@@ -214,36 +242,33 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
         1 => (3..32u32).prop_map(|bit| 1u32 << bit),
     ];
     let as_id = prop_oneof![9 => Just(0u32), 1 => Just(1u32)];
-    (SLOT_IDS, as_id, flags, 1..=4u64)
-        .prop_flat_map(move |(id, as_id, flags, npages)| {
-            let fd = if ngmem == 0 {
-                prop_oneof![Just(GmemFd::Closed), Just(GmemFd::NotGuestMemfd)].boxed()
-            } else {
-                prop_oneof![
-                    8 => (0..ngmem).prop_map(GmemFd::File),
-                    1 => Just(GmemFd::Closed),
-                    1 => Just(GmemFd::NotGuestMemfd),
-                ]
-                .boxed()
-            };
-            let offset = prop_oneof![9 => (0..8u64).prop_map(|p| p * P), 1 => Just(8u64), huge_offsets as u32 => prop_oneof![
-                Just((i64::MAX as u64) & !(P - 1)),
-                Just((1u64 << 63) - P),
-                Just(1u64 << 63),
-                Just(!(P - 1)),
-            ]];
-            let binding = prop_oneof![9 => (fd, offset).prop_map(Some), 1 => Just(None)];
-            (Just((id, as_id, flags, npages)), 0..=WINDOW_PAGES - npages, user_memory(&mappable, npages), binding)
-        })
-        .prop_map(|((id, as_id, flags, npages), page, user, guest_memfd)| {
+    let fd = if ngmem == 0 {
+        prop_oneof![Just(GmemFd::Closed), Just(GmemFd::NotGuestMemfd)].boxed()
+    } else {
+        prop_oneof![
+            8 => (0..ngmem).prop_map(GmemFd::File),
+            1 => Just(GmemFd::Closed),
+            1 => Just(GmemFd::NotGuestMemfd),
+        ]
+        .boxed()
+    };
+    let offset = prop_oneof![9 => (0..8u64).prop_map(|p| p * P), 1 => Just(8u64), huge_offsets as u32 => prop_oneof![
+        Just((i64::MAX as u64) & !(P - 1)),
+        Just((1u64 << 63) - P),
+        Just(1u64 << 63),
+        Just(!(P - 1)),
+    ]];
+    let binding = prop_oneof![9 => (fd, offset).prop_map(Some), 1 => Just(None)];
+    ((SLOT_IDS, as_id, flags, 1..=4u64), 0..WINDOW_PAGES, any::<u64>(), binding)
+        .prop_map(move |((id, as_id, flags, npages), page, r, guest_memfd)| {
             let guest_memfd =
                 if flags & KVM_MEM_GUEST_MEMFD != 0 { guest_memfd.or(Some((GmemFd::Closed, 0))) } else { guest_memfd };
             Step::SetRegion(MemoryRegion {
                 slot: as_id << 16 | id,
                 flags,
-                gpa: WINDOW + page * P,
+                gpa: WINDOW + page.min(WINDOW_PAGES - npages) * P,
                 size: npages * P,
-                user,
+                user: user_memory(&mappable, npages, r),
                 guest_memfd,
             })
         })
@@ -371,8 +396,7 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         (2, state.fixed.create_gmem.clone().boxed()),
         (4, new_region(state)),
         (2, state.fixed.set_attributes.clone().boxed()),
-        (4, guest_gpa(state).prop_map(|gpa| Step::GuestRead { gpa }).boxed()),
-        (4, (guest_gpa(state), value()).prop_map(|(gpa, value)| Step::GuestWrite { gpa, value }).boxed()),
+        (8, guest_access(state)),
         (2, host_write(state)),
     ];
     if let Some(s) = change_region(state) {
@@ -643,45 +667,86 @@ impl Real {
         }
     }
 
-    /// Compares every byte the host can see with the model's, a page at a
-    /// time with `memcmp`; only a differing page is read out to name the
-    /// first differing byte.
-    fn compare_memory(&self, model: &mut Model) -> Result<(), String> {
-        static ZERO: [u8; P as usize] = [0; P as usize];
-        let mut targets: Vec<(ModelMemory, u64)> =
-            (1..self.anons.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
+    /// The host-visible memories and their sizes in pages.
+    fn host_views(model: &Model) -> Vec<(ModelMemory, u64)> {
+        let mut views: Vec<(ModelMemory, u64)> =
+            (1..=ANON_PAGES.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
         for (g, gmem) in model.gmems().iter().enumerate() {
             if gmem.mmap() && gmem.host_accessible() {
-                targets.push((ModelMemory::GmemMap(g), gmem.size / P));
+                views.push((ModelMemory::GmemMap(g), gmem.size / P));
             }
         }
-        for (mem, pages) in targets {
-            let real = self.memory(mem);
+        views
+    }
+
+    /// Compares every byte the host can see with the model's.
+    fn compare_memory(&self, model: &mut Model) -> Result<(), String> {
+        for (mem, pages) in Self::host_views(model) {
             for index in 0..pages {
-                let want = model.host_page(mem, index).map_err(|f| format!("model: host read of {mem:?} faults: {f:?}"))?;
-                let want = want.unwrap_or(&ZERO);
-                if real.matches(index * P, want) {
-                    continue;
-                }
-                let mut got = vec![0u8; P as usize];
-                real.read(index * P, &mut got);
-                let i = (0..want.len()).find(|&i| want[i] != got[i]).unwrap_or(0);
-                let word = i & !7;
-                let w = |b: &[u8]| u64::from_le_bytes(b[word..word + 8].try_into().expect("8 bytes"));
-                return Err(format!(
-                    "host view of {} at offset {:#x}: model byte {:#04x}, kernel byte {:#04x} (u64 at {:#x}: \
-                     model {:#x}, kernel {:#x})",
-                    describe_memory(mem),
-                    index * P + i as u64,
-                    want[i],
-                    got[i],
-                    index * P + word as u64,
-                    w(want),
-                    w(&got)
-                ));
+                self.compare_page(model, mem, index)?;
             }
         }
         Ok(())
+    }
+
+    /// Compares one host-visible page with the model's, with `memcmp`; only
+    /// a differing page is read out to name the first differing byte.
+    fn compare_page(&self, model: &mut Model, mem: ModelMemory, index: u64) -> Result<(), String> {
+        static ZERO: [u8; P as usize] = [0; P as usize];
+        let real = self.memory(mem);
+        let want = model.host_page(mem, index).map_err(|f| format!("model: host read of {mem:?} faults: {f:?}"))?;
+        let want = want.unwrap_or(&ZERO);
+        if real.matches(index * P, want) {
+            return Ok(());
+        }
+        let mut got = vec![0u8; P as usize];
+        real.read(index * P, &mut got);
+        let i = (0..want.len()).find(|&i| want[i] != got[i]).unwrap_or(0);
+        let word = i & !7;
+        let w = |b: &[u8]| u64::from_le_bytes(b[word..word + 8].try_into().expect("8 bytes"));
+        Err(format!(
+            "host view of {} at offset {:#x}: model byte {:#04x}, kernel byte {:#04x} (u64 at {:#x}: \
+             model {:#x}, kernel {:#x})",
+            describe_memory(mem),
+            index * P + i as u64,
+            want[i],
+            got[i],
+            index * P + word as u64,
+            w(want),
+            w(&got)
+        ))
+    }
+}
+
+/// The host-visible pages `step` may write (before it runs on `model`): the
+/// page of a host write, the host pages behind a guest write's GPA, a
+/// fallocate's range of a host-mappable guest_memfd.
+fn touched_pages(model: &Model, step: &Step) -> Vec<(ModelMemory, u64)> {
+    let visible = |g: usize| model.gmems().get(g).is_some_and(|m| m.mmap() && m.host_accessible());
+    match *step {
+        Step::HostWrite { mem, offset, .. } => vec![(mem, offset / P)],
+        Step::GuestWrite { gpa, .. } => {
+            let Some(slot) = model.slot_at(gpa) else { return Vec::new() };
+            let index = gpa / P - slot.base_gfn;
+            let mut pages = Vec::new();
+            match slot.user {
+                UserMemory::Anon { anon, page } => pages.push((ModelMemory::Anon(anon), page + index)),
+                UserMemory::GmemMap { gmem, page } if visible(gmem) => {
+                    pages.push((ModelMemory::GmemMap(gmem), page + index))
+                }
+                _ => {}
+            }
+            if let Some((g, pgoff)) = slot.gmem.filter(|&(g, _)| visible(g)) {
+                pages.push((ModelMemory::GmemMap(g), pgoff + index));
+            }
+            pages
+        }
+        Step::Fallocate { gmem, offset, len, .. } if visible(gmem) => {
+            let pages = model.gmems()[gmem].size / P;
+            let end = offset.saturating_add(len).div_ceil(P).min(pages);
+            (offset / P..end).map(|i| (ModelMemory::GmemMap(gmem), i)).collect()
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -759,23 +824,43 @@ fn run_sequence(vms: &Vms, profile: &Profile, steps: &[Step], seen: Option<&Atom
     let mut real = vms.next().map_err(|e| Mismatch { step: 0, detail: format!("setup: {e}") })?;
     let mut model = initial_model(profile);
     charge(t, |t| &mut t.setup);
-    let result = check_steps(&mut real, &mut model, steps, seen);
+    let full = matches!(vms, Vms::InLine { .. });
+    let result = check_steps(&mut real, &mut model, steps, seen, full);
     let t = Instant::now();
     vms.release(real);
     charge(t, |t| &mut t.teardown);
     result
 }
 
-/// Applies `steps` to both sides, comparing after each.
-fn check_steps(real: &mut Real, model: &mut Model, steps: &[Step], seen: Option<&AtomicUsize>) -> Result<(), Mismatch> {
+/// Applies `steps` to both sides, comparing after each: the outcome, and
+/// the host-visible bytes. With `full`, every host-visible byte after every
+/// step; otherwise the pages a step may write, before and after it, and
+/// every byte after the last step. That misses nothing: a byte on which the
+/// kernel and the model part stays parted until a step writes its page,
+/// and that step checks the page first; the last check sees the rest. A
+/// mismatch is then replayed with `full` while it shrinks, so the reported
+/// step is the one that made the difference.
+fn check_steps(
+    real: &mut Real,
+    model: &mut Model,
+    steps: &[Step],
+    seen: Option<&AtomicUsize>,
+    full: bool,
+) -> Result<(), Mismatch> {
     for (i, step) in steps.iter().enumerate() {
         if let Some(seen) = seen {
             seen.fetch_add(1, Ordering::SeqCst);
         }
+        let fail = |detail: String| Mismatch { step: i, detail };
+        let mut pages = if full { Vec::new() } else { touched_pages(model, step) };
+        let t = Instant::now();
+        let checked = pages.iter().try_for_each(|&(mem, index)| real.compare_page(model, mem, index));
+        charge(t, |t| &mut t.compare);
+        checked.map_err(|e| fail(format!("before {step:x?}: {e}")))?;
+        let gmems_before = model.gmems().len();
         let t = Instant::now();
         let expected = apply_model(model, step);
         charge(t, |t| &mut t.model);
-        let fail = |detail: String| Mismatch { step: i, detail };
         let t = Instant::now();
         let actual = real.apply(step, &expected);
         let guest = matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. });
@@ -789,8 +874,19 @@ fn check_steps(real: &mut Real, model: &mut Model, steps: &[Step], seen: Option<
         if actual != expected {
             return Err(fail(format!("{step:x?}: expected {}, got {}", show(&expected), show(&actual))));
         }
+        // A new host-mappable guest_memfd is checked whole.
+        pages.extend(
+            Real::host_views(model)
+                .into_iter()
+                .filter(|(mem, _)| matches!(mem, ModelMemory::GmemMap(g) if *g >= gmems_before))
+                .flat_map(|(mem, n)| (0..n).map(move |i| (mem, i))),
+        );
         let t = Instant::now();
-        let compared = real.compare_memory(model);
+        let compared = if full || i + 1 == steps.len() {
+            real.compare_memory(model)
+        } else {
+            pages.iter().try_for_each(|&(mem, index)| real.compare_page(model, mem, index))
+        };
         charge(t, |t| &mut t.compare);
         compared.map_err(|e| fail(format!("after {step:x?}: {e}")))?;
     }
@@ -818,9 +914,7 @@ impl Vms {
         let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
         let (done, done_rx) = std::sync::mpsc::channel::<Real>();
         let kvm = kvm.clone();
-        let maker = std::thread::spawn(move || {
-            while ready_tx.send(Real::started(&kvm, vm_type)).is_ok() {}
-        });
+        let maker = std::thread::spawn(move || while ready_tx.send(Real::started(&kvm, vm_type)).is_ok() {});
         let reaper = std::thread::spawn(move || done_rx.into_iter().for_each(drop));
         (Self::Pipelined { ready, done }, [maker, reaper])
     }
@@ -1100,7 +1194,11 @@ fn rng(seed: u64) -> TestRng {
 type Sequences = Sequential<RefState, Step, BoxedStrategy<RefState>, BoxedStrategy<Step>>;
 
 fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
-    let fixed = Arc::new(Fixed { create_gmem: create_gmem(profile), set_attributes: set_attributes(profile) });
+    let fixed = Arc::new(Fixed {
+        create_gmem: create_gmem(profile),
+        set_attributes: set_attributes(profile),
+        value: value().sboxed(),
+    });
     let init = RefState { model: initial_model(profile), gmem_only, fixed };
     Sequential::new(
         SizeRange::from(STEPS),
@@ -1146,11 +1244,11 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         let mut tree = sequences(&profile, gmem_only)
             .new_tree(&mut runner)
             .map_err(|e| Error::Config(format!("generating case {case}: {e}")))?;
-        let (_, steps, seen) = tree.current();
+        let steps = tree.current().1;
         charge(t, |t| &mut t.generate);
         ran += 1;
         steps_run += steps.len();
-        let Err(first) = run_sequence(&vms, &profile, &steps, seen.as_deref()) else {
+        let Err(first) = run_sequence(&vms, &profile, &steps, None) else {
             tally_outcomes(&profile, &steps, &mut tally);
             continue;
         };
@@ -1226,9 +1324,7 @@ fn tally_outcomes(profile: &Profile, steps: &[Step], tally: &mut std::collection
             Outcome::Guest(GuestAccess::Unmodeled(_)) => "unmodeled".to_string(),
             Outcome::HostWrite => "done".to_string(),
         };
-        let kind = format!("{step:?}");
-        let kind = kind.split([' ', '(']).next().unwrap_or_default();
-        *tally.entry(format!("{kind} {outcome}")).or_insert(0) += 1;
+        *tally.entry(format!("{} {outcome}", step.kind())).or_insert(0) += 1;
     }
 }
 
