@@ -95,6 +95,8 @@ enum Step {
     GuestRead { gpa: u64 },
     /// The guest writes `value` at `gpa`.
     GuestWrite { gpa: u64, value: u64 },
+    /// The guest calls the code at `gpa` (an instruction fetch).
+    GuestExec { gpa: u64 },
     /// The host writes `value` at `offset` of a mapping.
     HostWrite { mem: ModelMemory, offset: u64, value: u64 },
 }
@@ -109,6 +111,7 @@ impl Step {
             Step::Fallocate { .. } => "Fallocate",
             Step::GuestRead { .. } => "GuestRead",
             Step::GuestWrite { .. } => "GuestWrite",
+            Step::GuestExec { .. } => "GuestExec",
             Step::HostWrite { .. } => "HostWrite",
         }
     }
@@ -176,7 +179,8 @@ fn guest_access(state: &RefState) -> BoxedStrategy<Step> {
 }
 
 fn value() -> impl Strategy<Value = u64> {
-    prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001)]
+    // Some values are code a guest fetch can run (kvm_model::ret_stub).
+    prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001), any::<u32>().prop_map(kvm_model::ret_stub)]
 }
 
 fn create_gmem(profile: &Profile) -> SBoxedStrategy<Step> {
@@ -397,6 +401,7 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         (4, new_region(state)),
         (2, state.fixed.set_attributes.clone().boxed()),
         (8, guest_access(state)),
+        (2, guest_gpa(state).prop_map(|gpa| Step::GuestExec { gpa }).boxed()),
         (2, host_write(state)),
     ];
     if let Some(s) = change_region(state) {
@@ -443,6 +448,7 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
         Step::Fallocate { gmem, .. } => *gmem < model.gmems().len(),
         Step::GuestRead { gpa } => guest_ok(*gpa, false),
         Step::GuestWrite { gpa, .. } => guest_ok(*gpa, true),
+        Step::GuestExec { gpa } => guest_ok(*gpa, false) && model.unmodeled_guest_fetch(*gpa).is_none(),
         Step::HostWrite { mem, offset, .. } => match *mem {
             ModelMemory::Anon(a) => (1..=ANON_PAGES.len()).contains(&a) && offset + 8 <= ANON_PAGES[a - 1] * P,
             ModelMemory::GmemMap(g) => {
@@ -473,6 +479,7 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
         Step::Fallocate { gmem, mode, offset, len } => Outcome::Call(model.fallocate(*gmem, *mode, *offset, *len)),
         Step::GuestRead { gpa } => Outcome::Guest(model.guest_read(*gpa)),
         Step::GuestWrite { gpa, value } => Outcome::Guest(model.guest_write(*gpa, *value)),
+        Step::GuestExec { gpa } => Outcome::Guest(model.guest_fetch(*gpa)),
         Step::HostWrite { mem, offset, value } => {
             model.host_write(*mem, *offset, &value.to_le_bytes()).expect("preconditions exclude faulting host writes");
             Outcome::HostWrite
@@ -652,6 +659,10 @@ impl Real {
             Step::GuestWrite { gpa, value } => {
                 let Outcome::Guest(expected) = expected else { unreachable!("a write's outcome is a guest access") };
                 Outcome::Guest(self.guest_access(Op::Write { gpa: *gpa, value: *value }, expected)?)
+            }
+            Step::GuestExec { gpa } => {
+                let Outcome::Guest(expected) = expected else { unreachable!("a fetch's outcome is a guest access") };
+                Outcome::Guest(self.guest_access(Op::Exec { gpa: *gpa }, expected)?)
             }
             Step::HostWrite { mem, offset, value } => {
                 self.memory(*mem).write_u64(*offset, *value);
@@ -863,7 +874,7 @@ fn check_steps(
         charge(t, |t| &mut t.model);
         let t = Instant::now();
         let actual = real.apply(step, &expected);
-        let guest = matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. });
+        let guest = matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. });
         charge(t, if guest { |t: &mut Times| &mut t.guest } else { |t: &mut Times| &mut t.calls });
         TIMES.with(|t| {
             let mut times = t.get();
@@ -1004,7 +1015,7 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
     for step in steps {
         let expected = apply_model(&mut model, step);
         let _ = writeln!(out, "    // {step:x?}");
-        if matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. }) && !agent_started {
+        if matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. }) && !agent_started {
             agent_started = true;
             let _ = writeln!(
                 out,
@@ -1078,6 +1089,9 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
         }
         (Step::GuestWrite { gpa, value }, Outcome::Guest(access)) => {
             guest_lines(w, &format!("Op::Write {{ gpa: {gpa:#x}, value: {value:#x} }}"), access)
+        }
+        (Step::GuestExec { gpa }, Outcome::Guest(access)) => {
+            guest_lines(w, &format!("Op::Exec {{ gpa: {gpa:#x} }}"), access)
         }
         (Step::HostWrite { mem, offset, value }, _) => {
             let name = match mem {

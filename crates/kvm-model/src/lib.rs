@@ -16,7 +16,8 @@
 //!   ([`Model::fallocate`]);
 //! * a guest's 8-byte read or write at a GPA: the value, a
 //!   `KVM_EXIT_MEMORY_FAULT`, or an MMIO exit ([`Model::guest_read`],
-//!   [`Model::guest_write`]);
+//!   [`Model::guest_write`]), and a guest instruction fetch
+//!   ([`Model::guest_fetch`]);
 //! * host reads and writes through the memory a slot's `userspace_addr`
 //!   points at: anonymous memory or an `mmap()` of a guest_memfd
 //!   ([`Model::host_read`], [`Model::host_write`]).
@@ -801,6 +802,50 @@ impl Model {
         }
     }
 
+    /// The guest calls the code at `gpa` (8-byte aligned): an instruction
+    /// fetch. Only code the model knows is run: [`ret_stub`] bytes, whose
+    /// result is the stub's sign-extended immediate; a fetch of other bytes,
+    /// or from emulated MMIO (the emulator cannot fetch from it), is
+    /// [`GuestAccess::Unmodeled`].
+    ///
+    /// A fetch faults like a read: kvm_prepare_memory_fault_exit() reports
+    /// no RWX flags ("not (yet) defined or communicated to userspace"), so
+    /// a private fetch without guest_memfd backing exits with flags exactly
+    /// PRIVATE (6.12 and 7.3 alike).
+    pub fn guest_fetch(&mut self, gpa: u64) -> GuestAccess {
+        if let Some(why) = self.unmodeled_guest_fetch(gpa) {
+            return GuestAccess::Unmodeled(why);
+        }
+        match self.guest_read(gpa) {
+            GuestAccess::Done(bytes) => {
+                GuestAccess::Done(stub_result(bytes).expect("unmodeled_guest_fetch checked the stub"))
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Why the model cannot say what a fetch at `gpa` does, if it cannot;
+    /// changes nothing.
+    pub fn unmodeled_guest_fetch(&self, gpa: u64) -> Option<&'static str> {
+        let offset = gpa % PAGE_SIZE;
+        let mut bytes = [0u8; 8];
+        match self.route(gpa, false, 0) {
+            Err(GuestAccess::Unmodeled(why)) => return Some(why),
+            Err(GuestAccess::Mmio { .. }) => return Some("an instruction fetch from emulated MMIO"),
+            Err(_) => return None,
+            Ok(Route::Gmem(g, index)) => {
+                if let Some(page) = self.gmems[g].pages.get(&index) {
+                    bytes.copy_from_slice(&page[offset as usize..offset as usize + 8]);
+                }
+            }
+            Ok(Route::Anon(a, index)) => self.anons[a].read(index * PAGE_SIZE + offset, &mut bytes),
+        }
+        match stub_result(u64::from_le_bytes(bytes)) {
+            Some(_) => None,
+            None => Some("a fetch of bytes that are not a return stub"),
+        }
+    }
+
     /// kvm_swap_active_memslots() moves the memslot generation on: MMIO
     /// SPTEs stay but go stale (check_mmio_spte()). Deleting or moving a
     /// memslot zaps every root only for default VMs
@@ -880,6 +925,18 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Eight bytes of code a guest may call: `mov rax, imm32` (sign-extended)
+/// then `ret`, as the u64 a guest or host write stores.
+pub fn ret_stub(imm: u32) -> u64 {
+    u64::from_le_bytes([0x48, 0xc7, 0xc0, imm as u8, (imm >> 8) as u8, (imm >> 16) as u8, (imm >> 24) as u8, 0xc3])
+}
+
+/// What calling the u64 `bytes` returns, if they are a [`ret_stub`].
+pub fn stub_result(bytes: u64) -> Option<u64> {
+    let b = bytes.to_le_bytes();
+    (b[..3] == [0x48, 0xc7, 0xc0] && b[7] == 0xc3).then(|| i64::from((bytes >> 24) as u32 as i32) as u64)
 }
 
 /// Where an access lands: guest_memfd page, or anonymous page.

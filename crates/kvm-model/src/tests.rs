@@ -371,3 +371,35 @@ fn punch_hole_discards_what_the_host_mapping_wrote() {
     m.host_read(HostMemory::GmemMap(g), P + 16, &mut buf).unwrap();
     assert_eq!(buf, [0; 3]);
 }
+
+#[test]
+fn fetches_run_stubs_and_fault_like_reads() {
+    assert_eq!(stub_result(ret_stub(7)), Some(7));
+    assert_eq!(stub_result(ret_stub(0xffff_fffe)), Some(-2i64 as u64), "the immediate is sign-extended");
+    assert_eq!(stub_result(0), None);
+    let mut m = model(Profile::linux_6_12(true));
+    let g = m.create_guest_memfd(2 * P, 0).unwrap();
+    let anon = m.add_anon(2);
+    let r = MemoryRegion { user: UserMemory::Anon { anon, page: 0 }, ..gmem_region(1, BASE, 2, g, 0) };
+    m.set_memory_region(&r).unwrap();
+    assert_eq!(m.unmodeled_guest_fetch(BASE), Some("a fetch of bytes that are not a return stub"));
+    assert_eq!(m.guest_fetch(BASE + 16 * P), GuestAccess::Unmodeled("an instruction fetch from emulated MMIO"));
+    m.guest_write(BASE + 8, ret_stub(0x55));
+    assert_eq!(m.guest_fetch(BASE + 8), GuestAccess::Done(0x55));
+    // Private without the stub in guest_memfd: not modeled; a private
+    // fetch from a slot without guest_memfd faults with flags PRIVATE.
+    m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert!(m.unmodeled_guest_fetch(BASE + 8).is_some());
+    m.guest_write(BASE + 8, ret_stub(0x66));
+    assert_eq!(m.guest_fetch(BASE + 8), GuestAccess::Done(0x66), "served from guest_memfd");
+    let plain = anon_region(&mut m, 2, BASE + 4 * P, 1);
+    m.set_memory_region(&plain).unwrap();
+    m.set_memory_attributes(BASE + 4 * P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    let fault = GuestAccess::MemoryFault {
+        flags: KVM_MEMORY_EXIT_FLAG_PRIVATE,
+        gpa: BASE + 4 * P,
+        size: P,
+        errno: Errno::EFAULT,
+    };
+    assert_eq!(m.guest_fetch(BASE + 4 * P + 0x20), fault);
+}
