@@ -37,16 +37,16 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::layout::{SYSTEM_SLOT_SIZE, TEST_AREA_GPA};
 use guest_payloads::GUEST_AGENT;
-use kvm_harness::bindings::{kvm_memory_attributes, kvm_regs};
-use kvm_harness::kernel_rules;
+use kvm_harness::bindings::{kvm_memory_attributes, kvm_pre_fault_memory, kvm_regs};
+use kvm_harness::{kernel_rules, watchdog};
 use kvm_harness::{
     settings, Agent, Cap, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need, Op, Region, Result,
     Suite, Vm, VmType,
 };
 use kvm_model::{
     Change, Errno, Fallocate, GmemFd, GuestAccess, HostMemory as ModelMemory, KernelVersion, MemoryRegion, Model,
-    Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
-    PAGE_SIZE,
+    PreFault, Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY, PAGE_SIZE,
 };
 use nix::sys::mman::MapFlags;
 use proptest::collection::SizeRange;
@@ -97,6 +97,8 @@ enum Step {
     GuestWrite { gpa: u64, value: u64 },
     /// The guest calls the code at `gpa` (an instruction fetch).
     GuestExec { gpa: u64 },
+    /// `KVM_PRE_FAULT_MEMORY` on the agent's vCPU.
+    PreFault { gpa: u64, size: u64, flags: u64 },
     /// The host writes `value` at `offset` of a mapping.
     HostWrite { mem: ModelMemory, offset: u64, value: u64 },
 }
@@ -112,6 +114,7 @@ impl Step {
             Step::GuestRead { .. } => "GuestRead",
             Step::GuestWrite { .. } => "GuestWrite",
             Step::GuestExec { .. } => "GuestExec",
+            Step::PreFault { .. } => "PreFault",
             Step::HostWrite { .. } => "HostWrite",
         }
     }
@@ -145,6 +148,7 @@ struct Fixed {
     create_gmem: SBoxedStrategy<Step>,
     set_attributes: SBoxedStrategy<Step>,
     value: SBoxedStrategy<u64>,
+    pre_fault: SBoxedStrategy<Step>,
 }
 
 fn gpa_in_window() -> impl Strategy<Value = u64> {
@@ -328,6 +332,27 @@ fn set_attributes(profile: &Profile) -> SBoxedStrategy<Step> {
     prop_oneof![6 => valid, 1 => invalid].sboxed()
 }
 
+/// `KVM_PRE_FAULT_MEMORY` over up to 8 pages of the window, or with one
+/// input rule broken (flags, alignment, size 0, a range that wraps).
+fn pre_fault() -> SBoxedStrategy<Step> {
+    let valid = (0..WINDOW_PAGES, 1..=8u64).prop_map(|(page, n)| Step::PreFault {
+        gpa: WINDOW + page * P,
+        size: n * P,
+        flags: 0,
+    });
+    let invalid = (0..WINDOW_PAGES, 0..4u32, 0..64u32).prop_map(|(page, kind, bit)| {
+        let gpa = WINDOW + page * P;
+        let (gpa, size, flags) = match kind {
+            0 => (gpa, P, 1u64 << bit),
+            1 => (gpa + 8 * u64::from(bit % 8 + 1), P, 0),
+            2 => (gpa, 0, 0),
+            _ => (u64::MAX - P + 1, 2 * P, 0),
+        };
+        Step::PreFault { gpa, size, flags }
+    });
+    prop_oneof![4 => valid, 1 => invalid].sboxed()
+}
+
 fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
     let ngmem = state.model.gmems().len();
     if ngmem == 0 {
@@ -410,6 +435,9 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     if let Some(s) = fallocate(state) {
         choices.push((2, s));
     }
+    if state.model.profile().pre_fault_memory {
+        choices.push((2, state.fixed.pre_fault.clone().boxed()));
+    }
     if state.gmem_only == GmemOnlyAccess::Focused {
         if let Some(s) = gmem_only_focus(state) {
             choices.push((6, s));
@@ -449,6 +477,7 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
         Step::GuestRead { gpa } => guest_ok(*gpa, false),
         Step::GuestWrite { gpa, .. } => guest_ok(*gpa, true),
         Step::GuestExec { gpa } => guest_ok(*gpa, false) && model.unmodeled_guest_fetch(*gpa).is_none(),
+        Step::PreFault { gpa, size, flags } => model.unmodeled_pre_fault(*gpa, *size, *flags).is_none(),
         Step::HostWrite { mem, offset, .. } => match *mem {
             ModelMemory::Anon(a) => (1..=ANON_PAGES.len()).contains(&a) && offset + 8 <= ANON_PAGES[a - 1] * P,
             ModelMemory::GmemMap(g) => {
@@ -467,6 +496,8 @@ enum Outcome {
     Guest(GuestAccess),
     /// A host write (always succeeds: faulting writes are not generated).
     HostWrite,
+    /// `KVM_PRE_FAULT_MEMORY`: the result and the range written back.
+    PreFault(PreFault),
 }
 
 fn apply_model(model: &mut Model, step: &Step) -> Outcome {
@@ -480,6 +511,9 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
         Step::GuestRead { gpa } => Outcome::Guest(model.guest_read(*gpa)),
         Step::GuestWrite { gpa, value } => Outcome::Guest(model.guest_write(*gpa, *value)),
         Step::GuestExec { gpa } => Outcome::Guest(model.guest_fetch(*gpa)),
+        Step::PreFault { gpa, size, flags } => Outcome::PreFault(
+            model.pre_fault_memory(*gpa, *size, *flags).expect("preconditions exclude unmodeled pre-faults"),
+        ),
         Step::HostWrite { mem, offset, value } => {
             model.host_write(*mem, *offset, &value.to_le_bytes()).expect("preconditions exclude faulting host writes");
             Outcome::HostWrite
@@ -668,6 +702,19 @@ impl Real {
                 self.memory(*mem).write_u64(*offset, *value);
                 Outcome::HostWrite
             }
+            Step::PreFault { gpa, size, flags } => {
+                let (agent, _) = self.agent().map_err(|e| format!("cannot start the agent: {e}"))?;
+                let mut range = kvm_pre_fault_memory { gpa: *gpa, size: *size, flags: *flags, ..Default::default() };
+                // Under a deadline: a kernel that retries forever is a
+                // mismatch, not a hung test.
+                let deadline = watchdog::configured_timeout().map_err(|e| e.to_string())?;
+                let result = match agent.vcpu().pre_fault_memory_with_deadline(&mut range, deadline) {
+                    (_, true) => return Err(format!("KVM_PRE_FAULT_MEMORY still running after {deadline:?}")),
+                    (Ok(()), false) => Ok(()),
+                    (Err(e), false) => Err(model_errno(&e)?),
+                };
+                Outcome::PreFault(PreFault { result, gpa: range.gpa, size: range.size })
+            }
         })
     }
 
@@ -771,9 +818,10 @@ fn describe_memory(mem: ModelMemory) -> String {
 /// The errno of a failed harness call, in the model's terms.
 fn model_errno(e: &Error) -> Result<Errno, String> {
     let errno = e.errno().ok_or_else(|| format!("not an errno: {e}"))?;
-    let all =
-        [Errno::EBADF, Errno::EFAULT, Errno::EEXIST, Errno::EINVAL, Errno::ENOTTY, Errno::EFBIG, Errno::EOPNOTSUPP];
-    all.into_iter().find(|m| m.raw() == errno as i32).ok_or_else(|| format!("{errno:?} (unknown to the model): {e}"))
+    Errno::ALL
+        .into_iter()
+        .find(|m| m.raw() == errno as i32)
+        .ok_or_else(|| format!("{errno:?} (unknown to the model): {e}"))
 }
 
 /// Where a test thread's time went, for the summary line.
@@ -964,6 +1012,10 @@ fn show(outcome: &Outcome) -> String {
         }
         Outcome::Guest(GuestAccess::Unmodeled(why)) => format!("(unmodeled: {why})"),
         Outcome::HostWrite => "a host write".into(),
+        Outcome::PreFault(PreFault { result, gpa, size }) => format!(
+            "{} with the range left at gpa {gpa:#x}, size {size:#x}",
+            result.map_or_else(|e| e.name().to_string(), |()| "success".to_string())
+        ),
     }
 }
 
@@ -1015,7 +1067,11 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
     for step in steps {
         let expected = apply_model(&mut model, step);
         let _ = writeln!(out, "    // {step:x?}");
-        if matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. }) && !agent_started {
+        if matches!(
+            step,
+            Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. } | Step::PreFault { .. }
+        ) && !agent_started
+        {
             agent_started = true;
             let _ = writeln!(
                 out,
@@ -1039,7 +1095,7 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
     let _ = writeln!(w, "// {SEED_ENV}={seed:#x} {CASES_ENV}=1 reruns this case; kernel {}.", profile.version);
     let _ = writeln!(
         w,
-        "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::kvm_memory_attributes;\n\
+        "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::{{kvm_memory_attributes, kvm_pre_fault_memory}};\n\
          // use kvm_harness::{{expect_errno, Agent, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
          // use nix::sys::mman::MapFlags; use std::sync::Arc;"
     );
@@ -1092,6 +1148,14 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
         }
         (Step::GuestExec { gpa }, Outcome::Guest(access)) => {
             guest_lines(w, &format!("Op::Exec {{ gpa: {gpa:#x} }}"), access)
+        }
+        (Step::PreFault { gpa, size, flags }, Outcome::PreFault(after)) => {
+            let _ = writeln!(
+                w,
+                "    let mut range = kvm_pre_fault_memory {{ gpa: {gpa:#x}, size: {size:#x}, flags: {flags:#x}, ..Default::default() }};"
+            );
+            call_line(w, "KVM_PRE_FAULT_MEMORY", &after.result, "agent.vcpu().pre_fault_memory(&mut range)");
+            let _ = writeln!(w, "    assert_eq!((range.gpa, range.size), ({:#x}, {:#x}));", after.gpa, after.size);
         }
         (Step::HostWrite { mem, offset, value }, _) => {
             let name = match mem {
@@ -1181,6 +1245,9 @@ fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
         readonly_mem: vm.cap(Cap::ReadonlyMem) != 0,
         address_spaces: vm.cap(Cap::MultiAddressSpace).clamp(1, i32::from(u16::MAX)) as u16,
         mmio_caching,
+        pre_fault_memory: vm.cap(Cap::PreFaultMemory) != 0,
+        // KVM_X86_QUIRK_SLOT_ZAP_ALL is on unless disabled, which no test does.
+        slot_zap_all: vm_type == VmType::Default,
     })
 }
 
@@ -1212,6 +1279,7 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
         create_gmem: create_gmem(profile),
         set_attributes: set_attributes(profile),
         value: value().sboxed(),
+        pre_fault: pre_fault(),
     });
     let init = RefState { model: initial_model(profile), gmem_only, fixed };
     Sequential::new(
@@ -1337,6 +1405,9 @@ fn tally_outcomes(profile: &Profile, steps: &[Step], tally: &mut std::collection
             Outcome::Guest(GuestAccess::MemoryFault { .. }) => "KVM_EXIT_MEMORY_FAULT".to_string(),
             Outcome::Guest(GuestAccess::Unmodeled(_)) => "unmodeled".to_string(),
             Outcome::HostWrite => "done".to_string(),
+            Outcome::PreFault(PreFault { result: Ok(()), size: 0, .. }) => "ok".to_string(),
+            Outcome::PreFault(PreFault { result: Ok(()), .. }) => "partial".to_string(),
+            Outcome::PreFault(PreFault { result: Err(e), .. }) => e.name().to_string(),
         };
         *tally.entry(format!("{} {outcome}", step.kind())).or_insert(0) += 1;
     }

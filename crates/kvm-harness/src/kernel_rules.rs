@@ -123,11 +123,8 @@ pub struct Fix {
 /// kvm-x86 MMU pull for 6.18; neither is in Debian's 6.12.117.
 pub const PREFAULT_VS_MEMSLOT_DELETION: &[Fix] = &[
     Fix {
-        commit: Commit {
-            sha: "20a6cff3b283",
-            subject: "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()",
-        },
-        mainline: KernelVersion::new(6, 18),
+        commit: kvm_model::versioned::PREFAULT_FREES_OBSOLETE_ROOTS.change,
+        mainline: kvm_model::versioned::PREFAULT_FREES_OBSOLETE_ROOTS.since,
     },
     Fix {
         commit: Commit {

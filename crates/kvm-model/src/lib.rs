@@ -18,6 +18,7 @@
 //!   `KVM_EXIT_MEMORY_FAULT`, or an MMIO exit ([`Model::guest_read`],
 //!   [`Model::guest_write`]), and a guest instruction fetch
 //!   ([`Model::guest_fetch`]);
+//! * `KVM_PRE_FAULT_MEMORY` ([`Model::pre_fault_memory`]);
 //! * host reads and writes through the memory a slot's `userspace_addr`
 //!   points at: anonymous memory or an `mmap()` of a guest_memfd
 //!   ([`Model::host_read`], [`Model::host_write`]).
@@ -314,6 +315,17 @@ pub enum GuestAccess {
     Unmodeled(&'static str),
 }
 
+/// What `KVM_PRE_FAULT_MEMORY` returns and writes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreFault {
+    /// Success, or the errno.
+    pub result: Result<(), Errno>,
+    /// `range.gpa` afterwards: the first page not mapped.
+    pub gpa: u64,
+    /// `range.size` afterwards: what was left.
+    pub size: u64,
+}
+
 /// The state of one VM and the host memory around it, and the rules.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -328,6 +340,11 @@ pub struct Model {
     /// place) by any memslot change, replaced by the next access that maps
     /// the GFN.
     mmio_sptes: BTreeMap<u64, MmioSpte>,
+    /// The vCPU's MMU root is obsolete: a memslot delete or move zapped
+    /// every root (kvm_arch_flush_shadow_memslot(), default VMs) and the
+    /// vCPU has not entered the guest since (vcpu_enter_guest() frees
+    /// obsolete roots).
+    obsolete_roots: bool,
 }
 
 fn page_aligned(value: u64) -> bool {
@@ -367,6 +384,7 @@ impl Model {
             slots: BTreeMap::new(),
             attributes: BTreeMap::new(),
             mmio_sptes: BTreeMap::new(),
+            obsolete_roots: false,
         }
     }
 
@@ -447,6 +465,7 @@ impl Model {
                 Some(_) => {
                     self.slots.remove(&(as_id, id));
                     self.memslot_generation_moved();
+                    self.obsolete_roots |= self.profile.slot_zap_all;
                     Ok(Change::Delete)
                 }
             };
@@ -482,6 +501,7 @@ impl Model {
                 let slot = self.slots.get_mut(&(as_id, id)).expect("modified slot exists");
                 slot.base_gfn = base_gfn;
                 slot.flags = mem.flags;
+                self.obsolete_roots |= change == Change::Move && self.profile.slot_zap_all;
             }
             Change::Delete | Change::Unchanged => unreachable!("handled above"),
         }
@@ -683,6 +703,12 @@ impl Model {
 
     /// Where a guest access to `gfn` ends up, without side effects.
     fn route(&self, gpa: u64, is_write: bool, data: u64) -> Result<Route, GuestAccess> {
+        self.route_with(gpa, is_write, data, self.mmio_sptes.get(&(gpa >> PAGE_SHIFT)).copied())
+    }
+
+    /// [`Self::route`] as if the GFN's SPTE were `spte` (`None`: no MMIO
+    /// SPTE, as for a fault without the reserved bit).
+    fn route_with(&self, gpa: u64, is_write: bool, data: u64, spte: Option<MmioSpte>) -> Result<Route, GuestAccess> {
         let gfn = gpa >> PAGE_SHIFT;
         let page_gpa = gpa & !(PAGE_SIZE - 1);
         // x86 kvm_mmu_page_fault(): a VM with private memory marks the fault
@@ -699,16 +725,16 @@ impl Model {
             // kvm_mmu_page_fault() treats as shared-only ("emulated MMIO is
             // shared-only"), and KVM_SET_MEMORY_ATTRIBUTES zaps only
             // memslot-backed ranges: that GFN stays MMIO though now private.
-            if private && self.mmio_sptes.get(&gfn) == Some(&MmioSpte::Stale) {
+            if private && spte == Some(MmioSpte::Stale) {
                 return Err(fault(STALE_MMIO_SPTE_FAULT_FLAGS));
             }
-            if private && !self.mmio_sptes.contains_key(&gfn) {
+            if private && spte.is_none() {
                 return Err(fault(KVM_MEMORY_EXIT_FLAG_PRIVATE));
             }
             return Err(GuestAccess::Mmio { gpa, len: 8, is_write, data: if is_write { data } else { 0 } });
         };
         let index = gfn - slot.base_gfn;
-        if private && self.mmio_sptes.get(&gfn) == Some(&MmioSpte::Stale) {
+        if private && spte == Some(MmioSpte::Stale) {
             return Err(fault(STALE_MMIO_SPTE_FAULT_FLAGS));
         }
         if private || slot.gmem_only {
@@ -761,6 +787,7 @@ impl Model {
 
     /// The guest reads the u64 at `gpa` (8-byte aligned).
     pub fn guest_read(&mut self, gpa: u64) -> GuestAccess {
+        self.obsolete_roots = false;
         assert_eq!(gpa % 8, 0, "the model knows aligned 8-byte accesses only");
         let offset = (gpa % PAGE_SIZE) as usize;
         let route = self.route(gpa, false, 0);
@@ -783,6 +810,7 @@ impl Model {
 
     /// The guest writes `value` at `gpa` (8-byte aligned).
     pub fn guest_write(&mut self, gpa: u64, value: u64) -> GuestAccess {
+        self.obsolete_roots = false;
         assert_eq!(gpa % 8, 0, "the model knows aligned 8-byte accesses only");
         let offset = (gpa % PAGE_SIZE) as usize;
         let route = self.route(gpa, true, value);
@@ -844,6 +872,91 @@ impl Model {
             Some(_) => None,
             None => Some("a fetch of bytes that are not a return stub"),
         }
+    }
+
+    /// `KVM_PRE_FAULT_MEMORY` of `[gpa, gpa + size)` with `flags`: the
+    /// result and the range the kernel writes back, or why the model cannot
+    /// say (a page whose shared view is unmodeled comes before the end).
+    ///
+    /// kvm_vcpu_pre_fault_memory() (6.12 and 7.3 alike): nonzero flags,
+    /// unaligned gpa or size, or `gpa + size <= gpa` (size 0, wrap) are
+    /// EINVAL; then page by page kvm_arch_vcpu_pre_fault_memory() maps
+    /// `range->gpa`, private where the attributes say so, and the range
+    /// advances by the mapping's size (4 KiB: the window's memslots are too
+    /// small and unaligned for huge pages). The first failure stops it: the
+    /// call fails with it if no page was mapped, else succeeds with the
+    /// rest left in the range. kvm_tdp_map_page() / kvm_tdp_page_prefault()
+    /// turn RET_PF_EMULATE (no memslot, shared) into ENOENT; a fault exit
+    /// (private without guest_memfd backing) is EFAULT.
+    pub fn pre_fault_memory(&mut self, gpa: u64, size: u64, flags: u64) -> Result<PreFault, &'static str> {
+        let unchanged = |errno| PreFault { result: Err(errno), gpa, size };
+        if flags != 0 || !page_aligned(gpa) || !page_aligned(size) || gpa.wrapping_add(size) <= gpa {
+            return Ok(unchanged(Errno::EINVAL));
+        }
+        if self.obsolete_roots {
+            if !versioned::PREFAULT_FREES_OBSOLETE_ROOTS.outcome(self.profile.version) {
+                return Err("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel");
+            }
+            // kvm_mmu_reload() frees the obsolete roots and loads a new one.
+            self.obsolete_roots = false;
+        }
+        let (mut at, mut left) = (gpa, size);
+        while left > 0 {
+            match self.pre_fault_page(at)? {
+                Ok(()) => (at, left) = (at + PAGE_SIZE, left - PAGE_SIZE),
+                Err(errno) if left == size => return Ok(unchanged(errno)),
+                Err(_) => break,
+            }
+        }
+        Ok(PreFault { result: Ok(()), gpa: at, size: left })
+    }
+
+    /// One page of [`Self::pre_fault_memory`]. Unlike a guest access, the
+    /// fault carries no reserved bit, so an MMIO SPTE does not divert it:
+    /// the attributes alone decide private or shared.
+    fn pre_fault_page(&mut self, gpa: u64) -> Result<Result<(), Errno>, &'static str> {
+        let gfn = gpa >> PAGE_SHIFT;
+        match self.route_with(gpa, false, 0, None) {
+            Ok(route) => {
+                // A present SPTE replaces any MMIO SPTE; kvm_gmem_get_pfn()
+                // allocates a guest_memfd page.
+                self.mmio_sptes.remove(&gfn);
+                if let Route::Gmem(g, index) = route {
+                    self.gmem_page_mut(g, index);
+                }
+                Ok(Ok(()))
+            }
+            Err(GuestAccess::MemoryFault { .. }) => Ok(Err(Errno::EFAULT)),
+            Err(GuestAccess::Mmio { .. }) => {
+                // kvm_handle_noslot_fault() installs an MMIO SPTE of the
+                // current generation where MMIO caching is on.
+                if self.profile.mmio_caching {
+                    self.mmio_sptes.insert(gfn, MmioSpte::Current);
+                }
+                Ok(Err(Errno::ENOENT))
+            }
+            Err(GuestAccess::Unmodeled(why)) => Err(why),
+            Err(GuestAccess::Done(_)) => unreachable!("route() never fails with a completion"),
+        }
+    }
+
+    /// Why the model cannot say what [`Self::pre_fault_memory`] does, if it
+    /// cannot; changes nothing.
+    pub fn unmodeled_pre_fault(&self, gpa: u64, size: u64, flags: u64) -> Option<&'static str> {
+        if flags != 0 || !page_aligned(gpa) || !page_aligned(size) || gpa.wrapping_add(size) <= gpa {
+            return None;
+        }
+        if self.obsolete_roots && !versioned::PREFAULT_FREES_OBSOLETE_ROOTS.outcome(self.profile.version) {
+            return Some("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel");
+        }
+        for page in (gpa..gpa + size).step_by(PAGE_SIZE as usize) {
+            match self.route_with(page, false, 0, None) {
+                Ok(_) => continue,
+                Err(GuestAccess::Unmodeled(why)) => return Some(why),
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// kvm_swap_active_memslots() moves the memslot generation on: MMIO

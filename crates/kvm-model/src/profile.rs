@@ -31,6 +31,14 @@ pub struct Profile {
     /// kvm_arch_nr_memslot_as_ids() (`KVM_CAP_MULTI_ADDRESS_SPACE` on the
     /// VM fd, at least 1).
     pub address_spaces: u16,
+    /// `KVM_PRE_FAULT_MEMORY` works on this VM's vCPUs
+    /// (`KVM_CAP_PRE_FAULT_MEMORY`: x86 reports `tdp_enabled`; both VM types
+    /// have `pre_fault_allowed`, kvm_arch_init_vm()).
+    pub pre_fault_memory: bool,
+    /// Deleting or moving a memslot zaps every MMU root
+    /// (kvm_arch_flush_shadow_memslot(): `KVM_X86_DEFAULT_VM` with
+    /// `KVM_X86_QUIRK_SLOT_ZAP_ALL`, on by default).
+    pub slot_zap_all: bool,
     /// KVM caches emulated MMIO in reserved-bit SPTEs (`kvm.mmio_caching`,
     /// /sys/module/kvm/parameters/mmio_caching).
     pub mmio_caching: bool,
@@ -50,6 +58,8 @@ impl Profile {
             readonly_mem: true,
             address_spaces: if private { 1 } else { 2 },
             mmio_caching: true,
+            pre_fault_memory: true,
+            slot_zap_all: !private,
         }
     }
 

@@ -403,3 +403,55 @@ fn fetches_run_stubs_and_fault_like_reads() {
     };
     assert_eq!(m.guest_fetch(BASE + 4 * P + 0x20), fault);
 }
+
+#[test]
+fn pre_fault_memory_progress_and_errors() {
+    let mut m = model(Profile::linux_6_12(true));
+    let r = anon_region(&mut m, 1, BASE, 2);
+    m.set_memory_region(&r).unwrap();
+    let einval = |gpa, size| PreFault { result: Err(Errno::EINVAL), gpa, size };
+    assert_eq!(m.pre_fault_memory(BASE, P, 1), Ok(einval(BASE, P)), "flags must be 0");
+    assert_eq!(m.pre_fault_memory(BASE + 8, P, 0), Ok(einval(BASE + 8, P)));
+    assert_eq!(m.pre_fault_memory(BASE, 0, 0), Ok(einval(BASE, 0)), "size 0");
+    assert_eq!(m.pre_fault_memory(u64::MAX - P + 1, P, 0), Ok(einval(u64::MAX - P + 1, P)), "wraps to 0");
+    assert_eq!(m.pre_fault_memory(BASE, 2 * P, 0), Ok(PreFault { result: Ok(()), gpa: BASE + 2 * P, size: 0 }));
+    // Past the slot: the mapped part is success, the rest is left.
+    assert_eq!(m.pre_fault_memory(BASE + P, 3 * P, 0), Ok(PreFault { result: Ok(()), gpa: BASE + 2 * P, size: 2 * P }));
+    assert_eq!(
+        m.pre_fault_memory(BASE + 2 * P, P, 0),
+        Ok(PreFault { result: Err(Errno::ENOENT), gpa: BASE + 2 * P, size: P })
+    );
+    // Private without guest_memfd: EFAULT.
+    m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(m.pre_fault_memory(BASE, P, 0), Ok(PreFault { result: Err(Errno::EFAULT), gpa: BASE, size: P }));
+    assert_eq!(
+        m.pre_fault_memory(BASE + 3 * P, P, 0),
+        Ok(PreFault { result: Err(Errno::ENOENT), gpa: BASE + 3 * P, size: P })
+    );
+    // The MMIO SPTE that left: a later private read of that GFN is emulated MMIO.
+    m.set_memory_attributes(BASE + 3 * P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert!(matches!(m.guest_read(BASE + 3 * P), GuestAccess::Mmio { .. }));
+    assert_eq!(
+        m.pre_fault_memory(BASE + 3 * P, P, 0),
+        Ok(PreFault { result: Err(Errno::EFAULT), gpa: BASE + 3 * P, size: P })
+    );
+}
+
+#[test]
+fn pre_fault_after_a_zap_all_needs_the_vcpu_to_run_first_before_6_18() {
+    for (profile, spins) in [(Profile::linux_6_12(false), true), (Profile::linux_7_3(false), false)] {
+        let mut m = model(profile);
+        let r = anon_region(&mut m, 1, BASE, 1);
+        m.set_memory_region(&r).unwrap();
+        m.set_memory_region(&MemoryRegion { gpa: BASE + P, ..r }).unwrap();
+        assert_eq!(m.unmodeled_pre_fault(BASE + P, P, 0).is_some(), spins, "after a move");
+        assert_eq!(m.pre_fault_memory(BASE + P, P, 1).unwrap().result, Err(Errno::EINVAL), "input checks come first");
+        m.guest_read(BASE + P);
+        assert_eq!(m.pre_fault_memory(BASE + P, P, 0).unwrap().result, Ok(()), "the vCPU ran: fresh root");
+    }
+    let mut private = model(Profile::linux_6_12(true));
+    let r = anon_region(&mut private, 1, BASE, 1);
+    private.set_memory_region(&r).unwrap();
+    private.set_memory_region(&MemoryRegion { size: 0, ..r }).unwrap();
+    assert_eq!(private.unmodeled_pre_fault(BASE, P, 0), None, "a protected VM zaps only the memslot");
+}

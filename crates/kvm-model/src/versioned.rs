@@ -121,3 +121,16 @@ pub const GMEM_BINDING_OVERLAP: Versioned<Errno> = Versioned {
     since: KernelVersion::new(7, 2),
     change: Commit { sha: "7ea987a90585", subject: "KVM: guest_memfd: Return -EEXIST for overlapping bindings" },
 };
+
+/// Whether `KVM_PRE_FAULT_MEMORY` makes progress on a vCPU whose MMU root a
+/// memslot delete or move made obsolete (default VMs zap every root) before
+/// the vCPU ran again. Before 6.18 kvm_mmu_reload() reloads only an invalid
+/// root, the fault finds the root obsolete (is_page_fault_stale()) and
+/// kvm_tdp_map_page() retries RET_PF_RETRY until a signal; from 6.18 it
+/// frees obsolete roots first.
+pub const PREFAULT_FREES_OBSOLETE_ROOTS: Versioned<bool> = Versioned {
+    before: false,
+    after: true,
+    since: KernelVersion::new(6, 18),
+    change: Commit { sha: "20a6cff3b283", subject: "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()" },
+};
