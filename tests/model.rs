@@ -44,8 +44,8 @@ use kvm_harness::{
     Suite, Vm, VmType,
 };
 use kvm_model::{
-    Change, Errno, Fallocate, GmemFd, GuestAccess, HostMemory as ModelMemory, KernelVersion, MemoryRegion, Model,
-    PreFault, Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
+    Change, Errno, Fallocate, GmemFd, GuestAccess, HostMemory as ModelMemory, KernelVersion, MapGpaRange, MemoryRegion,
+    Model, PreFault, Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY, PAGE_SIZE,
 };
 use nix::sys::mman::MapFlags;
@@ -99,6 +99,11 @@ enum Step {
     GuestExec { gpa: u64 },
     /// `KVM_PRE_FAULT_MEMORY` on the agent's vCPU.
     PreFault { gpa: u64, size: u64, flags: u64 },
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, [mask])`.
+    HypercallExits { mask: u64 },
+    /// The guest's `KVM_HC_MAP_GPA_RANGE`; the VMM answers an exit by
+    /// applying the attributes ([`vmm_attributes`]).
+    MapGpaRange { gpa: u64, npages: u64, attrs: u64 },
     /// The host writes `value` at `offset` of a mapping.
     HostWrite { mem: ModelMemory, offset: u64, value: u64 },
 }
@@ -115,6 +120,8 @@ impl Step {
             Step::GuestWrite { .. } => "GuestWrite",
             Step::GuestExec { .. } => "GuestExec",
             Step::PreFault { .. } => "PreFault",
+            Step::HypercallExits { .. } => "HypercallExits",
+            Step::MapGpaRange { .. } => "MapGpaRange",
             Step::HostWrite { .. } => "HostWrite",
         }
     }
@@ -138,6 +145,10 @@ enum GmemOnlyAccess {
 struct RefState {
     model: Model,
     gmem_only: GmemOnlyAccess,
+    /// Guest hypercalls are generated: not on kvm_pvm, where the vCPU
+    /// never leaves KVM_RUN on the agent's hypercall (a kvm_pvm limit; the
+    /// protected-VM kernels run them).
+    hypercalls: bool,
     /// The strategies that depend on the profile only, built once per
     /// sequence instead of once per step.
     fixed: Arc<Fixed>,
@@ -149,6 +160,8 @@ struct Fixed {
     set_attributes: SBoxedStrategy<Step>,
     value: SBoxedStrategy<u64>,
     pre_fault: SBoxedStrategy<Step>,
+    hypercall_exits: SBoxedStrategy<Step>,
+    map_gpa_range: SBoxedStrategy<Step>,
 }
 
 fn gpa_in_window() -> impl Strategy<Value = u64> {
@@ -332,6 +345,45 @@ fn set_attributes(profile: &Profile) -> SBoxedStrategy<Step> {
     prop_oneof![6 => valid, 1 => invalid].sboxed()
 }
 
+/// A guest's `KVM_HC_MAP_GPA_RANGE` over up to 4 pages of the window, to
+/// private or shared, or with one input rule broken (unaligned, no pages,
+/// a GFN range that wraps).
+fn map_gpa_range() -> SBoxedStrategy<Step> {
+    let attrs = prop_oneof![
+        2 => Just(kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED),
+        2 => Just(0u64),
+        1 => any::<u64>(),
+    ];
+    let valid = (0..WINDOW_PAGES, 1..=4u64, attrs).prop_map(|(page, n, attrs)| Step::MapGpaRange {
+        gpa: WINDOW + page * P,
+        npages: n.min(WINDOW_PAGES - page),
+        attrs,
+    });
+    let invalid = (0..WINDOW_PAGES, 0..3u32).prop_map(|(page, kind)| {
+        let (gpa, npages) = match kind {
+            0 => (WINDOW + page * P + 8, 1),
+            1 => (WINDOW + page * P, 0),
+            _ => (WINDOW + page * P, u64::MAX),
+        };
+        Step::MapGpaRange { gpa, npages, attrs: kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED }
+    });
+    prop_oneof![5 => valid, 1 => invalid].sboxed()
+}
+
+/// How this test's VMM answers a `KVM_HC_MAP_GPA_RANGE` exit: the
+/// `KVM_SET_MEMORY_ATTRIBUTES` request it makes (PRIVATE for
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`, else shared), or `None` when the range's
+/// size does not fit a u64 (answered -EINVAL without a call).
+fn vmm_attributes(gpa: u64, npages: u64, attrs: u64) -> Option<(u64, u64, u64)> {
+    let private = attrs & kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED != 0;
+    Some((gpa, npages.checked_mul(P)?, if private { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 }))
+}
+
+/// The guest's rax for an errno (the hypercall ABI: `-errno`).
+fn hypercall_ret(result: Result<(), Errno>) -> u64 {
+    result.map_or_else(|e| (-i64::from(e.raw())) as u64, |()| 0)
+}
+
 /// `KVM_PRE_FAULT_MEMORY` over up to 8 pages of the window, or with one
 /// input rule broken (flags, alignment, size 0, a range that wraps).
 fn pre_fault() -> SBoxedStrategy<Step> {
@@ -435,6 +487,10 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     if let Some(s) = fallocate(state) {
         choices.push((2, s));
     }
+    if state.hypercalls && state.model.profile().hypercall_exit_mask != 0 {
+        choices.push((1, state.fixed.hypercall_exits.clone().boxed()));
+        choices.push((3, state.fixed.map_gpa_range.clone().boxed()));
+    }
     if state.model.profile().pre_fault_memory {
         choices.push((2, state.fixed.pre_fault.clone().boxed()));
     }
@@ -465,7 +521,10 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
             && !(state.gmem_only == GmemOnlyAccess::Excluded && model.slot_at(gpa).is_some_and(|s| s.gmem_only))
     };
     match step {
-        Step::CreateGmem { .. } | Step::SetAttributes { .. } => true,
+        Step::CreateGmem { .. }
+        | Step::SetAttributes { .. }
+        | Step::HypercallExits { .. }
+        | Step::MapGpaRange { .. } => true,
         Step::SetRegion(r) => {
             user_fits(r.user, r.size / P)
                 && match r.guest_memfd {
@@ -498,6 +557,9 @@ enum Outcome {
     HostWrite,
     /// `KVM_PRE_FAULT_MEMORY`: the result and the range written back.
     PreFault(PreFault),
+    /// A `KVM_HC_MAP_GPA_RANGE`: the exit's nr, args[0..3] and flags if it
+    /// exited, and the guest's rax.
+    MapGpa { exit: Option<(u64, [u64; 3], u64)>, ret: u64 },
 }
 
 fn apply_model(model: &mut Model, step: &Step) -> Outcome {
@@ -511,6 +573,20 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
         Step::GuestRead { gpa } => Outcome::Guest(model.guest_read(*gpa)),
         Step::GuestWrite { gpa, value } => Outcome::Guest(model.guest_write(*gpa, *value)),
         Step::GuestExec { gpa } => Outcome::Guest(model.guest_fetch(*gpa)),
+        Step::HypercallExits { mask } => Outcome::Call(model.enable_hypercall_exits(*mask)),
+        Step::MapGpaRange { gpa, npages, attrs } => match model.map_gpa_range(*gpa, *npages, *attrs) {
+            MapGpaRange::Returned(ret) => Outcome::MapGpa { exit: None, ret },
+            MapGpaRange::Exit { args, flags } => {
+                let result = match vmm_attributes(args[0], args[1], args[2]) {
+                    None => Err(Errno::EINVAL),
+                    Some((address, size, attributes)) => model.set_memory_attributes(address, size, attributes, 0),
+                };
+                Outcome::MapGpa {
+                    exit: Some((kvm_model::KVM_HC_MAP_GPA_RANGE, args, flags)),
+                    ret: hypercall_ret(result),
+                }
+            }
+        },
         Step::PreFault { gpa, size, flags } => Outcome::PreFault(
             model.pre_fault_memory(*gpa, *size, *flags).expect("preconditions exclude unmodeled pre-faults"),
         ),
@@ -702,6 +778,13 @@ impl Real {
                 self.memory(*mem).write_u64(*offset, *value);
                 Outcome::HostWrite
             }
+            Step::HypercallExits { mask } => {
+                Outcome::Call(match self.vm.enable_cap(Cap::ExitHypercall, [*mask, 0, 0, 0]) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(model_errno(&e)?),
+                })
+            }
+            Step::MapGpaRange { gpa, npages, attrs } => self.map_gpa_range(*gpa, *npages, *attrs)?,
             Step::PreFault { gpa, size, flags } => {
                 let (agent, _) = self.agent().map_err(|e| format!("cannot start the agent: {e}"))?;
                 let mut range = kvm_pre_fault_memory { gpa: *gpa, size: *size, flags: *flags, ..Default::default() };
@@ -716,6 +799,30 @@ impl Real {
                 Outcome::PreFault(PreFault { result, gpa: range.gpa, size: range.size })
             }
         })
+    }
+
+    /// The guest's `KVM_HC_MAP_GPA_RANGE`, answered as [`vmm_attributes`] says.
+    fn map_gpa_range(&mut self, gpa: u64, npages: u64, attrs: u64) -> Result<Outcome, String> {
+        let op = Op::Hypercall { nr: kvm_model::KVM_HC_MAP_GPA_RANGE, args: [gpa, npages, attrs, 0] };
+        let vm = &self.vm;
+        let Some((agent, _)) = self.agent.as_mut() else { return Err("the agent is not running".into()) };
+        agent.submit(op).map_err(|e| e.to_string())?;
+        let mut exit = None;
+        let mut result = agent.vcpu().run().map_err(|e| format!("KVM_RUN: {e}"))?;
+        if let Exit::Hypercall { nr, args, flags } = result {
+            exit = Some((nr, [args[0], args[1], args[2]], flags));
+            let answer = match vmm_attributes(args[0], args[1], args[2]) {
+                None => Err(Errno::EINVAL),
+                Some((address, size, attributes)) => match vm.set_memory_attributes(address, size, attributes) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(model_errno(&e)?),
+                },
+            };
+            agent.vcpu().set_hypercall_ret(hypercall_ret(answer)).map_err(|e| e.to_string())?;
+            result = agent.vcpu().run().map_err(|e| format!("KVM_RUN: {e}"))?;
+        }
+        let ret = agent.ready_from_exit(result, "KVM_HC_MAP_GPA_RANGE").map_err(|e| e.to_string())?;
+        Ok(Outcome::MapGpa { exit, ret })
     }
 
     fn memory(&self, mem: ModelMemory) -> &HostMemory {
@@ -922,7 +1029,10 @@ fn check_steps(
         charge(t, |t| &mut t.model);
         let t = Instant::now();
         let actual = real.apply(step, &expected);
-        let guest = matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. });
+        let guest = matches!(
+            step,
+            Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. } | Step::MapGpaRange { .. }
+        );
         charge(t, if guest { |t: &mut Times| &mut t.guest } else { |t: &mut Times| &mut t.calls });
         TIMES.with(|t| {
             let mut times = t.get();
@@ -1012,6 +1122,7 @@ fn show(outcome: &Outcome) -> String {
         }
         Outcome::Guest(GuestAccess::Unmodeled(why)) => format!("(unmodeled: {why})"),
         Outcome::HostWrite => "a host write".into(),
+        Outcome::MapGpa { exit, ret } => format!("exit {exit:x?}, guest rax {ret:#x}"),
         Outcome::PreFault(PreFault { result, gpa, size }) => format!(
             "{} with the range left at gpa {gpa:#x}, size {size:#x}",
             result.map_or_else(|e| e.name().to_string(), |()| "success".to_string())
@@ -1069,7 +1180,11 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
         let _ = writeln!(out, "    // {step:x?}");
         if matches!(
             step,
-            Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. } | Step::PreFault { .. }
+            Step::GuestRead { .. }
+                | Step::GuestWrite { .. }
+                | Step::GuestExec { .. }
+                | Step::PreFault { .. }
+                | Step::MapGpaRange { .. }
         ) && !agent_started
         {
             agent_started = true;
@@ -1096,7 +1211,7 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
     let _ = writeln!(
         w,
         "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::{{kvm_memory_attributes, kvm_pre_fault_memory}};\n\
-         // use kvm_harness::{{expect_errno, Agent, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
+         // use kvm_harness::{{expect_errno, Agent, Cap, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
          // use nix::sys::mman::MapFlags; use std::sync::Arc;"
     );
     let _ = writeln!(w, "suite.test(\"model_reproducer\", vec![], |kvm| {{");
@@ -1148,6 +1263,27 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
         }
         (Step::GuestExec { gpa }, Outcome::Guest(access)) => {
             guest_lines(w, &format!("Op::Exec {{ gpa: {gpa:#x} }}"), access)
+        }
+        (Step::HypercallExits { mask }, Outcome::Call(result)) => call_line(
+            w,
+            "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)",
+            result,
+            &format!("vm.enable_cap(Cap::ExitHypercall, [{mask:#x}, 0, 0, 0])"),
+        ),
+        (Step::MapGpaRange { gpa, npages, attrs }, Outcome::MapGpa { exit, ret }) => {
+            let answer = match (exit, vmm_attributes(*gpa, *npages, *attrs)) {
+                (None, _) => "unreachable!(\"no exit expected\")".to_string(),
+                (Some(_), None) => format!("Ok({ret:#x})"),
+                (Some(_), Some((a, s, at))) => {
+                    format!("{{ let _ = vm.set_memory_attributes({a:#x}, {s:#x}, {at:#x}); Ok({ret:#x}) }}")
+                }
+            };
+            let _ = writeln!(
+                w,
+                "    assert_eq!(agent.hypercall(0xc, [{gpa:#x}, {npages:#x}, {attrs:#x}, 0], |_, nr, args| {{\n        \
+                 assert_eq!(Some((nr, [args[0], args[1], args[2]])), {:#x?});\n        {answer}\n    }})?, {ret:#x});",
+                exit.map(|(nr, args, _)| (nr, args))
+            );
         }
         (Step::PreFault { gpa, size, flags }, Outcome::PreFault(after)) => {
             let _ = writeln!(
@@ -1248,6 +1384,7 @@ fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
         pre_fault_memory: vm.cap(Cap::PreFaultMemory) != 0,
         // KVM_X86_QUIRK_SLOT_ZAP_ALL is on unless disabled, which no test does.
         slot_zap_all: vm_type == VmType::Default,
+        hypercall_exit_mask: u64::from(vm.cap(Cap::ExitHypercall) as u32),
     })
 }
 
@@ -1280,8 +1417,16 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
         set_attributes: set_attributes(profile),
         value: value().sboxed(),
         pre_fault: pre_fault(),
+        hypercall_exits: prop_oneof![
+            3 => Just(kvm_model::KVM_EXIT_HYPERCALL_VALID_MASK),
+            1 => Just(0u64),
+            1 => (0..64u32).prop_map(|bit| 1u64 << bit),
+        ]
+        .prop_map(|mask| Step::HypercallExits { mask })
+        .sboxed(),
+        map_gpa_range: map_gpa_range(),
     });
-    let init = RefState { model: initial_model(profile), gmem_only, fixed };
+    let init = RefState { model: initial_model(profile), gmem_only, hypercalls: !on_kvm_pvm(), fixed };
     Sequential::new(
         SizeRange::from(STEPS),
         move || Just(init.clone()).boxed(),
@@ -1305,8 +1450,10 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         Some(n) => return Err(Error::Config(format!("{CASES_ENV}={n}: expected at least 1"))),
     };
     eprintln!(
-        "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}",
-        profile.version
+        "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}, \
+         guest hypercalls {}",
+        profile.version,
+        if on_kvm_pvm() { "excluded (kvm_pvm)" } else { "included" }
     );
     let budget = Duration::from_secs(settings::u64_opt(BUDGET_ENV)?.unwrap_or(DEFAULT_BUDGET_SECS));
     let soak = settings::u64_opt(SOAK_ENV)?.is_some_and(|v| v != 0);
@@ -1326,11 +1473,11 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         let mut tree = sequences(&profile, gmem_only)
             .new_tree(&mut runner)
             .map_err(|e| Error::Config(format!("generating case {case}: {e}")))?;
-        let steps = tree.current().1;
+        let (_, steps, seen) = tree.current();
         charge(t, |t| &mut t.generate);
         ran += 1;
         steps_run += steps.len();
-        let Err(first) = run_sequence(&vms, &profile, &steps, None) else {
+        let Err(first) = run_sequence(&vms, &profile, &steps, seen.as_deref()) else {
             tally_outcomes(&profile, &steps, &mut tally);
             continue;
         };
@@ -1408,6 +1555,9 @@ fn tally_outcomes(profile: &Profile, steps: &[Step], tally: &mut std::collection
             Outcome::PreFault(PreFault { result: Ok(()), size: 0, .. }) => "ok".to_string(),
             Outcome::PreFault(PreFault { result: Ok(()), .. }) => "partial".to_string(),
             Outcome::PreFault(PreFault { result: Err(e), .. }) => e.name().to_string(),
+            Outcome::MapGpa { exit: Some(_), ret: 0 } => "KVM_EXIT_HYPERCALL applied".to_string(),
+            Outcome::MapGpa { exit: Some(_), .. } => "KVM_EXIT_HYPERCALL refused".to_string(),
+            Outcome::MapGpa { exit: None, ret } => format!("returned {}", ret as i64),
         };
         *tally.entry(format!("{} {outcome}", step.kind())).or_insert(0) += 1;
     }

@@ -19,6 +19,8 @@
 //!   [`Model::guest_write`]), and a guest instruction fetch
 //!   ([`Model::guest_fetch`]);
 //! * `KVM_PRE_FAULT_MEMORY` ([`Model::pre_fault_memory`]);
+//! * a guest's `KVM_HC_MAP_GPA_RANGE` ([`Model::map_gpa_range`]) and
+//!   `KVM_CAP_EXIT_HYPERCALL` ([`Model::enable_hypercall_exits`]);
 //! * host reads and writes through the memory a slot's `userspace_addr`
 //!   points at: anonymous memory or an `mmap()` of a guest_memfd
 //!   ([`Model::host_read`], [`Model::host_write`]).
@@ -326,6 +328,34 @@ pub struct PreFault {
     pub size: u64,
 }
 
+/// `KVM_HC_MAP_GPA_RANGE` (include/uapi/linux/kvm_para.h).
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+/// `KVM_EXIT_HYPERCALL_VALID_MASK` (arch/x86/kvm/x86.c, 6.12 and 7.3): only
+/// `KVM_HC_MAP_GPA_RANGE` can exit.
+pub const KVM_EXIT_HYPERCALL_VALID_MASK: u64 = 1 << KVM_HC_MAP_GPA_RANGE;
+/// `KVM_EXIT_HYPERCALL_LONG_MODE` (arch/x86/include/uapi/asm/kvm.h).
+pub const KVM_EXIT_HYPERCALL_LONG_MODE: u64 = 1;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED` (arch/x86/include/uapi/asm/kvm_para.h).
+pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// `KVM_ENOSYS` (include/uapi/linux/kvm_para.h); the guest gets its negation.
+pub const KVM_ENOSYS: u64 = 1000;
+/// `KVM_EINVAL` (include/uapi/linux/kvm_para.h): `EINVAL`.
+pub const KVM_EINVAL: u64 = 22;
+
+/// What a guest's `KVM_HC_MAP_GPA_RANGE` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapGpaRange {
+    /// KVM answers the guest itself: its rax.
+    Returned(u64),
+    /// `KVM_EXIT_HYPERCALL` for userspace to answer.
+    Exit {
+        /// `hypercall.args[0..3]`: gpa, npages, attrs.
+        args: [u64; 3],
+        /// `hypercall.flags`.
+        flags: u64,
+    },
+}
+
 /// The state of one VM and the host memory around it, and the rules.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -345,6 +375,8 @@ pub struct Model {
     /// vCPU has not entered the guest since (vcpu_enter_guest() frees
     /// obsolete roots).
     obsolete_roots: bool,
+    /// `KVM_CAP_EXIT_HYPERCALL` has bit `KVM_HC_MAP_GPA_RANGE` set.
+    map_gpa_range_exits: bool,
 }
 
 fn page_aligned(value: u64) -> bool {
@@ -385,6 +417,7 @@ impl Model {
             attributes: BTreeMap::new(),
             mmio_sptes: BTreeMap::new(),
             obsolete_roots: false,
+            map_gpa_range_exits: false,
         }
     }
 
@@ -957,6 +990,36 @@ impl Model {
             }
         }
         None
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, args[0] = mask)`: the
+    /// hypercalls that exit to userspace (kvm_vm_ioctl_enable_cap():
+    /// unknown bits EINVAL; the mask replaces the old one).
+    pub fn enable_hypercall_exits(&mut self, mask: u64) -> Result<(), Errno> {
+        if mask & !self.profile.hypercall_exit_mask != 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.map_gpa_range_exits = mask & (1 << KVM_HC_MAP_GPA_RANGE) != 0;
+        Ok(())
+    }
+
+    /// The guest's `KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)` in 64-bit mode,
+    /// up to the exit (6.12 __kvm_emulate_hypercall(), 7.3
+    /// ____kvm_emulate_hypercall(), alike): without the exit enabled the
+    /// guest gets -KVM_ENOSYS; an unaligned gpa, npages 0 or a GFN range
+    /// that wraps get -KVM_EINVAL; otherwise `KVM_EXIT_HYPERCALL` with nr,
+    /// args[0..3] = gpa, npages, attrs and flags `KVM_EXIT_HYPERCALL_LONG_MODE`,
+    /// and the guest gets what userspace puts in `hypercall.ret`.
+    pub fn map_gpa_range(&mut self, gpa: u64, npages: u64, attrs: u64) -> MapGpaRange {
+        self.obsolete_roots = false;
+        if !self.map_gpa_range_exits {
+            return MapGpaRange::Returned(KVM_ENOSYS.wrapping_neg());
+        }
+        let gfn = gpa >> PAGE_SHIFT;
+        if !page_aligned(gpa) || npages == 0 || gfn.wrapping_add(npages) <= gfn {
+            return MapGpaRange::Returned(KVM_EINVAL.wrapping_neg());
+        }
+        MapGpaRange::Exit { args: [gpa, npages, attrs], flags: KVM_EXIT_HYPERCALL_LONG_MODE }
     }
 
     /// kvm_swap_active_memslots() moves the memslot generation on: MMIO

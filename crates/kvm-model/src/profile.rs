@@ -35,6 +35,9 @@ pub struct Profile {
     /// (`KVM_CAP_PRE_FAULT_MEMORY`: x86 reports `tdp_enabled`; both VM types
     /// have `pre_fault_allowed`, kvm_arch_init_vm()).
     pub pre_fault_memory: bool,
+    /// The hypercalls `KVM_CAP_EXIT_HYPERCALL` can send to userspace
+    /// (the capability's value: `KVM_EXIT_HYPERCALL_VALID_MASK` on x86).
+    pub hypercall_exit_mask: u64,
     /// Deleting or moving a memslot zaps every MMU root
     /// (kvm_arch_flush_shadow_memslot(): `KVM_X86_DEFAULT_VM` with
     /// `KVM_X86_QUIRK_SLOT_ZAP_ALL`, on by default).
@@ -60,6 +63,7 @@ impl Profile {
             mmio_caching: true,
             pre_fault_memory: true,
             slot_zap_all: !private,
+            hypercall_exit_mask: crate::KVM_EXIT_HYPERCALL_VALID_MASK,
         }
     }
 

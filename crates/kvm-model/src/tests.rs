@@ -455,3 +455,19 @@ fn pre_fault_after_a_zap_all_needs_the_vcpu_to_run_first_before_6_18() {
     private.set_memory_region(&MemoryRegion { size: 0, ..r }).unwrap();
     assert_eq!(private.unmodeled_pre_fault(BASE, P, 0), None, "a protected VM zaps only the memslot");
 }
+
+#[test]
+fn map_gpa_range_hypercalls_exit_only_when_enabled_and_valid() {
+    let mut m = model(Profile::linux_7_3(true));
+    assert_eq!(m.map_gpa_range(BASE, 1, 0), MapGpaRange::Returned(-1000i64 as u64), "-KVM_ENOSYS");
+    assert_eq!(m.enable_hypercall_exits(1 << 3), Err(Errno::EINVAL));
+    m.enable_hypercall_exits(KVM_EXIT_HYPERCALL_VALID_MASK).unwrap();
+    let exit = MapGpaRange::Exit { args: [BASE, 2, KVM_MAP_GPA_RANGE_ENCRYPTED], flags: KVM_EXIT_HYPERCALL_LONG_MODE };
+    assert_eq!(m.map_gpa_range(BASE, 2, KVM_MAP_GPA_RANGE_ENCRYPTED), exit);
+    let einval = MapGpaRange::Returned(-22i64 as u64);
+    assert_eq!(m.map_gpa_range(BASE + 8, 1, 0), einval);
+    assert_eq!(m.map_gpa_range(BASE, 0, 0), einval);
+    assert_eq!(m.map_gpa_range(BASE, u64::MAX, 0), einval, "the GFN range wraps");
+    m.enable_hypercall_exits(0).unwrap();
+    assert_eq!(m.map_gpa_range(BASE, 1, 0), MapGpaRange::Returned(-1000i64 as u64), "disabled again");
+}
