@@ -40,13 +40,13 @@ use guest_payloads::GUEST_AGENT;
 use kvm_harness::bindings::{kvm_memory_attributes, kvm_pre_fault_memory, kvm_regs};
 use kvm_harness::{kernel_rules, watchdog};
 use kvm_harness::{
-    settings, Agent, Cap, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need, Op, Region, Result,
-    Suite, Vm, VmType,
+    settings, Access, Agent, Cap, ChildFate, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need,
+    Op, Region, Result, Suite, Vm, VmType,
 };
 use kvm_model::{
-    Change, Errno, Fallocate, GmemFd, GuestAccess, HostMemory as ModelMemory, KernelVersion, MapGpaRange, MemoryRegion,
-    Model, PreFault, Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_READONLY, PAGE_SIZE,
+    Change, Errno, Fallocate, GmemFd, GuestAccess, HostFault, HostMemory as ModelMemory, KernelVersion, MapGpaRange,
+    MemoryRegion, Model, PreFault, Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 };
 use nix::sys::mman::MapFlags;
 use proptest::collection::SizeRange;
@@ -97,6 +97,8 @@ enum Step {
     GuestWrite { gpa: u64, value: u64 },
     /// The guest calls the code at `gpa` (an instruction fetch).
     GuestExec { gpa: u64 },
+    /// The host reads the u64 at `offset` of guest_memfd `gmem`'s mapping.
+    HostRead { gmem: usize, offset: u64 },
     /// `KVM_PRE_FAULT_MEMORY` on the agent's vCPU.
     PreFault { gpa: u64, size: u64, flags: u64 },
     /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, [mask])`.
@@ -123,6 +125,7 @@ impl Step {
             Step::HypercallExits { .. } => "HypercallExits",
             Step::MapGpaRange { .. } => "MapGpaRange",
             Step::HostWrite { .. } => "HostWrite",
+            Step::HostRead { .. } => "HostRead",
         }
     }
 }
@@ -422,16 +425,25 @@ fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
     )
 }
 
+/// A host write to an anonymous mapping or to a guest_memfd's mapping
+/// (SIGBUS where its memory is not shared).
 fn host_write(state: &RefState) -> BoxedStrategy<Step> {
     let mut targets = vec![(ModelMemory::Anon(1), ANON_PAGES[0] * P), (ModelMemory::Anon(2), ANON_PAGES[1] * P)];
-    for (g, gmem) in state.model.gmems().iter().enumerate() {
-        if gmem.mmap() && gmem.host_accessible() {
-            targets.push((ModelMemory::GmemMap(g), gmem.size));
-        }
-    }
+    targets.extend(mappable_gmems(state).into_iter().map(|(g, pages)| (ModelMemory::GmemMap(g), pages * P)));
     (proptest::sample::select(targets), any::<u64>(), value())
         .prop_map(|((mem, len), at, value)| Step::HostWrite { mem, offset: (at % len) & !7, value })
         .boxed()
+}
+
+/// A host read through a guest_memfd's mapping, if one is mapped.
+fn host_read(state: &RefState) -> Option<BoxedStrategy<Step>> {
+    let mappable = mappable_gmems(state);
+    if mappable.is_empty() {
+        return None;
+    }
+    let strategy = (proptest::sample::select(mappable), any::<u64>())
+        .prop_map(|((gmem, pages), at)| Step::HostRead { gmem, offset: (at % (pages * P)) & !7 });
+    Some(strategy.boxed())
 }
 
 /// A step that binds a mmap-able guest_memfd and reads it from the guest.
@@ -487,6 +499,9 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     if let Some(s) = fallocate(state) {
         choices.push((2, s));
     }
+    if let Some(s) = host_read(state) {
+        choices.push((1, s));
+    }
     if state.hypercalls && state.model.profile().hypercall_exit_mask != 0 {
         choices.push((1, state.fixed.hypercall_exits.clone().boxed()));
         choices.push((3, state.fixed.map_gpa_range.clone().boxed()));
@@ -539,10 +554,11 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
         Step::PreFault { gpa, size, flags } => model.unmodeled_pre_fault(*gpa, *size, *flags).is_none(),
         Step::HostWrite { mem, offset, .. } => match *mem {
             ModelMemory::Anon(a) => (1..=ANON_PAGES.len()).contains(&a) && offset + 8 <= ANON_PAGES[a - 1] * P,
-            ModelMemory::GmemMap(g) => {
-                model.gmems().get(g).is_some_and(|gm| gm.mmap()) && !model.host_access_faults(*mem, *offset, 8)
-            }
+            ModelMemory::GmemMap(g) => model.gmems().get(g).is_some_and(|gm| gm.mmap() && offset + 8 <= gm.size),
         },
+        Step::HostRead { gmem, offset } => {
+            model.gmems().get(*gmem).is_some_and(|gm| gm.mmap() && offset + 8 <= gm.size)
+        }
     }
 }
 
@@ -553,8 +569,12 @@ enum Outcome {
     Call(Result<(), Errno>),
     /// A guest access.
     Guest(GuestAccess),
-    /// A host write (always succeeds: faulting writes are not generated).
+    /// A host write that completed.
     HostWrite,
+    /// A host read that completed, with the value.
+    HostRead(u64),
+    /// A host access killed by SIGBUS (in a forked child).
+    HostSigbus,
     /// `KVM_PRE_FAULT_MEMORY`: the result and the range written back.
     PreFault(PreFault),
     /// A `KVM_HC_MAP_GPA_RANGE`: the exit's nr, args[0..3] and flags if it
@@ -590,9 +610,16 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
         Step::PreFault { gpa, size, flags } => Outcome::PreFault(
             model.pre_fault_memory(*gpa, *size, *flags).expect("preconditions exclude unmodeled pre-faults"),
         ),
-        Step::HostWrite { mem, offset, value } => {
-            model.host_write(*mem, *offset, &value.to_le_bytes()).expect("preconditions exclude faulting host writes");
-            Outcome::HostWrite
+        Step::HostWrite { mem, offset, value } => match model.host_write(*mem, *offset, &value.to_le_bytes()) {
+            Ok(()) => Outcome::HostWrite,
+            Err(HostFault::Sigbus) => Outcome::HostSigbus,
+        },
+        Step::HostRead { gmem, offset } => {
+            let mut buf = [0u8; 8];
+            match model.host_read(ModelMemory::GmemMap(*gmem), *offset, &mut buf) {
+                Ok(()) => Outcome::HostRead(u64::from_le_bytes(buf)),
+                Err(HostFault::Sigbus) => Outcome::HostSigbus,
+            }
         }
     }
 }
@@ -774,9 +801,25 @@ impl Real {
                 let Outcome::Guest(expected) = expected else { unreachable!("a fetch's outcome is a guest access") };
                 Outcome::Guest(self.guest_access(Op::Exec { gpa: *gpa }, expected)?)
             }
+            Step::HostWrite { mem: mem @ ModelMemory::GmemMap(_), offset, value } => {
+                match self.probe(*mem, *offset, Access::Write(*value as u8), *value)? {
+                    false => Outcome::HostSigbus,
+                    true => {
+                        self.memory(*mem).write_u64(*offset, *value);
+                        Outcome::HostWrite
+                    }
+                }
+            }
             Step::HostWrite { mem, offset, value } => {
                 self.memory(*mem).write_u64(*offset, *value);
                 Outcome::HostWrite
+            }
+            Step::HostRead { gmem, offset } => {
+                let mem = ModelMemory::GmemMap(*gmem);
+                match self.probe(mem, *offset, Access::Read, 0)? {
+                    false => Outcome::HostSigbus,
+                    true => Outcome::HostRead(self.memory(mem).read_u64(*offset)),
+                }
             }
             Step::HypercallExits { mask } => {
                 Outcome::Call(match self.vm.enable_cap(Cap::ExitHypercall, [*mask, 0, 0, 0]) {
@@ -823,6 +866,32 @@ impl Real {
         }
         let ret = agent.ready_from_exit(result, "KVM_HC_MAP_GPA_RANGE").map_err(|e| e.to_string())?;
         Ok(Outcome::MapGpa { exit, ret })
+    }
+
+    /// Whether the 8 bytes at `offset` of `mem` can be accessed. First
+    /// through `process_vm_readv`/`writev` on this process (a page the
+    /// kernel refuses fails with EFAULT there, not SIGBUS); a refused one
+    /// must then kill a forked child doing `access` with SIGBUS, so the
+    /// signal itself is what is checked and it never reaches the test. A
+    /// write's probe stores the value; the real write then stores it again.
+    fn probe(&self, mem: ModelMemory, offset: u64, access: Access, value: u64) -> Result<bool, String> {
+        let memory = self.memory(mem);
+        let probed = match access {
+            Access::Read => memory.try_read(offset, &mut [0u8; 8]),
+            Access::Write(_) => memory.try_write(offset, &value.to_le_bytes()),
+        };
+        match probed {
+            Ok(()) => return Ok(true),
+            Err(e) if e.errno() == Some(nix::errno::Errno::EFAULT) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match memory.access_in_child(offset, 8, access).map_err(|e| e.to_string())? {
+            ChildFate::Signaled(nix::sys::signal::Signal::SIGBUS) => Ok(false),
+            fate => Err(format!(
+                "process_vm_readv/writev found {} at {offset:#x} unmapped (EFAULT), but a host {access} there {fate}",
+                describe_memory(mem)
+            )),
+        }
     }
 
     fn memory(&self, mem: ModelMemory) -> &HostMemory {
@@ -889,6 +958,7 @@ impl Real {
 fn touched_pages(model: &Model, step: &Step) -> Vec<(ModelMemory, u64)> {
     let visible = |g: usize| model.gmems().get(g).is_some_and(|m| m.mmap() && m.host_accessible());
     match *step {
+        Step::HostWrite { mem: ModelMemory::GmemMap(g), .. } if !visible(g) => Vec::new(),
         Step::HostWrite { mem, offset, .. } => vec![(mem, offset / P)],
         Step::GuestWrite { gpa, .. } => {
             let Some(slot) = model.slot_at(gpa) else { return Vec::new() };
@@ -1122,6 +1192,8 @@ fn show(outcome: &Outcome) -> String {
         }
         Outcome::Guest(GuestAccess::Unmodeled(why)) => format!("(unmodeled: {why})"),
         Outcome::HostWrite => "a host write".into(),
+        Outcome::HostRead(v) => format!("a host read of {v:#x}"),
+        Outcome::HostSigbus => "SIGBUS".into(),
         Outcome::MapGpa { exit, ret } => format!("exit {exit:x?}, guest rax {ret:#x}"),
         Outcome::PreFault(PreFault { result, gpa, size }) => format!(
             "{} with the range left at gpa {gpa:#x}, size {size:#x}",
@@ -1211,7 +1283,8 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
     let _ = writeln!(
         w,
         "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::{{kvm_memory_attributes, kvm_pre_fault_memory}};\n\
-         // use kvm_harness::{{expect_errno, Agent, Cap, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
+         // use kvm_harness::{{expect_errno, Access, Agent, Cap, ChildFate, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};
+         // use nix::sys::signal::Signal;\n\
          // use nix::sys::mman::MapFlags; use std::sync::Arc;"
     );
     let _ = writeln!(w, "suite.test(\"model_reproducer\", vec![], |kvm| {{");
@@ -1292,6 +1365,22 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
             );
             call_line(w, "KVM_PRE_FAULT_MEMORY", &after.result, "agent.vcpu().pre_fault_memory(&mut range)");
             let _ = writeln!(w, "    assert_eq!((range.gpa, range.size), ({:#x}, {:#x}));", after.gpa, after.size);
+        }
+        (Step::HostWrite { mem: ModelMemory::GmemMap(g), offset, value }, Outcome::HostSigbus) => {
+            let _ = writeln!(
+                w,
+                "    assert_eq!(gmem{g}_map.access_in_child({offset:#x}, 8, Access::Write({:#x}))?, ChildFate::Signaled(Signal::SIGBUS));",
+                *value as u8
+            );
+        }
+        (Step::HostRead { gmem, offset }, Outcome::HostSigbus) => {
+            let _ = writeln!(
+                w,
+                "    assert_eq!(gmem{gmem}_map.access_in_child({offset:#x}, 8, Access::Read)?, ChildFate::Signaled(Signal::SIGBUS));"
+            );
+        }
+        (Step::HostRead { gmem, offset }, Outcome::HostRead(v)) => {
+            let _ = writeln!(w, "    assert_eq!(gmem{gmem}_map.read_u64({offset:#x}), {v:#x});");
         }
         (Step::HostWrite { mem, offset, value }, _) => {
             let name = match mem {
@@ -1551,7 +1640,8 @@ fn tally_outcomes(profile: &Profile, steps: &[Step], tally: &mut std::collection
             Outcome::Guest(GuestAccess::Mmio { .. }) => "KVM_EXIT_MMIO".to_string(),
             Outcome::Guest(GuestAccess::MemoryFault { .. }) => "KVM_EXIT_MEMORY_FAULT".to_string(),
             Outcome::Guest(GuestAccess::Unmodeled(_)) => "unmodeled".to_string(),
-            Outcome::HostWrite => "done".to_string(),
+            Outcome::HostWrite | Outcome::HostRead(_) => "done".to_string(),
+            Outcome::HostSigbus => "SIGBUS".to_string(),
             Outcome::PreFault(PreFault { result: Ok(()), size: 0, .. }) => "ok".to_string(),
             Outcome::PreFault(PreFault { result: Ok(()), .. }) => "partial".to_string(),
             Outcome::PreFault(PreFault { result: Err(e), .. }) => e.name().to_string(),
