@@ -653,6 +653,9 @@ struct Real {
     /// The whole-file MAP_SHARED mapping of each mmap-able guest_memfd.
     gmem_maps: Vec<Option<Arc<HostMemory>>>,
     agent: Option<(Agent, kvm_regs)>,
+    /// Guest_memfd mappings on which a refused access has been seen to
+    /// raise SIGBUS (in a child) this sequence.
+    sigbus_seen: std::cell::RefCell<std::collections::BTreeSet<ModelMemory>>,
 }
 
 /// Where and how a sequence went wrong.
@@ -669,7 +672,7 @@ impl Real {
         for pages in ANON_PAGES {
             anons.push(Some(Arc::new(HostMemory::anonymous(pages * P)?)));
         }
-        Ok(Self { vm, anons, gmems: Vec::new(), gmem_maps: Vec::new(), agent: None })
+        Ok(Self { vm, anons, gmems: Vec::new(), gmem_maps: Vec::new(), agent: None, sigbus_seen: Default::default() })
     }
 
     fn region(&self, r: &MemoryRegion) -> Region {
@@ -870,10 +873,12 @@ impl Real {
 
     /// Whether the 8 bytes at `offset` of `mem` can be accessed. First
     /// through `process_vm_readv`/`writev` on this process (a page the
-    /// kernel refuses fails with EFAULT there, not SIGBUS); a refused one
-    /// must then kill a forked child doing `access` with SIGBUS, so the
-    /// signal itself is what is checked and it never reaches the test. A
-    /// write's probe stores the value; the real write then stores it again.
+    /// kernel refuses fails with EFAULT there, not SIGBUS); the first
+    /// refused one of each mapping per sequence must then kill a forked
+    /// child doing `access` with SIGBUS, so the signal itself is checked
+    /// and never reaches the test (a fork per refusal would cost seconds
+    /// under TCG). A write's probe stores the value; the real write then
+    /// stores it again.
     fn probe(&self, mem: ModelMemory, offset: u64, access: Access, value: u64) -> Result<bool, String> {
         let memory = self.memory(mem);
         let probed = match access {
@@ -885,6 +890,10 @@ impl Real {
             Err(e) if e.errno() == Some(nix::errno::Errno::EFAULT) => {}
             Err(e) => return Err(e.to_string()),
         }
+        if self.sigbus_seen.borrow().contains(&mem) {
+            return Ok(false);
+        }
+        self.sigbus_seen.borrow_mut().insert(mem);
         match memory.access_in_child(offset, 8, access).map_err(|e| e.to_string())? {
             ChildFate::Signaled(nix::sys::signal::Signal::SIGBUS) => Ok(false),
             fate => Err(format!(

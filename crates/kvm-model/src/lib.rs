@@ -269,7 +269,7 @@ pub enum Fallocate {
 }
 
 /// What the host sees when it touches memory through a mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HostMemory {
     /// An anonymous mapping.
     Anon(AnonId),
