@@ -1292,9 +1292,8 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
     let _ = writeln!(
         w,
         "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::{{kvm_memory_attributes, kvm_pre_fault_memory}};\n\
-         // use kvm_harness::{{expect_errno, Access, Agent, Cap, ChildFate, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};
-         // use nix::sys::signal::Signal;\n\
-         // use nix::sys::mman::MapFlags; use std::sync::Arc;"
+         // use kvm_harness::{{expect_errno, Access, Agent, Cap, ChildFate, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
+         // use nix::sys::mman::MapFlags; use nix::sys::signal::Signal; use std::sync::Arc;"
     );
     let _ = writeln!(w, "suite.test(\"model_reproducer\", vec![], |kvm| {{");
     let _ = writeln!(w, "    let vm = Vm::with_payload(kvm, {vm_type_expr}, &GUEST_AGENT)?;");
