@@ -30,6 +30,7 @@
 //! after; every run prints both.
 
 use std::fmt::Write as _;
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -89,6 +90,8 @@ enum Step {
     SetRegion(MemoryRegion),
     /// `KVM_SET_MEMORY_ATTRIBUTES`.
     SetAttributes { address: u64, size: u64, attributes: u64, flags: u64 },
+    /// The host closes guest_memfd `gmem`'s fd and unmaps its mapping.
+    CloseGmem { gmem: usize },
     /// `fallocate()` on guest_memfd `gmem`.
     Fallocate { gmem: usize, mode: Fallocate, offset: u64, len: u64 },
     /// The guest reads the u64 at `gpa`.
@@ -118,6 +121,7 @@ impl Step {
             Step::SetRegion(_) => "SetRegion",
             Step::SetAttributes { .. } => "SetAttributes",
             Step::Fallocate { .. } => "Fallocate",
+            Step::CloseGmem { .. } => "CloseGmem",
             Step::GuestRead { .. } => "GuestRead",
             Step::GuestWrite { .. } => "GuestWrite",
             Step::GuestExec { .. } => "GuestExec",
@@ -502,6 +506,9 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     if let Some(s) = host_read(state) {
         choices.push((1, s));
     }
+    if !state.model.gmems().is_empty() {
+        choices.push((1, (0..state.model.gmems().len()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    }
     if state.hypercalls && state.model.profile().hypercall_exit_mask != 0 {
         choices.push((1, state.fixed.hypercall_exits.clone().boxed()));
         choices.push((3, state.fixed.map_gpa_range.clone().boxed()));
@@ -528,7 +535,7 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
             (1..=ANON_PAGES.len()).contains(&anon) && page + npages <= ANON_PAGES[anon - 1]
         }
         UserMemory::GmemMap { gmem, page } => {
-            model.gmems().get(gmem).is_some_and(|g| g.mmap() && (page + npages) * P <= g.size)
+            model.gmems().get(gmem).is_some_and(|g| g.mmap() && !g.closed && (page + npages) * P <= g.size)
         }
     };
     let guest_ok = |gpa: u64, is_write: bool| {
@@ -540,24 +547,28 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
         | Step::SetAttributes { .. }
         | Step::HypercallExits { .. }
         | Step::MapGpaRange { .. } => true,
+        // A closed guest_memfd is named only by deleting a slot that maps it.
+        Step::SetRegion(r) if r.size == 0 => true,
         Step::SetRegion(r) => {
             user_fits(r.user, r.size / P)
                 && match r.guest_memfd {
-                    Some((GmemFd::File(g), _)) => g < model.gmems().len(),
+                    Some((GmemFd::File(g), _)) => model.gmems().get(g).is_some_and(|g| !g.closed),
                     _ => true,
                 }
         }
-        Step::Fallocate { gmem, .. } => *gmem < model.gmems().len(),
+        Step::Fallocate { gmem, .. } | Step::CloseGmem { gmem } => model.gmems().get(*gmem).is_some_and(|g| !g.closed),
         Step::GuestRead { gpa } => guest_ok(*gpa, false),
         Step::GuestWrite { gpa, .. } => guest_ok(*gpa, true),
         Step::GuestExec { gpa } => guest_ok(*gpa, false) && model.unmodeled_guest_fetch(*gpa).is_none(),
         Step::PreFault { gpa, size, flags } => model.unmodeled_pre_fault(*gpa, *size, *flags).is_none(),
         Step::HostWrite { mem, offset, .. } => match *mem {
             ModelMemory::Anon(a) => (1..=ANON_PAGES.len()).contains(&a) && offset + 8 <= ANON_PAGES[a - 1] * P,
-            ModelMemory::GmemMap(g) => model.gmems().get(g).is_some_and(|gm| gm.mmap() && offset + 8 <= gm.size),
+            ModelMemory::GmemMap(g) => {
+                model.gmems().get(g).is_some_and(|gm| gm.mmap() && !gm.closed && offset + 8 <= gm.size)
+            }
         },
         Step::HostRead { gmem, offset } => {
-            model.gmems().get(*gmem).is_some_and(|gm| gm.mmap() && offset + 8 <= gm.size)
+            model.gmems().get(*gmem).is_some_and(|gm| gm.mmap() && !gm.closed && offset + 8 <= gm.size)
         }
     }
 }
@@ -590,6 +601,10 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
             Outcome::Call(model.set_memory_attributes(*address, *size, *attributes, *flags))
         }
         Step::Fallocate { gmem, mode, offset, len } => Outcome::Call(model.fallocate(*gmem, *mode, *offset, *len)),
+        Step::CloseGmem { gmem } => {
+            model.close_guest_memfd(*gmem);
+            Outcome::Call(Ok(()))
+        }
         Step::GuestRead { gpa } => Outcome::Guest(model.guest_read(*gpa)),
         Step::GuestWrite { gpa, value } => Outcome::Guest(model.guest_write(*gpa, *value)),
         Step::GuestExec { gpa } => Outcome::Guest(model.guest_fetch(*gpa)),
@@ -649,7 +664,8 @@ struct Real {
     vm: Vm,
     /// Index = model anon id; 0 (the system memory) is not compared.
     anons: Vec<Option<Arc<HostMemory>>>,
-    gmems: Vec<Arc<GuestMemfd>>,
+    /// Index = model gmem id; `None` once the step closed it.
+    gmems: Vec<Option<Arc<GuestMemfd>>>,
     /// The whole-file MAP_SHARED mapping of each mmap-able guest_memfd.
     gmem_maps: Vec<Option<Arc<HostMemory>>>,
     agent: Option<(Agent, kvm_regs)>,
@@ -679,11 +695,14 @@ impl Real {
         let (memory, memory_offset) = match r.user {
             UserMemory::Null => (None, 0),
             UserMemory::Anon { anon, page } => (self.anons[anon].clone(), page * P),
+            // None after the close: only a deletion gets here then.
             UserMemory::GmemMap { gmem, page } => (self.gmem_maps[gmem].clone(), page * P),
         };
         let guest_memfd = r.guest_memfd.map(|(fd, offset)| {
             let binding = match fd {
-                GmemFd::File(g) => GmemBinding::Memfd(self.gmems[g].clone()),
+                // By number: the memslot record must not keep the fd open,
+                // since closing it while the slot binds it is a step.
+                GmemFd::File(g) => GmemBinding::RawFd(self.gmems[g].as_ref().map_or(CLOSED_FD, |f| f.as_raw_fd())),
                 GmemFd::Closed => GmemBinding::RawFd(CLOSED_FD),
                 GmemFd::NotGuestMemfd => GmemBinding::RawFd(self.vm.raw_fd()),
             };
@@ -760,7 +779,7 @@ impl Real {
                     } else {
                         None
                     };
-                    self.gmems.push(gmem);
+                    self.gmems.push(Some(gmem));
                     self.gmem_maps.push(map);
                     Outcome::Call(Ok(()))
                 }
@@ -782,7 +801,7 @@ impl Real {
                 })
             }
             Step::Fallocate { gmem, mode, offset, len } => {
-                let file = &self.gmems[*gmem];
+                let file = self.gmems[*gmem].as_ref().expect("preconditions exclude closed guest_memfds");
                 let result = match mode {
                     Fallocate::Allocate => file.allocate(*offset, *len),
                     Fallocate::PunchHole => file.punch_hole(*offset, *len),
@@ -816,6 +835,11 @@ impl Real {
             Step::HostWrite { mem, offset, value } => {
                 self.memory(*mem).write_u64(*offset, *value);
                 Outcome::HostWrite
+            }
+            Step::CloseGmem { gmem } => {
+                self.gmems[*gmem] = None;
+                self.gmem_maps[*gmem] = None;
+                Outcome::Call(Ok(()))
             }
             Step::HostRead { gmem, offset } => {
                 let mem = ModelMemory::GmemMap(*gmem);
@@ -915,7 +939,7 @@ impl Real {
         let mut views: Vec<(ModelMemory, u64)> =
             (1..=ANON_PAGES.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
         for (g, gmem) in model.gmems().iter().enumerate() {
-            if gmem.mmap() && gmem.host_accessible() {
+            if gmem.mmap() && gmem.host_accessible() && !gmem.closed {
                 views.push((ModelMemory::GmemMap(g), gmem.size / P));
             }
         }
@@ -965,7 +989,7 @@ impl Real {
 /// page of a host write, the host pages behind a guest write's GPA, a
 /// fallocate's range of a host-mappable guest_memfd.
 fn touched_pages(model: &Model, step: &Step) -> Vec<(ModelMemory, u64)> {
-    let visible = |g: usize| model.gmems().get(g).is_some_and(|m| m.mmap() && m.host_accessible());
+    let visible = |g: usize| model.gmems().get(g).is_some_and(|m| m.mmap() && m.host_accessible() && !m.closed);
     match *step {
         Step::HostWrite { mem: ModelMemory::GmemMap(g), .. } if !visible(g) => Vec::new(),
         Step::HostWrite { mem, offset, .. } => vec![(mem, offset / P)],
@@ -1216,17 +1240,18 @@ fn anon_name(a: usize) -> String {
     format!("anon{a}")
 }
 
-fn region_expr(r: &MemoryRegion) -> String {
+fn region_expr(r: &MemoryRegion, model: &Model) -> String {
     let (memory, offset) = match r.user {
         UserMemory::Null => ("None".to_string(), 0),
         UserMemory::Anon { anon, page } => (format!("Some({}.clone())", anon_name(anon)), page * P),
+        UserMemory::GmemMap { gmem, page } if model.gmems()[gmem].closed => ("None".to_string(), page * P),
         UserMemory::GmemMap { gmem, page } => (format!("Some(gmem{gmem}_map.clone())"), page * P),
     };
     let gmem = match r.guest_memfd {
         None => "None".to_string(),
         Some((fd, off)) => {
             let binding = match fd {
-                GmemFd::File(g) => format!("GmemBinding::Memfd(gmem{g}.clone())"),
+                GmemFd::File(g) => format!("GmemBinding::RawFd(gmem{g}.as_raw_fd())"),
                 GmemFd::Closed => format!("GmemBinding::RawFd({CLOSED_FD:#x})"),
                 GmemFd::NotGuestMemfd => "GmemBinding::RawFd(vm.raw_fd())".to_string(),
             };
@@ -1274,7 +1299,7 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
                 "    let vcpu = vm.vcpu(0, [0; 4])?;\n    let entry = vcpu.regs()?;\n    let mut agent = Agent::start(vcpu)?;"
             );
         }
-        step_lines(&mut out, step, &expected, &mut ngmem);
+        step_lines(&mut out, step, &expected, &mut ngmem, &model);
     }
     host_view_lines(&mut out, &mut model);
     let _ = writeln!(out, "    Ok(())\n}});");
@@ -1293,7 +1318,7 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
         w,
         "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::{{kvm_memory_attributes, kvm_pre_fault_memory}};\n\
          // use kvm_harness::{{expect_errno, Access, Agent, Cap, ChildFate, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
-         // use nix::sys::mman::MapFlags; use nix::sys::signal::Signal; use std::sync::Arc;"
+         // use nix::sys::mman::MapFlags; use nix::sys::signal::Signal; use std::os::fd::AsRawFd; use std::sync::Arc;"
     );
     let _ = writeln!(w, "suite.test(\"model_reproducer\", vec![], |kvm| {{");
     let _ = writeln!(w, "    let vm = Vm::with_payload(kvm, {vm_type_expr}, &GUEST_AGENT)?;");
@@ -1303,7 +1328,7 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
 }
 
 /// One step and the outcome the model expects of it, as harness calls.
-fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize) {
+fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize, model: &Model) {
     match (step, expected) {
         (Step::CreateGmem { size, flags }, Outcome::Call(Ok(()))) => {
             let g = *ngmem;
@@ -1318,7 +1343,7 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
             call_line(w, "KVM_CREATE_GUEST_MEMFD", result, &format!("vm.create_guest_memfd({size:#x}, {flags:#x})"))
         }
         (Step::SetRegion(r), Outcome::Call(result)) => {
-            call_line(w, "KVM_SET_USER_MEMORY_REGION2", result, &format!("vm.set_region(&{})", region_expr(r)))
+            call_line(w, "KVM_SET_USER_MEMORY_REGION2", result, &format!("vm.set_region(&{})", region_expr(r, model)))
         }
         (Step::SetAttributes { address, size, attributes, flags }, Outcome::Call(result)) => call_line(
             w,
@@ -1374,6 +1399,10 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
             call_line(w, "KVM_PRE_FAULT_MEMORY", &after.result, "agent.vcpu().pre_fault_memory(&mut range)");
             let _ = writeln!(w, "    assert_eq!((range.gpa, range.size), ({:#x}, {:#x}));", after.gpa, after.size);
         }
+        (Step::CloseGmem { gmem }, _) => {
+            let map = if model.gmems()[*gmem].mmap() { format!(" drop(gmem{gmem}_map);") } else { String::new() };
+            let _ = writeln!(w, "    drop(gmem{gmem});{map}");
+        }
         (Step::HostWrite { mem: ModelMemory::GmemMap(g), offset, value }, Outcome::HostSigbus) => {
             let _ = writeln!(
                 w,
@@ -1408,7 +1437,7 @@ fn host_view_lines(w: &mut String, model: &mut Model) {
     let mut views: Vec<(String, ModelMemory, u64)> =
         (1..=ANON_PAGES.len()).map(|a| (anon_name(a), ModelMemory::Anon(a), ANON_PAGES[a - 1] * P)).collect();
     for (g, gmem) in model.gmems().iter().enumerate() {
-        if gmem.mmap() && gmem.host_accessible() {
+        if gmem.mmap() && gmem.host_accessible() && !gmem.closed {
             views.push((format!("gmem{g}_map"), ModelMemory::GmemMap(g), gmem.size));
         }
     }

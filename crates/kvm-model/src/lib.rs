@@ -220,6 +220,14 @@ pub struct Gmem {
     /// a fresh page reads as zeroes (`kvm_gmem_get_pfn()` clears a page that
     /// is not up to date).
     pub pages: BTreeMap<u64, Box<[u8]>>,
+    /// The host closed its fd and unmapped its own mapping
+    /// ([`Model::close_guest_memfd`]).
+    pub closed: bool,
+    /// The file was released: the last reference (fd or mapping) went
+    /// away. kvm_gmem_release() (6.12 and 7.3) sets every binding's
+    /// `slot->gmem.file` to NULL and zaps its SPTEs; the memory goes with
+    /// the inode.
+    pub released: bool,
 }
 
 impl Gmem {
@@ -469,8 +477,25 @@ impl Model {
         if (size as i64) <= 0 || !page_aligned(size) {
             return Err(Errno::EINVAL);
         }
-        self.gmems.push(Gmem { size, flags, pages: BTreeMap::new() });
+        self.gmems.push(Gmem { size, flags, pages: BTreeMap::new(), closed: false, released: false });
         Ok(self.gmems.len() - 1)
+    }
+
+    /// The host closes guest_memfd `gmem`'s fd and unmaps its own mapping
+    /// of it. The file lives on while a memslot's userspace_addr maps it
+    /// (a mapping holds a file reference); bindings hold none.
+    pub fn close_guest_memfd(&mut self, gmem: GmemId) {
+        self.gmems[gmem].closed = true;
+        self.release_if_unreferenced(gmem);
+    }
+
+    fn release_if_unreferenced(&mut self, gmem: GmemId) {
+        let mapped = self.slots.values().any(|s| matches!(s.user, UserMemory::GmemMap { gmem: g, .. } if g == gmem));
+        let file = &mut self.gmems[gmem];
+        if file.closed && !mapped && !file.released {
+            file.released = true;
+            file.pages.clear();
+        }
     }
 
     fn slot_bound_pages(&self, gmem: GmemId) -> impl Iterator<Item = (u64, u64)> + '_ {
@@ -495,10 +520,15 @@ impl Model {
             // Deleting a slot that does not exist.
             return match old {
                 None => Err(Errno::EINVAL),
-                Some(_) => {
+                Some(old) => {
                     self.slots.remove(&(as_id, id));
                     self.memslot_generation_moved();
                     self.obsolete_roots |= self.profile.slot_zap_all;
+                    // The slot's userspace mapping of a closed guest_memfd
+                    // may have been the file's last reference.
+                    if let UserMemory::GmemMap { gmem, .. } = old.user {
+                        self.release_if_unreferenced(gmem);
+                    }
                     Ok(Change::Delete)
                 }
             };
@@ -773,9 +803,12 @@ impl Model {
         if private || slot.gmem_only {
             // 6.12 kvm_faultin_pfn_private(), 7.x kvm_mmu_faultin_pfn_gmem():
             // a slot without guest_memfd cannot provide the page.
+            // kvm_gmem_get_pfn(): a binding whose file was released has
+            // no file (kvm_gmem_get_file() is NULL): -EFAULT, a memory
+            // fault exit.
             return match slot.gmem {
-                None => Err(fault(private_flag)),
-                Some((g, pgoff)) => Ok(Route::Gmem(g, pgoff + index)),
+                Some((g, pgoff)) if !self.gmems[g].released => Ok(Route::Gmem(g, pgoff + index)),
+                _ => Err(fault(private_flag)),
             };
         }
         // Shared access through userspace_addr (__kvm_faultin_pfn()).

@@ -471,3 +471,23 @@ fn map_gpa_range_hypercalls_exit_only_when_enabled_and_valid() {
     m.enable_hypercall_exits(0).unwrap();
     assert_eq!(m.map_gpa_range(BASE, 1, 0), MapGpaRange::Returned(-1000i64 as u64), "disabled again");
 }
+
+#[test]
+fn a_closed_guest_memfd_is_released_once_nothing_maps_it_and_its_bindings_fault() {
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(4 * P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED).unwrap();
+    let bound = gmem_region(1, BASE, 1, g, 0);
+    m.set_memory_region(&bound).unwrap();
+    let mapped = MemoryRegion { user: UserMemory::GmemMap { gmem: g, page: 2 }, ..anon_region(&mut m, 2, BASE + P, 1) };
+    m.set_memory_region(&mapped).unwrap();
+    assert_eq!(m.guest_write(BASE, 7), GuestAccess::Done(0));
+    m.close_guest_memfd(g);
+    assert!(!m.gmems()[g].released, "slot 2's userspace mapping holds the file");
+    assert_eq!(m.guest_read(BASE), GuestAccess::Done(7));
+    m.set_memory_region(&MemoryRegion { size: 0, ..mapped }).unwrap();
+    assert!(m.gmems()[g].released);
+    // The gmem-only slot stays, but kvm_gmem_get_pfn() finds no file.
+    let fault = GuestAccess::MemoryFault { flags: 0, gpa: BASE, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_read(BASE), fault);
+    assert_eq!(m.pre_fault_memory(BASE, P, 0).unwrap().result, Err(Errno::EFAULT));
+}
