@@ -439,6 +439,29 @@ fn host_write(state: &RefState) -> BoxedStrategy<Step> {
         .boxed()
 }
 
+/// Private accesses to memslots whose guest_memfd was released: make a
+/// page private or touch it (random steps alone rarely line the three up).
+fn released_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
+    let model = &state.model;
+    let pages: Vec<u64> = model
+        .slots()
+        .values()
+        .filter(|s| s.as_id == 0 && s.gmem.is_some_and(|(g, _)| model.gmems()[g].released))
+        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
+        .collect();
+    if pages.is_empty() {
+        return None;
+    }
+    let attributes = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
+    let strategy =
+        (proptest::sample::select(pages), 0..3u32, 0..512u64).prop_map(move |(page, kind, word)| match kind {
+            0 => Step::SetAttributes { address: page, size: P, attributes, flags: 0 },
+            1 => Step::GuestRead { gpa: page + word * 8 },
+            _ => Step::GuestWrite { gpa: page + word * 8, value: word },
+        });
+    Some(strategy.boxed())
+}
+
 /// A host read through a guest_memfd's mapping, if one is mapped.
 fn host_read(state: &RefState) -> Option<BoxedStrategy<Step>> {
     let mappable = mappable_gmems(state);
@@ -508,6 +531,14 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     }
     if !state.model.gmems().is_empty() {
         choices.push((1, (0..state.model.gmems().len()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    }
+    // Mostly a guest_memfd a memslot binds, which is what closing is about.
+    let bound: Vec<usize> = state.model.slots().values().filter_map(|s| s.gmem.map(|(g, _)| g)).collect();
+    if !bound.is_empty() {
+        choices.push((1, proptest::sample::select(bound).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    }
+    if let Some(s) = released_focus(state) {
+        choices.push((4, s));
     }
     if state.hypercalls && state.model.profile().hypercall_exit_mask != 0 {
         choices.push((1, state.fixed.hypercall_exits.clone().boxed()));
