@@ -868,8 +868,12 @@ impl Real {
                 Outcome::HostWrite
             }
             Step::CloseGmem { gmem } => {
-                self.gmems[*gmem] = None;
-                self.gmem_maps[*gmem] = None;
+                // Not while a forked child (of any test thread) holds
+                // copies of the fd and mapping: the release must happen now.
+                kvm_harness::without_forked_children(|| {
+                    self.gmems[*gmem] = None;
+                    self.gmem_maps[*gmem] = None;
+                });
                 Outcome::Call(Ok(()))
             }
             Step::HostRead { gmem, offset } => {
