@@ -854,19 +854,7 @@ impl Real {
                 let Outcome::Guest(expected) = expected else { unreachable!("a fetch's outcome is a guest access") };
                 Outcome::Guest(self.guest_access(Op::Exec { gpa: *gpa }, expected)?)
             }
-            Step::HostWrite { mem: mem @ ModelMemory::GmemMap(_), offset, value } => {
-                match self.probe(*mem, *offset, Access::Write(*value as u8), *value)? {
-                    false => Outcome::HostSigbus,
-                    true => {
-                        self.memory(*mem).write_u64(*offset, *value);
-                        Outcome::HostWrite
-                    }
-                }
-            }
-            Step::HostWrite { mem, offset, value } => {
-                self.memory(*mem).write_u64(*offset, *value);
-                Outcome::HostWrite
-            }
+            Step::HostWrite { .. } | Step::HostRead { .. } => self.host_access(step)?,
             Step::CloseGmem { gmem } => {
                 // Not while a forked child (of any test thread) holds
                 // copies of the fd and mapping: the release must happen now.
@@ -876,13 +864,6 @@ impl Real {
                 });
                 Outcome::Call(Ok(()))
             }
-            Step::HostRead { gmem, offset } => {
-                let mem = ModelMemory::GmemMap(*gmem);
-                match self.probe(mem, *offset, Access::Read, 0)? {
-                    false => Outcome::HostSigbus,
-                    true => Outcome::HostRead(self.memory(mem).read_u64(*offset)),
-                }
-            }
             Step::HypercallExits { mask } => {
                 Outcome::Call(match self.vm.enable_cap(Cap::ExitHypercall, [*mask, 0, 0, 0]) {
                     Ok(()) => Ok(()),
@@ -890,20 +871,49 @@ impl Real {
                 })
             }
             Step::MapGpaRange { gpa, npages, attrs } => self.map_gpa_range(*gpa, *npages, *attrs)?,
-            Step::PreFault { gpa, size, flags } => {
-                let (agent, _) = self.agent().map_err(|e| format!("cannot start the agent: {e}"))?;
-                let mut range = kvm_pre_fault_memory { gpa: *gpa, size: *size, flags: *flags, ..Default::default() };
-                // Under a deadline: a kernel that retries forever is a
-                // mismatch, not a hung test.
-                let deadline = watchdog::configured_timeout().map_err(|e| e.to_string())?;
-                let result = match agent.vcpu().pre_fault_memory_with_deadline(&mut range, deadline) {
-                    (_, true) => return Err(format!("KVM_PRE_FAULT_MEMORY still running after {deadline:?}")),
-                    (Ok(()), false) => Ok(()),
-                    (Err(e), false) => Err(model_errno(&e)?),
-                };
-                Outcome::PreFault(PreFault { result, gpa: range.gpa, size: range.size })
-            }
+            Step::PreFault { gpa, size, flags } => self.pre_fault(*gpa, *size, *flags)?,
         })
+    }
+
+    /// A host write or read through a mapping.
+    fn host_access(&mut self, step: &Step) -> Result<Outcome, String> {
+        Ok(match *step {
+            Step::HostWrite { mem: mem @ ModelMemory::GmemMap(_), offset, value } => {
+                match self.probe(mem, offset, Access::Write(value as u8), value)? {
+                    false => Outcome::HostSigbus,
+                    true => {
+                        self.memory(mem).write_u64(offset, value);
+                        Outcome::HostWrite
+                    }
+                }
+            }
+            Step::HostWrite { mem, offset, value } => {
+                self.memory(mem).write_u64(offset, value);
+                Outcome::HostWrite
+            }
+            Step::HostRead { gmem, offset } => {
+                let mem = ModelMemory::GmemMap(gmem);
+                match self.probe(mem, offset, Access::Read, 0)? {
+                    false => Outcome::HostSigbus,
+                    true => Outcome::HostRead(self.memory(mem).read_u64(offset)),
+                }
+            }
+            _ => unreachable!("{step:?} is no host access"),
+        })
+    }
+
+    /// `KVM_PRE_FAULT_MEMORY` on the agent's vCPU, under the watchdog's
+    /// deadline: a kernel that retries forever is a mismatch, not a hang.
+    fn pre_fault(&mut self, gpa: u64, size: u64, flags: u64) -> Result<Outcome, String> {
+        let (agent, _) = self.agent().map_err(|e| format!("cannot start the agent: {e}"))?;
+        let mut range = kvm_pre_fault_memory { gpa, size, flags, ..Default::default() };
+        let deadline = watchdog::configured_timeout().map_err(|e| e.to_string())?;
+        let result = match agent.vcpu().pre_fault_memory_with_deadline(&mut range, deadline) {
+            (_, true) => return Err(format!("KVM_PRE_FAULT_MEMORY still running after {deadline:?}")),
+            (Ok(()), false) => Ok(()),
+            (Err(e), false) => Err(model_errno(&e)?),
+        };
+        Ok(Outcome::PreFault(PreFault { result, gpa: range.gpa, size: range.size }))
     }
 
     /// The guest's `KVM_HC_MAP_GPA_RANGE`, answered as [`vmm_attributes`] says.
@@ -1411,6 +1421,13 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
             result,
             &format!("vm.enable_cap(Cap::ExitHypercall, [{mask:#x}, 0, 0, 0])"),
         ),
+        _ => later_step_lines(w, step, expected, model),
+    }
+}
+
+/// [`step_lines`] of the hypercall, pre-fault, close and host-access steps.
+fn later_step_lines(w: &mut String, step: &Step, expected: &Outcome, model: &Model) {
+    match (step, expected) {
         (Step::MapGpaRange { gpa, npages, attrs }, Outcome::MapGpa { exit, ret }) => {
             let answer = match (exit, vmm_attributes(*gpa, *npages, *attrs)) {
                 (None, _) => "unreachable!(\"no exit expected\")".to_string(),
