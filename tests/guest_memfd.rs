@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
-use kvm_harness::kernel_rules::{Hex, Versioned, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM};
+use kvm_harness::kernel_rules::{
+    ForRunningKernel, Hex, Versioned, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM,
+};
 use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{

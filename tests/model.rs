@@ -30,6 +30,7 @@
 //! after; every run prints both.
 
 use std::fmt::Write as _;
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,21 +38,21 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::layout::{SYSTEM_SLOT_SIZE, TEST_AREA_GPA};
 use guest_payloads::GUEST_AGENT;
-use kvm_harness::bindings::{kvm_memory_attributes, kvm_regs};
-use kvm_harness::kernel_rules;
+use kvm_harness::bindings::{kvm_memory_attributes, kvm_pre_fault_memory, kvm_regs};
+use kvm_harness::{kernel_rules, watchdog};
 use kvm_harness::{
-    settings, Agent, Cap, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need, Op, Region, Result,
-    Suite, Vm, VmType,
+    settings, Access, Agent, Cap, ChildFate, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need,
+    Op, Region, Result, Suite, Vm, VmType,
 };
 use kvm_model::{
-    Change, Errno, Fallocate, GmemFd, GuestAccess, HostMemory as ModelMemory, KernelVersion, MemoryRegion, Model,
-    Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
-    PAGE_SIZE,
+    Change, Errno, Fallocate, GmemFd, GuestAccess, HostFault, HostMemory as ModelMemory, KernelVersion, MapGpaRange,
+    MemoryRegion, Model, PreFault, Profile, UserMemory, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 };
 use nix::sys::mman::MapFlags;
 use proptest::collection::SizeRange;
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
+use proptest::strategy::{SBoxedStrategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use proptest_state_machine::Sequential;
 
@@ -89,14 +90,48 @@ enum Step {
     SetRegion(MemoryRegion),
     /// `KVM_SET_MEMORY_ATTRIBUTES`.
     SetAttributes { address: u64, size: u64, attributes: u64, flags: u64 },
+    /// The host closes guest_memfd `gmem`'s fd and unmaps its mapping.
+    CloseGmem { gmem: usize },
     /// `fallocate()` on guest_memfd `gmem`.
     Fallocate { gmem: usize, mode: Fallocate, offset: u64, len: u64 },
     /// The guest reads the u64 at `gpa`.
     GuestRead { gpa: u64 },
     /// The guest writes `value` at `gpa`.
     GuestWrite { gpa: u64, value: u64 },
+    /// The guest calls the code at `gpa` (an instruction fetch).
+    GuestExec { gpa: u64 },
+    /// The host reads the u64 at `offset` of guest_memfd `gmem`'s mapping.
+    HostRead { gmem: usize, offset: u64 },
+    /// `KVM_PRE_FAULT_MEMORY` on the agent's vCPU.
+    PreFault { gpa: u64, size: u64, flags: u64 },
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, [mask])`.
+    HypercallExits { mask: u64 },
+    /// The guest's `KVM_HC_MAP_GPA_RANGE`; the VMM answers an exit by
+    /// applying the attributes ([`vmm_attributes`]).
+    MapGpaRange { gpa: u64, npages: u64, attrs: u64 },
     /// The host writes `value` at `offset` of a mapping.
     HostWrite { mem: ModelMemory, offset: u64, value: u64 },
+}
+
+impl Step {
+    /// The variant's name, for the tally.
+    fn kind(&self) -> &'static str {
+        match self {
+            Step::CreateGmem { .. } => "CreateGmem",
+            Step::SetRegion(_) => "SetRegion",
+            Step::SetAttributes { .. } => "SetAttributes",
+            Step::Fallocate { .. } => "Fallocate",
+            Step::CloseGmem { .. } => "CloseGmem",
+            Step::GuestRead { .. } => "GuestRead",
+            Step::GuestWrite { .. } => "GuestWrite",
+            Step::GuestExec { .. } => "GuestExec",
+            Step::PreFault { .. } => "PreFault",
+            Step::HypercallExits { .. } => "HypercallExits",
+            Step::MapGpaRange { .. } => "MapGpaRange",
+            Step::HostWrite { .. } => "HostWrite",
+            Step::HostRead { .. } => "HostRead",
+        }
+    }
 }
 
 /// What a sequence may contain beyond the rules.
@@ -117,6 +152,23 @@ enum GmemOnlyAccess {
 struct RefState {
     model: Model,
     gmem_only: GmemOnlyAccess,
+    /// Guest hypercalls are generated: not on kvm_pvm, where the vCPU
+    /// never leaves KVM_RUN on the agent's hypercall (a kvm_pvm limit; the
+    /// protected-VM kernels run them).
+    hypercalls: bool,
+    /// The strategies that depend on the profile only, built once per
+    /// sequence instead of once per step.
+    fixed: Arc<Fixed>,
+}
+
+#[derive(Debug)]
+struct Fixed {
+    create_gmem: SBoxedStrategy<Step>,
+    set_attributes: SBoxedStrategy<Step>,
+    value: SBoxedStrategy<u64>,
+    pre_fault: SBoxedStrategy<Step>,
+    hypercall_exits: SBoxedStrategy<Step>,
+    map_gpa_range: SBoxedStrategy<Step>,
 }
 
 fn gpa_in_window() -> impl Strategy<Value = u64> {
@@ -143,11 +195,19 @@ fn guest_gpa(state: &RefState) -> BoxedStrategy<u64> {
     prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
 }
 
-fn value() -> impl Strategy<Value = u64> {
-    prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001)]
+/// A guest read or write (half each) at a [`guest_gpa`].
+fn guest_access(state: &RefState) -> BoxedStrategy<Step> {
+    (guest_gpa(state), any::<bool>(), state.fixed.value.clone())
+        .prop_map(|(gpa, write, value)| if write { Step::GuestWrite { gpa, value } } else { Step::GuestRead { gpa } })
+        .boxed()
 }
 
-fn create_gmem(profile: &Profile) -> BoxedStrategy<Step> {
+fn value() -> impl Strategy<Value = u64> {
+    // Some values are code a guest fetch can run (kvm_model::ret_stub).
+    prop_oneof![any::<u64>(), (1..0x1_0000u64).prop_map(|v| v * 0x1_0001), any::<u32>().prop_map(kvm_model::ret_stub)]
+}
+
+fn create_gmem(profile: &Profile) -> SBoxedStrategy<Step> {
     let supported = profile.guest_memfd_flags;
     let flags = prop_oneof![
         4 => Just(0u64),
@@ -159,24 +219,34 @@ fn create_gmem(profile: &Profile) -> BoxedStrategy<Step> {
         9 => (1..=8u64).prop_map(|pages| pages * P),
         1 => prop_oneof![Just(0u64), Just(P / 2), Just(P + 8), Just(1u64 << 63)],
     ];
-    (size, flags).prop_map(|(size, flags)| Step::CreateGmem { size, flags }).boxed()
+    (size, flags).prop_map(|(size, flags)| Step::CreateGmem { size, flags }).sboxed()
 }
 
-fn user_memory(state: &RefState, npages: u64) -> BoxedStrategy<UserMemory> {
-    let mut choices: Vec<BoxedStrategy<UserMemory>> = vec![Just(UserMemory::Null).boxed()];
+/// The mmap-able guest_memfds a slot's userspace_addr may point into: (id, pages).
+fn mappable_gmems(state: &RefState) -> Vec<(usize, u64)> {
+    state.model.gmems().iter().enumerate().filter(|(_, g)| g.mmap()).map(|(i, g)| (i, g.size / P)).collect()
+}
+
+/// The userspace memory of an `npages` slot, chosen by the random `r`
+/// (derived from a number rather than a dependent strategy: a
+/// `prop_flat_map` per step reseeds an RNG, a large part of generation).
+fn user_memory(mappable: &[(usize, u64)], npages: u64, r: u64) -> UserMemory {
+    // (what, pages it has); anonymous mappings weigh double, as before.
+    let mut choices: Vec<(Option<UserMemory>, u64)> = vec![(None, 0)];
     for (i, pages) in ANON_PAGES.iter().enumerate() {
-        if npages <= *pages {
-            let anon = i + 1;
-            choices.push((0..=pages - npages).prop_map(move |page| UserMemory::Anon { anon, page }).boxed());
-            choices.push((0..=pages - npages).prop_map(move |page| UserMemory::Anon { anon, page }).boxed());
-        }
+        let anon = UserMemory::Anon { anon: i + 1, page: 0 };
+        choices.extend([(Some(anon), *pages), (Some(anon), *pages)]);
     }
-    for (gmem, g) in state.model.gmems().iter().enumerate() {
-        if g.mmap() && npages <= g.size / P {
-            choices.push((0..=g.size / P - npages).prop_map(move |page| UserMemory::GmemMap { gmem, page }).boxed());
-        }
+    choices.extend(mappable.iter().map(|&(gmem, pages)| (Some(UserMemory::GmemMap { gmem, page: 0 }), pages)));
+    choices.retain(|(what, pages)| what.is_none() || npages <= *pages);
+    let (what, pages) = choices[(r % choices.len() as u64) as usize];
+    let page = (r / choices.len() as u64) % (pages.saturating_sub(npages) + 1);
+    match what {
+        None => UserMemory::Null,
+        Some(UserMemory::Anon { anon, .. }) => UserMemory::Anon { anon, page },
+        Some(UserMemory::GmemMap { gmem, .. }) => UserMemory::GmemMap { gmem, page },
+        Some(UserMemory::Null) => unreachable!("Null is None"),
     }
-    proptest::strategy::Union::new(choices).boxed()
 }
 
 fn new_region(state: &RefState) -> BoxedStrategy<Step> {
@@ -187,8 +257,10 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
     // signed and accepted such bindings (private_memslots'
     // `binding_rejects_offset_*2_63*` tests hold that rule on every kernel).
     let version = state.model.profile().version;
-    let huge_offsets = version <= KernelVersion::new(6, 12) || version >= KernelVersion::new(7, 2);
-    let state = state.clone();
+    let huge_offsets = version < KernelVersion::new(6, 13) || version >= KernelVersion::new(7, 2);
+    // Only what the strategy needs: cloning the model per step would copy
+    // every page it holds.
+    let mappable = mappable_gmems(state);
     let flags = prop_oneof![
         5 => Just(0u32),
         5 => Just(KVM_MEM_GUEST_MEMFD),
@@ -198,36 +270,33 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
         1 => (3..32u32).prop_map(|bit| 1u32 << bit),
     ];
     let as_id = prop_oneof![9 => Just(0u32), 1 => Just(1u32)];
-    (SLOT_IDS, as_id, flags, 1..=4u64)
-        .prop_flat_map(move |(id, as_id, flags, npages)| {
-            let fd = if ngmem == 0 {
-                prop_oneof![Just(GmemFd::Closed), Just(GmemFd::NotGuestMemfd)].boxed()
-            } else {
-                prop_oneof![
-                    8 => (0..ngmem).prop_map(GmemFd::File),
-                    1 => Just(GmemFd::Closed),
-                    1 => Just(GmemFd::NotGuestMemfd),
-                ]
-                .boxed()
-            };
-            let offset = prop_oneof![9 => (0..8u64).prop_map(|p| p * P), 1 => Just(8u64), huge_offsets as u32 => prop_oneof![
-                Just((i64::MAX as u64) & !(P - 1)),
-                Just((1u64 << 63) - P),
-                Just(1u64 << 63),
-                Just(!(P - 1)),
-            ]];
-            let binding = prop_oneof![9 => (fd, offset).prop_map(Some), 1 => Just(None)];
-            (Just((id, as_id, flags, npages)), 0..=WINDOW_PAGES - npages, user_memory(&state, npages), binding)
-        })
-        .prop_map(|((id, as_id, flags, npages), page, user, guest_memfd)| {
+    let fd = if ngmem == 0 {
+        prop_oneof![Just(GmemFd::Closed), Just(GmemFd::NotGuestMemfd)].boxed()
+    } else {
+        prop_oneof![
+            8 => (0..ngmem).prop_map(GmemFd::File),
+            1 => Just(GmemFd::Closed),
+            1 => Just(GmemFd::NotGuestMemfd),
+        ]
+        .boxed()
+    };
+    let offset = prop_oneof![9 => (0..8u64).prop_map(|p| p * P), 1 => Just(8u64), huge_offsets as u32 => prop_oneof![
+        Just((i64::MAX as u64) & !(P - 1)),
+        Just((1u64 << 63) - P),
+        Just(1u64 << 63),
+        Just(!(P - 1)),
+    ]];
+    let binding = prop_oneof![9 => (fd, offset).prop_map(Some), 1 => Just(None)];
+    ((SLOT_IDS, as_id, flags, 1..=4u64), 0..WINDOW_PAGES, any::<u64>(), binding)
+        .prop_map(move |((id, as_id, flags, npages), page, r, guest_memfd)| {
             let guest_memfd =
                 if flags & KVM_MEM_GUEST_MEMFD != 0 { guest_memfd.or(Some((GmemFd::Closed, 0))) } else { guest_memfd };
             Step::SetRegion(MemoryRegion {
                 slot: as_id << 16 | id,
                 flags,
-                gpa: WINDOW + page * P,
+                gpa: WINDOW + page.min(WINDOW_PAGES - npages) * P,
                 size: npages * P,
-                user,
+                user: user_memory(&mappable, npages, r),
                 guest_memfd,
             })
         })
@@ -260,7 +329,7 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
     Some(strategy.boxed())
 }
 
-fn set_attributes(profile: &Profile) -> BoxedStrategy<Step> {
+fn set_attributes(profile: &Profile) -> SBoxedStrategy<Step> {
     let supported = profile.supported_attributes;
     let range = (0..WINDOW_PAGES, 1..=4u64).prop_map(|(page, n)| (WINDOW + page * P, n.min(WINDOW_PAGES - page) * P));
     let valid = (range.clone(), prop_oneof![Just(KVM_MEMORY_ATTRIBUTE_PRIVATE), Just(0u64)])
@@ -280,7 +349,67 @@ fn set_attributes(profile: &Profile) -> BoxedStrategy<Step> {
         };
         Step::SetAttributes { address, size, attributes, flags }
     });
-    prop_oneof![6 => valid, 1 => invalid].boxed()
+    prop_oneof![6 => valid, 1 => invalid].sboxed()
+}
+
+/// A guest's `KVM_HC_MAP_GPA_RANGE` over up to 4 pages of the window, to
+/// private or shared, or with one input rule broken (unaligned, no pages,
+/// a GFN range that wraps).
+fn map_gpa_range() -> SBoxedStrategy<Step> {
+    let attrs = prop_oneof![
+        2 => Just(kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED),
+        2 => Just(0u64),
+        1 => any::<u64>(),
+    ];
+    let valid = (0..WINDOW_PAGES, 1..=4u64, attrs).prop_map(|(page, n, attrs)| Step::MapGpaRange {
+        gpa: WINDOW + page * P,
+        npages: n.min(WINDOW_PAGES - page),
+        attrs,
+    });
+    let invalid = (0..WINDOW_PAGES, 0..3u32).prop_map(|(page, kind)| {
+        let (gpa, npages) = match kind {
+            0 => (WINDOW + page * P + 8, 1),
+            1 => (WINDOW + page * P, 0),
+            _ => (WINDOW + page * P, u64::MAX),
+        };
+        Step::MapGpaRange { gpa, npages, attrs: kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED }
+    });
+    prop_oneof![5 => valid, 1 => invalid].sboxed()
+}
+
+/// How this test's VMM answers a `KVM_HC_MAP_GPA_RANGE` exit: the
+/// `KVM_SET_MEMORY_ATTRIBUTES` request it makes (PRIVATE for
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`, else shared), or `None` when the range's
+/// size does not fit a u64 (answered -EINVAL without a call).
+fn vmm_attributes(gpa: u64, npages: u64, attrs: u64) -> Option<(u64, u64, u64)> {
+    let private = attrs & kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED != 0;
+    Some((gpa, npages.checked_mul(P)?, if private { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 }))
+}
+
+/// The guest's rax for an errno (the hypercall ABI: `-errno`).
+fn hypercall_ret(result: Result<(), Errno>) -> u64 {
+    result.map_or_else(|e| (-i64::from(e.raw())) as u64, |()| 0)
+}
+
+/// `KVM_PRE_FAULT_MEMORY` over up to 8 pages of the window, or with one
+/// input rule broken (flags, alignment, size 0, a range that wraps).
+fn pre_fault() -> SBoxedStrategy<Step> {
+    let valid = (0..WINDOW_PAGES, 1..=8u64).prop_map(|(page, n)| Step::PreFault {
+        gpa: WINDOW + page * P,
+        size: n * P,
+        flags: 0,
+    });
+    let invalid = (0..WINDOW_PAGES, 0..4u32, 0..64u32).prop_map(|(page, kind, bit)| {
+        let gpa = WINDOW + page * P;
+        let (gpa, size, flags) = match kind {
+            0 => (gpa, P, 1u64 << bit),
+            1 => (gpa + 8 * u64::from(bit % 8 + 1), P, 0),
+            2 => (gpa, 0, 0),
+            _ => (u64::MAX - P + 1, 2 * P, 0),
+        };
+        Step::PreFault { gpa, size, flags }
+    });
+    prop_oneof![4 => valid, 1 => invalid].sboxed()
 }
 
 fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
@@ -300,16 +429,48 @@ fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
     )
 }
 
+/// A host write to an anonymous mapping or to a guest_memfd's mapping
+/// (SIGBUS where its memory is not shared).
 fn host_write(state: &RefState) -> BoxedStrategy<Step> {
     let mut targets = vec![(ModelMemory::Anon(1), ANON_PAGES[0] * P), (ModelMemory::Anon(2), ANON_PAGES[1] * P)];
-    for (g, gmem) in state.model.gmems().iter().enumerate() {
-        if gmem.mmap() && gmem.host_accessible() {
-            targets.push((ModelMemory::GmemMap(g), gmem.size));
-        }
-    }
+    targets.extend(mappable_gmems(state).into_iter().map(|(g, pages)| (ModelMemory::GmemMap(g), pages * P)));
     (proptest::sample::select(targets), any::<u64>(), value())
         .prop_map(|((mem, len), at, value)| Step::HostWrite { mem, offset: (at % len) & !7, value })
         .boxed()
+}
+
+/// Private accesses to memslots whose guest_memfd was released: make a
+/// page private or touch it (random steps alone rarely line the three up).
+fn released_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
+    let model = &state.model;
+    let pages: Vec<u64> = model
+        .slots()
+        .values()
+        .filter(|s| s.as_id == 0 && s.gmem.is_some_and(|(g, _)| model.gmems()[g].released))
+        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
+        .collect();
+    if pages.is_empty() {
+        return None;
+    }
+    let attributes = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
+    let strategy =
+        (proptest::sample::select(pages), 0..3u32, 0..512u64).prop_map(move |(page, kind, word)| match kind {
+            0 => Step::SetAttributes { address: page, size: P, attributes, flags: 0 },
+            1 => Step::GuestRead { gpa: page + word * 8 },
+            _ => Step::GuestWrite { gpa: page + word * 8, value: word },
+        });
+    Some(strategy.boxed())
+}
+
+/// A host read through a guest_memfd's mapping, if one is mapped.
+fn host_read(state: &RefState) -> Option<BoxedStrategy<Step>> {
+    let mappable = mappable_gmems(state);
+    if mappable.is_empty() {
+        return None;
+    }
+    let strategy = (proptest::sample::select(mappable), any::<u64>())
+        .prop_map(|((gmem, pages), at)| Step::HostRead { gmem, offset: (at % (pages * P)) & !7 });
+    Some(strategy.boxed())
 }
 
 /// A step that binds a mmap-able guest_memfd and reads it from the guest.
@@ -351,13 +512,12 @@ fn gmem_only_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
 }
 
 fn transitions(state: &RefState) -> BoxedStrategy<Step> {
-    let profile = state.model.profile().clone();
     let mut choices: Vec<(u32, BoxedStrategy<Step>)> = vec![
-        (2, create_gmem(&profile)),
+        (2, state.fixed.create_gmem.clone().boxed()),
         (4, new_region(state)),
-        (2, set_attributes(&profile)),
-        (4, guest_gpa(state).prop_map(|gpa| Step::GuestRead { gpa }).boxed()),
-        (4, (guest_gpa(state), value()).prop_map(|(gpa, value)| Step::GuestWrite { gpa, value }).boxed()),
+        (2, state.fixed.set_attributes.clone().boxed()),
+        (8, guest_access(state)),
+        (2, guest_gpa(state).prop_map(|gpa| Step::GuestExec { gpa }).boxed()),
         (2, host_write(state)),
     ];
     if let Some(s) = change_region(state) {
@@ -365,6 +525,27 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     }
     if let Some(s) = fallocate(state) {
         choices.push((2, s));
+    }
+    if let Some(s) = host_read(state) {
+        choices.push((1, s));
+    }
+    if !state.model.gmems().is_empty() {
+        choices.push((1, (0..state.model.gmems().len()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    }
+    // Mostly a guest_memfd a memslot binds, which is what closing is about.
+    let bound: Vec<usize> = state.model.slots().values().filter_map(|s| s.gmem.map(|(g, _)| g)).collect();
+    if !bound.is_empty() {
+        choices.push((1, proptest::sample::select(bound).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    }
+    if let Some(s) = released_focus(state) {
+        choices.push((4, s));
+    }
+    if state.hypercalls && state.model.profile().hypercall_exit_mask != 0 {
+        choices.push((1, state.fixed.hypercall_exits.clone().boxed()));
+        choices.push((3, state.fixed.map_gpa_range.clone().boxed()));
+    }
+    if state.model.profile().pre_fault_memory {
+        choices.push((2, state.fixed.pre_fault.clone().boxed()));
     }
     if state.gmem_only == GmemOnlyAccess::Focused {
         if let Some(s) = gmem_only_focus(state) {
@@ -385,7 +566,7 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
             (1..=ANON_PAGES.len()).contains(&anon) && page + npages <= ANON_PAGES[anon - 1]
         }
         UserMemory::GmemMap { gmem, page } => {
-            model.gmems().get(gmem).is_some_and(|g| g.mmap() && (page + npages) * P <= g.size)
+            model.gmems().get(gmem).is_some_and(|g| g.mmap() && !g.closed && (page + npages) * P <= g.size)
         }
     };
     let guest_ok = |gpa: u64, is_write: bool| {
@@ -393,23 +574,33 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
             && !(state.gmem_only == GmemOnlyAccess::Excluded && model.slot_at(gpa).is_some_and(|s| s.gmem_only))
     };
     match step {
-        Step::CreateGmem { .. } | Step::SetAttributes { .. } => true,
+        Step::CreateGmem { .. }
+        | Step::SetAttributes { .. }
+        | Step::HypercallExits { .. }
+        | Step::MapGpaRange { .. } => true,
+        // A closed guest_memfd is named only by deleting a slot that maps it.
+        Step::SetRegion(r) if r.size == 0 => true,
         Step::SetRegion(r) => {
             user_fits(r.user, r.size / P)
                 && match r.guest_memfd {
-                    Some((GmemFd::File(g), _)) => g < model.gmems().len(),
+                    Some((GmemFd::File(g), _)) => model.gmems().get(g).is_some_and(|g| !g.closed),
                     _ => true,
                 }
         }
-        Step::Fallocate { gmem, .. } => *gmem < model.gmems().len(),
+        Step::Fallocate { gmem, .. } | Step::CloseGmem { gmem } => model.gmems().get(*gmem).is_some_and(|g| !g.closed),
         Step::GuestRead { gpa } => guest_ok(*gpa, false),
         Step::GuestWrite { gpa, .. } => guest_ok(*gpa, true),
+        Step::GuestExec { gpa } => guest_ok(*gpa, false) && model.unmodeled_guest_fetch(*gpa).is_none(),
+        Step::PreFault { gpa, size, flags } => model.unmodeled_pre_fault(*gpa, *size, *flags).is_none(),
         Step::HostWrite { mem, offset, .. } => match *mem {
             ModelMemory::Anon(a) => (1..=ANON_PAGES.len()).contains(&a) && offset + 8 <= ANON_PAGES[a - 1] * P,
             ModelMemory::GmemMap(g) => {
-                model.gmems().get(g).is_some_and(|gm| gm.mmap()) && !model.host_access_faults(*mem, *offset, 8)
+                model.gmems().get(g).is_some_and(|gm| gm.mmap() && !gm.closed && offset + 8 <= gm.size)
             }
         },
+        Step::HostRead { gmem, offset } => {
+            model.gmems().get(*gmem).is_some_and(|gm| gm.mmap() && !gm.closed && offset + 8 <= gm.size)
+        }
     }
 }
 
@@ -420,8 +611,17 @@ enum Outcome {
     Call(Result<(), Errno>),
     /// A guest access.
     Guest(GuestAccess),
-    /// A host write (always succeeds: faulting writes are not generated).
+    /// A host write that completed.
     HostWrite,
+    /// A host read that completed, with the value.
+    HostRead(u64),
+    /// A host access killed by SIGBUS (in a forked child).
+    HostSigbus,
+    /// `KVM_PRE_FAULT_MEMORY`: the result and the range written back.
+    PreFault(PreFault),
+    /// A `KVM_HC_MAP_GPA_RANGE`: the exit's nr, args[0..3] and flags if it
+    /// exited, and the guest's rax.
+    MapGpa { exit: Option<(u64, [u64; 3], u64)>, ret: u64 },
 }
 
 fn apply_model(model: &mut Model, step: &Step) -> Outcome {
@@ -432,11 +632,40 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
             Outcome::Call(model.set_memory_attributes(*address, *size, *attributes, *flags))
         }
         Step::Fallocate { gmem, mode, offset, len } => Outcome::Call(model.fallocate(*gmem, *mode, *offset, *len)),
+        Step::CloseGmem { gmem } => {
+            model.close_guest_memfd(*gmem);
+            Outcome::Call(Ok(()))
+        }
         Step::GuestRead { gpa } => Outcome::Guest(model.guest_read(*gpa)),
         Step::GuestWrite { gpa, value } => Outcome::Guest(model.guest_write(*gpa, *value)),
-        Step::HostWrite { mem, offset, value } => {
-            model.host_write(*mem, *offset, &value.to_le_bytes()).expect("preconditions exclude faulting host writes");
-            Outcome::HostWrite
+        Step::GuestExec { gpa } => Outcome::Guest(model.guest_fetch(*gpa)),
+        Step::HypercallExits { mask } => Outcome::Call(model.enable_hypercall_exits(*mask)),
+        Step::MapGpaRange { gpa, npages, attrs } => match model.map_gpa_range(*gpa, *npages, *attrs) {
+            MapGpaRange::Returned(ret) => Outcome::MapGpa { exit: None, ret },
+            MapGpaRange::Exit { args, flags } => {
+                let result = match vmm_attributes(args[0], args[1], args[2]) {
+                    None => Err(Errno::EINVAL),
+                    Some((address, size, attributes)) => model.set_memory_attributes(address, size, attributes, 0),
+                };
+                Outcome::MapGpa {
+                    exit: Some((kvm_model::KVM_HC_MAP_GPA_RANGE, args, flags)),
+                    ret: hypercall_ret(result),
+                }
+            }
+        },
+        Step::PreFault { gpa, size, flags } => Outcome::PreFault(
+            model.pre_fault_memory(*gpa, *size, *flags).expect("preconditions exclude unmodeled pre-faults"),
+        ),
+        Step::HostWrite { mem, offset, value } => match model.host_write(*mem, *offset, &value.to_le_bytes()) {
+            Ok(()) => Outcome::HostWrite,
+            Err(HostFault::Sigbus) => Outcome::HostSigbus,
+        },
+        Step::HostRead { gmem, offset } => {
+            let mut buf = [0u8; 8];
+            match model.host_read(ModelMemory::GmemMap(*gmem), *offset, &mut buf) {
+                Ok(()) => Outcome::HostRead(u64::from_le_bytes(buf)),
+                Err(HostFault::Sigbus) => Outcome::HostSigbus,
+            }
         }
     }
 }
@@ -466,10 +695,14 @@ struct Real {
     vm: Vm,
     /// Index = model anon id; 0 (the system memory) is not compared.
     anons: Vec<Option<Arc<HostMemory>>>,
-    gmems: Vec<Arc<GuestMemfd>>,
+    /// Index = model gmem id; `None` once the step closed it.
+    gmems: Vec<Option<Arc<GuestMemfd>>>,
     /// The whole-file MAP_SHARED mapping of each mmap-able guest_memfd.
     gmem_maps: Vec<Option<Arc<HostMemory>>>,
     agent: Option<(Agent, kvm_regs)>,
+    /// Guest_memfd mappings on which a refused access has been seen to
+    /// raise SIGBUS (in a child) this sequence.
+    sigbus_seen: std::cell::RefCell<std::collections::BTreeSet<ModelMemory>>,
 }
 
 /// Where and how a sequence went wrong.
@@ -486,24 +719,34 @@ impl Real {
         for pages in ANON_PAGES {
             anons.push(Some(Arc::new(HostMemory::anonymous(pages * P)?)));
         }
-        Ok(Self { vm, anons, gmems: Vec::new(), gmem_maps: Vec::new(), agent: None })
+        Ok(Self { vm, anons, gmems: Vec::new(), gmem_maps: Vec::new(), agent: None, sigbus_seen: Default::default() })
     }
 
     fn region(&self, r: &MemoryRegion) -> Region {
         let (memory, memory_offset) = match r.user {
             UserMemory::Null => (None, 0),
             UserMemory::Anon { anon, page } => (self.anons[anon].clone(), page * P),
+            // None after the close: only a deletion gets here then.
             UserMemory::GmemMap { gmem, page } => (self.gmem_maps[gmem].clone(), page * P),
         };
         let guest_memfd = r.guest_memfd.map(|(fd, offset)| {
             let binding = match fd {
-                GmemFd::File(g) => GmemBinding::Memfd(self.gmems[g].clone()),
+                // By number: the memslot record must not keep the fd open,
+                // since closing it while the slot binds it is a step.
+                GmemFd::File(g) => GmemBinding::RawFd(self.gmems[g].as_ref().map_or(CLOSED_FD, |f| f.as_raw_fd())),
                 GmemFd::Closed => GmemBinding::RawFd(CLOSED_FD),
                 GmemFd::NotGuestMemfd => GmemBinding::RawFd(self.vm.raw_fd()),
             };
             (binding, offset)
         });
         Region { slot: r.slot, flags: r.flags, gpa: r.gpa, size: r.size, memory, memory_offset, guest_memfd }
+    }
+
+    /// A fresh VM whose agent is already running, parked at READY.
+    fn started(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Self> {
+        let mut real = Self::new(kvm, vm_type)?;
+        real.agent()?;
+        Ok(real)
     }
 
     fn agent(&mut self) -> Result<&mut (Agent, kvm_regs)> {
@@ -567,7 +810,7 @@ impl Real {
                     } else {
                         None
                     };
-                    self.gmems.push(gmem);
+                    self.gmems.push(Some(gmem));
                     self.gmem_maps.push(map);
                     Outcome::Call(Ok(()))
                 }
@@ -589,7 +832,7 @@ impl Real {
                 })
             }
             Step::Fallocate { gmem, mode, offset, len } => {
-                let file = &self.gmems[*gmem];
+                let file = self.gmems[*gmem].as_ref().expect("preconditions exclude closed guest_memfds");
                 let result = match mode {
                     Fallocate::Allocate => file.allocate(*offset, *len),
                     Fallocate::PunchHole => file.punch_hole(*offset, *len),
@@ -607,11 +850,126 @@ impl Real {
                 let Outcome::Guest(expected) = expected else { unreachable!("a write's outcome is a guest access") };
                 Outcome::Guest(self.guest_access(Op::Write { gpa: *gpa, value: *value }, expected)?)
             }
+            Step::GuestExec { gpa } => {
+                let Outcome::Guest(expected) = expected else { unreachable!("a fetch's outcome is a guest access") };
+                Outcome::Guest(self.guest_access(Op::Exec { gpa: *gpa }, expected)?)
+            }
+            Step::HostWrite { .. } | Step::HostRead { .. } => self.host_access(step)?,
+            Step::CloseGmem { gmem } => {
+                // Not while a forked child (of any test thread) holds
+                // copies of the fd and mapping: the release must happen now.
+                kvm_harness::without_forked_children(|| {
+                    self.gmems[*gmem] = None;
+                    self.gmem_maps[*gmem] = None;
+                });
+                Outcome::Call(Ok(()))
+            }
+            Step::HypercallExits { mask } => {
+                Outcome::Call(match self.vm.enable_cap(Cap::ExitHypercall, [*mask, 0, 0, 0]) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(model_errno(&e)?),
+                })
+            }
+            Step::MapGpaRange { gpa, npages, attrs } => self.map_gpa_range(*gpa, *npages, *attrs)?,
+            Step::PreFault { gpa, size, flags } => self.pre_fault(*gpa, *size, *flags)?,
+        })
+    }
+
+    /// A host write or read through a mapping.
+    fn host_access(&mut self, step: &Step) -> Result<Outcome, String> {
+        Ok(match *step {
+            Step::HostWrite { mem: mem @ ModelMemory::GmemMap(_), offset, value } => {
+                match self.probe(mem, offset, Access::Write(value as u8), value)? {
+                    false => Outcome::HostSigbus,
+                    true => {
+                        self.memory(mem).write_u64(offset, value);
+                        Outcome::HostWrite
+                    }
+                }
+            }
             Step::HostWrite { mem, offset, value } => {
-                self.memory(*mem).write_u64(*offset, *value);
+                self.memory(mem).write_u64(offset, value);
                 Outcome::HostWrite
             }
+            Step::HostRead { gmem, offset } => {
+                let mem = ModelMemory::GmemMap(gmem);
+                match self.probe(mem, offset, Access::Read, 0)? {
+                    false => Outcome::HostSigbus,
+                    true => Outcome::HostRead(self.memory(mem).read_u64(offset)),
+                }
+            }
+            _ => unreachable!("{step:?} is no host access"),
         })
+    }
+
+    /// `KVM_PRE_FAULT_MEMORY` on the agent's vCPU, under the watchdog's
+    /// deadline: a kernel that retries forever is a mismatch, not a hang.
+    fn pre_fault(&mut self, gpa: u64, size: u64, flags: u64) -> Result<Outcome, String> {
+        let (agent, _) = self.agent().map_err(|e| format!("cannot start the agent: {e}"))?;
+        let mut range = kvm_pre_fault_memory { gpa, size, flags, ..Default::default() };
+        let deadline = watchdog::configured_timeout().map_err(|e| e.to_string())?;
+        let result = match agent.vcpu().pre_fault_memory_with_deadline(&mut range, deadline) {
+            (_, true) => return Err(format!("KVM_PRE_FAULT_MEMORY still running after {deadline:?}")),
+            (Ok(()), false) => Ok(()),
+            (Err(e), false) => Err(model_errno(&e)?),
+        };
+        Ok(Outcome::PreFault(PreFault { result, gpa: range.gpa, size: range.size }))
+    }
+
+    /// The guest's `KVM_HC_MAP_GPA_RANGE`, answered as [`vmm_attributes`] says.
+    fn map_gpa_range(&mut self, gpa: u64, npages: u64, attrs: u64) -> Result<Outcome, String> {
+        let op = Op::Hypercall { nr: kvm_model::KVM_HC_MAP_GPA_RANGE, args: [gpa, npages, attrs, 0] };
+        let vm = &self.vm;
+        let Some((agent, _)) = self.agent.as_mut() else { return Err("the agent is not running".into()) };
+        agent.submit(op).map_err(|e| e.to_string())?;
+        let mut exit = None;
+        let mut result = agent.vcpu().run().map_err(|e| format!("KVM_RUN: {e}"))?;
+        if let Exit::Hypercall { nr, args, flags } = result {
+            exit = Some((nr, [args[0], args[1], args[2]], flags));
+            let answer = match vmm_attributes(args[0], args[1], args[2]) {
+                None => Err(Errno::EINVAL),
+                Some((address, size, attributes)) => match vm.set_memory_attributes(address, size, attributes) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(model_errno(&e)?),
+                },
+            };
+            agent.vcpu().set_hypercall_ret(hypercall_ret(answer)).map_err(|e| e.to_string())?;
+            result = agent.vcpu().run().map_err(|e| format!("KVM_RUN: {e}"))?;
+        }
+        let ret = agent.ready_from_exit(result, "KVM_HC_MAP_GPA_RANGE").map_err(|e| e.to_string())?;
+        Ok(Outcome::MapGpa { exit, ret })
+    }
+
+    /// Whether the 8 bytes at `offset` of `mem` can be accessed. First
+    /// through `process_vm_readv`/`writev` on this process (a page the
+    /// kernel refuses fails with EFAULT there, not SIGBUS); the first
+    /// refused one of each mapping per sequence must then kill a forked
+    /// child doing `access` with SIGBUS, so the signal itself is checked
+    /// and never reaches the test (a fork per refusal would cost seconds
+    /// under TCG). A write's probe stores the value; the real write then
+    /// stores it again.
+    fn probe(&self, mem: ModelMemory, offset: u64, access: Access, value: u64) -> Result<bool, String> {
+        let memory = self.memory(mem);
+        let probed = match access {
+            Access::Read => memory.try_read(offset, &mut [0u8; 8]),
+            Access::Write(_) => memory.try_write(offset, &value.to_le_bytes()),
+        };
+        match probed {
+            Ok(()) => return Ok(true),
+            Err(e) if e.errno() == Some(nix::errno::Errno::EFAULT) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if self.sigbus_seen.borrow().contains(&mem) {
+            return Ok(false);
+        }
+        self.sigbus_seen.borrow_mut().insert(mem);
+        match memory.access_in_child(offset, 8, access).map_err(|e| e.to_string())? {
+            ChildFate::Signaled(nix::sys::signal::Signal::SIGBUS) => Ok(false),
+            fate => Err(format!(
+                "process_vm_readv/writev found {} at {offset:#x} unmapped (EFAULT), but a host {access} there {fate}",
+                describe_memory(mem)
+            )),
+        }
     }
 
     fn memory(&self, mem: ModelMemory) -> &HostMemory {
@@ -621,35 +979,87 @@ impl Real {
         }
     }
 
-    /// Compares every byte the host can see with the model's.
-    fn compare_memory(&self, model: &mut Model) -> Result<(), String> {
-        let mut targets: Vec<(ModelMemory, u64)> =
-            (1..self.anons.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages * P)).collect();
+    /// The host-visible memories and their sizes in pages.
+    fn host_views(model: &Model) -> Vec<(ModelMemory, u64)> {
+        let mut views: Vec<(ModelMemory, u64)> =
+            (1..=ANON_PAGES.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
         for (g, gmem) in model.gmems().iter().enumerate() {
-            if gmem.mmap() && gmem.host_accessible() {
-                targets.push((ModelMemory::GmemMap(g), gmem.size));
+            if gmem.mmap() && gmem.host_accessible() && !gmem.closed {
+                views.push((ModelMemory::GmemMap(g), gmem.size / P));
             }
         }
-        for (mem, len) in targets {
-            let mut want = vec![0u8; len as usize];
-            model.host_read(mem, 0, &mut want).map_err(|f| format!("model: host read of {mem:?} faults: {f:?}"))?;
-            let mut got = vec![0u8; len as usize];
-            self.memory(mem).read(0, &mut got);
-            if let Some(i) = (0..want.len()).find(|&i| want[i] != got[i]) {
-                let word = i & !7;
-                let w = |b: &[u8]| u64::from_le_bytes(b[word..word + 8].try_into().expect("8 bytes"));
-                return Err(format!(
-                    "host view of {} at offset {i:#x}: model byte {:#04x}, kernel byte {:#04x} (u64 at {word:#x}: \
-                     model {:#x}, kernel {:#x})",
-                    describe_memory(mem),
-                    want[i],
-                    got[i],
-                    w(&want),
-                    w(&got)
-                ));
+        views
+    }
+
+    /// Compares every byte the host can see with the model's.
+    fn compare_memory(&self, model: &mut Model) -> Result<(), String> {
+        for (mem, pages) in Self::host_views(model) {
+            for index in 0..pages {
+                self.compare_page(model, mem, index)?;
             }
         }
         Ok(())
+    }
+
+    /// Compares one host-visible page with the model's, with `memcmp`; only
+    /// a differing page is read out to name the first differing byte.
+    fn compare_page(&self, model: &mut Model, mem: ModelMemory, index: u64) -> Result<(), String> {
+        static ZERO: [u8; P as usize] = [0; P as usize];
+        let real = self.memory(mem);
+        let want = model.host_page(mem, index).map_err(|f| format!("model: host read of {mem:?} faults: {f:?}"))?;
+        let want = want.unwrap_or(&ZERO);
+        if real.matches(index * P, want) {
+            return Ok(());
+        }
+        let mut got = vec![0u8; P as usize];
+        real.read(index * P, &mut got);
+        let i = (0..want.len()).find(|&i| want[i] != got[i]).unwrap_or(0);
+        let word = i & !7;
+        let w = |b: &[u8]| u64::from_le_bytes(b[word..word + 8].try_into().expect("8 bytes"));
+        Err(format!(
+            "host view of {} at offset {:#x}: model byte {:#04x}, kernel byte {:#04x} (u64 at {:#x}: \
+             model {:#x}, kernel {:#x})",
+            describe_memory(mem),
+            index * P + i as u64,
+            want[i],
+            got[i],
+            index * P + word as u64,
+            w(want),
+            w(&got)
+        ))
+    }
+}
+
+/// The host-visible pages `step` may write (before it runs on `model`): the
+/// page of a host write, the host pages behind a guest write's GPA, a
+/// fallocate's range of a host-mappable guest_memfd.
+fn touched_pages(model: &Model, step: &Step) -> Vec<(ModelMemory, u64)> {
+    let visible = |g: usize| model.gmems().get(g).is_some_and(|m| m.mmap() && m.host_accessible() && !m.closed);
+    match *step {
+        Step::HostWrite { mem: ModelMemory::GmemMap(g), .. } if !visible(g) => Vec::new(),
+        Step::HostWrite { mem, offset, .. } => vec![(mem, offset / P)],
+        Step::GuestWrite { gpa, .. } => {
+            let Some(slot) = model.slot_at(gpa) else { return Vec::new() };
+            let index = gpa / P - slot.base_gfn;
+            let mut pages = Vec::new();
+            match slot.user {
+                UserMemory::Anon { anon, page } => pages.push((ModelMemory::Anon(anon), page + index)),
+                UserMemory::GmemMap { gmem, page } if visible(gmem) => {
+                    pages.push((ModelMemory::GmemMap(gmem), page + index))
+                }
+                _ => {}
+            }
+            if let Some((g, pgoff)) = slot.gmem.filter(|&(g, _)| visible(g)) {
+                pages.push((ModelMemory::GmemMap(g), pgoff + index));
+            }
+            pages
+        }
+        Step::Fallocate { gmem, offset, len, .. } if visible(gmem) => {
+            let pages = model.gmems()[gmem].size / P;
+            let end = offset.saturating_add(len).div_ceil(P).min(pages);
+            (offset / P..end).map(|i| (ModelMemory::GmemMap(gmem), i)).collect()
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -663,39 +1073,188 @@ fn describe_memory(mem: ModelMemory) -> String {
 /// The errno of a failed harness call, in the model's terms.
 fn model_errno(e: &Error) -> Result<Errno, String> {
     let errno = e.errno().ok_or_else(|| format!("not an errno: {e}"))?;
-    let all =
-        [Errno::EBADF, Errno::EFAULT, Errno::EEXIST, Errno::EINVAL, Errno::ENOTTY, Errno::EFBIG, Errno::EOPNOTSUPP];
-    all.into_iter().find(|m| m.raw() == errno as i32).ok_or_else(|| format!("{errno:?} (unknown to the model): {e}"))
+    Errno::ALL
+        .into_iter()
+        .find(|m| m.raw() == errno as i32)
+        .ok_or_else(|| format!("{errno:?} (unknown to the model): {e}"))
+}
+
+/// Where a test thread's time went, for the summary line.
+#[derive(Debug, Default, Clone, Copy)]
+struct Times {
+    generate: Duration,
+    setup: Duration,
+    guest: Duration,
+    calls: Duration,
+    model: Duration,
+    compare: Duration,
+    teardown: Duration,
+    guest_steps: usize,
+    other_steps: usize,
+}
+
+thread_local! {
+    static TIMES: std::cell::Cell<Times> = std::cell::Cell::new(Times::default());
+}
+
+/// Adds the time since `start` to one of the thread's `Times` fields.
+fn charge(start: Instant, field: fn(&mut Times) -> &mut Duration) {
+    let elapsed = start.elapsed();
+    TIMES.with(|t| {
+        let mut times = t.get();
+        *field(&mut times) += elapsed;
+        t.set(times);
+    });
+}
+
+impl Times {
+    fn take() -> Self {
+        TIMES.with(|t| t.replace(Times::default()))
+    }
+
+    fn summary(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let per = |d: Duration, n: usize| if n == 0 { 0.0 } else { ms(d) / n as f64 };
+        format!(
+            "generation {:.0} ms, VM setup {:.0} ms, guest steps {:.0} ms ({} steps, {:.2} ms each), other calls {:.0} ms ({} steps, {:.2} ms each), model {:.0} ms, host byte checks {:.0} ms, teardown {:.0} ms",
+            ms(self.generate),
+            ms(self.setup),
+            ms(self.guest),
+            self.guest_steps,
+            per(self.guest, self.guest_steps),
+            ms(self.calls),
+            self.other_steps,
+            per(self.calls, self.other_steps),
+            ms(self.model),
+            ms(self.compare),
+            ms(self.teardown)
+        )
+    }
 }
 
 /// Runs `steps` on a fresh VM and the model, comparing after each step.
-fn run_sequence(
-    kvm: &Arc<Kvm>,
-    vm_type: VmType,
-    profile: &Profile,
+fn run_sequence(vms: &Vms, profile: &Profile, steps: &[Step], seen: Option<&AtomicUsize>) -> Result<(), Mismatch> {
+    let t = Instant::now();
+    let mut real = vms.next().map_err(|e| Mismatch { step: 0, detail: format!("setup: {e}") })?;
+    let mut model = initial_model(profile);
+    charge(t, |t| &mut t.setup);
+    let full = matches!(vms, Vms::InLine { .. });
+    let result = check_steps(&mut real, &mut model, steps, seen, full);
+    let t = Instant::now();
+    vms.release(real);
+    charge(t, |t| &mut t.teardown);
+    result
+}
+
+/// Applies `steps` to both sides, comparing after each: the outcome, and
+/// the host-visible bytes. With `full`, every host-visible byte after every
+/// step; otherwise the pages a step may write, before and after it, and
+/// every byte after the last step. That misses nothing: a byte on which the
+/// kernel and the model part stays parted until a step writes its page,
+/// and that step checks the page first; the last check sees the rest. A
+/// mismatch is then replayed with `full` while it shrinks, so the reported
+/// step is the one that made the difference.
+fn check_steps(
+    real: &mut Real,
+    model: &mut Model,
     steps: &[Step],
     seen: Option<&AtomicUsize>,
+    full: bool,
 ) -> Result<(), Mismatch> {
-    let mut real = Real::new(kvm, vm_type).map_err(|e| Mismatch { step: 0, detail: format!("setup: {e}") })?;
-    let mut model = initial_model(profile);
     for (i, step) in steps.iter().enumerate() {
         if let Some(seen) = seen {
             seen.fetch_add(1, Ordering::SeqCst);
         }
-        let expected = apply_model(&mut model, step);
         let fail = |detail: String| Mismatch { step: i, detail };
-        let actual =
-            real.apply(step, &expected).map_err(|e| fail(format!("{step:x?}: expected {expected:x?}, got {e}")))?;
+        let mut pages = if full { Vec::new() } else { touched_pages(model, step) };
+        let t = Instant::now();
+        let checked = pages.iter().try_for_each(|&(mem, index)| real.compare_page(model, mem, index));
+        charge(t, |t| &mut t.compare);
+        checked.map_err(|e| fail(format!("before {step:x?}: {e}")))?;
+        let gmems_before = model.gmems().len();
+        let t = Instant::now();
+        let expected = apply_model(model, step);
+        charge(t, |t| &mut t.model);
+        let t = Instant::now();
+        let actual = real.apply(step, &expected);
+        let guest = matches!(
+            step,
+            Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. } | Step::MapGpaRange { .. }
+        );
+        charge(t, if guest { |t: &mut Times| &mut t.guest } else { |t: &mut Times| &mut t.calls });
+        TIMES.with(|t| {
+            let mut times = t.get();
+            *(if guest { &mut times.guest_steps } else { &mut times.other_steps }) += 1;
+            t.set(times);
+        });
+        let actual = actual.map_err(|e| fail(format!("{step:x?}: expected {expected:x?}, got {e}")))?;
         if actual != expected {
             return Err(fail(format!("{step:x?}: expected {}, got {}", show(&expected), show(&actual))));
         }
-        real.compare_memory(&mut model).map_err(|e| fail(format!("after {step:x?}: {e}")))?;
+        // A new host-mappable guest_memfd is checked whole.
+        pages.extend(
+            Real::host_views(model)
+                .into_iter()
+                .filter(|(mem, _)| matches!(mem, ModelMemory::GmemMap(g) if *g >= gmems_before))
+                .flat_map(|(mem, n)| (0..n).map(move |i| (mem, i))),
+        );
+        let t = Instant::now();
+        let compared = if full || i + 1 == steps.len() {
+            real.compare_memory(model)
+        } else {
+            pages.iter().try_for_each(|&(mem, index)| real.compare_page(model, mem, index))
+        };
+        charge(t, |t| &mut t.compare);
+        compared.map_err(|e| fail(format!("after {step:x?}: {e}")))?;
     }
     // Leave the agent cleanly: DONE.
     if let Some((agent, _)) = real.agent.take() {
         agent.done().map_err(|e| Mismatch { step: steps.len(), detail: format!("agent DONE: {e}") })?;
     }
     Ok(())
+}
+
+/// Where sequences get their VMs and leave them. Exploring prepares each
+/// VM (with its agent started) on a helper thread while the previous
+/// sequence runs, and destroys finished ones on another, so the kernel's
+/// VM creation and teardown (SRCU grace periods included) overlap the
+/// sequences; shrinking and reproducing make them in line.
+enum Vms {
+    InLine { kvm: Arc<Kvm>, vm_type: VmType },
+    Pipelined { ready: std::sync::mpsc::Receiver<Result<Real>>, done: std::sync::mpsc::Sender<Real> },
+}
+
+impl Vms {
+    /// The pipelined source and its two helper threads; dropping the
+    /// source ends them, joining them waits until every VM is gone.
+    fn pipelined(kvm: &Arc<Kvm>, vm_type: VmType) -> (Self, [std::thread::JoinHandle<()>; 2]) {
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        let (done, done_rx) = std::sync::mpsc::channel::<Real>();
+        let kvm = kvm.clone();
+        let maker = std::thread::spawn(move || while ready_tx.send(Real::started(&kvm, vm_type)).is_ok() {});
+        let reaper = std::thread::spawn(move || done_rx.into_iter().for_each(drop));
+        (Self::Pipelined { ready, done }, [maker, reaper])
+    }
+
+    fn next(&self) -> Result<Real> {
+        match self {
+            Self::InLine { kvm, vm_type } => Real::started(kvm, *vm_type),
+            Self::Pipelined { ready, .. } => {
+                ready.recv().map_err(|_| Error::Config("the VM-making thread ended".into()))?
+            }
+        }
+    }
+
+    fn release(&self, real: Real) {
+        match self {
+            Self::InLine { .. } => drop(real),
+            Self::Pipelined { done, .. } => {
+                if let Err(back) = done.send(real) {
+                    drop(back.0);
+                }
+            }
+        }
+    }
 }
 
 fn show(outcome: &Outcome) -> String {
@@ -711,6 +1270,13 @@ fn show(outcome: &Outcome) -> String {
         }
         Outcome::Guest(GuestAccess::Unmodeled(why)) => format!("(unmodeled: {why})"),
         Outcome::HostWrite => "a host write".into(),
+        Outcome::HostRead(v) => format!("a host read of {v:#x}"),
+        Outcome::HostSigbus => "SIGBUS".into(),
+        Outcome::MapGpa { exit, ret } => format!("exit {exit:x?}, guest rax {ret:#x}"),
+        Outcome::PreFault(PreFault { result, gpa, size }) => format!(
+            "{} with the range left at gpa {gpa:#x}, size {size:#x}",
+            result.map_or_else(|e| e.name().to_string(), |()| "success".to_string())
+        ),
     }
 }
 
@@ -719,17 +1285,18 @@ fn anon_name(a: usize) -> String {
     format!("anon{a}")
 }
 
-fn region_expr(r: &MemoryRegion) -> String {
+fn region_expr(r: &MemoryRegion, model: &Model) -> String {
     let (memory, offset) = match r.user {
         UserMemory::Null => ("None".to_string(), 0),
         UserMemory::Anon { anon, page } => (format!("Some({}.clone())", anon_name(anon)), page * P),
+        UserMemory::GmemMap { gmem, page } if model.gmems()[gmem].closed => ("None".to_string(), page * P),
         UserMemory::GmemMap { gmem, page } => (format!("Some(gmem{gmem}_map.clone())"), page * P),
     };
     let gmem = match r.guest_memfd {
         None => "None".to_string(),
         Some((fd, off)) => {
             let binding = match fd {
-                GmemFd::File(g) => format!("GmemBinding::Memfd(gmem{g}.clone())"),
+                GmemFd::File(g) => format!("GmemBinding::RawFd(gmem{g}.as_raw_fd())"),
                 GmemFd::Closed => format!("GmemBinding::RawFd({CLOSED_FD:#x})"),
                 GmemFd::NotGuestMemfd => "GmemBinding::RawFd(vm.raw_fd())".to_string(),
             };
@@ -762,14 +1329,22 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
     for step in steps {
         let expected = apply_model(&mut model, step);
         let _ = writeln!(out, "    // {step:x?}");
-        if matches!(step, Step::GuestRead { .. } | Step::GuestWrite { .. }) && !agent_started {
+        if matches!(
+            step,
+            Step::GuestRead { .. }
+                | Step::GuestWrite { .. }
+                | Step::GuestExec { .. }
+                | Step::PreFault { .. }
+                | Step::MapGpaRange { .. }
+        ) && !agent_started
+        {
             agent_started = true;
             let _ = writeln!(
                 out,
                 "    let vcpu = vm.vcpu(0, [0; 4])?;\n    let entry = vcpu.regs()?;\n    let mut agent = Agent::start(vcpu)?;"
             );
         }
-        step_lines(&mut out, step, &expected, &mut ngmem);
+        step_lines(&mut out, step, &expected, &mut ngmem, &model);
     }
     host_view_lines(&mut out, &mut model);
     let _ = writeln!(out, "    Ok(())\n}});");
@@ -786,9 +1361,9 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
     let _ = writeln!(w, "// {SEED_ENV}={seed:#x} {CASES_ENV}=1 reruns this case; kernel {}.", profile.version);
     let _ = writeln!(
         w,
-        "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::kvm_memory_attributes;\n\
-         // use kvm_harness::{{expect_errno, Agent, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
-         // use nix::sys::mman::MapFlags; use std::sync::Arc;"
+        "// use guest_payloads::GUEST_AGENT; use kvm_harness::bindings::{{kvm_memory_attributes, kvm_pre_fault_memory}};\n\
+         // use kvm_harness::{{expect_errno, Access, Agent, Cap, ChildFate, Errno, Exit, GmemBinding, HostMemory, Op, Region, Vm, VmType}};\n\
+         // use nix::sys::mman::MapFlags; use nix::sys::signal::Signal; use std::os::fd::AsRawFd; use std::sync::Arc;"
     );
     let _ = writeln!(w, "suite.test(\"model_reproducer\", vec![], |kvm| {{");
     let _ = writeln!(w, "    let vm = Vm::with_payload(kvm, {vm_type_expr}, &GUEST_AGENT)?;");
@@ -798,7 +1373,7 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
 }
 
 /// One step and the outcome the model expects of it, as harness calls.
-fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize) {
+fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize, model: &Model) {
     match (step, expected) {
         (Step::CreateGmem { size, flags }, Outcome::Call(Ok(()))) => {
             let g = *ngmem;
@@ -813,7 +1388,7 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
             call_line(w, "KVM_CREATE_GUEST_MEMFD", result, &format!("vm.create_guest_memfd({size:#x}, {flags:#x})"))
         }
         (Step::SetRegion(r), Outcome::Call(result)) => {
-            call_line(w, "KVM_SET_USER_MEMORY_REGION2", result, &format!("vm.set_region(&{})", region_expr(r)))
+            call_line(w, "KVM_SET_USER_MEMORY_REGION2", result, &format!("vm.set_region(&{})", region_expr(r, model)))
         }
         (Step::SetAttributes { address, size, attributes, flags }, Outcome::Call(result)) => call_line(
             w,
@@ -837,6 +1412,65 @@ fn step_lines(w: &mut String, step: &Step, expected: &Outcome, ngmem: &mut usize
         (Step::GuestWrite { gpa, value }, Outcome::Guest(access)) => {
             guest_lines(w, &format!("Op::Write {{ gpa: {gpa:#x}, value: {value:#x} }}"), access)
         }
+        (Step::GuestExec { gpa }, Outcome::Guest(access)) => {
+            guest_lines(w, &format!("Op::Exec {{ gpa: {gpa:#x} }}"), access)
+        }
+        (Step::HypercallExits { mask }, Outcome::Call(result)) => call_line(
+            w,
+            "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)",
+            result,
+            &format!("vm.enable_cap(Cap::ExitHypercall, [{mask:#x}, 0, 0, 0])"),
+        ),
+        _ => later_step_lines(w, step, expected, model),
+    }
+}
+
+/// [`step_lines`] of the hypercall, pre-fault, close and host-access steps.
+fn later_step_lines(w: &mut String, step: &Step, expected: &Outcome, model: &Model) {
+    match (step, expected) {
+        (Step::MapGpaRange { gpa, npages, attrs }, Outcome::MapGpa { exit, ret }) => {
+            let answer = match (exit, vmm_attributes(*gpa, *npages, *attrs)) {
+                (None, _) => "unreachable!(\"no exit expected\")".to_string(),
+                (Some(_), None) => format!("Ok({ret:#x})"),
+                (Some(_), Some((a, s, at))) => {
+                    format!("{{ let _ = vm.set_memory_attributes({a:#x}, {s:#x}, {at:#x}); Ok({ret:#x}) }}")
+                }
+            };
+            let _ = writeln!(
+                w,
+                "    assert_eq!(agent.hypercall(0xc, [{gpa:#x}, {npages:#x}, {attrs:#x}, 0], |_, nr, args| {{\n        \
+                 assert_eq!(Some((nr, [args[0], args[1], args[2]])), {});\n        {answer}\n    }})?, {ret:#x});",
+                exit.map_or("None".to_string(), |(nr, [a, n, at], _)| format!("Some(({nr:#x}, [{a:#x}, {n:#x}, {at:#x}]))"))
+            );
+        }
+        (Step::PreFault { gpa, size, flags }, Outcome::PreFault(after)) => {
+            let _ = writeln!(
+                w,
+                "    let mut range = kvm_pre_fault_memory {{ gpa: {gpa:#x}, size: {size:#x}, flags: {flags:#x}, ..Default::default() }};"
+            );
+            call_line(w, "KVM_PRE_FAULT_MEMORY", &after.result, "agent.vcpu().pre_fault_memory(&mut range)");
+            let _ = writeln!(w, "    assert_eq!((range.gpa, range.size), ({:#x}, {:#x}));", after.gpa, after.size);
+        }
+        (Step::CloseGmem { gmem }, _) => {
+            let map = if model.gmems()[*gmem].mmap() { format!(" drop(gmem{gmem}_map);") } else { String::new() };
+            let _ = writeln!(w, "    drop(gmem{gmem});{map}");
+        }
+        (Step::HostWrite { mem: ModelMemory::GmemMap(g), offset, value }, Outcome::HostSigbus) => {
+            let _ = writeln!(
+                w,
+                "    assert_eq!(gmem{g}_map.access_in_child({offset:#x}, 8, Access::Write({:#x}))?, ChildFate::Signaled(Signal::SIGBUS));",
+                *value as u8
+            );
+        }
+        (Step::HostRead { gmem, offset }, Outcome::HostSigbus) => {
+            let _ = writeln!(
+                w,
+                "    assert_eq!(gmem{gmem}_map.access_in_child({offset:#x}, 8, Access::Read)?, ChildFate::Signaled(Signal::SIGBUS));"
+            );
+        }
+        (Step::HostRead { gmem, offset }, Outcome::HostRead(v)) => {
+            let _ = writeln!(w, "    assert_eq!(gmem{gmem}_map.read_u64({offset:#x}), {v:#x});");
+        }
         (Step::HostWrite { mem, offset, value }, _) => {
             let name = match mem {
                 ModelMemory::Anon(a) => anon_name(*a),
@@ -855,7 +1489,7 @@ fn host_view_lines(w: &mut String, model: &mut Model) {
     let mut views: Vec<(String, ModelMemory, u64)> =
         (1..=ANON_PAGES.len()).map(|a| (anon_name(a), ModelMemory::Anon(a), ANON_PAGES[a - 1] * P)).collect();
     for (g, gmem) in model.gmems().iter().enumerate() {
-        if gmem.mmap() && gmem.host_accessible() {
+        if gmem.mmap() && gmem.host_accessible() && !gmem.closed {
             views.push((format!("gmem{g}_map"), ModelMemory::GmemMap(g), gmem.size));
         }
     }
@@ -910,8 +1544,7 @@ fn guest_lines(w: &mut String, op: &str, access: &GuestAccess) {
 /// of `vm_type` reports.
 fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
     // The release the version-dependent rules go by, KVM_SELFTESTS_KERNEL_VERSION included.
-    let running = kernel_rules::running_kernel()?.version;
-    let version = KernelVersion::new(running.major, running.minor);
+    let version = kernel_rules::running_kernel()?.version;
     let mmio_caching = std::fs::read_to_string("/sys/module/kvm/parameters/mmio_caching")
         .map(|v| v.trim() == "Y")
         .map_err(|e| Error::Config(format!("/sys/module/kvm/parameters/mmio_caching: {e}")))?;
@@ -926,6 +1559,10 @@ fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
         readonly_mem: vm.cap(Cap::ReadonlyMem) != 0,
         address_spaces: vm.cap(Cap::MultiAddressSpace).clamp(1, i32::from(u16::MAX)) as u16,
         mmio_caching,
+        pre_fault_memory: vm.cap(Cap::PreFaultMemory) != 0,
+        // KVM_X86_QUIRK_SLOT_ZAP_ALL is on unless disabled, which no test does.
+        slot_zap_all: vm_type == VmType::Default,
+        hypercall_exit_mask: u64::from(vm.cap(Cap::ExitHypercall) as u32),
     })
 }
 
@@ -953,7 +1590,21 @@ fn rng(seed: u64) -> TestRng {
 type Sequences = Sequential<RefState, Step, BoxedStrategy<RefState>, BoxedStrategy<Step>>;
 
 fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
-    let init = RefState { model: initial_model(profile), gmem_only };
+    let fixed = Arc::new(Fixed {
+        create_gmem: create_gmem(profile),
+        set_attributes: set_attributes(profile),
+        value: value().sboxed(),
+        pre_fault: pre_fault(),
+        hypercall_exits: prop_oneof![
+            3 => Just(kvm_model::KVM_EXIT_HYPERCALL_VALID_MASK),
+            1 => Just(0u64),
+            1 => (0..64u32).prop_map(|bit| 1u64 << bit),
+        ]
+        .prop_map(|mask| Step::HypercallExits { mask })
+        .sboxed(),
+        map_gpa_range: map_gpa_range(),
+    });
+    let init = RefState { model: initial_model(profile), gmem_only, hypercalls: !on_kvm_pvm(), fixed };
     Sequential::new(
         SizeRange::from(STEPS),
         move || Just(init.clone()).boxed(),
@@ -977,13 +1628,16 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         Some(n) => return Err(Error::Config(format!("{CASES_ENV}={n}: expected at least 1"))),
     };
     eprintln!(
-        "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}",
-        profile.version
+        "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}, \
+         guest hypercalls {}",
+        profile.version,
+        if on_kvm_pvm() { "excluded (kvm_pvm)" } else { "included" }
     );
     let budget = Duration::from_secs(settings::u64_opt(BUDGET_ENV)?.unwrap_or(DEFAULT_BUDGET_SECS));
     let soak = settings::u64_opt(SOAK_ENV)?.is_some_and(|v| v != 0);
     let before = Resources::now()?;
     let start = Instant::now();
+    let (vms, helpers) = Vms::pipelined(kvm, vm_type);
     let (mut ran, mut steps_run) = (0u32, 0usize);
     let mut tally = std::collections::BTreeMap::new();
     for case in 0..cases {
@@ -992,18 +1646,22 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
             break;
         }
         let seed = case_seed(base, case);
+        let t = Instant::now();
         let mut runner = TestRunner::new_with_rng(Config::default(), rng(seed));
         let mut tree = sequences(&profile, gmem_only)
             .new_tree(&mut runner)
             .map_err(|e| Error::Config(format!("generating case {case}: {e}")))?;
         let (_, steps, seen) = tree.current();
+        charge(t, |t| &mut t.generate);
         ran += 1;
         steps_run += steps.len();
-        let Err(first) = run_sequence(kvm, vm_type, &profile, &steps, seen.as_deref()) else {
+        let Err(first) = run_sequence(&vms, &profile, &steps, seen.as_deref()) else {
             tally_outcomes(&profile, &steps, &mut tally);
             continue;
         };
-        let (steps, mismatch, runs) = shrink(kvm, vm_type, &profile, &mut tree, steps, first);
+        drop(vms);
+        let in_line = Vms::InLine { kvm: kvm.clone(), vm_type };
+        let (steps, mismatch, runs) = shrink(&in_line, &profile, &mut tree, steps, first);
         let repro = reproducer(vm_type, &profile, &steps[..=mismatch.step.min(steps.len() - 1)], seed);
         return Err(Error::rule(
             "KVM agrees with the private-memory model after every step",
@@ -1016,7 +1674,12 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
             ),
         ));
     }
+    drop(vms);
+    for helper in helpers {
+        helper.join().map_err(|_| Error::Config("a VM helper thread panicked".into()))?;
+    }
     eprintln!("model: {vm_type}: {ran} sequences, {steps_run} steps, all matched, in {:.1?}", start.elapsed());
+    eprintln!("model: {vm_type}: time: {}", Times::take().summary());
     let kinds: Vec<String> = tally.iter().map(|(kind, n)| format!("{kind}: {n}")).collect();
     eprintln!("model: outcomes checked: {}", kinds.join(", "));
     let after = Resources::now()?;
@@ -1066,19 +1729,23 @@ fn tally_outcomes(profile: &Profile, steps: &[Step], tally: &mut std::collection
             Outcome::Guest(GuestAccess::Mmio { .. }) => "KVM_EXIT_MMIO".to_string(),
             Outcome::Guest(GuestAccess::MemoryFault { .. }) => "KVM_EXIT_MEMORY_FAULT".to_string(),
             Outcome::Guest(GuestAccess::Unmodeled(_)) => "unmodeled".to_string(),
-            Outcome::HostWrite => "done".to_string(),
+            Outcome::HostWrite | Outcome::HostRead(_) => "done".to_string(),
+            Outcome::HostSigbus => "SIGBUS".to_string(),
+            Outcome::PreFault(PreFault { result: Ok(()), size: 0, .. }) => "ok".to_string(),
+            Outcome::PreFault(PreFault { result: Ok(()), .. }) => "partial".to_string(),
+            Outcome::PreFault(PreFault { result: Err(e), .. }) => e.name().to_string(),
+            Outcome::MapGpa { exit: Some(_), ret: 0 } => "KVM_EXIT_HYPERCALL applied".to_string(),
+            Outcome::MapGpa { exit: Some(_), .. } => "KVM_EXIT_HYPERCALL refused".to_string(),
+            Outcome::MapGpa { exit: None, ret } => format!("returned {}", ret as i64),
         };
-        let kind = format!("{step:?}");
-        let kind = kind.split([' ', '(']).next().unwrap_or_default();
-        *tally.entry(format!("{kind} {outcome}")).or_insert(0) += 1;
+        *tally.entry(format!("{} {outcome}", step.kind())).or_insert(0) += 1;
     }
 }
 
 /// proptest's shrink loop, bounded: simplify while the sequence still
 /// fails, complicate back when a simplification made it pass.
 fn shrink(
-    kvm: &Arc<Kvm>,
-    vm_type: VmType,
+    vms: &Vms,
     profile: &Profile,
     tree: &mut <Sequences as Strategy>::Tree,
     steps: Vec<Step>,
@@ -1093,7 +1760,7 @@ fn shrink(
     while runs < MAX_SHRINK_RUNS && start.elapsed() < SHRINK_BUDGET {
         runs += 1;
         let (_, steps, seen) = tree.current();
-        match run_sequence(kvm, vm_type, profile, &steps, seen.as_deref()) {
+        match run_sequence(vms, profile, &steps, seen.as_deref()) {
             Err(mismatch) => {
                 best = (steps, mismatch);
                 if !tree.simplify() {

@@ -15,7 +15,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use kvm_harness::bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
-use kvm_harness::kernel_rules::{with_fix_hints, Fix, GMEM_BINDING_OFFSET_SIGNEDNESS, GMEM_BINDING_OVERLAP};
+use kvm_harness::kernel_rules::{
+    with_fix_hints, Fix, ForRunningKernel, GMEM_BINDING_OFFSET_SIGNEDNESS, GMEM_BINDING_OVERLAP,
+};
 use kvm_harness::{
     expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
     Result, Suite, SysResult, Vm, VmType,
@@ -175,7 +177,7 @@ fn overlapping_binding(kvm: &Arc<Kvm>, vm_type: VmType, case: Overlap) -> Result
             2 * unit,
             expected.why
         );
-        expect_errno(&rule, expected.outcome, || vm.set_region(&candidate))?;
+        expect_errno(&rule, Errno::from_raw(expected.outcome.raw()), || vm.set_region(&candidate))?;
         // Control: the same slot bound to the free range [0, 2 units) is accepted.
         let valid = bound(SLOT, GPA, 2 * unit, GmemBinding::Memfd(gmem.clone()), 0)?;
         expect_ok(&format!("{vm_type}: control: a binding of the free range [0, {:#x}) is accepted", 2 * unit), || {

@@ -16,6 +16,22 @@ use nix::unistd::{fork, ForkResult};
 use crate::error::{Error, Result, SysResult};
 use crate::memory::HostMemory;
 
+/// Held shared by every forked child's lifetime (fork to reaping), and
+/// exclusively by [`without_forked_children`].
+static CHILDREN: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Runs `f` while no child of [`HostMemory::access_in_child`] exists.
+///
+/// A child gets a copy of every fd and mapping of the process, the other
+/// test threads' included, and holds those files open until it exits. A
+/// test that closes a file and then observes its release (a guest_memfd's
+/// `release` unbinding its memslots) closes it here, so no child of a
+/// concurrent test keeps it alive a moment longer.
+pub fn without_forked_children<R>(f: impl FnOnce() -> R) -> R {
+    let _no_children = CHILDREN.write().unwrap_or_else(|e| e.into_inner());
+    f()
+}
+
 /// What the child does to each byte of the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -69,6 +85,7 @@ impl HostMemory {
         }
         let start = (self.addr() + offset) as *mut u8;
         let len = len as usize;
+        let _child_lifetime = CHILDREN.read().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the child runs only async-signal-safe code (signal(),
         // setrlimit(), volatile accesses to a range checked above to lie in
         // this live mapping, _exit()) and never returns into Rust code or

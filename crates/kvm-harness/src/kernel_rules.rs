@@ -8,52 +8,18 @@
 //! `KVM_SELFTESTS_KERNEL_VERSION` for a distribution kernel that carries
 //! backports (its own release number would pick the wrong outcome).
 
-use std::cmp::Ordering;
 use std::fmt;
 use std::sync::OnceLock;
 
-use nix::errno::Errno;
+// The version-rule data lives in kvm-model, the one place both the model
+// and the named tests read it from.
+pub use kvm_model::versioned::{Commit, Expectation, KernelVersion, Versioned, GMEM_BINDING_OVERLAP};
 
 use crate::error::{Error, Result, SysResult};
 use crate::uapi;
 
 /// Overrides the release read from `uname -r`, as `MAJOR.MINOR[.PATCH]`.
 pub const VERSION_VAR: &str = "KVM_SELFTESTS_KERNEL_VERSION";
-
-/// A kernel release, `MAJOR.MINOR.PATCH`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KernelVersion {
-    /// `7` in 7.3.4.
-    pub major: u32,
-    /// `3` in 7.3.4.
-    pub minor: u32,
-    /// `4` in 7.3.4; 0 when the release names none.
-    pub patch: u32,
-}
-
-impl KernelVersion {
-    /// `MAJOR.MINOR`, the first release of a mainline cycle.
-    pub const fn new(major: u32, minor: u32) -> Self {
-        KernelVersion { major, minor, patch: 0 }
-    }
-
-    /// Parse the numeric prefix of a release string: `6.12.117-amd64`,
-    /// `7.3.4`, `6.18.0-rc2+`.
-    pub fn parse(release: &str) -> Option<Self> {
-        let numeric: String = release.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-        let mut parts = numeric.split('.').map(str::parse::<u32>);
-        let major = parts.next()?.ok()?;
-        let minor = parts.next()?.ok()?;
-        let patch = parts.next().and_then(|p| p.ok()).unwrap_or(0);
-        Some(KernelVersion { major, minor, patch })
-    }
-}
-
-impl fmt::Display for KernelVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
-    }
-}
 
 /// The running kernel's release and where it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,77 +60,18 @@ pub fn running_kernel() -> Result<&'static RunningKernel> {
         .map_err(|message| Error::Config(message.clone()))
 }
 
-/// An upstream commit, named as `git log --oneline` would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Commit {
-    /// Abbreviated SHA-1 of the mainline commit; empty where this suite
-    /// could not confirm it (the subject still finds it with `git log`).
-    pub sha: &'static str,
-    /// Its subject line.
-    pub subject: &'static str,
+/// A rule's outcome for the running kernel.
+pub trait ForRunningKernel<T> {
+    /// The outcome for the running kernel, with the reason.
+    fn expected(&self) -> Result<Expectation<T>>;
 }
 
-impl fmt::Display for Commit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.sha {
-            "" => write!(f, "\"{}\"", self.subject),
-            sha => write!(f, "{sha} (\"{}\")", self.subject),
-        }
+impl<T: Copy + fmt::Debug> ForRunningKernel<T> for Versioned<T> {
+    fn expected(&self) -> Result<Expectation<T>> {
+        let kernel = running_kernel()?;
+        Ok(self.expected_for(kernel.version, &kernel.source))
     }
 }
-
-/// A rule whose outcome changed in one mainline release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Versioned<T: 'static> {
-    /// The outcome before `since`.
-    pub before: T,
-    /// The outcome from `since` on.
-    pub after: T,
-    /// The first mainline release with `after`.
-    pub since: KernelVersion,
-    /// The change that brought `after`.
-    pub change: Commit,
-}
-
-/// The outcome a test applies, with the reason it applies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expectation<T> {
-    /// What the running kernel must do.
-    pub outcome: T,
-    /// Which of the rule's outcomes this is, and why: for the failure message.
-    pub why: String,
-}
-
-impl<T: Copy + fmt::Debug> Versioned<T> {
-    /// The outcome for the running kernel.
-    pub fn expected(&self) -> Result<Expectation<T>> {
-        Ok(self.expected_for(running_kernel()?))
-    }
-
-    /// The outcome for `kernel`.
-    pub fn expected_for(&self, kernel: &RunningKernel) -> Expectation<T> {
-        let (outcome, relation) = match kernel.version.cmp(&self.since) {
-            Ordering::Less => (self.before, "before"),
-            Ordering::Equal | Ordering::Greater => (self.after, "since"),
-        };
-        let why = format!(
-            "expected {outcome:?} because {} is {relation} {}.{}, which changed it from {:?} to {:?} with {}",
-            kernel.source, self.since.major, self.since.minor, self.before, self.after, self.change
-        );
-        Expectation { outcome, why }
-    }
-}
-
-/// Binding a guest_memfd range that another memslot already binds, with the
-/// GPA ranges disjoint: `kvm_gmem_bind()` failed it with its catch-all
-/// EINVAL; since 7.2 the check moved to `kvm_gmem_commit_memory_region()`,
-/// which returns EEXIST, as for overlapping GPA ranges.
-pub const GMEM_BINDING_OVERLAP: Versioned<Errno> = Versioned {
-    before: Errno::EINVAL,
-    after: Errno::EEXIST,
-    since: KernelVersion::new(7, 2),
-    change: Commit { sha: "7ea987a90585", subject: "KVM: guest_memfd: Return -EEXIST for overlapping bindings" },
-};
 
 /// A 64-bit value shown in hex in expectations (flag masks).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -216,11 +123,8 @@ pub struct Fix {
 /// kvm-x86 MMU pull for 6.18; neither is in Debian's 6.12.117.
 pub const PREFAULT_VS_MEMSLOT_DELETION: &[Fix] = &[
     Fix {
-        commit: Commit {
-            sha: "20a6cff3b283",
-            subject: "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()",
-        },
-        mainline: KernelVersion::new(6, 18),
+        commit: kvm_model::versioned::PREFAULT_FREES_OBSOLETE_ROOTS.change,
+        mainline: kvm_model::versioned::PREFAULT_FREES_OBSOLETE_ROOTS.since,
     },
     Fix {
         commit: Commit {
@@ -275,6 +179,8 @@ fn hints_for(fixes: &[Fix], kernel: Option<&RunningKernel>) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use kvm_model::Errno;
+
     use super::*;
 
     fn kernel(release: &str) -> RunningKernel {
@@ -308,12 +214,13 @@ mod tests {
 
     #[test]
     fn each_kernel_gets_its_own_outcome_and_the_reason() {
-        let old = GMEM_BINDING_OVERLAP.expected_for(&kernel("6.12.117-amd64"));
+        let at = |k: RunningKernel| GMEM_BINDING_OVERLAP.expected_for(k.version, &k.source);
+        let old = at(kernel("6.12.117-amd64"));
         assert_eq!(old.outcome, Errno::EINVAL);
         assert!(old.why.starts_with("expected EINVAL because uname -r = 6.12.117-amd64 is before 7.2"), "{}", old.why);
-        let first = GMEM_BINDING_OVERLAP.expected_for(&kernel("7.2"));
+        let first = at(kernel("7.2"));
         assert_eq!(first.outcome, Errno::EEXIST);
-        let new = GMEM_BINDING_OVERLAP.expected_for(&kernel("7.3.4"));
+        let new = at(kernel("7.3.4"));
         assert_eq!(new.outcome, Errno::EEXIST);
         assert!(new.why.contains("is since 7.2, which changed it from EINVAL to EEXIST with"), "{}", new.why);
     }

@@ -157,6 +157,52 @@ impl HostMemory {
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
     }
 
+    /// Whether the mapping holds `expected` at `offset`: one `memcmp`, no
+    /// copy (a model test compares every host-visible byte after every
+    /// step, which is most of its time under TCG when done byte by byte).
+    pub fn matches(&self, offset: u64, expected: &[u8]) -> bool {
+        let at = self.check(offset, expected.len());
+        // SAFETY: at..at+len is inside our live mapping (checked above) and
+        // expected is a distinct Rust slice; memcmp only reads both.
+        unsafe { libc::memcmp(at.cast(), expected.as_ptr().cast(), expected.len()) == 0 }
+    }
+
+    /// Reads bytes at `offset` into `buf` the way a debugger would, with
+    /// `process_vm_readv()` on this process: a page the kernel will not
+    /// fault in (a guest_memfd page that is not shared) fails the call with
+    /// EFAULT instead of raising SIGBUS, so nothing can kill the caller.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.check(offset, buf.len()) as usize;
+        let remote = [nix::sys::uio::RemoteIoVec { base: at, len: buf.len() }];
+        let len = buf.len();
+        let done =
+            nix::sys::uio::process_vm_readv(nix::unistd::getpid(), &mut [std::io::IoSliceMut::new(buf)], &remote)
+                .sys(|| format!("process_vm_readv(self, {len:#x} bytes at offset {offset:#x})"))?;
+        if done != len {
+            return Err(Error::Sys {
+                op: format!("process_vm_readv(self, offset {offset:#x}): {done} of {len} bytes"),
+                errno: nix::errno::Errno::EFAULT,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` with `process_vm_writev()` on this
+    /// process: like [`Self::try_read`], EFAULT rather than SIGBUS.
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let at = self.check(offset, data.len()) as usize;
+        let remote = [nix::sys::uio::RemoteIoVec { base: at, len: data.len() }];
+        let done = nix::sys::uio::process_vm_writev(nix::unistd::getpid(), &[std::io::IoSlice::new(data)], &remote)
+            .sys(|| format!("process_vm_writev(self, {:#x} bytes at offset {offset:#x})", data.len()))?;
+        if done != data.len() {
+            return Err(Error::Sys {
+                op: format!("process_vm_writev(self, offset {offset:#x}): {done} of {} bytes", data.len()),
+                errno: nix::errno::Errno::EFAULT,
+            });
+        }
+        Ok(())
+    }
+
     /// Reads a little-endian u64.
     pub fn read_u64(&self, offset: u64) -> u64 {
         let mut buf = [0; 8];

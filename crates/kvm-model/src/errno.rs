@@ -5,6 +5,8 @@ use std::fmt;
 /// An errno a rule returns (x86-64 Linux numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Errno {
+    /// No such file or directory.
+    ENOENT,
     /// Bad file descriptor.
     EBADF,
     /// Bad address.
@@ -22,9 +24,22 @@ pub enum Errno {
 }
 
 impl Errno {
+    /// Every errno the rules produce.
+    pub const ALL: [Errno; 8] = [
+        Self::ENOENT,
+        Self::EBADF,
+        Self::EFAULT,
+        Self::EEXIST,
+        Self::EINVAL,
+        Self::ENOTTY,
+        Self::EFBIG,
+        Self::EOPNOTSUPP,
+    ];
+
     /// The raw errno value.
     pub fn raw(self) -> i32 {
         match self {
+            Self::ENOENT => 2,
             Self::EBADF => 9,
             Self::EFAULT => 14,
             Self::EEXIST => 17,
@@ -38,6 +53,7 @@ impl Errno {
     /// The symbolic name.
     pub fn name(self) -> &'static str {
         match self {
+            Self::ENOENT => "ENOENT",
             Self::EBADF => "EBADF",
             Self::EFAULT => "EFAULT",
             Self::EEXIST => "EEXIST",

@@ -16,7 +16,11 @@
 //!   ([`Model::fallocate`]);
 //! * a guest's 8-byte read or write at a GPA: the value, a
 //!   `KVM_EXIT_MEMORY_FAULT`, or an MMIO exit ([`Model::guest_read`],
-//!   [`Model::guest_write`]);
+//!   [`Model::guest_write`]), and a guest instruction fetch
+//!   ([`Model::guest_fetch`]);
+//! * `KVM_PRE_FAULT_MEMORY` ([`Model::pre_fault_memory`]);
+//! * a guest's `KVM_HC_MAP_GPA_RANGE` ([`Model::map_gpa_range`]) and
+//!   `KVM_CAP_EXIT_HYPERCALL` ([`Model::enable_hypercall_exits`]);
 //! * host reads and writes through the memory a slot's `userspace_addr`
 //!   points at: anonymous memory or an `mmap()` of a guest_memfd
 //!   ([`Model::host_read`], [`Model::host_write`]).
@@ -29,11 +33,13 @@
 
 mod errno;
 mod profile;
+pub mod versioned;
 
 use std::collections::BTreeMap;
 
 pub use errno::Errno;
-pub use profile::{KernelVersion, Profile};
+pub use profile::Profile;
+pub use versioned::KernelVersion;
 
 /// The page size the rules are written for (x86: 4 KiB).
 pub const PAGE_SIZE: u64 = 4096;
@@ -214,6 +220,14 @@ pub struct Gmem {
     /// a fresh page reads as zeroes (`kvm_gmem_get_pfn()` clears a page that
     /// is not up to date).
     pub pages: BTreeMap<u64, Box<[u8]>>,
+    /// The host closed its fd and unmapped its own mapping
+    /// ([`Model::close_guest_memfd`]).
+    pub closed: bool,
+    /// The file was released: the last reference (fd or mapping) went
+    /// away. kvm_gmem_release() (6.12 and 7.3) sets every binding's
+    /// `slot->gmem.file` to NULL and zaps its SPTEs; the memory goes with
+    /// the inode.
+    pub released: bool,
 }
 
 impl Gmem {
@@ -263,7 +277,7 @@ pub enum Fallocate {
 }
 
 /// What the host sees when it touches memory through a mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HostMemory {
     /// An anonymous mapping.
     Anon(AnonId),
@@ -311,6 +325,45 @@ pub enum GuestAccess {
     Unmodeled(&'static str),
 }
 
+/// What `KVM_PRE_FAULT_MEMORY` returns and writes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreFault {
+    /// Success, or the errno.
+    pub result: Result<(), Errno>,
+    /// `range.gpa` afterwards: the first page not mapped.
+    pub gpa: u64,
+    /// `range.size` afterwards: what was left.
+    pub size: u64,
+}
+
+/// `KVM_HC_MAP_GPA_RANGE` (include/uapi/linux/kvm_para.h).
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+/// `KVM_EXIT_HYPERCALL_VALID_MASK` (arch/x86/kvm/x86.c, 6.12 and 7.3): only
+/// `KVM_HC_MAP_GPA_RANGE` can exit.
+pub const KVM_EXIT_HYPERCALL_VALID_MASK: u64 = 1 << KVM_HC_MAP_GPA_RANGE;
+/// `KVM_EXIT_HYPERCALL_LONG_MODE` (arch/x86/include/uapi/asm/kvm.h).
+pub const KVM_EXIT_HYPERCALL_LONG_MODE: u64 = 1;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED` (arch/x86/include/uapi/asm/kvm_para.h).
+pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// `KVM_ENOSYS` (include/uapi/linux/kvm_para.h); the guest gets its negation.
+pub const KVM_ENOSYS: u64 = 1000;
+/// `KVM_EINVAL` (include/uapi/linux/kvm_para.h): `EINVAL`.
+pub const KVM_EINVAL: u64 = 22;
+
+/// What a guest's `KVM_HC_MAP_GPA_RANGE` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapGpaRange {
+    /// KVM answers the guest itself: its rax.
+    Returned(u64),
+    /// `KVM_EXIT_HYPERCALL` for userspace to answer.
+    Exit {
+        /// `hypercall.args[0..3]`: gpa, npages, attrs.
+        args: [u64; 3],
+        /// `hypercall.flags`.
+        flags: u64,
+    },
+}
+
 /// The state of one VM and the host memory around it, and the rules.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -325,6 +378,13 @@ pub struct Model {
     /// place) by any memslot change, replaced by the next access that maps
     /// the GFN.
     mmio_sptes: BTreeMap<u64, MmioSpte>,
+    /// The vCPU's MMU root is obsolete: a memslot delete or move zapped
+    /// every root (kvm_arch_flush_shadow_memslot(), default VMs) and the
+    /// vCPU has not entered the guest since (vcpu_enter_guest() frees
+    /// obsolete roots).
+    obsolete_roots: bool,
+    /// `KVM_CAP_EXIT_HYPERCALL` has bit `KVM_HC_MAP_GPA_RANGE` set.
+    map_gpa_range_exits: bool,
 }
 
 fn page_aligned(value: u64) -> bool {
@@ -364,6 +424,8 @@ impl Model {
             slots: BTreeMap::new(),
             attributes: BTreeMap::new(),
             mmio_sptes: BTreeMap::new(),
+            obsolete_roots: false,
+            map_gpa_range_exits: false,
         }
     }
 
@@ -415,8 +477,25 @@ impl Model {
         if (size as i64) <= 0 || !page_aligned(size) {
             return Err(Errno::EINVAL);
         }
-        self.gmems.push(Gmem { size, flags, pages: BTreeMap::new() });
+        self.gmems.push(Gmem { size, flags, pages: BTreeMap::new(), closed: false, released: false });
         Ok(self.gmems.len() - 1)
+    }
+
+    /// The host closes guest_memfd `gmem`'s fd and unmaps its own mapping
+    /// of it. The file lives on while a memslot's userspace_addr maps it
+    /// (a mapping holds a file reference); bindings hold none.
+    pub fn close_guest_memfd(&mut self, gmem: GmemId) {
+        self.gmems[gmem].closed = true;
+        self.release_if_unreferenced(gmem);
+    }
+
+    fn release_if_unreferenced(&mut self, gmem: GmemId) {
+        let mapped = self.slots.values().any(|s| matches!(s.user, UserMemory::GmemMap { gmem: g, .. } if g == gmem));
+        let file = &mut self.gmems[gmem];
+        if file.closed && !mapped && !file.released {
+            file.released = true;
+            file.pages.clear();
+        }
     }
 
     fn slot_bound_pages(&self, gmem: GmemId) -> impl Iterator<Item = (u64, u64)> + '_ {
@@ -441,9 +520,15 @@ impl Model {
             // Deleting a slot that does not exist.
             return match old {
                 None => Err(Errno::EINVAL),
-                Some(_) => {
+                Some(old) => {
                     self.slots.remove(&(as_id, id));
                     self.memslot_generation_moved();
+                    self.obsolete_roots |= self.profile.slot_zap_all;
+                    // The slot's userspace mapping of a closed guest_memfd
+                    // may have been the file's last reference.
+                    if let UserMemory::GmemMap { gmem, .. } = old.user {
+                        self.release_if_unreferenced(gmem);
+                    }
                     Ok(Change::Delete)
                 }
             };
@@ -479,6 +564,7 @@ impl Model {
                 let slot = self.slots.get_mut(&(as_id, id)).expect("modified slot exists");
                 slot.base_gfn = base_gfn;
                 slot.flags = mem.flags;
+                self.obsolete_roots |= change == Change::Move && self.profile.slot_zap_all;
             }
             Change::Delete | Change::Unchanged => unreachable!("handled above"),
         }
@@ -576,7 +662,7 @@ impl Model {
         // 6.12 kvm_gmem_bind() fails with its initial -EINVAL; from 7.2
         // kvm_gmem_commit_memory_region() returns -EEXIST.
         if self.slot_bound_pages(g).any(|(s, e)| s < end && start < e) {
-            return Err(self.profile.version.gmem_binding_overlap_errno());
+            return Err(versioned::GMEM_BINDING_OVERLAP.outcome(self.profile.version));
         }
         // 7.x: `if (kvm_gmem_supports_mmap(inode)) slot->flags |=
         // KVM_MEMSLOT_GMEM_ONLY`.
@@ -680,6 +766,12 @@ impl Model {
 
     /// Where a guest access to `gfn` ends up, without side effects.
     fn route(&self, gpa: u64, is_write: bool, data: u64) -> Result<Route, GuestAccess> {
+        self.route_with(gpa, is_write, data, self.mmio_sptes.get(&(gpa >> PAGE_SHIFT)).copied())
+    }
+
+    /// [`Self::route`] as if the GFN's SPTE were `spte` (`None`: no MMIO
+    /// SPTE, as for a fault without the reserved bit).
+    fn route_with(&self, gpa: u64, is_write: bool, data: u64, spte: Option<MmioSpte>) -> Result<Route, GuestAccess> {
         let gfn = gpa >> PAGE_SHIFT;
         let page_gpa = gpa & !(PAGE_SIZE - 1);
         // x86 kvm_mmu_page_fault(): a VM with private memory marks the fault
@@ -696,24 +788,27 @@ impl Model {
             // kvm_mmu_page_fault() treats as shared-only ("emulated MMIO is
             // shared-only"), and KVM_SET_MEMORY_ATTRIBUTES zaps only
             // memslot-backed ranges: that GFN stays MMIO though now private.
-            if private && self.mmio_sptes.get(&gfn) == Some(&MmioSpte::Stale) {
+            if private && spte == Some(MmioSpte::Stale) {
                 return Err(fault(STALE_MMIO_SPTE_FAULT_FLAGS));
             }
-            if private && !self.mmio_sptes.contains_key(&gfn) {
+            if private && spte.is_none() {
                 return Err(fault(KVM_MEMORY_EXIT_FLAG_PRIVATE));
             }
             return Err(GuestAccess::Mmio { gpa, len: 8, is_write, data: if is_write { data } else { 0 } });
         };
         let index = gfn - slot.base_gfn;
-        if private && self.mmio_sptes.get(&gfn) == Some(&MmioSpte::Stale) {
+        if private && spte == Some(MmioSpte::Stale) {
             return Err(fault(STALE_MMIO_SPTE_FAULT_FLAGS));
         }
         if private || slot.gmem_only {
             // 6.12 kvm_faultin_pfn_private(), 7.x kvm_mmu_faultin_pfn_gmem():
             // a slot without guest_memfd cannot provide the page.
+            // kvm_gmem_get_pfn(): a binding whose file was released has
+            // no file (kvm_gmem_get_file() is NULL): -EFAULT, a memory
+            // fault exit.
             return match slot.gmem {
-                None => Err(fault(private_flag)),
-                Some((g, pgoff)) => Ok(Route::Gmem(g, pgoff + index)),
+                Some((g, pgoff)) if !self.gmems[g].released => Ok(Route::Gmem(g, pgoff + index)),
+                _ => Err(fault(private_flag)),
             };
         }
         // Shared access through userspace_addr (__kvm_faultin_pfn()).
@@ -758,6 +853,7 @@ impl Model {
 
     /// The guest reads the u64 at `gpa` (8-byte aligned).
     pub fn guest_read(&mut self, gpa: u64) -> GuestAccess {
+        self.obsolete_roots = false;
         assert_eq!(gpa % 8, 0, "the model knows aligned 8-byte accesses only");
         let offset = (gpa % PAGE_SIZE) as usize;
         let route = self.route(gpa, false, 0);
@@ -780,6 +876,7 @@ impl Model {
 
     /// The guest writes `value` at `gpa` (8-byte aligned).
     pub fn guest_write(&mut self, gpa: u64, value: u64) -> GuestAccess {
+        self.obsolete_roots = false;
         assert_eq!(gpa % 8, 0, "the model knows aligned 8-byte accesses only");
         let offset = (gpa % PAGE_SIZE) as usize;
         let route = self.route(gpa, true, value);
@@ -797,6 +894,165 @@ impl Model {
                 GuestAccess::Done(0)
             }
         }
+    }
+
+    /// The guest calls the code at `gpa` (8-byte aligned): an instruction
+    /// fetch. Only code the model knows is run: [`ret_stub`] bytes, whose
+    /// result is the stub's sign-extended immediate; a fetch of other bytes,
+    /// or from emulated MMIO (the emulator cannot fetch from it), is
+    /// [`GuestAccess::Unmodeled`].
+    ///
+    /// A fetch faults like a read: kvm_prepare_memory_fault_exit() reports
+    /// no RWX flags ("not (yet) defined or communicated to userspace"), so
+    /// a private fetch without guest_memfd backing exits with flags exactly
+    /// PRIVATE (6.12 and 7.3 alike).
+    pub fn guest_fetch(&mut self, gpa: u64) -> GuestAccess {
+        if let Some(why) = self.unmodeled_guest_fetch(gpa) {
+            return GuestAccess::Unmodeled(why);
+        }
+        match self.guest_read(gpa) {
+            GuestAccess::Done(bytes) => {
+                GuestAccess::Done(stub_result(bytes).expect("unmodeled_guest_fetch checked the stub"))
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Why the model cannot say what a fetch at `gpa` does, if it cannot;
+    /// changes nothing.
+    pub fn unmodeled_guest_fetch(&self, gpa: u64) -> Option<&'static str> {
+        let offset = gpa % PAGE_SIZE;
+        let mut bytes = [0u8; 8];
+        match self.route(gpa, false, 0) {
+            Err(GuestAccess::Unmodeled(why)) => return Some(why),
+            Err(GuestAccess::Mmio { .. }) => return Some("an instruction fetch from emulated MMIO"),
+            Err(_) => return None,
+            Ok(Route::Gmem(g, index)) => {
+                if let Some(page) = self.gmems[g].pages.get(&index) {
+                    bytes.copy_from_slice(&page[offset as usize..offset as usize + 8]);
+                }
+            }
+            Ok(Route::Anon(a, index)) => self.anons[a].read(index * PAGE_SIZE + offset, &mut bytes),
+        }
+        match stub_result(u64::from_le_bytes(bytes)) {
+            Some(_) => None,
+            None => Some("a fetch of bytes that are not a return stub"),
+        }
+    }
+
+    /// `KVM_PRE_FAULT_MEMORY` of `[gpa, gpa + size)` with `flags`: the
+    /// result and the range the kernel writes back, or why the model cannot
+    /// say (a page whose shared view is unmodeled comes before the end).
+    ///
+    /// kvm_vcpu_pre_fault_memory() (6.12 and 7.3 alike): nonzero flags,
+    /// unaligned gpa or size, or `gpa + size <= gpa` (size 0, wrap) are
+    /// EINVAL; then page by page kvm_arch_vcpu_pre_fault_memory() maps
+    /// `range->gpa`, private where the attributes say so, and the range
+    /// advances by the mapping's size (4 KiB: the window's memslots are too
+    /// small and unaligned for huge pages). The first failure stops it: the
+    /// call fails with it if no page was mapped, else succeeds with the
+    /// rest left in the range. kvm_tdp_map_page() / kvm_tdp_page_prefault()
+    /// turn RET_PF_EMULATE (no memslot, shared) into ENOENT; a fault exit
+    /// (private without guest_memfd backing) is EFAULT.
+    pub fn pre_fault_memory(&mut self, gpa: u64, size: u64, flags: u64) -> Result<PreFault, &'static str> {
+        let unchanged = |errno| PreFault { result: Err(errno), gpa, size };
+        if flags != 0 || !page_aligned(gpa) || !page_aligned(size) || gpa.wrapping_add(size) <= gpa {
+            return Ok(unchanged(Errno::EINVAL));
+        }
+        if self.obsolete_roots {
+            if !versioned::PREFAULT_FREES_OBSOLETE_ROOTS.outcome(self.profile.version) {
+                return Err("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel");
+            }
+            // kvm_mmu_reload() frees the obsolete roots and loads a new one.
+            self.obsolete_roots = false;
+        }
+        let (mut at, mut left) = (gpa, size);
+        while left > 0 {
+            match self.pre_fault_page(at)? {
+                Ok(()) => (at, left) = (at + PAGE_SIZE, left - PAGE_SIZE),
+                Err(errno) if left == size => return Ok(unchanged(errno)),
+                Err(_) => break,
+            }
+        }
+        Ok(PreFault { result: Ok(()), gpa: at, size: left })
+    }
+
+    /// One page of [`Self::pre_fault_memory`]. Unlike a guest access, the
+    /// fault carries no reserved bit, so an MMIO SPTE does not divert it:
+    /// the attributes alone decide private or shared.
+    fn pre_fault_page(&mut self, gpa: u64) -> Result<Result<(), Errno>, &'static str> {
+        let gfn = gpa >> PAGE_SHIFT;
+        match self.route_with(gpa, false, 0, None) {
+            Ok(route) => {
+                // A present SPTE replaces any MMIO SPTE; kvm_gmem_get_pfn()
+                // allocates a guest_memfd page.
+                self.mmio_sptes.remove(&gfn);
+                if let Route::Gmem(g, index) = route {
+                    self.gmem_page_mut(g, index);
+                }
+                Ok(Ok(()))
+            }
+            Err(GuestAccess::MemoryFault { .. }) => Ok(Err(Errno::EFAULT)),
+            Err(GuestAccess::Mmio { .. }) => {
+                // kvm_handle_noslot_fault() installs an MMIO SPTE of the
+                // current generation where MMIO caching is on.
+                if self.profile.mmio_caching {
+                    self.mmio_sptes.insert(gfn, MmioSpte::Current);
+                }
+                Ok(Err(Errno::ENOENT))
+            }
+            Err(GuestAccess::Unmodeled(why)) => Err(why),
+            Err(GuestAccess::Done(_)) => unreachable!("route() never fails with a completion"),
+        }
+    }
+
+    /// Why the model cannot say what [`Self::pre_fault_memory`] does, if it
+    /// cannot; changes nothing.
+    pub fn unmodeled_pre_fault(&self, gpa: u64, size: u64, flags: u64) -> Option<&'static str> {
+        if flags != 0 || !page_aligned(gpa) || !page_aligned(size) || gpa.wrapping_add(size) <= gpa {
+            return None;
+        }
+        if self.obsolete_roots && !versioned::PREFAULT_FREES_OBSOLETE_ROOTS.outcome(self.profile.version) {
+            return Some("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel");
+        }
+        for page in (gpa..gpa + size).step_by(PAGE_SIZE as usize) {
+            match self.route_with(page, false, 0, None) {
+                Ok(_) => continue,
+                Err(GuestAccess::Unmodeled(why)) => return Some(why),
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, args[0] = mask)`: the
+    /// hypercalls that exit to userspace (kvm_vm_ioctl_enable_cap():
+    /// unknown bits EINVAL; the mask replaces the old one).
+    pub fn enable_hypercall_exits(&mut self, mask: u64) -> Result<(), Errno> {
+        if mask & !self.profile.hypercall_exit_mask != 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.map_gpa_range_exits = mask & (1 << KVM_HC_MAP_GPA_RANGE) != 0;
+        Ok(())
+    }
+
+    /// The guest's `KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)` in 64-bit mode,
+    /// up to the exit (6.12 __kvm_emulate_hypercall(), 7.3
+    /// ____kvm_emulate_hypercall(), alike): without the exit enabled the
+    /// guest gets -KVM_ENOSYS; an unaligned gpa, npages 0 or a GFN range
+    /// that wraps get -KVM_EINVAL; otherwise `KVM_EXIT_HYPERCALL` with nr,
+    /// args[0..3] = gpa, npages, attrs and flags `KVM_EXIT_HYPERCALL_LONG_MODE`,
+    /// and the guest gets what userspace puts in `hypercall.ret`.
+    pub fn map_gpa_range(&mut self, gpa: u64, npages: u64, attrs: u64) -> MapGpaRange {
+        self.obsolete_roots = false;
+        if !self.map_gpa_range_exits {
+            return MapGpaRange::Returned(KVM_ENOSYS.wrapping_neg());
+        }
+        let gfn = gpa >> PAGE_SHIFT;
+        if !page_aligned(gpa) || npages == 0 || gfn.wrapping_add(npages) <= gfn {
+            return MapGpaRange::Returned(KVM_EINVAL.wrapping_neg());
+        }
+        MapGpaRange::Exit { args: [gpa, npages, attrs], flags: KVM_EXIT_HYPERCALL_LONG_MODE }
     }
 
     /// kvm_swap_active_memslots() moves the memslot generation on: MMIO
@@ -857,6 +1113,18 @@ impl Model {
         Ok(())
     }
 
+    /// Page `index` of `mem` as the host sees it, `None` where it reads as
+    /// zeroes; a fault on a guest_memfd mapping allocates the page as
+    /// [`Self::host_read`] does. Lets a test compare page by page without
+    /// copying.
+    pub fn host_page(&mut self, mem: HostMemory, index: u64) -> Result<Option<&[u8]>, HostFault> {
+        self.host_check(mem, index * PAGE_SIZE, PAGE_SIZE)?;
+        Ok(match mem {
+            HostMemory::Anon(a) => self.anons[a].pages.get(&index).map(|p| &p[..]),
+            HostMemory::GmemMap(g) => Some(self.gmem_page_mut(g, index)),
+        })
+    }
+
     /// The host writes `data` at `offset` of `mem`.
     pub fn host_write(&mut self, mem: HostMemory, offset: u64, data: &[u8]) -> Result<(), HostFault> {
         self.host_check(mem, offset, data.len() as u64)?;
@@ -866,6 +1134,18 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Eight bytes of code a guest may call: `mov rax, imm32` (sign-extended)
+/// then `ret`, as the u64 a guest or host write stores.
+pub fn ret_stub(imm: u32) -> u64 {
+    u64::from_le_bytes([0x48, 0xc7, 0xc0, imm as u8, (imm >> 8) as u8, (imm >> 16) as u8, (imm >> 24) as u8, 0xc3])
+}
+
+/// What calling the u64 `bytes` returns, if they are a [`ret_stub`].
+pub fn stub_result(bytes: u64) -> Option<u64> {
+    let b = bytes.to_le_bytes();
+    (b[..3] == [0x48, 0xc7, 0xc0] && b[7] == 0xc3).then(|| i64::from((bytes >> 24) as u32 as i32) as u64)
 }
 
 /// Where an access lands: guest_memfd page, or anonymous page.

@@ -1,50 +1,6 @@
 //! What selects the rules: the kernel version and what the VM reports.
 
-use std::fmt;
-
-use crate::Errno;
-
-/// A kernel release, `major.minor`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KernelVersion {
-    /// Major number.
-    pub major: u32,
-    /// Minor number.
-    pub minor: u32,
-}
-
-impl KernelVersion {
-    /// `major.minor`.
-    pub const fn new(major: u32, minor: u32) -> Self {
-        Self { major, minor }
-    }
-
-    /// Parses the start of a release string (`uname -r`), e.g.
-    /// `6.18.44-fc-v595` or `7.3.0-rc1`.
-    pub fn parse(release: &str) -> Option<Self> {
-        let mut parts = release.split(|c: char| !c.is_ascii_digit());
-        let major = parts.next()?.parse().ok()?;
-        let minor = parts.next()?.parse().ok()?;
-        Some(Self { major, minor })
-    }
-
-    /// The errno of binding a guest_memfd range that another memslot
-    /// already binds: 6.12's kvm_gmem_bind() fails with its default
-    /// `-EINVAL`; from 7.2 kvm_gmem_commit_memory_region() says `-EEXIST`.
-    pub fn gmem_binding_overlap_errno(self) -> Errno {
-        if self >= Self::new(7, 2) {
-            Errno::EEXIST
-        } else {
-            Errno::EINVAL
-        }
-    }
-}
-
-impl fmt::Display for KernelVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
+use crate::KernelVersion;
 
 /// The facts about one VM that select among the rules. A test fills it
 /// from the running kernel's version and the capabilities the VM reports;
@@ -75,6 +31,17 @@ pub struct Profile {
     /// kvm_arch_nr_memslot_as_ids() (`KVM_CAP_MULTI_ADDRESS_SPACE` on the
     /// VM fd, at least 1).
     pub address_spaces: u16,
+    /// `KVM_PRE_FAULT_MEMORY` works on this VM's vCPUs
+    /// (`KVM_CAP_PRE_FAULT_MEMORY`: x86 reports `tdp_enabled`; both VM types
+    /// have `pre_fault_allowed`, kvm_arch_init_vm()).
+    pub pre_fault_memory: bool,
+    /// The hypercalls `KVM_CAP_EXIT_HYPERCALL` can send to userspace
+    /// (the capability's value: `KVM_EXIT_HYPERCALL_VALID_MASK` on x86).
+    pub hypercall_exit_mask: u64,
+    /// Deleting or moving a memslot zaps every MMU root
+    /// (kvm_arch_flush_shadow_memslot(): `KVM_X86_DEFAULT_VM` with
+    /// `KVM_X86_QUIRK_SLOT_ZAP_ALL`, on by default).
+    pub slot_zap_all: bool,
     /// KVM caches emulated MMIO in reserved-bit SPTEs (`kvm.mmio_caching`,
     /// /sys/module/kvm/parameters/mmio_caching).
     pub mmio_caching: bool,
@@ -94,6 +61,9 @@ impl Profile {
             readonly_mem: true,
             address_spaces: if private { 1 } else { 2 },
             mmio_caching: true,
+            pre_fault_memory: true,
+            slot_zap_all: !private,
+            hypercall_exit_mask: crate::KVM_EXIT_HYPERCALL_VALID_MASK,
         }
     }
 

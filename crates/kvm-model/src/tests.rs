@@ -27,12 +27,15 @@ fn gmem_region(slot: u32, gpa: u64, npages: u64, gmem: GmemId, offset: u64) -> M
 
 #[test]
 fn kernel_versions_parse_and_pick_the_overlap_errno() {
-    assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion::new(6, 18)));
+    use crate::versioned::GMEM_BINDING_OVERLAP;
+    assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion { major: 6, minor: 18, patch: 44 }));
     assert_eq!(KernelVersion::parse("7.3.0-rc1"), Some(KernelVersion::new(7, 3)));
     assert_eq!(KernelVersion::parse("garbage"), None);
-    assert_eq!(KernelVersion::new(6, 12).gmem_binding_overlap_errno(), Errno::EINVAL);
-    assert_eq!(KernelVersion::new(7, 1).gmem_binding_overlap_errno(), Errno::EINVAL);
-    assert_eq!(KernelVersion::new(7, 2).gmem_binding_overlap_errno(), Errno::EEXIST);
+    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(6, 12)), Errno::EINVAL);
+    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(7, 1)), Errno::EINVAL);
+    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(7, 2)), Errno::EEXIST);
+    let why = GMEM_BINDING_OVERLAP.expected_for(KernelVersion::new(7, 3), "uname -r = 7.3.4").why;
+    assert!(why.starts_with("expected EEXIST because uname -r = 7.3.4 is since 7.2"), "{why}");
 }
 
 #[test]
@@ -367,4 +370,124 @@ fn punch_hole_discards_what_the_host_mapping_wrote() {
     let mut buf = [9; 3];
     m.host_read(HostMemory::GmemMap(g), P + 16, &mut buf).unwrap();
     assert_eq!(buf, [0; 3]);
+}
+
+#[test]
+fn fetches_run_stubs_and_fault_like_reads() {
+    assert_eq!(stub_result(ret_stub(7)), Some(7));
+    assert_eq!(stub_result(ret_stub(0xffff_fffe)), Some(-2i64 as u64), "the immediate is sign-extended");
+    assert_eq!(stub_result(0), None);
+    let mut m = model(Profile::linux_6_12(true));
+    let g = m.create_guest_memfd(2 * P, 0).unwrap();
+    let anon = m.add_anon(2);
+    let r = MemoryRegion { user: UserMemory::Anon { anon, page: 0 }, ..gmem_region(1, BASE, 2, g, 0) };
+    m.set_memory_region(&r).unwrap();
+    assert_eq!(m.unmodeled_guest_fetch(BASE), Some("a fetch of bytes that are not a return stub"));
+    assert_eq!(m.guest_fetch(BASE + 16 * P), GuestAccess::Unmodeled("an instruction fetch from emulated MMIO"));
+    m.guest_write(BASE + 8, ret_stub(0x55));
+    assert_eq!(m.guest_fetch(BASE + 8), GuestAccess::Done(0x55));
+    // Private without the stub in guest_memfd: not modeled; a private
+    // fetch from a slot without guest_memfd faults with flags PRIVATE.
+    m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert!(m.unmodeled_guest_fetch(BASE + 8).is_some());
+    m.guest_write(BASE + 8, ret_stub(0x66));
+    assert_eq!(m.guest_fetch(BASE + 8), GuestAccess::Done(0x66), "served from guest_memfd");
+    let plain = anon_region(&mut m, 2, BASE + 4 * P, 1);
+    m.set_memory_region(&plain).unwrap();
+    m.set_memory_attributes(BASE + 4 * P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    let fault = GuestAccess::MemoryFault {
+        flags: KVM_MEMORY_EXIT_FLAG_PRIVATE,
+        gpa: BASE + 4 * P,
+        size: P,
+        errno: Errno::EFAULT,
+    };
+    assert_eq!(m.guest_fetch(BASE + 4 * P + 0x20), fault);
+}
+
+#[test]
+fn pre_fault_memory_progress_and_errors() {
+    let mut m = model(Profile::linux_6_12(true));
+    let r = anon_region(&mut m, 1, BASE, 2);
+    m.set_memory_region(&r).unwrap();
+    let einval = |gpa, size| PreFault { result: Err(Errno::EINVAL), gpa, size };
+    assert_eq!(m.pre_fault_memory(BASE, P, 1), Ok(einval(BASE, P)), "flags must be 0");
+    assert_eq!(m.pre_fault_memory(BASE + 8, P, 0), Ok(einval(BASE + 8, P)));
+    assert_eq!(m.pre_fault_memory(BASE, 0, 0), Ok(einval(BASE, 0)), "size 0");
+    assert_eq!(m.pre_fault_memory(u64::MAX - P + 1, P, 0), Ok(einval(u64::MAX - P + 1, P)), "wraps to 0");
+    assert_eq!(m.pre_fault_memory(BASE, 2 * P, 0), Ok(PreFault { result: Ok(()), gpa: BASE + 2 * P, size: 0 }));
+    // Past the slot: the mapped part is success, the rest is left.
+    assert_eq!(m.pre_fault_memory(BASE + P, 3 * P, 0), Ok(PreFault { result: Ok(()), gpa: BASE + 2 * P, size: 2 * P }));
+    assert_eq!(
+        m.pre_fault_memory(BASE + 2 * P, P, 0),
+        Ok(PreFault { result: Err(Errno::ENOENT), gpa: BASE + 2 * P, size: P })
+    );
+    // Private without guest_memfd: EFAULT.
+    m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(m.pre_fault_memory(BASE, P, 0), Ok(PreFault { result: Err(Errno::EFAULT), gpa: BASE, size: P }));
+    assert_eq!(
+        m.pre_fault_memory(BASE + 3 * P, P, 0),
+        Ok(PreFault { result: Err(Errno::ENOENT), gpa: BASE + 3 * P, size: P })
+    );
+    // The MMIO SPTE that left: a later private read of that GFN is emulated MMIO.
+    m.set_memory_attributes(BASE + 3 * P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert!(matches!(m.guest_read(BASE + 3 * P), GuestAccess::Mmio { .. }));
+    assert_eq!(
+        m.pre_fault_memory(BASE + 3 * P, P, 0),
+        Ok(PreFault { result: Err(Errno::EFAULT), gpa: BASE + 3 * P, size: P })
+    );
+}
+
+#[test]
+fn pre_fault_after_a_zap_all_needs_the_vcpu_to_run_first_before_6_18() {
+    for (profile, spins) in [(Profile::linux_6_12(false), true), (Profile::linux_7_3(false), false)] {
+        let mut m = model(profile);
+        let r = anon_region(&mut m, 1, BASE, 1);
+        m.set_memory_region(&r).unwrap();
+        m.set_memory_region(&MemoryRegion { gpa: BASE + P, ..r }).unwrap();
+        assert_eq!(m.unmodeled_pre_fault(BASE + P, P, 0).is_some(), spins, "after a move");
+        assert_eq!(m.pre_fault_memory(BASE + P, P, 1).unwrap().result, Err(Errno::EINVAL), "input checks come first");
+        m.guest_read(BASE + P);
+        assert_eq!(m.pre_fault_memory(BASE + P, P, 0).unwrap().result, Ok(()), "the vCPU ran: fresh root");
+    }
+    let mut private = model(Profile::linux_6_12(true));
+    let r = anon_region(&mut private, 1, BASE, 1);
+    private.set_memory_region(&r).unwrap();
+    private.set_memory_region(&MemoryRegion { size: 0, ..r }).unwrap();
+    assert_eq!(private.unmodeled_pre_fault(BASE, P, 0), None, "a protected VM zaps only the memslot");
+}
+
+#[test]
+fn map_gpa_range_hypercalls_exit_only_when_enabled_and_valid() {
+    let mut m = model(Profile::linux_7_3(true));
+    assert_eq!(m.map_gpa_range(BASE, 1, 0), MapGpaRange::Returned(-1000i64 as u64), "-KVM_ENOSYS");
+    assert_eq!(m.enable_hypercall_exits(1 << 3), Err(Errno::EINVAL));
+    m.enable_hypercall_exits(KVM_EXIT_HYPERCALL_VALID_MASK).unwrap();
+    let exit = MapGpaRange::Exit { args: [BASE, 2, KVM_MAP_GPA_RANGE_ENCRYPTED], flags: KVM_EXIT_HYPERCALL_LONG_MODE };
+    assert_eq!(m.map_gpa_range(BASE, 2, KVM_MAP_GPA_RANGE_ENCRYPTED), exit);
+    let einval = MapGpaRange::Returned(-22i64 as u64);
+    assert_eq!(m.map_gpa_range(BASE + 8, 1, 0), einval);
+    assert_eq!(m.map_gpa_range(BASE, 0, 0), einval);
+    assert_eq!(m.map_gpa_range(BASE, u64::MAX, 0), einval, "the GFN range wraps");
+    m.enable_hypercall_exits(0).unwrap();
+    assert_eq!(m.map_gpa_range(BASE, 1, 0), MapGpaRange::Returned(-1000i64 as u64), "disabled again");
+}
+
+#[test]
+fn a_closed_guest_memfd_is_released_once_nothing_maps_it_and_its_bindings_fault() {
+    let mut m = model(Profile::linux_7_3(false));
+    let g = m.create_guest_memfd(4 * P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED).unwrap();
+    let bound = gmem_region(1, BASE, 1, g, 0);
+    m.set_memory_region(&bound).unwrap();
+    let mapped = MemoryRegion { user: UserMemory::GmemMap { gmem: g, page: 2 }, ..anon_region(&mut m, 2, BASE + P, 1) };
+    m.set_memory_region(&mapped).unwrap();
+    assert_eq!(m.guest_write(BASE, 7), GuestAccess::Done(0));
+    m.close_guest_memfd(g);
+    assert!(!m.gmems()[g].released, "slot 2's userspace mapping holds the file");
+    assert_eq!(m.guest_read(BASE), GuestAccess::Done(7));
+    m.set_memory_region(&MemoryRegion { size: 0, ..mapped }).unwrap();
+    assert!(m.gmems()[g].released);
+    // The gmem-only slot stays, but kvm_gmem_get_pfn() finds no file.
+    let fault = GuestAccess::MemoryFault { flags: 0, gpa: BASE, size: P, errno: Errno::EFAULT };
+    assert_eq!(m.guest_read(BASE), fault);
+    assert_eq!(m.pre_fault_memory(BASE, P, 0).unwrap().result, Err(Errno::EFAULT));
 }
