@@ -20,7 +20,8 @@ use crate::memory::HostMemory;
 /// exclusively by [`without_forked_children`].
 static CHILDREN: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-/// Runs `f` while no child of [`HostMemory::access_in_child`] exists.
+/// Runs `f` while no child of [`HostMemory::access_in_child`] (or of the
+/// fd-exhaustion ioctls) exists.
 ///
 /// A child gets a copy of every fd and mapping of the process, the other
 /// test threads' included, and holds those files open until it exits. A
@@ -146,6 +147,8 @@ extern "C" fn fd_ioctl_child(data: *mut libc::c_void) -> libc::c_int {
 /// live value of the request's struct.
 pub(crate) unsafe fn ioctl_without_free_fds(op: &str, fd: i32, request: u64, arg: u64) -> Result<()> {
     let op = format!("{op} in a child with RLIMIT_NOFILE 0");
+    // The child copies the fd table: it counts as a forked child.
+    let _child = CHILDREN.read().unwrap_or_else(|e| e.into_inner());
     let mut call = FdIoctl { fd, request, arg };
     let mut stack = vec![0u8; 64 << 10];
     // 16-byte aligned, as x86-64 requires (the buffer's length is a multiple).
