@@ -105,6 +105,10 @@ pub const UNREACHABLE: &[(&str, &str, &str)] = &[
     ),
     ("virt/kvm/guest_memfd.c", "kvm_gmem_migrate_folio", "guest_memfd folios are unmovable: migration never asks"),
     ("virt/kvm/guest_memfd.c", "kvm_gmem_init", "runs at boot, before the counters are reset"),
+    ("virt/kvm/guest_memfd.c", "kvm_gmem_init_mount", "runs at boot (7.x), before the counters are reset"),
+    ("virt/kvm/guest_memfd.c", "kvm_gmem_init_fs_context", "runs at boot (7.x), before the counters are reset"),
+    ("virt/kvm/guest_memfd.c", "kvm_gmem_exit", "module unload (7.x); KVM is built in"),
+    ("virt/kvm/guest_memfd.c", "kvm_arch_supports_gmem_init_shared", "the __weak default (7.x); x86 links its own"),
 ];
 
 fn unreachable_reason(file: &str, function: &str) -> Option<&'static str> {
