@@ -227,6 +227,55 @@ fn attributes_set_before_memslot_creation_apply_to_it(kvm: &Arc<Kvm>) -> Result<
     agent.done().map(drop)
 }
 
+/// Attributes stay exact per 4 KiB page inside a 1 GiB-aligned memslot,
+/// where KVM also tracks which 2 MiB and 1 GiB ranges are mixed
+/// (kvm_arch_post_set_memory_attributes(), hugepage_has_attrs() above 2 MiB):
+/// single private pages at the head, middle and tail of the gigabyte, then
+/// the whole gigabyte private (uniform), then shared again.
+fn attributes_stay_per_page_in_a_1g_aligned_memslot(kvm: &Arc<Kvm>) -> Result<()> {
+    const GIB: u64 = 1 << 30;
+    const PRIVATE: [u64; 3] = [0, GIB / 2 + PAGE, GIB - PAGE];
+    const SHARED: [u64; 4] = [PAGE, GIB / 2, GIB / 2 + 2 * PAGE, GIB - 2 * PAGE];
+    const GUEST_VALUE: u64 = 0x4755_4553_5450_5256;
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let gmem = Arc::new(vm.create_guest_memfd(GIB, 0)?);
+    // TEST_AREA_GPA (4 GiB) is 1 GiB aligned; only the probed pages get backed.
+    let shared = vm.add_private_memory(SLOT, RANGE_GPA, GIB, &gmem, 0)?;
+    for offset in PRIVATE.into_iter().chain(SHARED) {
+        shared.write_u64(offset, host_value(offset / PAGE));
+    }
+    let expect = |agent: &mut Agent, offset: u64, want: u64, when: &str| -> Result<()> {
+        let read = agent.read(RANGE_GPA + offset)?;
+        let rule =
+            format!("in a 1 GiB-aligned memslot, {when}, the guest reads each page from the side its attribute names");
+        kvm_harness::ensure!(read == want, rule, "page at offset {offset:#x}: read {read:#x}, expected {want:#x}");
+        Ok(())
+    };
+    for offset in PRIVATE {
+        vm.make_private(RANGE_GPA + offset, PAGE)?;
+    }
+    for offset in PRIVATE {
+        expect(&mut agent, offset, 0, "with single pages private")?;
+        agent.write(RANGE_GPA + offset, GUEST_VALUE)?;
+    }
+    for offset in SHARED {
+        expect(&mut agent, offset, host_value(offset / PAGE), "with single pages private")?;
+    }
+    vm.make_private(RANGE_GPA, GIB)?;
+    for offset in PRIVATE {
+        expect(&mut agent, offset, GUEST_VALUE, "with the whole gigabyte private")?;
+    }
+    for offset in SHARED {
+        expect(&mut agent, offset, 0, "with the whole gigabyte private")?;
+    }
+    vm.make_shared(RANGE_GPA, GIB)?;
+    for offset in PRIVATE.into_iter().chain(SHARED) {
+        expect(&mut agent, offset, host_value(offset / PAGE), "with the whole gigabyte shared again")?;
+    }
+    agent.done().map(drop)
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("memory_attributes");
     for vm_type in VmType::ALL {
@@ -239,7 +288,10 @@ fn main() -> ExitCode {
             });
         }
     }
-    kvm_harness::register!(suite, needs(VmType::SwProtected) => attributes_set_before_memslot_creation_apply_to_it);
+    kvm_harness::register!(suite, needs(VmType::SwProtected) =>
+        attributes_set_before_memslot_creation_apply_to_it,
+        attributes_stay_per_page_in_a_1g_aligned_memslot,
+    );
     // Only a kernel without the ioctl has this rule; elsewhere it is not
     // registered (a skip would fail strict runs on complete kernels).
     if suite.kvm().is_some_and(|kvm| kvm.cap(Cap::MemoryAttributes) == 0) {
