@@ -376,6 +376,37 @@ fn private_read_exits_memory_fault_after_its_guest_memfd_is_closed(kvm: &Arc<Kvm
     expect_ok("a memslot whose guest_memfd was closed can be deleted", || vm.delete_slot(SLOT))
 }
 
+/// Closing the VM fd while a vCPU and a guest_memfd still hold the VM
+/// (kvm_vm_release() only drops a reference): the guest keeps running, its
+/// private page is still served from guest_memfd and its shared page from
+/// the host's memory, and a punch hole in the guest_memfd still reaches the
+/// guest.
+fn guest_keeps_private_memory_after_the_vm_fd_is_closed(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+    let shared = vm.add_private_memory(SLOT, TEST_AREA_GPA, SLOT_SIZE, &gmem, 0)?;
+    let shared_gpa = TARGET_GPA + PAGE;
+    shared.write_u64(shared_gpa - TEST_AREA_GPA, HOST_VALUE);
+    vm.make_private(TARGET_GPA, PAGE)?;
+    agent.write(TARGET_GPA, WRITTEN)?;
+
+    drop(vm);
+    let private = agent.read(TARGET_GPA)?;
+    let rule = "after the VM fd is closed, a private page is still served from guest_memfd";
+    ensure!(private == WRITTEN, rule, "the guest read {private:#x}, it wrote {WRITTEN:#x}");
+    let host = agent.read(shared_gpa)?;
+    let rule = "after the VM fd is closed, a shared page is still served from the host's memory";
+    ensure!(host == HOST_VALUE, rule, "the guest read {host:#x}, the host wrote {HOST_VALUE:#x}");
+    expect_ok("PUNCH_HOLE on the guest_memfd succeeds after the VM fd is closed", || {
+        gmem.punch_hole(TARGET_GPA - TEST_AREA_GPA, PAGE)
+    })?;
+    let punched = agent.read(TARGET_GPA)?;
+    let rule = "a hole punched after the VM fd is closed reads as zeroes in the guest";
+    ensure!(punched == 0, rule, "the guest read {punched:#x}");
+    agent.done().map(drop)
+}
+
 /// The guest reads `gpa`, which has no memslot: an 8-byte MMIO read, completed.
 fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
     agent.submit(Op::Read { gpa })?;
@@ -400,6 +431,7 @@ fn main() -> ExitCode {
         private_read_of_slotless_gpa_exits_private_after_earlier_mmio,
         private_read_served_from_guest_memfd_after_earlier_mmio_at_that_gpa,
         private_read_exits_memory_fault_after_its_guest_memfd_is_closed,
+        guest_keeps_private_memory_after_the_vm_fd_is_closed,
     );
     for access in Access::ALL {
         suite.test(
