@@ -82,7 +82,11 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
             // change under us and is always rebuilt (incrementally, in its
             // own O= directory).
             let key_id = if opts.coverage { format!("{}-coverage", tarball.id) } else { tarball.id.clone() };
-            if let Some(cached) = cached_debian_image(&key_id, &fragment) {
+            // A gcov image is only usable with its build directory's .gcno
+            // notes (a CI cache may restore the image without them).
+            let notes = util::cache_dir().join("build").join(&key_id).join("virt/kvm/kvm_main.gcno");
+            let cached = cached_debian_image(&key_id, &fragment).filter(|_| !opts.coverage || notes.is_file());
+            if let Some(cached) = cached {
                 eprintln!("xtask: using cached kernel for {}", tarball.id);
                 return Ok(cached);
             }
