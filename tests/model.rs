@@ -111,6 +111,10 @@ enum Step {
     MapGpaRange { gpa: u64, npages: u64, attrs: u64 },
     /// The host writes `value` at `offset` of a mapping.
     HostWrite { mem: ModelMemory, offset: u64, value: u64 },
+    /// The host closes the VM fd; the agent's vCPU and the guest_memfds
+    /// still hold the VM (kvm_vm_release() only drops a reference), so
+    /// nothing the guest or a guest_memfd sees may change.
+    CloseVm,
 }
 
 impl Step {
@@ -130,6 +134,7 @@ impl Step {
             Step::MapGpaRange { .. } => "MapGpaRange",
             Step::HostWrite { .. } => "HostWrite",
             Step::HostRead { .. } => "HostRead",
+            Step::CloseVm => "CloseVm",
         }
     }
 }
@@ -159,6 +164,8 @@ struct RefState {
     /// The strategies that depend on the profile only, built once per
     /// sequence instead of once per step.
     fixed: Arc<Fixed>,
+    /// A `CloseVm` step ran: only vCPU and guest_memfd steps remain.
+    vm_closed: bool,
 }
 
 #[derive(Debug)]
@@ -534,6 +541,9 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     }
     // Mostly a guest_memfd a memslot binds, which is what closing is about.
     let bound: Vec<usize> = state.model.slots().values().filter_map(|s| s.gmem.map(|(g, _)| g)).collect();
+    if !state.vm_closed && !bound.is_empty() {
+        choices.push((1, Just(Step::CloseVm).boxed()));
+    }
     if !bound.is_empty() {
         choices.push((1, proptest::sample::select(bound).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
     }
@@ -573,11 +583,24 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
         model.unmodeled_guest_access(gpa, is_write).is_none()
             && !(state.gmem_only == GmemOnlyAccess::Excluded && model.slot_at(gpa).is_some_and(|s| s.gmem_only))
     };
+    let needs_vm_fd = matches!(
+        step,
+        Step::CreateGmem { .. }
+            | Step::SetRegion(_)
+            | Step::SetAttributes { .. }
+            | Step::HypercallExits { .. }
+            | Step::MapGpaRange { .. }
+            | Step::CloseVm
+    );
+    if state.vm_closed && needs_vm_fd {
+        return false;
+    }
     match step {
         Step::CreateGmem { .. }
         | Step::SetAttributes { .. }
         | Step::HypercallExits { .. }
-        | Step::MapGpaRange { .. } => true,
+        | Step::MapGpaRange { .. }
+        | Step::CloseVm => true,
         // A closed guest_memfd is named only by deleting a slot that maps it.
         Step::SetRegion(r) if r.size == 0 => true,
         Step::SetRegion(r) => {
@@ -636,6 +659,7 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
             model.close_guest_memfd(*gmem);
             Outcome::Call(Ok(()))
         }
+        Step::CloseVm => Outcome::Call(Ok(())),
         Step::GuestRead { gpa } => Outcome::Guest(model.guest_read(*gpa)),
         Step::GuestWrite { gpa, value } => Outcome::Guest(model.guest_write(*gpa, *value)),
         Step::GuestExec { gpa } => Outcome::Guest(model.guest_fetch(*gpa)),
@@ -692,7 +716,8 @@ fn initial_model(profile: &Profile) -> Model {
 
 /// The real side of one sequence.
 struct Real {
-    vm: Vm,
+    /// `None` once a `CloseVm` step closed the VM fd.
+    vm: Option<Vm>,
     /// Index = model anon id; 0 (the system memory) is not compared.
     anons: Vec<Option<Arc<HostMemory>>>,
     /// Index = model gmem id; `None` once the step closed it.
@@ -719,7 +744,20 @@ impl Real {
         for pages in ANON_PAGES {
             anons.push(Some(Arc::new(HostMemory::anonymous(pages * P)?)));
         }
-        Ok(Self { vm, anons, gmems: Vec::new(), gmem_maps: Vec::new(), agent: None, sigbus_seen: Default::default() })
+        Ok(Self {
+            vm: Some(vm),
+            anons,
+            gmems: Vec::new(),
+            gmem_maps: Vec::new(),
+            agent: None,
+            sigbus_seen: Default::default(),
+        })
+    }
+
+    /// The VM fd, for the steps that need it (preconditions keep them out
+    /// after a `CloseVm`).
+    fn vm(&self) -> Result<&Vm, String> {
+        self.vm.as_ref().ok_or_else(|| "the VM fd is closed".to_string())
     }
 
     fn region(&self, r: &MemoryRegion) -> Region {
@@ -735,7 +773,7 @@ impl Real {
                 // since closing it while the slot binds it is a step.
                 GmemFd::File(g) => GmemBinding::RawFd(self.gmems[g].as_ref().map_or(CLOSED_FD, |f| f.as_raw_fd())),
                 GmemFd::Closed => GmemBinding::RawFd(CLOSED_FD),
-                GmemFd::NotGuestMemfd => GmemBinding::RawFd(self.vm.raw_fd()),
+                GmemFd::NotGuestMemfd => GmemBinding::RawFd(self.vm.as_ref().map_or(CLOSED_FD, Vm::raw_fd)),
             };
             (binding, offset)
         });
@@ -751,7 +789,8 @@ impl Real {
 
     fn agent(&mut self) -> Result<&mut (Agent, kvm_regs)> {
         if self.agent.is_none() {
-            let vcpu = self.vm.vcpu(0, [0; 4])?;
+            let vm = self.vm.as_ref().ok_or_else(|| Error::Misuse("the VM fd is closed".into()))?;
+            let vcpu = vm.vcpu(0, [0; 4])?;
             let entry = vcpu.regs()?;
             self.agent = Some((Agent::start(vcpu)?, entry));
         }
@@ -802,7 +841,7 @@ impl Real {
     /// Performs `step`, returning the outcome in the model's terms.
     fn apply(&mut self, step: &Step, expected: &Outcome) -> Result<Outcome, String> {
         Ok(match step {
-            Step::CreateGmem { size, flags } => match self.vm.create_guest_memfd(*size, *flags) {
+            Step::CreateGmem { size, flags } => match self.vm()?.create_guest_memfd(*size, *flags) {
                 Ok(gmem) => {
                     let gmem = Arc::new(gmem);
                     let map = if flags & kvm_model::GUEST_MEMFD_FLAG_MMAP != 0 {
@@ -818,7 +857,7 @@ impl Real {
             },
             Step::SetRegion(r) => {
                 let region = self.region(r);
-                Outcome::Call(match self.vm.set_region(&region) {
+                Outcome::Call(match self.vm()?.set_region(&region) {
                     Ok(()) => Ok(()),
                     Err(e) => Err(model_errno(&e)?),
                 })
@@ -826,7 +865,7 @@ impl Real {
             Step::SetAttributes { address, size, attributes, flags } => {
                 let request =
                     kvm_memory_attributes { address: *address, size: *size, attributes: *attributes, flags: *flags };
-                Outcome::Call(match self.vm.set_memory_attributes_raw(request) {
+                Outcome::Call(match self.vm()?.set_memory_attributes_raw(request) {
                     Ok(()) => Ok(()),
                     Err(e) => Err(model_errno(&e)?),
                 })
@@ -855,6 +894,12 @@ impl Real {
                 Outcome::Guest(self.guest_access(Op::Exec { gpa: *gpa }, expected)?)
             }
             Step::HostWrite { .. } | Step::HostRead { .. } => self.host_access(step)?,
+            Step::CloseVm => {
+                // The agent's vCPU must exist to hold the VM once its fd is gone.
+                self.agent().map_err(|e| e.to_string())?;
+                self.vm = None;
+                Outcome::Call(Ok(()))
+            }
             Step::CloseGmem { gmem } => {
                 // Not while a forked child (of any test thread) holds
                 // copies of the fd and mapping: the release must happen now.
@@ -865,7 +910,7 @@ impl Real {
                 Outcome::Call(Ok(()))
             }
             Step::HypercallExits { mask } => {
-                Outcome::Call(match self.vm.enable_cap(Cap::ExitHypercall, [*mask, 0, 0, 0]) {
+                Outcome::Call(match self.vm()?.enable_cap(Cap::ExitHypercall, [*mask, 0, 0, 0]) {
                     Ok(()) => Ok(()),
                     Err(e) => Err(model_errno(&e)?),
                 })
@@ -919,7 +964,7 @@ impl Real {
     /// The guest's `KVM_HC_MAP_GPA_RANGE`, answered as [`vmm_attributes`] says.
     fn map_gpa_range(&mut self, gpa: u64, npages: u64, attrs: u64) -> Result<Outcome, String> {
         let op = Op::Hypercall { nr: kvm_model::KVM_HC_MAP_GPA_RANGE, args: [gpa, npages, attrs, 0] };
-        let vm = &self.vm;
+        let Some(vm) = self.vm.as_ref() else { return Err("the VM fd is closed".into()) };
         let Some((agent, _)) = self.agent.as_mut() else { return Err("the agent is not running".into()) };
         agent.submit(op).map_err(|e| e.to_string())?;
         let mut exit = None;
@@ -1451,6 +1496,9 @@ fn later_step_lines(w: &mut String, step: &Step, expected: &Outcome, model: &Mod
             call_line(w, "KVM_PRE_FAULT_MEMORY", &after.result, "agent.vcpu().pre_fault_memory(&mut range)");
             let _ = writeln!(w, "    assert_eq!((range.gpa, range.size), ({:#x}, {:#x}));", after.gpa, after.size);
         }
+        (Step::CloseVm, _) => {
+            let _ = writeln!(w, "    drop(vm); // the agent's vCPU and the guest_memfds keep the VM alive");
+        }
         (Step::CloseGmem { gmem }, _) => {
             let map = if model.gmems()[*gmem].mmap() { format!(" drop(gmem{gmem}_map);") } else { String::new() };
             let _ = writeln!(w, "    drop(gmem{gmem});{map}");
@@ -1604,7 +1652,8 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
         .sboxed(),
         map_gpa_range: map_gpa_range(),
     });
-    let init = RefState { model: initial_model(profile), gmem_only, hypercalls: !on_kvm_pvm(), fixed };
+    let init =
+        RefState { model: initial_model(profile), gmem_only, hypercalls: !on_kvm_pvm(), fixed, vm_closed: false };
     Sequential::new(
         SizeRange::from(STEPS),
         move || Just(init.clone()).boxed(),
@@ -1612,6 +1661,7 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
         transitions,
         |mut state: RefState, step: &Step| {
             apply_model(&mut state.model, step);
+            state.vm_closed |= *step == Step::CloseVm;
             state
         },
     )
