@@ -469,6 +469,34 @@ fn released_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
     Some(strategy.boxed())
 }
 
+/// Around closing the VM fd, on the pages of guest_memfd memslots: before
+/// it, making such pages private (where a wrongly released VM would show)
+/// or closing; after it, guest accesses to them, which must still be served
+/// exactly as before.
+fn vm_close_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
+    let model = &state.model;
+    let pages: Vec<u64> = model
+        .slots()
+        .values()
+        .filter(|s| s.as_id == 0 && s.gmem.is_some_and(|(g, _)| !model.gmems()[g].released))
+        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
+        .collect();
+    if pages.is_empty() {
+        return None;
+    }
+    let private = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
+    let closed = state.vm_closed;
+    let strategy = (proptest::sample::select(pages), 0..4u32, 0..512u64).prop_map(move |(page, kind, word)| {
+        match (closed, kind) {
+            (false, 0 | 1) => Step::SetAttributes { address: page, size: P, attributes: private, flags: 0 },
+            (false, _) => Step::CloseVm,
+            (true, 0 | 1) => Step::GuestRead { gpa: page + word * 8 },
+            (true, _) => Step::GuestWrite { gpa: page + word * 8, value: word },
+        }
+    });
+    Some(strategy.boxed())
+}
+
 /// A host read through a guest_memfd's mapping, if one is mapped.
 fn host_read(state: &RefState) -> Option<BoxedStrategy<Step>> {
     let mappable = mappable_gmems(state);
@@ -541,8 +569,8 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     }
     // Mostly a guest_memfd a memslot binds, which is what closing is about.
     let bound: Vec<usize> = state.model.slots().values().filter_map(|s| s.gmem.map(|(g, _)| g)).collect();
-    if !state.vm_closed && !bound.is_empty() {
-        choices.push((1, Just(Step::CloseVm).boxed()));
+    if let Some(s) = vm_close_focus(state) {
+        choices.push((if state.vm_closed { 6 } else { 3 }, s));
     }
     if !bound.is_empty() {
         choices.push((1, proptest::sample::select(bound).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
