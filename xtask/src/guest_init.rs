@@ -102,17 +102,7 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
             s.push_str("gcov_reset\n");
         }
     }
-    // The tree's C tests (--upstream): kselftest exit codes, 4 meaning skip.
-    for t in c_tests {
-        let name = shell_quote(&t.name);
-        let _ = writeln!(
-            s,
-            "echo \"$M run \"{name}\nt0=$(now)\n{}\nrc=$?\ncs=$(( $(now) - t0 ))\n\
-             case $rc in 0) o=pass;; 4) o=skip;; *) o=fail;; esac\n\
-             echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"exit status $rc\\\"}}\" >> $R/results.jsonl",
-            q(&t.path)
-        );
-    }
+    s.push_str(&c_test_runs(c_tests));
     if shape.coverage && !c_tests.is_empty() {
         s.push_str("gcov_save upstream\n");
     }
@@ -148,6 +138,24 @@ fn binary_runs(binaries: &[TestBinary], args: &[String], jobs: usize) -> String 
     }
     if jobs > 1 {
         s.push_str("wait\n");
+    }
+    s
+}
+
+/// The tree's C tests (--upstream), each recorded as a result of binary
+/// `upstream` from its kselftest exit code (4 meaning skip).
+fn c_test_runs(c_tests: &[CTest]) -> String {
+    let q = |p: &Path| shell_quote(&p.to_string_lossy());
+    let mut s = String::new();
+    for t in c_tests {
+        let name = shell_quote(&t.name);
+        let _ = writeln!(
+            s,
+            "echo \"$M run \"{name}\nt0=$(now)\n{}\nrc=$?\ncs=$(( $(now) - t0 ))\n\
+             case $rc in 0) o=pass;; 4) o=skip;; *) o=fail;; esac\n\
+             echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"exit status $rc\\\"}}\" >> $R/results.jsonl",
+            q(&t.path)
+        );
     }
     s
 }
