@@ -11,7 +11,7 @@ use std::fmt;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult};
+use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::error::{Error, Result, SysResult};
 use crate::memory::HostMemory;
@@ -97,14 +97,19 @@ impl HostMemory {
                 // SAFETY: see above; this process only touches the mapping and exits.
                 unsafe { child_body(start, len, access) }
             }
-            ForkResult::Parent { child } => loop {
-                match waitpid(child, None) {
-                    Ok(WaitStatus::Exited(_, status)) => return Ok(ChildFate::Exited(status)),
-                    Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(ChildFate::Signaled(signal)),
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                    Err(errno) => return Err(Error::Sys { op: format!("waitpid({child})"), errno }),
-                }
-            },
+            ForkResult::Parent { child } => reap(child),
+        }
+    }
+}
+
+/// Waits for `child` to end and says how it did.
+fn reap(child: Pid) -> Result<ChildFate> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, status)) => return Ok(ChildFate::Exited(status)),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(ChildFate::Signaled(signal)),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(errno) => return Err(Error::Sys { op: format!("waitpid({child})"), errno }),
         }
     }
 }
@@ -167,18 +172,10 @@ pub(crate) unsafe fn ioctl_without_free_fds(op: &str, fd: i32, request: u64, arg
     if pid < 0 {
         return Err(Error::Sys { op: "clone(CLONE_VM | CLONE_VFORK)".into(), errno: nix::errno::Errno::last() });
     }
-    loop {
-        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, 0)) => return Ok(()),
-            Ok(WaitStatus::Exited(_, errno)) => {
-                return Err(Error::Sys { op, errno: nix::errno::Errno::from_raw(errno) })
-            }
-            Ok(WaitStatus::Signaled(_, signal, _)) => {
-                return Err(Error::Guest(format!("{op}: the child was killed by {}", signal.as_str())))
-            }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(errno) => return Err(Error::Sys { op: format!("waitpid({pid})"), errno }),
-        }
+    match reap(Pid::from_raw(pid))? {
+        ChildFate::Exited(0) => Ok(()),
+        ChildFate::Exited(errno) => Err(Error::Sys { op, errno: nix::errno::Errno::from_raw(errno) }),
+        ChildFate::Signaled(signal) => Err(Error::Guest(format!("{op}: the child was killed by {}", signal.as_str()))),
     }
 }
 

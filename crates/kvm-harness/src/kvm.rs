@@ -167,7 +167,7 @@ impl Kvm {
     }
 
     /// `KVM_CREATE_VM(vm_type)` when no fd can be installed (`RLIMIT_NOFILE`
-    /// 0, in a forked child): the kernel must fail it, without a new fd.
+    /// 0, in a child process): the kernel must fail it, without a new fd.
     pub fn create_vm_without_free_fds(&self, vm_type: u64) -> Result<()> {
         // SAFETY: KVM_CREATE_VM takes the type as an integer argument.
         unsafe {

@@ -226,7 +226,7 @@ impl Vm {
     }
 
     /// `KVM_CREATE_GUEST_MEMFD` when no fd can be installed (`RLIMIT_NOFILE`
-    /// 0, in a forked child): the kernel must fail it, without a new fd.
+    /// 0, in a child process): the kernel must fail it, without a new fd.
     pub fn create_guest_memfd_without_free_fds(&self, size: u64, flags: u64) -> Result<()> {
         let request = kvm_create_guest_memfd { size, flags, ..Default::default() };
         let op = format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})");
