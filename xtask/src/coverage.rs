@@ -414,17 +414,31 @@ fn tables(set: &Set, files: &[FileCoverage], out: &Path) -> String {
             }
         }
     }
-    s.push_str(&reachable_table(files));
-    s.push_str(&rule_function_table(files));
+    // Each listed file's source, read once for both tables below.
+    let listed: Vec<Listed<'_>> = RULE_FUNCTIONS
+        .iter()
+        .filter_map(|&(name, wanted)| {
+            let file = find(files, name)?;
+            Some(Listed { name, wanted, file, source: fs::read_to_string(&file.path).unwrap_or_default() })
+        })
+        .collect();
+    s.push_str(&reachable_table(&listed));
+    s.push_str(&rule_function_table(&listed));
     s
 }
 
+/// A listed file that the suite ran, with its rule functions and its source.
+struct Listed<'a> {
+    name: &'static str,
+    wanted: Option<&'static [&'static str]>,
+    file: &'a FileCoverage,
+    source: String,
+}
+
 /// Line coverage of each file without the functions in [`UNREACHABLE`].
-fn reachable_table(files: &[FileCoverage]) -> String {
+fn reachable_table(listed: &[Listed<'_>]) -> String {
     let mut s = String::new();
-    for (name, _) in RULE_FUNCTIONS {
-        let Some(f) = find(files, name) else { continue };
-        let source = fs::read_to_string(&f.path).unwrap_or_default();
+    for &Listed { name, file: f, ref source, .. } in listed {
         let text: Vec<&str> = source.lines().collect();
         let excluded: Vec<(u32, u32)> = (0..f.functions.len())
             .filter(|&i| unreachable_reason(name, &f.functions[i].1).is_some())
@@ -448,12 +462,10 @@ fn reachable_table(files: &[FileCoverage]) -> String {
     s
 }
 
-fn rule_function_table(files: &[FileCoverage]) -> String {
+fn rule_function_table(listed: &[Listed<'_>]) -> String {
     let mut s = String::from("xtask: rule functions (lines, branches, calls):\n");
     let mut uncovered = String::new();
-    for (name, wanted) in RULE_FUNCTIONS {
-        let Some(f) = find(files, name) else { continue };
-        let source = fs::read_to_string(&f.path).unwrap_or_default();
+    for &Listed { name, wanted, file: f, ref source } in listed {
         let text: Vec<&str> = source.lines().collect();
         for (i, (_, func, calls)) in f.functions.iter().enumerate() {
             if wanted.is_some_and(|w| !w.contains(&func.as_str())) {

@@ -81,7 +81,7 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
             // without extracting the source or asking make; a tree can
             // change under us and is always rebuilt (incrementally, in its
             // own O= directory).
-            let key_id = if opts.coverage { format!("{}-coverage", tarball.id) } else { tarball.id.clone() };
+            let key_id = build_id(&tarball.id, opts.coverage);
             // A gcov image is only usable with its build directory's .gcno
             // notes (a CI cache may restore the image without them).
             let notes = util::cache_dir().join("build").join(&key_id).join("virt/kvm/kvm_main.gcno");
@@ -96,7 +96,7 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     };
     let (id, src) = if opts.coverage {
         let src = coverage::instrumented_source(&id, &src, cache_image)?;
-        (format!("{id}-coverage"), src)
+        (build_id(&id, true), src)
     } else {
         (id, src)
     };
@@ -135,6 +135,15 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     util::create_dir_all(key.parent().expect("has a parent"))?;
     fs::write(&key, &config_hash).map_err(io_err(&key))?;
     Ok(cached_image)
+}
+
+/// The build directory and image name of source `id`: a gcov build has its own.
+fn build_id(id: &str, coverage: bool) -> String {
+    if coverage {
+        format!("{id}-coverage")
+    } else {
+        id.to_string()
+    }
 }
 
 /// The recipe is resolved against the source's Kconfig, so the image's key
