@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::{layout, protocol, GUEST_AGENT, WATCH_MEMSLOT};
 use kvm_harness::bindings::{
-    KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_QUIRK_SLOT_ZAP_ALL,
+    KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    KVM_X86_QUIRK_SLOT_ZAP_ALL,
 };
 use kvm_harness::{
-    ensure, expect_errno, expect_ok, threads, Agent, Cap, Errno, Error, Exit, GmemBinding, GuestCall, HostMemory, Kvm,
-    Need, Region, Result, Suite, Vcpu, Vm, VmType,
+    ensure, expect_errno, expect_ok, kernel_rules, threads, Agent, Cap, Errno, Error, Exit, GmemBinding, GuestCall,
+    HostMemory, Kvm, Need, Op, Region, Result, Suite, Vcpu, Vm, VmType,
 };
 use kvm_selftests::{valid_region, BEYOND_MAX_GPA};
 
@@ -444,6 +445,46 @@ fn dirty_logging_toggle_keeps_memslot_memory(kvm: &Arc<Kvm>) -> Result<()> {
 const HOST_VALUE: u64 = 0x484f_5354_5641_4c55;
 const GUEST_VALUE: u64 = 0x4755_4553_5456_414c;
 
+/// A non-canonical address: any access raises #GP(0).
+const NONCANONICAL: u64 = 0x8000_0000_0000_0000;
+/// How long a vCPU may take to exit after the #GP; a healthy kernel exits
+/// within milliseconds, an unfixed one never does.
+const VECTORING_DEADLINE: Duration = Duration::from_secs(2);
+
+/// An exception whose IDT lies at a GPA without a memslot cannot be
+/// delivered: reading the gate is emulated MMIO, which KVM cannot emulate
+/// mid-delivery. KVM must stop with `KVM_EXIT_INTERNAL_ERROR`,
+/// `KVM_INTERNAL_ERROR_DELIVERY_EV`, reporting the gate's GPA in `data[3]`
+/// (upstream's `test_mmio_during_vectoring`, there with a guest `lidt`).
+fn exception_through_slotless_idt_exits_delivery_ev(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    let vm = Vm::with_payload(kvm, vm_type, &GUEST_AGENT)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let idt = layout::TEST_AREA_GPA;
+    ensure!(vm.slot_at(idt).is_none(), "the IDT lies outside every memslot", "a memslot covers {idt:#x}");
+    let mut sregs = agent.vcpu().sregs()?;
+    (sregs.idt.base, sregs.idt.limit) = (idt, 0xfff);
+    agent.vcpu().set_sregs(&sregs)?;
+    agent.vcpu().set_timeout(VECTORING_DEADLINE);
+    agent.submit(Op::Read { gpa: NONCANONICAL })?;
+
+    let gate = idt + 13 * 16;
+    let rule = format!(
+        "{vm_type}: a #GP whose IDT is at slotless GPA {idt:#x} exits KVM_INTERNAL_ERROR_DELIVERY_EV naming gate GPA \
+         {gate:#x}"
+    );
+    kernel_rules::with_fix_hints(kernel_rules::EVENT_VECTORING_MMIO, || match agent.vcpu().run() {
+        Ok(Exit::InternalError { suberror: KVM_INTERNAL_ERROR_DELIVERY_EV, data }) if data.get(3) == Some(&gate) => {
+            Ok(())
+        }
+        Ok(other) => Err(Error::rule(&rule, format!("got {other:x?}"))),
+        Err(Error::Timeout { rip, .. }) => Err(Error::rule(
+            &rule,
+            format!("no exit within {VECTORING_DEADLINE:?}: KVM kept re-entering the guest (RIP {rip:#x})"),
+        )),
+        Err(e) => Err(e),
+    })
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("set_memory_region");
     suite.test("zero_memslots_run_exits_with_internal_error", vec![], zero_memslots);
@@ -462,6 +503,11 @@ fn main() -> ExitCode {
     );
 
     for vm_type in VmType::ALL {
+        suite.test(
+            format!("{}_vm_exception_through_slotless_idt_exits_delivery_ev", vm_type.short()),
+            vec![Need::VmType(vm_type)],
+            move |kvm| exception_through_slotless_idt_exits_delivery_ev(kvm, vm_type),
+        );
         for (ioctl, label) in [(Ioctl::V1, "v1"), (Ioctl::V2, "v2")] {
             for bit in 0..32 {
                 let body: Body = Box::new(move |kvm| flag_bit(kvm, vm_type, ioctl, bit));

@@ -333,6 +333,27 @@ fn agent_op(
             a.add(r8, r10)?;
             a.jmp(touch_loop)
         }
+        OpCode::PortIn => {
+            let mut word = a.create_label();
+            let mut dword = a.create_label();
+            let mut finish = a.create_label();
+            a.mov(rdx, r8)?;
+            a.mov(rax, r10)?;
+            a.cmp(r9, 1)?;
+            a.jne(word)?;
+            a.in_(al, dx)?;
+            a.jmp(finish)?;
+            a.set_label(&mut word)?;
+            a.cmp(r9, 2)?;
+            a.jne(dword)?;
+            a.in_(ax, dx)?;
+            a.jmp(finish)?;
+            a.set_label(&mut dword)?;
+            a.in_(eax, dx)?;
+            a.set_label(&mut finish)?;
+            a.mov(rdi, rax)?;
+            a.jmp(ready)
+        }
         OpCode::Done => {
             // DONE forever, as every payload ends (see `Program::done`).
             p.call_host(CALL_DONE)?;

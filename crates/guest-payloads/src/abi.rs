@@ -170,6 +170,9 @@ pub mod protocol {
         Touch = 7 { gpa: u64, len: u64, stride: u64, write: bool }
         /// Report `DONE`.
         Done = 8 {}
+        /// Load `preset` into `rax`, then `in` from `port` with an operand
+        /// of `size` bytes (1 → `al`, 2 → `ax`, else `eax`); result: `rax`.
+        PortIn = 9 { port: u64, size: u64, preset: u64 }
     }
 
     /// Assertion id: a pattern check found a different value.

@@ -147,6 +147,23 @@ pub const GMEM_BINDING_OFFSET_SIGNEDNESS: &[Fix] = &[Fix {
     mainline: KernelVersion::new(7, 2),
 }];
 
+/// The series that makes KVM report event delivery it cannot emulate (the
+/// IDT or another descriptor table in emulated MMIO) as
+/// `KVM_EXIT_INTERNAL_ERROR` / `KVM_INTERNAL_ERROR_DELIVERY_EV`. Before it,
+/// SVM emulated the faulting instruction again and re-injected the
+/// exception, forever. The mainline SHAs are not confirmed here; the
+/// subjects find them with `git log`.
+pub const EVENT_VECTORING_MMIO: &[Fix] = &[
+    Fix {
+        commit: Commit { sha: "", subject: "KVM: x86: Add emulation status for unhandleable vectoring" },
+        mainline: KernelVersion::new(6, 14),
+    },
+    Fix {
+        commit: Commit { sha: "", subject: "KVM: SVM: Handle event vectoring error in check_emulate_instruction()" },
+        mainline: KernelVersion::new(6, 14),
+    },
+];
+
 /// Run a test body; if it fails on a kernel older than a fix's mainline
 /// release, append "this kernel may lack upstream fix ..." for each such fix
 /// (LTP's `linux-git` tags). A pass is never touched.

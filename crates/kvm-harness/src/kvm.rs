@@ -37,6 +37,10 @@ pub enum Cap {
     GuestMemfdFlags,
     /// `KVM_CAP_DISABLE_QUIRKS2`: the quirks a VM may disable.
     DisableQuirks2,
+    /// `KVM_CAP_SPLIT_IRQCHIP`: an in-kernel LAPIC, IOAPIC in userspace.
+    SplitIrqchip,
+    /// `KVM_CAP_SYNC_REGS`: the register sets `kvm_run` can carry.
+    SyncRegs,
 }
 
 impl Cap {
@@ -55,6 +59,8 @@ impl Cap {
             Self::PreFaultMemory => kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY,
             Self::GuestMemfdFlags => uapi::KVM_CAP_GUEST_MEMFD_FLAGS,
             Self::DisableQuirks2 => kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+            Self::SplitIrqchip => kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+            Self::SyncRegs => kvm_bindings::KVM_CAP_SYNC_REGS,
         }
     }
 
@@ -73,6 +79,8 @@ impl Cap {
             Self::PreFaultMemory => "KVM_CAP_PRE_FAULT_MEMORY",
             Self::GuestMemfdFlags => "KVM_CAP_GUEST_MEMFD_FLAGS",
             Self::DisableQuirks2 => "KVM_CAP_DISABLE_QUIRKS2",
+            Self::SplitIrqchip => "KVM_CAP_SPLIT_IRQCHIP",
+            Self::SyncRegs => "KVM_CAP_SYNC_REGS",
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod signal_storm;
 pub mod threads;
 pub mod uapi;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod watchdog;
 pub mod x86;
