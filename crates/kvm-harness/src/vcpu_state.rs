@@ -74,9 +74,11 @@ impl Vcpu {
         }
         let base: *mut u8 = std::ptr::from_mut(run).cast();
         // SAFETY: data_offset points inside the kvm_run mapping, which has
-        // room for size * count bytes there (the KVM_EXIT_IO contract);
-        // `data` is exactly that long and does not overlap the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(io.data_offset as usize), wanted) };
+        // room for size * count bytes there (the KVM_EXIT_IO contract).
+        let dst = unsafe { base.add(io.data_offset as usize) };
+        // SAFETY: dst has `wanted` writable bytes (above); `data` is exactly
+        // that long and does not overlap the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, wanted) };
         Ok(())
     }
 }
