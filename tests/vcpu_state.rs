@@ -212,12 +212,15 @@ fn port_read_returns_the_vmm_data(kvm: &Arc<Kvm>, vm_type: VmType, size: u8) -> 
     )
 }
 
+/// A scenario run once per VM type.
+type Scenario = fn(&Arc<Kvm>, VmType) -> Result<()>;
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("vcpu_state");
     for vm_type in VmType::ALL {
         let t = vm_type.short();
         let needs = || vec![Need::VmType(vm_type)];
-        let per_type: [(&str, fn(&Arc<Kvm>, VmType) -> Result<()>); 10] = [
+        let per_type: [(&str, Scenario); 10] = [
             ("xcr0_round_trips_through_set_and_get_xcrs", xcr0_round_trips_through_set_and_get_xcrs),
             ("set_xcrs_accepts_max_xcrs_entries", set_xcrs_accepts_max_xcrs_entries),
             (
