@@ -149,12 +149,11 @@ pub struct Set {
 pub const RUST: Set = Set { name: "rust", title: "Rust suite" };
 pub const UPSTREAM: Set = Set { name: "upstream", title: "the tree's C selftests" };
 
-/// Shell for the guest's init: mount debugfs and define `gcov_reset` and
+/// Shell for the guest's init (after debugfs is mounted): define `gcov_reset` and
 /// `gcov_save DIR` (copies every `.gcda` under `$R/gcov/DIR`).
 pub fn init_functions() -> &'static str {
-    r#"$bb mount -t debugfs debugfs /sys/kernel/debug || die "setup-failed mounting debugfs"
-G=/sys/kernel/debug/gcov
-[ -d $G ] || die "setup-failed no $G (CONFIG_GCOV_KERNEL)"
+    r#"G=/sys/kernel/debug/gcov
+[ -d $G ] || die "setup-failed no $G (CONFIG_GCOV_KERNEL and CONFIG_DEBUG_FS)"
 gcov_reset() { echo 1 > $G/reset; }
 gcov_save() {
     (cd $G && $bb find . -name '*.gcda') | while read -r f; do

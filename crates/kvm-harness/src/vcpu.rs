@@ -11,6 +11,7 @@ use kvm_bindings::kvm_regs;
 use nix::errno::Errno;
 
 use crate::error::{Error, Result, SysResult};
+use crate::fault_injection::{Injected, NthFault};
 use crate::memory::HostMemory;
 use crate::vm::Region;
 use crate::{uapi, watchdog};
@@ -333,6 +334,28 @@ impl Vcpu {
                 _ => return Err(Error::Sys { op: format!("KVM_RUN(vCPU {})", self.id), errno }),
             }
         }
+    }
+
+    /// One `KVM_RUN` with this thread's `n`th allocation failing. Returns
+    /// the errno (`None` on success) and the exit `kvm_run` holds, which is
+    /// stale after errors other than a memory fault.
+    pub fn run_failing_nth(&mut self, fault: &NthFault, n: u32) -> Result<Injected<(Option<Errno>, Exit)>> {
+        let (call, fired) = self.under_watchdog(self.timeout, |vcpu| {
+            let fd = vcpu.fd.as_raw_fd();
+            fault.around(n, || {
+                // SAFETY: as in `run`: KVM_RUN takes no argument.
+                let ret = unsafe { libc::ioctl(fd, uapi::KVM_RUN as _, 0) };
+                (ret, Errno::last())
+            })
+        });
+        let call = call?;
+        let (ret, errno) = call.outcome;
+        if ret < 0 && errno == Errno::EINTR && fired {
+            return Err(self.timeout_error());
+        }
+        let errno = (ret < 0).then_some(errno);
+        let exit = self.decode_exit(errno);
+        Ok(Injected { outcome: (errno, exit), injected: call.injected })
     }
 
     fn timeout_error(&self) -> Error {

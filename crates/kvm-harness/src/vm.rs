@@ -13,6 +13,7 @@ use kvm_bindings::{
 };
 
 use crate::error::{Error, Result, SysResult};
+use crate::fault_injection::{Injected, NthFault};
 use crate::kvm::{Cap, Kvm, VmType};
 use crate::memory::{GuestMemfd, HostMemory};
 use crate::vcpu::Vcpu;
@@ -83,6 +84,24 @@ impl Region {
     /// The same slot with size 0: the delete request.
     pub fn deletion(&self) -> Self {
         Self { size: 0, ..self.clone() }
+    }
+
+    /// The `KVM_SET_USER_MEMORY_REGION2` request for this region.
+    fn raw(&self) -> Result<kvm_userspace_memory_region2> {
+        let (guest_memfd, guest_memfd_offset) = match &self.guest_memfd {
+            Some((binding, offset)) => (binding.raw_fd() as u32, *offset),
+            None => (0, 0),
+        };
+        Ok(kvm_userspace_memory_region2 {
+            slot: self.slot,
+            flags: self.flags,
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: self.userspace_addr()?,
+            guest_memfd_offset,
+            guest_memfd,
+            ..Default::default()
+        })
     }
 
     fn userspace_addr(&self) -> Result<u64> {
@@ -285,20 +304,7 @@ impl Vm {
     /// Passes `region` to the kernel with the v2 or the v1 ioctl and, once
     /// accepted, records it so its backing lives as long as the slot.
     fn install(&self, region: &Region, v2: bool) -> Result<()> {
-        let (guest_memfd, guest_memfd_offset) = match &region.guest_memfd {
-            Some((binding, offset)) => (binding.raw_fd() as u32, *offset),
-            None => (0, 0),
-        };
-        let raw = kvm_userspace_memory_region2 {
-            slot: region.slot,
-            flags: region.flags,
-            guest_phys_addr: region.gpa,
-            memory_size: region.size,
-            userspace_addr: region.userspace_addr()?,
-            guest_memfd_offset,
-            guest_memfd,
-            ..Default::default()
-        };
+        let raw = region.raw()?;
         let (name, result) = if v2 {
             // SAFETY: userspace_addr is 0 or inside `region.memory`, which the
             // slot table keeps alive until the kernel drops the slot, so the
@@ -313,6 +319,54 @@ impl Vm {
         result.sys(|| format!("{name}({})", region.describe()))?;
         self.record(region);
         Ok(())
+    }
+
+    /// [`Self::set_region`] with this thread's `n`th allocation failing.
+    pub fn set_region_failing_nth(&self, fault: &NthFault, n: u32, region: &Region) -> Result<Injected<Result<()>>> {
+        let raw = region.raw()?;
+        // SAFETY: as in `install`: the slot table keeps the backing alive
+        // once the kernel accepts the slot (recorded below).
+        let call = fault.around(n, || unsafe { self.fd.set_user_memory_region2(raw) })?;
+        let outcome = call.outcome.sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe()));
+        if outcome.is_ok() {
+            self.record(region);
+        }
+        Ok(Injected { outcome, injected: call.injected })
+    }
+
+    /// [`Self::create_guest_memfd`] with this thread's `n`th allocation failing.
+    pub fn create_guest_memfd_failing_nth(
+        &self,
+        fault: &NthFault,
+        n: u32,
+        size: u64,
+        flags: u64,
+    ) -> Result<Injected<Result<GuestMemfd>>> {
+        let request = kvm_create_guest_memfd { size, flags, ..Default::default() };
+        let call = fault.around(n, || self.fd.create_guest_memfd(request))?;
+        let outcome =
+            call.outcome.sys(|| format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})")).map(|fd| {
+                // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+                GuestMemfd::new(unsafe { OwnedFd::from_raw_fd(fd) }, size, flags)
+            });
+        Ok(Injected { outcome, injected: call.injected })
+    }
+
+    /// [`Self::set_memory_attributes`] with this thread's `n`th allocation failing.
+    pub fn set_memory_attributes_failing_nth(
+        &self,
+        fault: &NthFault,
+        n: u32,
+        gpa: u64,
+        size: u64,
+        attributes: u64,
+    ) -> Result<Injected<Result<()>>> {
+        let request = kvm_memory_attributes { address: gpa, size, attributes, flags: 0 };
+        let call = fault.around(n, || self.fd.set_memory_attributes(request))?;
+        let outcome = call
+            .outcome
+            .sys(|| format!("KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x})"));
+        Ok(Injected { outcome, injected: call.injected })
     }
 
     /// Adds a slot of fresh anonymous memory; returns the host view of it.

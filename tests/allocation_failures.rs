@@ -1,0 +1,235 @@
+//! Rule family 10: every allocation failure on the private-memory paths is
+//! reported as ENOMEM and leaves nothing behind, or is absorbed whole.
+//!
+//! Each scenario repeats one call with its 1st, 2nd, ... allocation failing
+//! (`/proc/thread-self/fail-nth`, see `kvm_harness::fault_injection`) until
+//! the call reaches no more allocations. After each failure it checks the
+//! state the call must not have changed, then that the call succeeds; an
+//! injected failure the kernel absorbs must still give a complete result.
+//! These are the error paths of `__kvm_gmem_create()`, `kvm_gmem_allocate()`,
+//! `kvm_gmem_bind()` / `kvm_set_memslot()`, `kvm_vm_set_mem_attributes()` and
+//! the private fault (`kvm_gmem_get_pfn()`), which no other test reaches.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use guest_payloads::{layout, GUEST_AGENT};
+use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
+use kvm_harness::fault_injection::{self, at_every_allocation, NthFault};
+use kvm_harness::{
+    ensure, expect_eq, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op, Region, Result,
+    Suite, Vm, VmType,
+};
+use kvm_selftests::SLOT_SIZE;
+
+/// More allocation points than any of these calls has: reaching it means
+/// the call never completed.
+const LIMIT: u32 = 2000;
+/// Pages the fallocate and attribute scenarios cover.
+const PAGES: u64 = 16;
+const SLOT: u32 = 1;
+const GPA: u64 = layout::TEST_AREA_GPA;
+/// What the host writes into the shared backing, so a guest read tells a
+/// shared page (this value) from a private one (guest_memfd's zeroes).
+const SHARED_MARK: u64 = 0x5a5a_5a5a_0000_0001;
+
+/// The scenarios count this process's fds; one at a time keeps that count
+/// theirs (every test of this binary holds the lock).
+fn alone() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn open_fds() -> Result<usize> {
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Misuse(format!("listing /proc/self/fd: {e}")))?;
+    Ok(dir.count())
+}
+
+/// How one call with an armed allocation failure ended, when it ended well.
+enum Attempt<T> {
+    /// ENOMEM from the injected failure.
+    Enomem,
+    /// Success (injected or not).
+    Done(T),
+}
+
+/// ENOMEM after an injected failure, or success, are the only acceptable
+/// outcomes; also returns whether the failure was injected.
+fn judge<T>(rule: &str, n: u32, call: fault_injection::Injected<Result<T>>) -> Result<(Attempt<T>, bool)> {
+    match call.outcome {
+        Ok(value) => Ok((Attempt::Done(value), call.injected)),
+        Err(e) if call.injected && e.errno() == Some(Errno::ENOMEM) => Ok((Attempt::Enomem, true)),
+        Err(e) if call.injected => {
+            Err(Error::rule(rule, format!("with allocation {n} failing: expected ENOMEM, got {e}")))
+        }
+        Err(e) => Err(Error::rule(rule, format!("with no allocation failing (armed at {n}): {e}"))),
+    }
+}
+
+fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let _alone = alone();
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let fault = NthFault::for_this_thread()?;
+    let fds = open_fds()?;
+    let rule = "KVM_CREATE_GUEST_MEMFD fails with ENOMEM leaving no fd, or returns a working guest_memfd";
+    let points = at_every_allocation(LIMIT, |n| {
+        let (attempt, injected) = judge(rule, n, vm.create_guest_memfd_failing_nth(&fault, n, SLOT_SIZE, 0)?)?;
+        match attempt {
+            Attempt::Enomem => {
+                expect_eq(rule, format_args!("open fds after failing at allocation {n}"), open_fds()?, fds)?
+            }
+            Attempt::Done(gmem) => gmem.allocate(0, SLOT_SIZE)?,
+        }
+        Ok(injected)
+    })?;
+    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
+    Ok(())
+}
+
+fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let _alone = alone();
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let fault = NthFault::for_this_thread()?;
+    let len = PAGES * page_size();
+    let rule = "fallocate() of a guest_memfd fails with ENOMEM and can then be completed, or allocates it all";
+    let points = at_every_allocation(LIMIT, |n| {
+        // A fresh file each time, so every attempt meets the same allocations.
+        let gmem = vm.create_guest_memfd(len, 0)?;
+        let (attempt, injected) = judge(rule, n, gmem.allocate_failing_nth(&fault, n, 0, len)?)?;
+        if let Attempt::Enomem = attempt {
+            gmem.allocate(0, len).map_err(|e| Error::rule(rule, format!("completing after failing at {n}: {e}")))?;
+        }
+        Ok(injected)
+    })?;
+    ensure!(points >= PAGES as u32, rule, "only {points} allocation points for {PAGES} pages");
+    Ok(())
+}
+
+fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let _alone = alone();
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let fault = NthFault::for_this_thread()?;
+    let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+    let rule = "a guest_memfd memslot fails with ENOMEM leaving its range unbound, or is created whole";
+    let points = at_every_allocation(LIMIT, |n| {
+        let region = region(&gmem)?;
+        let (attempt, injected) = judge(rule, n, vm.set_region_failing_nth(&fault, n, &region)?)?;
+        if let Attempt::Enomem = attempt {
+            // A binding left behind by the failed call would refuse this.
+            vm.set_region(&region)
+                .map_err(|e| Error::rule(rule, format!("binding again after failing at {n}: {e}")))?;
+        }
+        vm.delete_slot(SLOT)?;
+        Ok(injected)
+    })?;
+    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
+    Ok(())
+}
+
+fn region(gmem: &Arc<GuestMemfd>) -> Result<Region> {
+    let memory = Arc::new(kvm_harness::HostMemory::anonymous(SLOT_SIZE)?);
+    memory.fill_u64(0, SLOT_SIZE, SHARED_MARK);
+    Ok(Region::new(SLOT, GPA, memory).with_guest_memfd(GmemBinding::Memfd(gmem.clone()), 0))
+}
+
+/// A protected VM running the agent, with a guest_memfd memslot at [`GPA`]
+/// whose shared backing holds [`SHARED_MARK`].
+fn agent_with_private_slot(kvm: &Arc<Kvm>) -> Result<(Vm, Agent)> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+    vm.set_region(&region(&gmem)?)?;
+    let agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    Ok((vm, agent))
+}
+
+/// What the guest reads at the first and the last page of the range.
+fn ends(agent: &mut Agent) -> Result<[u64; 2]> {
+    Ok([agent.read(GPA)?, agent.read(GPA + (PAGES - 1) * page_size())?])
+}
+
+fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let _alone = alone();
+    let (vm, mut agent) = agent_with_private_slot(kvm)?;
+    let fault = NthFault::for_this_thread()?;
+    let (len, private) = (PAGES * page_size(), u64::from(kvm_harness::bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE));
+    let rule = "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) fails with ENOMEM changing no page, or converts every page";
+    let points = at_every_allocation(LIMIT, |n| {
+        let (attempt, injected) = judge(rule, n, vm.set_memory_attributes_failing_nth(&fault, n, GPA, len, private)?)?;
+        let (expected, when) = match attempt {
+            Attempt::Enomem => ([SHARED_MARK; 2], "failing"),
+            Attempt::Done(()) => ([0; 2], "success, armed"),
+        };
+        let seen = ends(&mut agent)?;
+        expect_eq(rule, format_args!("guest reads of the first/last page after {when} at {n}"), seen, expected)?;
+        vm.make_shared(GPA, len)?;
+        Ok(injected)
+    })?;
+    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
+    Ok(())
+}
+
+/// One private read of the never-allocated page `gpa` with allocation `n`
+/// failing; `Ok(injected)`.
+fn private_read_with_nth_failure(agent: &mut Agent, fault: &NthFault, n: u32, gpa: u64) -> Result<bool> {
+    let rule = format!(
+        "a private read of {gpa:#x} whose allocation fails returns ENOMEM (any memory-fault exit naming the page), \
+         then reads zeroes"
+    );
+    agent.submit(Op::Read { gpa })?;
+    let call = agent.vcpu().run_failing_nth(fault, n)?;
+    let value = match call.outcome {
+        (None, exit) => agent.ready_from_exit(exit, "the private read")?,
+        (Some(Errno::ENOMEM), exit) if call.injected => {
+            let page = Exit::MemoryFault {
+                flags: u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
+                gpa,
+                size: page_size(),
+                errno: Some(Errno::ENOMEM),
+            };
+            ensure!(!matches!(exit, Exit::MemoryFault { .. }) || exit == page, &rule, "failing at {n}: {exit:x?}");
+            agent.wait_ready("the private read, retried")?
+        }
+        (errno, exit) => {
+            return Err(Error::rule(
+                &rule,
+                format!("failing at {n} (injected: {}): {errno:?}, {exit:x?}", call.injected),
+            ))
+        }
+    };
+    expect_eq(&rule, format_args!("value read (armed at {n})"), value, 0)?;
+    Ok(call.injected)
+}
+
+fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let _alone = alone();
+    let (vm, mut agent) = agent_with_private_slot(kvm)?;
+    vm.make_private(GPA, SLOT_SIZE)?;
+    let fault = NthFault::for_this_thread()?;
+    // Each attempt reads a page no earlier one touched.
+    let pages = SLOT_SIZE / page_size();
+    let points = at_every_allocation(LIMIT, |n| {
+        let gpa = GPA + (u64::from(n) % pages) * page_size();
+        private_read_with_nth_failure(&mut agent, &fault, n, gpa)
+    })?;
+    ensure!(
+        points > 0 && u64::from(points) < pages,
+        "a private fault allocates, within one 2 MiB slot's pages",
+        "{points} allocation points"
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut suite = Suite::new("allocation_failures");
+    let needs = || {
+        vec![Need::VmType(VmType::SwProtected), Need::Check(Box::new(|_: &Arc<Kvm>| fault_injection::availability()))]
+    };
+    kvm_harness::register!(suite, needs() =>
+        guest_memfd_creation_fails_cleanly_at_every_allocation,
+        guest_memfd_fallocate_fails_cleanly_at_every_allocation,
+        guest_memfd_memslot_fails_cleanly_at_every_allocation,
+        memory_attributes_fail_all_or_nothing_at_every_allocation,
+        private_fault_fails_cleanly_at_every_allocation,
+    );
+    suite.run()
+}
