@@ -100,6 +100,14 @@ fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
         if let Attempt::Enomem = attempt {
             gmem.allocate(0, len).map_err(|e| Error::rule(rule, format!("completing after failing at {n}: {e}")))?;
         }
+        // Every page is now there iff allocating the range again allocates nothing.
+        let again = gmem.allocate_failing_nth(&fault, 1, 0, len)?;
+        ensure!(
+            !again.injected && again.outcome.is_ok(),
+            rule,
+            "after the fallocate armed at {n} reported success, the same fallocate still allocated ({:?})",
+            again.outcome
+        );
         Ok(injected)
     })?;
     ensure!(points >= PAGES as u32, rule, "only {points} allocation points for {PAGES} pages");
