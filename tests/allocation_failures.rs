@@ -10,12 +10,15 @@
 //! `kvm_gmem_bind()` / `kvm_set_memslot()`, `kvm_vm_set_mem_attributes()` and
 //! the private fault (`kvm_gmem_get_pfn()`), which no other test reaches.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
-use kvm_harness::fault_injection::{self, at_every_allocation, NthFault};
+use kvm_harness::fault_injection::{self, at_every_allocation, Failing, NthFault};
+use kvm_harness::kernel_rules::Hex;
 use kvm_harness::{
     ensure, expect_eq, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op, Region, Result,
     Suite, Vm, VmType,
@@ -41,9 +44,13 @@ fn alone() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn open_fds() -> Result<usize> {
+/// The fd table as the scenarios compare it: how many fds are open, and the
+/// lowest free number (an fd reserved but never installed shows only there).
+fn fd_table() -> Result<(usize, RawFd)> {
     let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Misuse(format!("listing /proc/self/fd: {e}")))?;
-    Ok(dir.count())
+    let open = dir.count();
+    let probe = File::open("/dev/null").map_err(|e| Error::Misuse(format!("opening /dev/null: {e}")))?;
+    Ok((open, probe.as_raw_fd()))
 }
 
 /// How one call with an armed allocation failure ended, when it ended well.
@@ -55,15 +62,15 @@ enum Attempt<T> {
 }
 
 /// ENOMEM after an injected failure, or success, are the only acceptable
-/// outcomes; also returns whether the failure was injected.
-fn judge<T>(rule: &str, n: u32, call: fault_injection::Injected<Result<T>>) -> Result<(Attempt<T>, bool)> {
+/// outcomes; also returns whether every armed failure happened.
+fn judge<T>(rule: &str, failing: Failing, call: fault_injection::Injected<Result<T>>) -> Result<(Attempt<T>, bool)> {
     match call.outcome {
         Ok(value) => Ok((Attempt::Done(value), call.injected)),
-        Err(e) if call.injected && e.errno() == Some(Errno::ENOMEM) => Ok((Attempt::Enomem, true)),
-        Err(e) if call.injected => {
-            Err(Error::rule(rule, format!("with allocation {n} failing: expected ENOMEM, got {e}")))
-        }
-        Err(e) => Err(Error::rule(rule, format!("with no allocation failing (armed at {n}): {e}"))),
+        Err(e) if call.failures > 0 && e.errno() == Some(Errno::ENOMEM) => Ok((Attempt::Enomem, call.injected)),
+        Err(e) => Err(Error::rule(
+            rule,
+            format!("with {failing} ({} failed): expected ENOMEM or success, got {e}", call.failures),
+        )),
     }
 }
 
@@ -71,13 +78,14 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
     let _alone = alone();
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
-    let fds = open_fds()?;
+    let fds = fd_table()?;
     let rule = "KVM_CREATE_GUEST_MEMFD fails with ENOMEM leaving no fd, or returns a working guest_memfd";
-    let points = at_every_allocation(LIMIT, |n| {
-        let (attempt, injected) = judge(rule, n, vm.create_guest_memfd_failing_nth(&fault, n, SLOT_SIZE, 0)?)?;
+    let points = at_every_allocation(LIMIT, |failing| {
+        let (attempt, injected) = judge(rule, failing, vm.create_guest_memfd_failing(&fault, failing, SLOT_SIZE, 0)?)?;
         match attempt {
             Attempt::Enomem => {
-                expect_eq(rule, format_args!("open fds after failing at allocation {n}"), open_fds()?, fds)?
+                let what = format_args!("(open fds, lowest free fd) after ENOMEM with {failing}");
+                expect_eq(rule, what, fd_table()?, fds)?;
             }
             Attempt::Done(gmem) => gmem.allocate(0, SLOT_SIZE)?,
         }
@@ -93,19 +101,20 @@ fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
     let fault = NthFault::for_this_thread()?;
     let len = PAGES * page_size();
     let rule = "fallocate() of a guest_memfd fails with ENOMEM and can then be completed, or allocates it all";
-    let points = at_every_allocation(LIMIT, |n| {
+    let points = at_every_allocation(LIMIT, |failing| {
         // A fresh file each time, so every attempt meets the same allocations.
         let gmem = vm.create_guest_memfd(len, 0)?;
-        let (attempt, injected) = judge(rule, n, gmem.allocate_failing_nth(&fault, n, 0, len)?)?;
+        let (attempt, injected) = judge(rule, failing, gmem.allocate_failing(&fault, failing, 0, len)?)?;
         if let Attempt::Enomem = attempt {
-            gmem.allocate(0, len).map_err(|e| Error::rule(rule, format!("completing after failing at {n}: {e}")))?;
+            gmem.allocate(0, len)
+                .map_err(|e| Error::rule(rule, format!("completing after ENOMEM with {failing}: {e}")))?;
         }
         // Every page is now there iff allocating the range again allocates nothing.
-        let again = gmem.allocate_failing_nth(&fault, 1, 0, len)?;
+        let again = gmem.allocate_failing(&fault, Failing::Nth(1), 0, len)?;
         ensure!(
             !again.injected && again.outcome.is_ok(),
             rule,
-            "after the fallocate armed at {n} reported success, the same fallocate still allocated ({:?})",
+            "after the fallocate with {failing} reported success, the same fallocate still allocated ({:?})",
             again.outcome
         );
         Ok(injected)
@@ -120,13 +129,13 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
     let fault = NthFault::for_this_thread()?;
     let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
     let rule = "a guest_memfd memslot fails with ENOMEM leaving its range unbound, or is created whole";
-    let points = at_every_allocation(LIMIT, |n| {
+    let points = at_every_allocation(LIMIT, |failing| {
         let region = region(&gmem)?;
-        let (attempt, injected) = judge(rule, n, vm.set_region_failing_nth(&fault, n, &region)?)?;
+        let (attempt, injected) = judge(rule, failing, vm.set_region_failing(&fault, failing, &region)?)?;
         if let Attempt::Enomem = attempt {
             // A binding left behind by the failed call would refuse this.
             vm.set_region(&region)
-                .map_err(|e| Error::rule(rule, format!("binding again after failing at {n}: {e}")))?;
+                .map_err(|e| Error::rule(rule, format!("binding again after ENOMEM with {failing}: {e}")))?;
         }
         vm.delete_slot(SLOT)?;
         Ok(injected)
@@ -154,8 +163,8 @@ fn agent_with_private_slot(kvm: &Arc<Kvm>, size: u64) -> Result<(Vm, Agent)> {
 }
 
 /// What the guest reads at the first and the last page of the range.
-fn ends(agent: &mut Agent) -> Result<[u64; 2]> {
-    Ok([agent.read(GPA)?, agent.read(GPA + (PAGES - 1) * page_size())?])
+fn ends(agent: &mut Agent) -> Result<[Hex; 2]> {
+    Ok([Hex(agent.read(GPA)?), Hex(agent.read(GPA + (PAGES - 1) * page_size())?)])
 }
 
 fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
@@ -164,14 +173,20 @@ fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> 
     let fault = NthFault::for_this_thread()?;
     let (len, private) = (PAGES * page_size(), u64::from(kvm_harness::bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE));
     let rule = "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) fails with ENOMEM changing no page, or converts every page";
-    let points = at_every_allocation(LIMIT, |n| {
-        let (attempt, injected) = judge(rule, n, vm.set_memory_attributes_failing_nth(&fault, n, GPA, len, private)?)?;
+    let points = at_every_allocation(LIMIT, |failing| {
+        let (attempt, injected) =
+            judge(rule, failing, vm.set_memory_attributes_failing(&fault, failing, GPA, len, private)?)?;
         let (expected, when) = match attempt {
-            Attempt::Enomem => ([SHARED_MARK; 2], "failing"),
-            Attempt::Done(()) => ([0; 2], "success, armed"),
+            Attempt::Enomem => ([Hex(SHARED_MARK); 2], "ENOMEM"),
+            Attempt::Done(()) => ([Hex(0); 2], "success"),
         };
         let seen = ends(&mut agent)?;
-        expect_eq(rule, format_args!("guest reads of the first/last page after {when} at {n}"), seen, expected)?;
+        expect_eq(
+            rule,
+            format_args!("guest reads of the first/last page after {when} with {failing}"),
+            seen,
+            expected,
+        )?;
         vm.make_shared(GPA, len)?;
         Ok(injected)
     })?;
@@ -179,35 +194,33 @@ fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> 
     Ok(())
 }
 
-/// One private read of the never-allocated page `gpa` with allocation `n`
-/// failing; `Ok(injected)`.
-fn private_read_with_nth_failure(agent: &mut Agent, fault: &NthFault, n: u32, gpa: u64) -> Result<bool> {
+/// One private read of the never-allocated page `gpa` with `failing`
+/// allocations failing; `Ok(injected)`.
+fn private_read_failing(agent: &mut Agent, fault: &NthFault, failing: Failing, gpa: u64) -> Result<bool> {
     let rule = format!(
         "a private read of {gpa:#x} whose allocation fails returns ENOMEM (any memory-fault exit naming the page), \
          then reads zeroes"
     );
     agent.submit(Op::Read { gpa })?;
-    let call = agent.vcpu().run_failing_nth(fault, n)?;
+    let call = agent.vcpu().run_failing(fault, failing)?;
     let value = match call.outcome {
         (None, exit) => agent.ready_from_exit(exit, "the private read")?,
-        (Some(Errno::ENOMEM), exit) if call.injected => {
+        (Some(Errno::ENOMEM), exit) if call.failures > 0 => {
             let page = Exit::MemoryFault {
                 flags: u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                 gpa,
                 size: page_size(),
                 errno: Some(Errno::ENOMEM),
             };
-            ensure!(!matches!(exit, Exit::MemoryFault { .. }) || exit == page, &rule, "failing at {n}: {exit:x?}");
+            ensure!(!matches!(exit, Exit::MemoryFault { .. }) || exit == page, &rule, "with {failing}: {exit:x?}");
             agent.wait_ready("the private read, retried")?
         }
         (errno, exit) => {
-            return Err(Error::rule(
-                &rule,
-                format!("failing at {n} (injected: {}): {errno:?}, {exit:x?}", call.injected),
-            ))
+            let failed = call.failures;
+            return Err(Error::rule(&rule, format!("with {failing} ({failed} failed): {errno:?}, {exit:x?}")));
         }
     };
-    expect_eq(&rule, format_args!("value read (armed at {n})"), value, 0)?;
+    expect_eq(&rule, format_args!("value read after {failing}"), value, 0)?;
     Ok(call.injected)
 }
 
@@ -215,12 +228,14 @@ fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()>
     let _alone = alone();
     // Each attempt reads the first page of a 2 MiB region no earlier one
     // touched, so it meets the guest_memfd folio and page-table allocations.
-    let regions = 32;
+    let regions = 64;
     let (vm, mut agent) = agent_with_private_slot(kvm, regions * HUGE_PAGE)?;
     vm.make_private(GPA, regions * HUGE_PAGE)?;
     let fault = NthFault::for_this_thread()?;
-    let points = at_every_allocation(regions as u32, |n| {
-        private_read_with_nth_failure(&mut agent, &fault, n, GPA + u64::from(n - 1) * HUGE_PAGE)
+    let mut next = 0;
+    let points = at_every_allocation(regions as u32 / 2, |failing| {
+        next += 1;
+        private_read_failing(&mut agent, &fault, failing, GPA + (next - 1) * HUGE_PAGE)
     })?;
     ensure!(points > 0, "a private fault allocates", "the read reached no allocation: fail-nth injected nothing");
     Ok(())

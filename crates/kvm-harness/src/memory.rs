@@ -390,19 +390,19 @@ impl GuestMemfd {
         self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
-    /// [`Self::allocate`] with this thread's `n`th allocation failing.
-    pub fn allocate_failing_nth(
+    /// [`Self::allocate`] with `failing` allocations failing.
+    pub fn allocate_failing(
         &self,
         fault: &crate::fault_injection::NthFault,
-        n: u32,
+        failing: crate::fault_injection::Failing,
         offset: u64,
         len: u64,
     ) -> Result<crate::fault_injection::Injected<Result<()>>> {
         let flags = FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        let call = fault.around(n, || fallocate(&self.fd, flags, offset as libc::off_t, len as libc::off_t))?;
+        let call = fault.around(failing, || fallocate(&self.fd, flags, offset as libc::off_t, len as libc::off_t))?;
         let outcome =
             call.outcome.sys(|| format!("fallocate(guest_memfd, KEEP_SIZE, offset {offset:#x}, len {len:#x})"));
-        Ok(crate::fault_injection::Injected { outcome, injected: call.injected })
+        Ok(crate::fault_injection::Injected { outcome, injected: call.injected, failures: call.failures })
     }
 
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: free `[offset, offset + len)`.

@@ -11,7 +11,7 @@ use kvm_bindings::kvm_regs;
 use nix::errno::Errno;
 
 use crate::error::{Error, Result, SysResult};
-use crate::fault_injection::{Injected, NthFault};
+use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::memory::HostMemory;
 use crate::vm::Region;
 use crate::{uapi, watchdog};
@@ -336,13 +336,13 @@ impl Vcpu {
         }
     }
 
-    /// One `KVM_RUN` with this thread's `n`th allocation failing. Returns
+    /// One `KVM_RUN` with `failing` allocations failing. Returns
     /// the errno (`None` on success) and the exit `kvm_run` holds, which is
     /// stale after errors other than a memory fault.
-    pub fn run_failing_nth(&mut self, fault: &NthFault, n: u32) -> Result<Injected<(Option<Errno>, Exit)>> {
+    pub fn run_failing(&mut self, fault: &NthFault, failing: Failing) -> Result<Injected<(Option<Errno>, Exit)>> {
         let (call, fired) = self.under_watchdog(self.timeout, |vcpu| {
             let fd = vcpu.fd.as_raw_fd();
-            fault.around(n, || {
+            fault.around(failing, || {
                 // SAFETY: as in `run`: KVM_RUN takes no argument.
                 let ret = unsafe { libc::ioctl(fd, uapi::KVM_RUN as _, 0) };
                 (ret, Errno::last())
@@ -355,7 +355,7 @@ impl Vcpu {
         }
         let errno = (ret < 0).then_some(errno);
         let exit = self.decode_exit(errno);
-        Ok(Injected { outcome: (errno, exit), injected: call.injected })
+        Ok(Injected { outcome: (errno, exit), injected: call.injected, failures: call.failures })
     }
 
     fn timeout_error(&self) -> Error {

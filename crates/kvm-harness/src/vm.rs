@@ -13,7 +13,7 @@ use kvm_bindings::{
 };
 
 use crate::error::{Error, Result, SysResult};
-use crate::fault_injection::{Injected, NthFault};
+use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::kvm::{Cap, Kvm, VmType};
 use crate::memory::{GuestMemfd, HostMemory};
 use crate::vcpu::Vcpu;
@@ -321,52 +321,57 @@ impl Vm {
         Ok(())
     }
 
-    /// [`Self::set_region`] with this thread's `n`th allocation failing.
-    pub fn set_region_failing_nth(&self, fault: &NthFault, n: u32, region: &Region) -> Result<Injected<Result<()>>> {
+    /// [`Self::set_region`] with `failing` allocations failing.
+    pub fn set_region_failing(
+        &self,
+        fault: &NthFault,
+        failing: Failing,
+        region: &Region,
+    ) -> Result<Injected<Result<()>>> {
         let raw = region.raw()?;
         // SAFETY: as in `install`: the slot table keeps the backing alive
         // once the kernel accepts the slot (recorded below).
-        let call = fault.around(n, || unsafe { self.fd.set_user_memory_region2(raw) })?;
+        let call = fault.around(failing, || unsafe { self.fd.set_user_memory_region2(raw) })?;
         let outcome = call.outcome.sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe()));
         if outcome.is_ok() {
             self.record(region);
         }
-        Ok(Injected { outcome, injected: call.injected })
+        Ok(Injected { outcome, injected: call.injected, failures: call.failures })
     }
 
-    /// [`Self::create_guest_memfd`] with this thread's `n`th allocation failing.
-    pub fn create_guest_memfd_failing_nth(
+    /// [`Self::create_guest_memfd`] with `failing` allocations failing.
+    pub fn create_guest_memfd_failing(
         &self,
         fault: &NthFault,
-        n: u32,
+        failing: Failing,
         size: u64,
         flags: u64,
     ) -> Result<Injected<Result<GuestMemfd>>> {
         let request = kvm_create_guest_memfd { size, flags, ..Default::default() };
-        let call = fault.around(n, || self.fd.create_guest_memfd(request))?;
+        let call = fault.around(failing, || self.fd.create_guest_memfd(request))?;
         let outcome =
             call.outcome.sys(|| format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})")).map(|fd| {
                 // SAFETY: the kernel just returned this fd to us and nothing else owns it.
                 GuestMemfd::new(unsafe { OwnedFd::from_raw_fd(fd) }, size, flags)
             });
-        Ok(Injected { outcome, injected: call.injected })
+        Ok(Injected { outcome, injected: call.injected, failures: call.failures })
     }
 
-    /// [`Self::set_memory_attributes`] with this thread's `n`th allocation failing.
-    pub fn set_memory_attributes_failing_nth(
+    /// [`Self::set_memory_attributes`] with `failing` allocations failing.
+    pub fn set_memory_attributes_failing(
         &self,
         fault: &NthFault,
-        n: u32,
+        failing: Failing,
         gpa: u64,
         size: u64,
         attributes: u64,
     ) -> Result<Injected<Result<()>>> {
         let request = kvm_memory_attributes { address: gpa, size, attributes, flags: 0 };
-        let call = fault.around(n, || self.fd.set_memory_attributes(request))?;
+        let call = fault.around(failing, || self.fd.set_memory_attributes(request))?;
         let outcome = call
             .outcome
             .sys(|| format!("KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x})"));
-        Ok(Injected { outcome, injected: call.injected })
+        Ok(Injected { outcome, injected: call.injected, failures: call.failures })
     }
 
     /// Adds a slot of fresh anonymous memory; returns the host view of it.
