@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use kvm_harness::fault_injection::{self, at_every_allocation, Failing, NthFault};
-use kvm_harness::kernel_rules::Hex;
+use kvm_harness::kernel_rules::{ForRunningKernel, Hex, GMEM_BINDING_OVERLAP};
 use kvm_harness::{
-    ensure, expect_eq, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op, Region, Result,
-    Suite, Vm, VmType,
+    ensure, expect_eq, expect_errno, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op,
+    Region, Result, Suite, Vm, VmType,
 };
 use kvm_selftests::SLOT_SIZE;
 
@@ -62,15 +62,15 @@ enum Attempt<T> {
 }
 
 /// ENOMEM after an injected failure, or success, are the only acceptable
-/// outcomes; also returns whether every armed failure happened.
+/// outcomes; also returns whether the failure was injected.
 fn judge<T>(rule: &str, failing: Failing, call: fault_injection::Injected<Result<T>>) -> Result<(Attempt<T>, bool)> {
     match call.outcome {
         Ok(value) => Ok((Attempt::Done(value), call.injected)),
-        Err(e) if call.failures > 0 && e.errno() == Some(Errno::ENOMEM) => Ok((Attempt::Enomem, call.injected)),
-        Err(e) => Err(Error::rule(
-            rule,
-            format!("with {failing} ({} failed): expected ENOMEM or success, got {e}", call.failures),
-        )),
+        Err(e) if call.injected && e.errno() == Some(Errno::ENOMEM) => Ok((Attempt::Enomem, true)),
+        Err(e) if call.injected => {
+            Err(Error::rule(rule, format!("with {failing}: expected ENOMEM or success, got {e}")))
+        }
+        Err(e) => Err(Error::rule(rule, format!("with no allocation failing ({failing} not reached): {e}"))),
     }
 }
 
@@ -137,6 +137,7 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
             vm.set_region(&region)
                 .map_err(|e| Error::rule(rule, format!("binding again after ENOMEM with {failing}: {e}")))?;
         }
+        binding_is_in_place(&vm, &gmem, failing)?;
         vm.delete_slot(SLOT)?;
         Ok(injected)
     })?;
@@ -146,6 +147,19 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
 
 /// Slot [`SLOT`] at [`GPA`] over all of `gmem`; the first [`PAGES`] pages of
 /// its shared backing hold [`SHARED_MARK`].
+/// The memslot at [`GPA`] binds all of `gmem`: a second memslot binding the
+/// same range is refused with the running kernel's errno.
+fn binding_is_in_place(vm: &Vm, gmem: &Arc<GuestMemfd>, failing: Failing) -> Result<()> {
+    let expected = GMEM_BINDING_OVERLAP.expected()?;
+    let memory = Arc::new(kvm_harness::HostMemory::anonymous(gmem.size())?);
+    let second = Region::new(SLOT + 1, GPA + gmem.size(), memory).with_guest_memfd(GmemBinding::Memfd(gmem.clone()), 0);
+    let rule = format!(
+        "the guest_memfd memslot created with {failing} binds its range: a second binding of it is refused; {}",
+        expected.why
+    );
+    expect_errno(&rule, Errno::from_raw(expected.outcome.raw()), || vm.set_region(&second))
+}
+
 fn region(gmem: &Arc<GuestMemfd>) -> Result<Region> {
     let memory = Arc::new(kvm_harness::HostMemory::anonymous(gmem.size())?);
     memory.fill_u64(0, PAGES * page_size(), SHARED_MARK);
@@ -205,7 +219,7 @@ fn private_read_failing(agent: &mut Agent, fault: &NthFault, failing: Failing, g
     let call = agent.vcpu().run_failing(fault, failing)?;
     let value = match call.outcome {
         (None, exit) => agent.ready_from_exit(exit, "the private read")?,
-        (Some(Errno::ENOMEM), exit) if call.failures > 0 => {
+        (Some(Errno::ENOMEM), exit) if call.injected => {
             let page = Exit::MemoryFault {
                 flags: u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                 gpa,
@@ -216,8 +230,8 @@ fn private_read_failing(agent: &mut Agent, fault: &NthFault, failing: Failing, g
             agent.wait_ready("the private read, retried")?
         }
         (errno, exit) => {
-            let failed = call.failures;
-            return Err(Error::rule(&rule, format!("with {failing} ({failed} failed): {errno:?}, {exit:x?}")));
+            let reached = call.injected;
+            return Err(Error::rule(&rule, format!("with {failing} (reached: {reached}): {errno:?}, {exit:x?}")));
         }
     };
     expect_eq(&rule, format_args!("value read after {failing}"), value, 0)?;

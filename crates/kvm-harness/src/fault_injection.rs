@@ -72,11 +72,8 @@ fn configure() -> Result<()> {
 pub struct Injected<T> {
     /// What the call returned.
     pub outcome: T,
-    /// Whether every armed failure happened (for [`Failing::Nth`]: the call
-    /// reached the Nth allocation).
+    /// Whether the call reached the Nth allocation (which then failed).
     pub injected: bool,
-    /// How many allocations failed.
-    pub failures: u32,
 }
 
 /// Which allocations of the call fail.
@@ -84,15 +81,22 @@ pub struct Injected<T> {
 pub enum Failing {
     /// The `n`th slab or page allocation (fail-nth), counted from 1.
     Nth(u32),
-    /// The first `k` slab allocations, one after the other.
-    FirstSlab(u32),
+    /// The `nth` allocation and the `then` slab allocations right after it:
+    /// reaches what one failure cannot, an allocation whose failure the
+    /// kernel retries (the xarray's `GFP_NOWAIT` try, then a sleeping one).
+    Run {
+        /// Where the run starts, counted from 1.
+        nth: u32,
+        /// How many slab allocations after it fail too.
+        then: u32,
+    },
 }
 
 impl std::fmt::Display for Failing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Nth(n) => write!(f, "allocation {n} failing"),
-            Self::FirstSlab(k) => write!(f, "the first {k} slab allocations failing"),
+            Self::Run { nth, then } => write!(f, "allocation {nth} and the {then} slab allocations after it failing"),
         }
     }
 }
@@ -124,63 +128,51 @@ impl NthFault {
     /// Runs `syscall` with `failing` armed, and disarms it afterwards.
     ///
     /// `syscall` must make exactly one system call and must not allocate.
+    /// The run after the Nth allocation comes from failslab's `times` at
+    /// probability 100, limited to this thread by `task-filter` and
+    /// `make-it-fail`: while fail-nth counts down, the kernel skips those
+    /// checks, so the run starts exactly after the Nth allocation.
     pub(crate) fn around<R>(&self, failing: Failing, syscall: impl FnOnce() -> R) -> Result<Injected<R>> {
-        match failing {
-            Failing::Nth(n) => self.around_nth(n, syscall),
-            Failing::FirstSlab(k) => self.around_first_slab(k, syscall),
-        }
-    }
-
-    /// Runs `syscall` with this thread's `n`th allocation armed to fail,
-    /// and disarms it afterwards if the syscall did not reach it.
-    fn around_nth<R>(&self, n: u32, syscall: impl FnOnce() -> R) -> Result<Injected<R>> {
-        let mut digits = [0u8; 10];
-        let text = decimal(n, &mut digits);
-        self.file.write_at(text, 0).map_err(|e| Error::Misuse(format!("arming {FAIL_NTH} with {n}: {e}")))?;
-        let outcome = syscall();
-        let mut back = [0u8; 16];
-        let len = self.file.read_at(&mut back, 0).map_err(|e| Error::Misuse(format!("reading {FAIL_NTH}: {e}")))?;
-        let left = std::str::from_utf8(&back[..len]).ok().and_then(|s| s.trim().parse::<u32>().ok());
-        match left {
-            Some(0) => Ok(Injected { outcome, injected: true, failures: 1 }),
-            Some(_) => {
-                self.file.write_at(b"0", 0).map_err(|e| Error::Misuse(format!("disarming {FAIL_NTH}: {e}")))?;
-                Ok(Injected { outcome, injected: false, failures: 0 })
+        let (n, then) = match failing {
+            Failing::Nth(n) => (n, 0),
+            Failing::Run { nth, then } => (nth, then),
+        };
+        if then > 0 {
+            // The filter first: with it off, probability 100 would fail every task.
+            // A slab Nth allocation also takes one of failslab's `times`.
+            let times = (then + 1).to_string();
+            for (knob, value) in [("task-filter", "Y"), ("interval", "1"), ("times", &times)] {
+                slab_knob(knob, value)?;
             }
-            None => Err(Error::Misuse(format!("{FAIL_NTH} read back {:?}", &back[..len]))),
+            slab_knob("probability", "100")?;
         }
+        let mut digits = [0u8; 10];
+        let armed = self.file.write_at(decimal(n, &mut digits), 0);
+        let filtered = if then > 0 { self.make_it_fail.write_at(b"1", 0) } else { Ok(1) };
+        let outcome = (armed.is_ok() && filtered.is_ok()).then(syscall);
+        let unfiltered = if then > 0 { self.make_it_fail.write_at(b"0", 0) } else { Ok(1) };
+        let mut back = [0u8; 16];
+        let read = self.file.read_at(&mut back, 0);
+        let disarmed = self.file.write_at(b"0", 0);
+        if then > 0 {
+            slab_knob("probability", "0")?;
+        }
+        armed
+            .and(filtered)
+            .and(unfiltered)
+            .and(disarmed)
+            .map_err(|e| Error::Misuse(format!("fault injection: {e}")))?;
+        let len = read.map_err(|e| Error::Misuse(format!("reading {FAIL_NTH}: {e}")))?;
+        let left = std::str::from_utf8(&back[..len]).ok().and_then(|s| s.trim().parse::<u32>().ok());
+        let reached = left.ok_or_else(|| Error::Misuse(format!("{FAIL_NTH} read back {:?}", &back[..len])))? == 0;
+        let outcome = outcome.ok_or_else(|| Error::Misuse("fault injection was not armed".into()))?;
+        Ok(Injected { outcome, injected: reached })
     }
 }
 
-impl NthFault {
-    /// Runs `syscall` with this thread's first `k` slab allocations failing,
-    /// one after the other (failslab's `times`, limited to this thread by
-    /// `task-filter` and `make-it-fail`). Reaches what one failure cannot:
-    /// an allocation whose failure the kernel retries (the xarray's
-    /// `GFP_NOWAIT` try, then its sleeping one). `injected` says whether all
-    /// `k` failures were used; the syscall rules are those of [`Self::around`].
-    fn around_first_slab<R>(&self, k: u32, syscall: impl FnOnce() -> R) -> Result<Injected<R>> {
-        let knob = |name: &str, value: &str| {
-            let path = Path::new(DEBUGFS).join("failslab").join(name);
-            std::fs::write(&path, value)
-                .map_err(|e| Error::Misuse(format!("writing {value} to {}: {e}", path.display())))
-        };
-        // The filter first: with it off, probability 100 would fail every task.
-        knob("task-filter", "Y")?;
-        knob("interval", "1")?;
-        knob("times", &k.to_string())?;
-        knob("probability", "100")?;
-        let armed = self.make_it_fail.write_at(b"1", 0);
-        let outcome = armed.is_ok().then(syscall);
-        let disarmed = self.make_it_fail.write_at(b"0", 0);
-        knob("probability", "0")?;
-        armed.and(disarmed).map_err(|e| Error::Misuse(format!("writing {MAKE_IT_FAIL}: {e}")))?;
-        let left = std::fs::read_to_string(Path::new(DEBUGFS).join("failslab/times"))
-            .map_err(|e| Error::Misuse(format!("reading failslab/times: {e}")))?;
-        let left: u32 = left.trim().parse().map_err(|_| Error::Misuse(format!("failslab/times reads {left:?}")))?;
-        let outcome = outcome.ok_or_else(|| Error::Misuse("make-it-fail was not armed".into()))?;
-        Ok(Injected { outcome, injected: left == 0, failures: k.saturating_sub(left) })
-    }
+fn slab_knob(name: &str, value: &str) -> Result<()> {
+    let path = Path::new(DEBUGFS).join("failslab").join(name);
+    std::fs::write(&path, value).map_err(|e| Error::Misuse(format!("writing {value} to {}: {e}", path.display())))
 }
 
 /// `n` in decimal, without allocating.
@@ -198,10 +190,10 @@ fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
 
 /// Drives `attempt` through every allocation failure of one call: with
 /// [`Failing::Nth`] for n = 1, 2, ... until an attempt reaches no Nth
-/// allocation (its `Ok(false)`), then with [`Failing::FirstSlab`] for
-/// k = 1, 2, ... until the call no longer meets k failing allocations in a
-/// row. Returns how many allocations the call made. More than `limit`
-/// attempts in either walk is an error: the call never completed.
+/// allocation (its `Ok(false)`), then the same with two failures in a row
+/// ([`Failing::Run`] of one more). Returns how many allocations the call
+/// made. More than `limit` attempts in either walk is an error: the call
+/// never completed.
 pub fn at_every_allocation(limit: u32, mut attempt: impl FnMut(Failing) -> Result<bool>) -> Result<u32> {
     let walk = |failing: fn(u32) -> Failing, attempt: &mut dyn FnMut(Failing) -> Result<bool>| {
         for n in 1..=limit {
@@ -212,7 +204,7 @@ pub fn at_every_allocation(limit: u32, mut attempt: impl FnMut(Failing) -> Resul
         Err(Error::Misuse(format!("the call still met {} after {limit} attempts: no end to inject at", failing(limit))))
     };
     let points = walk(Failing::Nth, &mut attempt)?;
-    walk(Failing::FirstSlab, &mut attempt)?;
+    walk(|nth| Failing::Run { nth, then: 1 }, &mut attempt)?;
     Ok(points)
 }
 
@@ -234,11 +226,11 @@ mod tests {
         let mut seen = Vec::new();
         let points = at_every_allocation(10, |f| {
             seen.push(f);
-            Ok(matches!(f, Failing::Nth(n) if n < 3) || f == Failing::FirstSlab(1))
+            Ok(matches!(f, Failing::Nth(n) if n < 3) || f == Failing::Run { nth: 1, then: 1 })
         });
         assert_eq!(points.unwrap(), 2);
-        let expected =
-            [Failing::Nth(1), Failing::Nth(2), Failing::Nth(3), Failing::FirstSlab(1), Failing::FirstSlab(2)];
+        let run = |nth| Failing::Run { nth, then: 1 };
+        let expected = [Failing::Nth(1), Failing::Nth(2), Failing::Nth(3), run(1), run(2)];
         assert_eq!(seen, expected);
         assert!(at_every_allocation(3, |_| Ok(true)).is_err());
     }

@@ -402,7 +402,7 @@ impl GuestMemfd {
         let call = fault.around(failing, || fallocate(&self.fd, flags, offset as libc::off_t, len as libc::off_t))?;
         let outcome =
             call.outcome.sys(|| format!("fallocate(guest_memfd, KEEP_SIZE, offset {offset:#x}, len {len:#x})"));
-        Ok(crate::fault_injection::Injected { outcome, injected: call.injected, failures: call.failures })
+        Ok(crate::fault_injection::Injected { outcome, injected: call.injected })
     }
 
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: free `[offset, offset + len)`.

@@ -355,7 +355,7 @@ impl Vcpu {
         }
         let errno = (ret < 0).then_some(errno);
         let exit = self.decode_exit(errno);
-        Ok(Injected { outcome: (errno, exit), injected: call.injected, failures: call.failures })
+        Ok(Injected { outcome: (errno, exit), injected: call.injected })
     }
 
     fn timeout_error(&self) -> Error {

@@ -336,7 +336,7 @@ impl Vm {
         if outcome.is_ok() {
             self.record(region);
         }
-        Ok(Injected { outcome, injected: call.injected, failures: call.failures })
+        Ok(Injected { outcome, injected: call.injected })
     }
 
     /// [`Self::create_guest_memfd`] with `failing` allocations failing.
@@ -354,7 +354,7 @@ impl Vm {
                 // SAFETY: the kernel just returned this fd to us and nothing else owns it.
                 GuestMemfd::new(unsafe { OwnedFd::from_raw_fd(fd) }, size, flags)
             });
-        Ok(Injected { outcome, injected: call.injected, failures: call.failures })
+        Ok(Injected { outcome, injected: call.injected })
     }
 
     /// [`Self::set_memory_attributes`] with `failing` allocations failing.
@@ -371,7 +371,7 @@ impl Vm {
         let outcome = call
             .outcome
             .sys(|| format!("KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x})"));
-        Ok(Injected { outcome, injected: call.injected, failures: call.failures })
+        Ok(Injected { outcome, injected: call.injected })
     }
 
     /// Adds a slot of fresh anonymous memory; returns the host view of it.
