@@ -3,7 +3,10 @@
 //!
 //! Each scenario repeats one call with its 1st, 2nd, ... allocation failing
 //! (`/proc/thread-self/fail-nth`, see `kvm_harness::fault_injection`) until
-//! the call reaches no more allocations. After each failure it checks the
+//! the call reaches no more allocations, then again with each allocation and
+//! the slab allocation after it failing (the xarray retries a failed
+//! `GFP_NOWAIT` allocation, so one failure never reaches its error paths).
+//! After each failure it checks the
 //! state the call must not have changed, then that the call succeeds; an
 //! injected failure the kernel absorbs must still give a complete result.
 //! These are the error paths of `__kvm_gmem_create()`, `kvm_gmem_allocate()`,

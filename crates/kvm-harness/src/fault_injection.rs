@@ -7,7 +7,7 @@
 //! Only the one raw syscall under test may run while a fault is armed: any
 //! other syscall (a `brk` from the allocator, a `write` of a message) could
 //! take the fault instead. So the armed window is never handed to tests;
-//! the harness's `*_failing_nth` operations build their request first, arm,
+//! the harness's `*_failing` operations build their request first, arm,
 //! make the syscall, disarm, and only then interpret the result.
 
 use std::fs::{File, OpenOptions};
@@ -81,9 +81,11 @@ pub struct Injected<T> {
 pub enum Failing {
     /// The `n`th slab or page allocation (fail-nth), counted from 1.
     Nth(u32),
-    /// The `nth` allocation and the `then` slab allocations right after it:
-    /// reaches what one failure cannot, an allocation whose failure the
-    /// kernel retries (the xarray's `GFP_NOWAIT` try, then a sleeping one).
+    /// The `nth` allocation and the `then` slab allocations right after it
+    /// (one more when the Nth is a page allocation: failslab's budget of
+    /// `then + 1` is then untouched by it). Reaches what one failure cannot,
+    /// an allocation whose failure the kernel retries (the xarray's
+    /// `GFP_NOWAIT` try, then a sleeping one).
     Run {
         /// Where the run starts, counted from 1.
         nth: u32,
