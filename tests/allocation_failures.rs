@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
@@ -39,13 +39,6 @@ const GPA: u64 = layout::TEST_AREA_GPA;
 /// What the host writes into the shared backing, so a guest read tells a
 /// shared page (this value) from a private one (guest_memfd's zeroes).
 const SHARED_MARK: u64 = 0x5a5a_5a5a_0000_0001;
-
-/// The scenarios count this process's fds; one at a time keeps that count
-/// theirs (every test of this binary holds the lock).
-fn alone() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The fd table as the scenarios compare it: how many fds are open, and the
 /// lowest free number (an fd reserved but never installed shows only there).
@@ -78,7 +71,6 @@ fn judge<T>(rule: &str, failing: Failing, call: fault_injection::Injected<Result
 }
 
 fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
-    let _alone = alone();
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
     let fds = fd_table()?;
@@ -98,8 +90,31 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
     Ok(())
 }
 
+fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let fault = NthFault::for_this_thread()?;
+    let fds = fd_table()?;
+    let rule =
+        "KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM) fails with ENOMEM leaving no fd, or returns a VM with private memory";
+    let points = at_every_allocation(LIMIT, |failing| {
+        let (attempt, injected) = judge(rule, failing, Vm::bare_failing(kvm, &fault, failing, VmType::SwProtected)?)?;
+        match attempt {
+            Attempt::Enomem => {
+                let what = format_args!("(open fds, lowest free fd) after ENOMEM with {failing}");
+                expect_eq(rule, what, fd_table()?, fds)?;
+            }
+            Attempt::Done(vm) => {
+                let gmem = vm.create_guest_memfd(SLOT_SIZE, 0)?;
+                vm.set_region(&region(&Arc::new(gmem))?)?;
+                vm.make_private(GPA, SLOT_SIZE)?;
+            }
+        }
+        Ok(injected)
+    })?;
+    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
+    Ok(())
+}
+
 fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
-    let _alone = alone();
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
     let len = PAGES * page_size();
@@ -127,7 +142,6 @@ fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
 }
 
 fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
-    let _alone = alone();
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
     let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
@@ -150,6 +164,47 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
 
 /// Slot [`SLOT`] at [`GPA`] over all of `gmem`; the first [`PAGES`] pages of
 /// its shared backing hold [`SHARED_MARK`].
+/// What the guest reads at `gpa`: `Some(value)`, or `None` when the read
+/// exits as MMIO (no memslot there; the host completes it with zeroes).
+fn guest_read(agent: &mut Agent, gpa: u64) -> Result<Option<Hex>> {
+    agent.submit(Op::Read { gpa })?;
+    match agent.vcpu().run()? {
+        Exit::Mmio { gpa: at, is_write: false, .. } if at == gpa => {
+            agent.vcpu().complete_mmio_read(&[0; 8])?;
+            agent.wait_ready("the read completed as MMIO").map(|_| None)
+        }
+        exit => agent.ready_from_exit(exit, "a read").map(|value| Some(Hex(value))),
+    }
+}
+
+/// Deleting, then moving, a memslot the guest reads, with each allocation
+/// failing in turn: ENOMEM must leave the memslot where it was.
+fn memslot_delete_and_move_fail_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+    let memory = Arc::new(kvm_harness::HostMemory::anonymous(SLOT_SIZE)?);
+    memory.write_u64(0, SHARED_MARK);
+    let (home, away) = (Region::new(SLOT, GPA, memory.clone()), Region::new(SLOT, GPA + SLOT_SIZE, memory));
+    vm.set_region(&home)?;
+    let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+    let fault = NthFault::for_this_thread()?;
+    for (change, target, moves) in [("deleting", home.deletion(), false), ("moving", away.clone(), true)] {
+        let rule = format!("{change} a memslot fails with ENOMEM leaving it in place, or completes");
+        at_every_allocation(LIMIT, |failing| {
+            let (attempt, injected) = judge(&rule, failing, vm.set_region_failing(&fault, failing, &target)?)?;
+            let expected = match attempt {
+                Attempt::Enomem => [Some(Hex(SHARED_MARK)), None],
+                Attempt::Done(()) => [None, moves.then_some(Hex(SHARED_MARK))],
+            };
+            let seen = [guest_read(&mut agent, GPA)?, guest_read(&mut agent, away.gpa)?];
+            let what = format_args!("guest reads at {GPA:#x} and {:#x} after {change} with {failing}", away.gpa);
+            expect_eq(&rule, what, seen, expected)?;
+            vm.set_region(&home)?;
+            Ok(injected)
+        })?;
+    }
+    Ok(())
+}
+
 /// The memslot at [`GPA`] binds all of `gmem`: a second memslot binding the
 /// same range is refused with the running kernel's errno.
 fn binding_is_in_place(vm: &Vm, gmem: &Arc<GuestMemfd>, failing: Failing) -> Result<()> {
@@ -185,7 +240,6 @@ fn ends(agent: &mut Agent) -> Result<[Hex; 2]> {
 }
 
 fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
-    let _alone = alone();
     let (vm, mut agent) = agent_with_private_slot(kvm, SLOT_SIZE)?;
     let fault = NthFault::for_this_thread()?;
     let (len, private) = (PAGES * page_size(), u64::from(kvm_harness::bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE));
@@ -242,7 +296,6 @@ fn private_read_failing(agent: &mut Agent, fault: &NthFault, failing: Failing, g
 }
 
 fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
-    let _alone = alone();
     // Each attempt reads the first page of a 2 MiB region no earlier one
     // touched, so it meets the guest_memfd folio and page-table allocations.
     let regions = 64;
@@ -260,10 +313,14 @@ fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()>
 
 fn main() -> ExitCode {
     let mut suite = Suite::new("allocation_failures");
+    // The scenarios compare the process's fd table before and after a call.
+    suite.one_test_at_a_time();
     let needs = || {
         vec![Need::VmType(VmType::SwProtected), Need::Check(Box::new(|_: &Arc<Kvm>| fault_injection::availability()))]
     };
     kvm_harness::register!(suite, needs() =>
+        protected_vm_creation_fails_cleanly_at_every_allocation,
+        memslot_delete_and_move_fail_cleanly_at_every_allocation,
         guest_memfd_creation_fails_cleanly_at_every_allocation,
         guest_memfd_fallocate_fails_cleanly_at_every_allocation,
         guest_memfd_memslot_fails_cleanly_at_every_allocation,

@@ -8,6 +8,7 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use nix::errno::Errno;
 
 use crate::error::{Error, Result, SysResult};
+use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::uapi;
 
 /// A KVM capability, including those kvm-ioctls' `Cap` enum lacks.
@@ -172,6 +173,28 @@ impl Kvm {
     /// `KVM_CREATE_VM` with a raw type, returning the kernel's verdict.
     pub(crate) fn create_vm_fd(&self, vm_type: u64) -> Result<kvm_ioctls::VmFd> {
         self.fd.create_vm_with_type(vm_type).sys(|| format!("KVM_CREATE_VM(type {vm_type:#x})"))
+    }
+
+    /// [`Self::create_vm_fd`] with `failing` allocations failing.
+    pub(crate) fn create_vm_fd_failing(
+        &self,
+        fault: &NthFault,
+        failing: Failing,
+        vm_type: u64,
+    ) -> Result<Injected<Result<kvm_ioctls::VmFd>>> {
+        let system = self.fd.as_raw_fd();
+        let call = fault.around(failing, || {
+            // SAFETY: KVM_CREATE_VM takes the type as an integer argument.
+            let ret = unsafe { libc::ioctl(system, uapi::KVM_CREATE_VM as _, vm_type as libc::c_ulong) };
+            (ret, Errno::last())
+        })?;
+        let op = || format!("KVM_CREATE_VM(type {vm_type:#x})");
+        let outcome = match call.outcome {
+            (ret, errno) if ret < 0 => Err(Error::Sys { op: op(), errno }),
+            // SAFETY: the kernel just returned this VM fd to us and nothing else owns it.
+            (fd, _) => unsafe { self.fd.create_vmfd_from_rawfd(fd) }.sys(op),
+        };
+        Ok(Injected { outcome, injected: call.injected })
     }
 
     /// `KVM_CREATE_VM(vm_type)` when no fd can be installed (`RLIMIT_NOFILE`

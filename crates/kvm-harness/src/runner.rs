@@ -141,6 +141,14 @@ impl Suite {
         self.kvm.as_ref().ok()
     }
 
+    /// Runs the tests one after the other, whatever `--test-threads` says:
+    /// for a binary whose tests compare process-wide state (its fd table),
+    /// which another test, or the runner recording its result, would change
+    /// underneath them.
+    pub fn one_test_at_a_time(&mut self) {
+        self.args.test_threads = Some(1);
+    }
+
     /// Whether strict mode is on.
     pub fn strict(&self) -> bool {
         self.strict

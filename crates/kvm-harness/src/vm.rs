@@ -164,7 +164,25 @@ impl Vm {
 
     /// `KVM_CREATE_VM` with any type value, for the VM-type rules.
     pub fn with_raw_type(kvm: &Arc<Kvm>, vm_type: u64) -> Result<Self> {
-        let fd = kvm.create_vm_fd(vm_type)?;
+        Self::from_fd(kvm, kvm.create_vm_fd(vm_type)?)
+    }
+
+    /// [`Self::bare`] with `failing` allocations failing.
+    pub fn bare_failing(
+        kvm: &Arc<Kvm>,
+        fault: &NthFault,
+        failing: Failing,
+        vm_type: VmType,
+    ) -> Result<Injected<Result<Self>>> {
+        let call = kvm.create_vm_fd_failing(fault, failing, vm_type.raw())?;
+        let outcome = match call.outcome {
+            Ok(fd) => Ok(Self::from_fd(kvm, fd)?),
+            Err(e) => Err(e),
+        };
+        Ok(Injected { outcome, injected: call.injected })
+    }
+
+    fn from_fd(kvm: &Arc<Kvm>, fd: kvm_ioctls::VmFd) -> Result<Self> {
         Ok(Self {
             kvm: kvm.clone(),
             fd,
