@@ -114,6 +114,32 @@ fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
     Ok(())
 }
 
+fn protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+    let vm = Vm::bare(kvm, VmType::SwProtected)?;
+    let fault = NthFault::for_this_thread()?;
+    let rule = "KVM_CREATE_VCPU fails with ENOMEM leaving no fd and its id free, or returns a working vCPU";
+    // vCPUs live as long as their VM: each attempt takes the next id.
+    let mut id = 0;
+    let points = at_every_allocation(LIMIT, |failing| {
+        let fds = fd_table()?;
+        let (attempt, injected) = judge(rule, failing, vm.bare_vcpu_failing(&fault, failing, id)?)?;
+        let vcpu = match attempt {
+            Attempt::Enomem => {
+                let what = format_args!("(open fds, lowest free fd) after ENOMEM with {failing}");
+                expect_eq(rule, what, fd_table()?, fds)?;
+                // A vCPU left behind in the VM's array would refuse its id.
+                vm.bare_vcpu(id).map_err(|e| Error::rule(rule, format!("id {id} again after ENOMEM: {e}")))?
+            }
+            Attempt::Done(vcpu) => vcpu,
+        };
+        vcpu.regs().map_err(|e| Error::rule(rule, format!("vCPU {id} created with {failing}: {e}")))?;
+        id += 1;
+        Ok(injected)
+    })?;
+    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
+    Ok(())
+}
+
 fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
@@ -320,6 +346,7 @@ fn main() -> ExitCode {
     };
     kvm_harness::register!(suite, needs() =>
         protected_vm_creation_fails_cleanly_at_every_allocation,
+        protected_vm_vcpu_creation_fails_cleanly_at_every_allocation,
         memslot_delete_and_move_fail_cleanly_at_every_allocation,
         guest_memfd_creation_fails_cleanly_at_every_allocation,
         guest_memfd_fallocate_fails_cleanly_at_every_allocation,

@@ -48,6 +48,8 @@ pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
 pub const KVM_SET_NR_MMU_PAGES: u64 = ioc(0, 0x44, 0);
 /// `KVM_CREATE_VM`: `_IO(KVMIO, 0x01)`.
 pub const KVM_CREATE_VM: u64 = ioc(0, 0x01, 0);
+/// `KVM_CREATE_VCPU`: `_IO(KVMIO, 0x41)`.
+pub const KVM_CREATE_VCPU: u64 = ioc(0, 0x41, 0);
 /// `KVM_CREATE_GUEST_MEMFD`: `_IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)`.
 pub const KVM_CREATE_GUEST_MEMFD: u64 =
     ioc(IOC_READ | IOC_WRITE, 0xd4, size_of::<kvm_bindings::kvm_create_guest_memfd>());
@@ -64,6 +66,7 @@ mod tests {
         assert_eq!(KVM_SET_NR_MMU_PAGES, 0xAE44);
         assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
         assert_eq!(KVM_CREATE_VM, 0xAE01);
+        assert_eq!(KVM_CREATE_VCPU, 0xAE41);
         assert_eq!(KVM_CREATE_GUEST_MEMFD, 0xC040_AED4);
     }
 }

@@ -12,6 +12,8 @@ use kvm_bindings::{
     kvm_userspace_memory_region2, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
+use nix::errno::Errno;
+
 use crate::error::{Error, Result, SysResult};
 use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::kvm::{Cap, Kvm, VmType};
@@ -471,14 +473,36 @@ impl Vm {
     /// A vCPU with no state set up (for VMs without system memory).
     pub fn bare_vcpu(&self, id: u64) -> Result<Vcpu> {
         let fd = self.fd.create_vcpu(id).sys(|| format!("KVM_CREATE_VCPU({id})"))?;
-        Ok(Vcpu {
+        Ok(self.vcpu_from_fd(fd, id))
+    }
+
+    /// [`Self::bare_vcpu`] with `failing` allocations failing (in
+    /// `KVM_CREATE_VCPU` only, not in the `kvm_run` mapping after it).
+    pub fn bare_vcpu_failing(&self, fault: &NthFault, failing: Failing, id: u64) -> Result<Injected<Result<Vcpu>>> {
+        let vm = self.raw_fd();
+        let call = fault.around(failing, || {
+            // SAFETY: KVM_CREATE_VCPU takes the vCPU id as an integer argument.
+            let ret = unsafe { libc::ioctl(vm, uapi::KVM_CREATE_VCPU as _, id as libc::c_ulong) };
+            (ret, Errno::last())
+        })?;
+        let op = || format!("KVM_CREATE_VCPU({id})");
+        let outcome = match call.outcome {
+            (ret, errno) if ret < 0 => Err(Error::Sys { op: op(), errno }),
+            // SAFETY: the kernel just returned this vCPU fd to us and nothing else owns it.
+            (fd, _) => unsafe { self.fd.create_vcpu_from_rawfd(fd) }.sys(op).map(|fd| self.vcpu_from_fd(fd, id)),
+        };
+        Ok(Injected { outcome, injected: call.injected })
+    }
+
+    fn vcpu_from_fd(&self, fd: kvm_ioctls::VcpuFd, id: u64) -> Vcpu {
+        Vcpu {
             fd,
             id,
             system: self.system.clone(),
             payload: self.payload,
             timeout: self.timeout,
             _memslots: self.slots.clone(),
-        })
+        }
     }
 
     /// A vCPU in long mode at the payload's entry, with `args` in rdi, rsi,
