@@ -49,6 +49,11 @@ fn fd_table() -> Result<(usize, RawFd)> {
     Ok((open, probe.as_raw_fd()))
 }
 
+/// After an ENOMEM with `failing`, the fd table must be as it was before.
+fn expect_fd_table(rule: &str, failing: Failing, before: (usize, RawFd)) -> Result<()> {
+    expect_eq(rule, format_args!("(open fds, lowest free fd) after ENOMEM with {failing}"), fd_table()?, before)
+}
+
 /// How one call with an armed allocation failure ended, when it ended well.
 enum Attempt<T> {
     /// ENOMEM from the injected failure.
@@ -79,8 +84,7 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
         let (attempt, injected) = judge(rule, failing, vm.create_guest_memfd_failing(&fault, failing, SLOT_SIZE, 0)?)?;
         match attempt {
             Attempt::Enomem => {
-                let what = format_args!("(open fds, lowest free fd) after ENOMEM with {failing}");
-                expect_eq(rule, what, fd_table()?, fds)?;
+                expect_fd_table(rule, failing, fds)?;
             }
             Attempt::Done(gmem) => gmem.allocate(0, SLOT_SIZE)?,
         }
@@ -99,8 +103,7 @@ fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
         let (attempt, injected) = judge(rule, failing, Vm::bare_failing(kvm, &fault, failing, VmType::SwProtected)?)?;
         match attempt {
             Attempt::Enomem => {
-                let what = format_args!("(open fds, lowest free fd) after ENOMEM with {failing}");
-                expect_eq(rule, what, fd_table()?, fds)?;
+                expect_fd_table(rule, failing, fds)?;
             }
             Attempt::Done(vm) => {
                 let gmem = vm.create_guest_memfd(SLOT_SIZE, 0)?;
@@ -125,8 +128,7 @@ fn protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) 
         let (attempt, injected) = judge(rule, failing, vm.bare_vcpu_failing(&fault, failing, id)?)?;
         let vcpu = match attempt {
             Attempt::Enomem => {
-                let what = format_args!("(open fds, lowest free fd) after ENOMEM with {failing}");
-                expect_eq(rule, what, fd_table()?, fds)?;
+                expect_fd_table(rule, failing, fds)?;
                 // A vCPU left behind in the VM's array would refuse its id.
                 vm.bare_vcpu(id).map_err(|e| Error::rule(rule, format!("id {id} again after ENOMEM: {e}")))?
             }
@@ -190,17 +192,9 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
 
 /// Slot [`SLOT`] at [`GPA`] over all of `gmem`; the first [`PAGES`] pages of
 /// its shared backing hold [`SHARED_MARK`].
-/// What the guest reads at `gpa`: `Some(value)`, or `None` when the read
-/// exits as MMIO (no memslot there; the host completes it with zeroes).
+/// What the guest reads at `gpa` (see [`Agent::read_or_mmio`]), in hex.
 fn guest_read(agent: &mut Agent, gpa: u64) -> Result<Option<Hex>> {
-    agent.submit(Op::Read { gpa })?;
-    match agent.vcpu().run()? {
-        Exit::Mmio { gpa: at, is_write: false, .. } if at == gpa => {
-            agent.vcpu().complete_mmio_read(&[0; 8])?;
-            agent.wait_ready("the read completed as MMIO").map(|_| None)
-        }
-        exit => agent.ready_from_exit(exit, "a read").map(|value| Some(Hex(value))),
-    }
+    Ok(agent.read_or_mmio(gpa)?.map(Hex))
 }
 
 /// Deleting, then moving, a memslot the guest reads, with each allocation

@@ -409,15 +409,11 @@ fn guest_keeps_private_memory_after_the_vm_fd_is_closed(kvm: &Arc<Kvm>) -> Resul
 
 /// The guest reads `gpa`, which has no memslot: an 8-byte MMIO read, completed.
 fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
-    agent.submit(Op::Read { gpa })?;
-    match agent.vcpu().run()? {
-        Exit::Mmio { gpa: at, len: 8, is_write: false, .. } if at == gpa => {
-            agent.vcpu().complete_mmio_read(&[0; 8])?;
-            agent.wait_ready("MMIO read").map(drop)
-        }
-        other => Err(Error::rule(
+    match agent.read_or_mmio(gpa)? {
+        None => Ok(()),
+        Some(value) => Err(Error::rule(
             "a shared read of a GPA with no memslot exits KVM_EXIT_MMIO",
-            format!("expected an 8-byte MMIO read at {gpa:#x}, got {}", agent.vcpu().report(other)),
+            format!("expected an 8-byte MMIO read at {gpa:#x}, but the read completed with {value:#x}"),
         )),
     }
 }

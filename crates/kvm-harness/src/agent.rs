@@ -81,6 +81,22 @@ impl Agent {
         self.perform(Op::Read { gpa })
     }
 
+    /// The guest reads the u64 at `gpa`: `Some(value)` when the read
+    /// completes, `None` when it exits as the 8-byte MMIO read of `gpa` (no
+    /// memslot there), which the host completes with zeroes. Any other exit
+    /// is an error.
+    pub fn read_or_mmio(&mut self, gpa: u64) -> Result<Option<u64>> {
+        let op = Op::Read { gpa };
+        self.submit(op)?;
+        match self.vcpu.run()? {
+            Exit::Mmio { gpa: at, len: 8, is_write: false, .. } if at == gpa => {
+                self.vcpu.complete_mmio_read(&[0; 8])?;
+                self.wait_ready(&format!("{op:x?}, completed as MMIO")).map(|_| None)
+            }
+            exit => self.ready_from_exit(exit, &format!("{op:x?}")).map(Some),
+        }
+    }
+
     /// The guest writes `value` at `gpa`.
     pub fn write(&mut self, gpa: u64, value: u64) -> Result<()> {
         self.perform(Op::Write { gpa, value }).map(drop)

@@ -12,9 +12,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::marker::PhantomData;
+use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::OnceLock;
+
+use nix::errno::Errno;
 
 use crate::error::{Error, Result};
 
@@ -74,6 +77,13 @@ pub struct Injected<T> {
     pub outcome: T,
     /// Whether the call reached the Nth allocation (which then failed).
     pub injected: bool,
+}
+
+impl<T> Injected<T> {
+    /// The same injection with `f` applied to the outcome.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Injected<U> {
+        Injected { outcome: f(self.outcome), injected: self.injected }
+    }
 }
 
 /// Which allocations of the call fail.
@@ -175,6 +185,29 @@ impl NthFault {
 fn slab_knob(name: &str, value: &str) -> Result<()> {
     let path = Path::new(DEBUGFS).join("failslab").join(name);
     std::fs::write(&path, value).map_err(|e| Error::Misuse(format!("writing {value} to {}: {e}", path.display())))
+}
+
+impl NthFault {
+    /// `ioctl(fd, request, arg)` for a request that returns a new fd, with
+    /// `failing` armed: the fd, or the errno as an error naming `op()`.
+    ///
+    /// # Safety
+    /// `request` must take its argument by value and touch no user memory.
+    pub(crate) unsafe fn ioctl_returning_fd(
+        &self,
+        failing: Failing,
+        fd: RawFd,
+        request: u64,
+        arg: u64,
+        op: impl FnOnce() -> String,
+    ) -> Result<Injected<Result<RawFd>>> {
+        let call = self.around(failing, || {
+            // SAFETY: the caller guarantees the request reads no memory.
+            let ret = unsafe { libc::ioctl(fd, request as _, arg as libc::c_ulong) };
+            (ret, Errno::last())
+        })?;
+        Ok(call.map(|(ret, errno)| if ret < 0 { Err(Error::Sys { op: op(), errno }) } else { Ok(ret) }))
+    }
 }
 
 /// `n` in decimal, without allocating.

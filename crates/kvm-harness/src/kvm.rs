@@ -182,19 +182,13 @@ impl Kvm {
         failing: Failing,
         vm_type: u64,
     ) -> Result<Injected<Result<kvm_ioctls::VmFd>>> {
-        let system = self.fd.as_raw_fd();
-        let call = fault.around(failing, || {
-            // SAFETY: KVM_CREATE_VM takes the type as an integer argument.
-            let ret = unsafe { libc::ioctl(system, uapi::KVM_CREATE_VM as _, vm_type as libc::c_ulong) };
-            (ret, Errno::last())
-        })?;
         let op = || format!("KVM_CREATE_VM(type {vm_type:#x})");
-        let outcome = match call.outcome {
-            (ret, errno) if ret < 0 => Err(Error::Sys { op: op(), errno }),
+        // SAFETY: KVM_CREATE_VM takes the type as an integer argument.
+        let call = unsafe { fault.ioctl_returning_fd(failing, self.fd.as_raw_fd(), uapi::KVM_CREATE_VM, vm_type, op) }?;
+        Ok(call.map(|fd| {
             // SAFETY: the kernel just returned this VM fd to us and nothing else owns it.
-            (fd, _) => unsafe { self.fd.create_vmfd_from_rawfd(fd) }.sys(op),
-        };
-        Ok(Injected { outcome, injected: call.injected })
+            fd.and_then(|fd| unsafe { self.fd.create_vmfd_from_rawfd(fd) }.sys(op))
+        }))
     }
 
     /// `KVM_CREATE_VM(vm_type)` when no fd can be installed (`RLIMIT_NOFILE`

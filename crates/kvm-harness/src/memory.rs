@@ -400,9 +400,7 @@ impl GuestMemfd {
     ) -> Result<crate::fault_injection::Injected<Result<()>>> {
         let flags = FallocateFlags::FALLOC_FL_KEEP_SIZE;
         let call = fault.around(failing, || fallocate(&self.fd, flags, offset as libc::off_t, len as libc::off_t))?;
-        let outcome =
-            call.outcome.sys(|| format!("fallocate(guest_memfd, KEEP_SIZE, offset {offset:#x}, len {len:#x})"));
-        Ok(crate::fault_injection::Injected { outcome, injected: call.injected })
+        Ok(call.map(|r| r.sys(|| format!("fallocate(guest_memfd, KEEP_SIZE, offset {offset:#x}, len {len:#x})"))))
     }
 
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: free `[offset, offset + len)`.

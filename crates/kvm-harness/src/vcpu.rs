@@ -354,8 +354,7 @@ impl Vcpu {
             return Err(self.timeout_error());
         }
         let errno = (ret < 0).then_some(errno);
-        let exit = self.decode_exit(errno);
-        Ok(Injected { outcome: (errno, exit), injected: call.injected })
+        Ok(call.map(|_| (errno, self.decode_exit(errno))))
     }
 
     fn timeout_error(&self) -> Error {

@@ -12,8 +12,6 @@ use kvm_bindings::{
     kvm_userspace_memory_region2, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
-use nix::errno::Errno;
-
 use crate::error::{Error, Result, SysResult};
 use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::kvm::{Cap, Kvm, VmType};
@@ -352,11 +350,11 @@ impl Vm {
         // SAFETY: as in `install`: the slot table keeps the backing alive
         // once the kernel accepts the slot (recorded below).
         let call = fault.around(failing, || unsafe { self.fd.set_user_memory_region2(raw) })?;
-        let outcome = call.outcome.sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe()));
-        if outcome.is_ok() {
+        let call = call.map(|r| r.sys(|| format!("KVM_SET_USER_MEMORY_REGION2({})", region.describe())));
+        if call.outcome.is_ok() {
             self.record(region);
         }
-        Ok(Injected { outcome, injected: call.injected })
+        Ok(call)
     }
 
     /// [`Self::create_guest_memfd`] with `failing` allocations failing.
@@ -369,12 +367,12 @@ impl Vm {
     ) -> Result<Injected<Result<GuestMemfd>>> {
         let request = kvm_create_guest_memfd { size, flags, ..Default::default() };
         let call = fault.around(failing, || self.fd.create_guest_memfd(request))?;
-        let outcome =
-            call.outcome.sys(|| format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})")).map(|fd| {
+        Ok(call.map(|r| {
+            r.sys(|| format!("KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})")).map(|fd| {
                 // SAFETY: the kernel just returned this fd to us and nothing else owns it.
                 GuestMemfd::new(unsafe { OwnedFd::from_raw_fd(fd) }, size, flags)
-            });
-        Ok(Injected { outcome, injected: call.injected })
+            })
+        }))
     }
 
     /// [`Self::set_memory_attributes`] with `failing` allocations failing.
@@ -388,10 +386,9 @@ impl Vm {
     ) -> Result<Injected<Result<()>>> {
         let request = kvm_memory_attributes { address: gpa, size, attributes, flags: 0 };
         let call = fault.around(failing, || self.fd.set_memory_attributes(request))?;
-        let outcome = call
-            .outcome
-            .sys(|| format!("KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x})"));
-        Ok(Injected { outcome, injected: call.injected })
+        Ok(call.map(|r| {
+            r.sys(|| format!("KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x})"))
+        }))
     }
 
     /// Adds a slot of fresh anonymous memory; returns the host view of it.
@@ -479,19 +476,14 @@ impl Vm {
     /// [`Self::bare_vcpu`] with `failing` allocations failing (in
     /// `KVM_CREATE_VCPU` only, not in the `kvm_run` mapping after it).
     pub fn bare_vcpu_failing(&self, fault: &NthFault, failing: Failing, id: u64) -> Result<Injected<Result<Vcpu>>> {
-        let vm = self.raw_fd();
-        let call = fault.around(failing, || {
-            // SAFETY: KVM_CREATE_VCPU takes the vCPU id as an integer argument.
-            let ret = unsafe { libc::ioctl(vm, uapi::KVM_CREATE_VCPU as _, id as libc::c_ulong) };
-            (ret, Errno::last())
-        })?;
         let op = || format!("KVM_CREATE_VCPU({id})");
-        let outcome = match call.outcome {
-            (ret, errno) if ret < 0 => Err(Error::Sys { op: op(), errno }),
+        // SAFETY: KVM_CREATE_VCPU takes the vCPU id as an integer argument.
+        let call = unsafe { fault.ioctl_returning_fd(failing, self.raw_fd(), uapi::KVM_CREATE_VCPU, id, op) }?;
+        Ok(call.map(|fd| {
             // SAFETY: the kernel just returned this vCPU fd to us and nothing else owns it.
-            (fd, _) => unsafe { self.fd.create_vcpu_from_rawfd(fd) }.sys(op).map(|fd| self.vcpu_from_fd(fd, id)),
-        };
-        Ok(Injected { outcome, injected: call.injected })
+            let fd = fd.and_then(|fd| unsafe { self.fd.create_vcpu_from_rawfd(fd) }.sys(op))?;
+            Ok(self.vcpu_from_fd(fd, id))
+        }))
     }
 
     fn vcpu_from_fd(&self, fd: kvm_ioctls::VcpuFd, id: u64) -> Vcpu {
