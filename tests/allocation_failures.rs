@@ -49,6 +49,15 @@ fn fd_table() -> Result<(usize, RawFd)> {
     Ok((open, probe.as_raw_fd()))
 }
 
+/// [`at_every_allocation`] for the call behind `rule`, which must reach at
+/// least one allocation (else fail-nth injected nothing and the walk proved
+/// nothing); returns how many it reached.
+fn walk(limit: u32, rule: &str, attempt: impl FnMut(Failing) -> Result<bool>) -> Result<u32> {
+    let points = at_every_allocation(limit, attempt)?;
+    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
+    Ok(points)
+}
+
 /// After an ENOMEM with `failing`, the fd table must be as it was before.
 fn expect_fd_table(rule: &str, failing: Failing, before: (usize, RawFd)) -> Result<()> {
     expect_eq(rule, format_args!("(open fds, lowest free fd) after ENOMEM with {failing}"), fd_table()?, before)
@@ -80,7 +89,7 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
     let fault = NthFault::for_this_thread()?;
     let fds = fd_table()?;
     let rule = "KVM_CREATE_GUEST_MEMFD fails with ENOMEM leaving no fd, or returns a working guest_memfd";
-    let points = at_every_allocation(LIMIT, |failing| {
+    walk(LIMIT, rule, |failing| {
         let (attempt, injected) = judge(rule, failing, vm.create_guest_memfd_failing(&fault, failing, SLOT_SIZE, 0)?)?;
         match attempt {
             Attempt::Enomem => {
@@ -90,7 +99,6 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
         }
         Ok(injected)
     })?;
-    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
     Ok(())
 }
 
@@ -99,7 +107,7 @@ fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
     let fds = fd_table()?;
     let rule =
         "KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM) fails with ENOMEM leaving no fd, or returns a VM with private memory";
-    let points = at_every_allocation(LIMIT, |failing| {
+    walk(LIMIT, rule, |failing| {
         let (attempt, injected) = judge(rule, failing, Vm::bare_failing(kvm, &fault, failing, VmType::SwProtected)?)?;
         match attempt {
             Attempt::Enomem => {
@@ -113,7 +121,6 @@ fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
         }
         Ok(injected)
     })?;
-    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
     Ok(())
 }
 
@@ -123,7 +130,7 @@ fn protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) 
     let rule = "KVM_CREATE_VCPU fails with ENOMEM leaving no fd and its id free, or returns a working vCPU";
     // vCPUs live as long as their VM: each attempt takes the next id.
     let mut id = 0;
-    let points = at_every_allocation(LIMIT, |failing| {
+    walk(LIMIT, rule, |failing| {
         let fds = fd_table()?;
         let (attempt, injected) = judge(rule, failing, vm.bare_vcpu_failing(&fault, failing, id)?)?;
         let vcpu = match attempt {
@@ -138,7 +145,6 @@ fn protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) 
         id += 1;
         Ok(injected)
     })?;
-    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
     Ok(())
 }
 
@@ -147,7 +153,7 @@ fn guest_memfd_fallocate_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
     let fault = NthFault::for_this_thread()?;
     let len = PAGES * page_size();
     let rule = "fallocate() of a guest_memfd fails with ENOMEM and can then be completed, or allocates it all";
-    let points = at_every_allocation(LIMIT, |failing| {
+    let points = walk(LIMIT, rule, |failing| {
         // A fresh file each time, so every attempt meets the same allocations.
         let gmem = vm.create_guest_memfd(len, 0)?;
         let (attempt, injected) = judge(rule, failing, gmem.allocate_failing(&fault, failing, 0, len)?)?;
@@ -174,7 +180,7 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
     let fault = NthFault::for_this_thread()?;
     let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
     let rule = "a guest_memfd memslot fails with ENOMEM leaving its range unbound, or is created whole";
-    let points = at_every_allocation(LIMIT, |failing| {
+    walk(LIMIT, rule, |failing| {
         let region = region(&gmem)?;
         let (attempt, injected) = judge(rule, failing, vm.set_region_failing(&fault, failing, &region)?)?;
         if let Attempt::Enomem = attempt {
@@ -186,7 +192,6 @@ fn guest_memfd_memslot_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Resu
         vm.delete_slot(SLOT)?;
         Ok(injected)
     })?;
-    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
     Ok(())
 }
 
@@ -209,7 +214,7 @@ fn memslot_delete_and_move_fail_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> R
     let fault = NthFault::for_this_thread()?;
     for (change, target, moves) in [("deleting", home.deletion(), false), ("moving", away.clone(), true)] {
         let rule = format!("{change} a memslot fails with ENOMEM leaving it in place, or completes");
-        at_every_allocation(LIMIT, |failing| {
+        walk(LIMIT, &rule, |failing| {
             let (attempt, injected) = judge(&rule, failing, vm.set_region_failing(&fault, failing, &target)?)?;
             let expected = match attempt {
                 Attempt::Enomem => [Some(Hex(SHARED_MARK)), None],
@@ -264,7 +269,7 @@ fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> 
     let fault = NthFault::for_this_thread()?;
     let (len, private) = (PAGES * page_size(), u64::from(kvm_harness::bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE));
     let rule = "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) fails with ENOMEM changing no page, or converts every page";
-    let points = at_every_allocation(LIMIT, |failing| {
+    walk(LIMIT, rule, |failing| {
         let (attempt, injected) =
             judge(rule, failing, vm.set_memory_attributes_failing(&fault, failing, GPA, len, private)?)?;
         let (expected, when) = match attempt {
@@ -281,7 +286,6 @@ fn memory_attributes_fail_all_or_nothing_at_every_allocation(kvm: &Arc<Kvm>) -> 
         vm.make_shared(GPA, len)?;
         Ok(injected)
     })?;
-    ensure!(points > 0, rule, "the call reached no allocation: fail-nth injected nothing");
     Ok(())
 }
 
@@ -323,11 +327,11 @@ fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()>
     vm.make_private(GPA, regions * HUGE_PAGE)?;
     let fault = NthFault::for_this_thread()?;
     let mut next = 0;
-    let points = at_every_allocation(regions as u32 / 2, |failing| {
+    let rule = "a private fault allocates";
+    walk(regions as u32 / 2, rule, |failing| {
         next += 1;
         private_read_failing(&mut agent, &fault, failing, GPA + (next - 1) * HUGE_PAGE)
     })?;
-    ensure!(points > 0, "a private fault allocates", "the read reached no allocation: fail-nth injected nothing");
     Ok(())
 }
 
