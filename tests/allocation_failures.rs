@@ -23,8 +23,8 @@ use kvm_harness::bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use kvm_harness::fault_injection::{self, at_every_allocation, Failing, NthFault};
 use kvm_harness::kernel_rules::{ForRunningKernel, Hex, GMEM_BINDING_OVERLAP};
 use kvm_harness::{
-    ensure, expect_eq, expect_errno, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op,
-    Region, Result, Suite, Vm, VmType,
+    ensure, expect_eq, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op, Region, Result,
+    Suite, Vm, VmType,
 };
 use kvm_selftests::SLOT_SIZE;
 
@@ -240,7 +240,7 @@ fn binding_is_in_place(vm: &Vm, gmem: &Arc<GuestMemfd>, failing: Failing) -> Res
         "the guest_memfd memslot created with {failing} binds its range: a second binding of it is refused; {}",
         expected.why
     );
-    expect_errno(&rule, Errno::from_raw(expected.outcome.raw()), || vm.set_region(&second))
+    expected.expect_errno(&rule, || vm.set_region(&second))
 }
 
 fn region(gmem: &Arc<GuestMemfd>) -> Result<Region> {

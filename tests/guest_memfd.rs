@@ -132,16 +132,13 @@ fn system_advertises_flags_of_kernel(kvm: &Arc<Kvm>) -> Result<()> {
     expect_advertised("/dev/kvm", advertised, &GMEM_FLAGS_WITHOUT_PRIVATE_MEM)
 }
 
-fn expect_advertised(scope: &str, advertised: u64, rule: &Versioned<Hex>) -> Result<()> {
-    let expected = rule.expected()?;
-    ensure!(
-        Hex(advertised) == expected.outcome,
-        format!("{scope}: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
-        "{} = {advertised:#x}; {}",
-        Cap::GuestMemfdFlags,
-        expected.why
-    );
-    Ok(())
+fn expect_advertised(scope: &str, advertised: u64, rule: &'static Versioned<Hex>) -> Result<()> {
+    rule.expected()?.check(Hex(advertised)).map_err(|detail| {
+        Error::rule(
+            format!("{scope}: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
+            format!("{} = {advertised:#x}: {detail}", Cap::GuestMemfdFlags),
+        )
+    })
 }
 
 /// Bit `bit` alone in the flags: accepted exactly when the VM advertises it.

@@ -150,11 +150,20 @@ fn cpuid_reads_back_as_set(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
     let rule = format!("{vm_type}: KVM_GET_CPUID2 returns the {} entries KVM_SET_CPUID2 set", set.len());
     let got = expect_ok(&rule, || vcpu.cpuid(set.len()))?;
     let got = got.as_slice();
+    let missing: Vec<String> = set
+        .iter()
+        .filter(|e| !got.iter().any(|g| g.function == e.function && g.index == e.index && g.flags == e.flags))
+        .map(|e| format!("{:#x}/{}", e.function, e.index))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        &rule,
+        "{} of {} leaves are missing (leaf/index): {}",
+        missing.len(),
+        set.len(),
+        missing.join(", ")
+    );
     expect_eq(&rule, "entry count", got.len(), set.len())?;
-    for e in &set {
-        let back = got.iter().find(|g| g.function == e.function && g.index == e.index && g.flags == e.flags);
-        ensure!(back.is_some(), &rule, "leaf {:#x} index {} is missing", e.function, e.index);
-    }
     // The vendor leaves carry no runtime-updated bits: they read back exactly.
     for leaf in [0, 0x8000_0000] {
         let pick = |v: &[kvm_harness::bindings::kvm_cpuid_entry2]| v.iter().find(|e| e.function == leaf).copied();

@@ -152,9 +152,9 @@ struct VmArgs {
     /// reports) next to another binary.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     binary_jobs: u32,
-    /// Passed to every test binary: filters, --exact, ... (after `--` when
-    /// they start with a dash).
-    #[arg(value_name = "TEST ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    /// Passed to every test binary, after `--` only: filters, --exact, ...
+    /// (so a misspelled flag is an error, never a test filter).
+    #[arg(value_name = "TEST ARGS", last = true)]
     test_args: Vec<String>,
 }
 
@@ -215,14 +215,24 @@ impl VmArgs {
     }
 }
 
+/// `bisect-step`'s status for bad usage: 128 makes `git bisect run` stop
+/// rather than judge a revision by a typo.
+const BISECT_ABORT: u8 = 128;
+
 fn main() -> ExitCode {
+    let bisecting = std::env::args().nth(1).as_deref() == Some("bisect-step");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout with status 0; bad usage names
-            // the offending argument and exits 2, like every xtask error.
+            // the offending argument (and the closest valid one) and exits
+            // 2, like every xtask error, before anything builds or boots.
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return match (e.use_stderr(), bisecting) {
+                (false, _) => ExitCode::SUCCESS,
+                (true, true) => ExitCode::from(BISECT_ABORT),
+                (true, false) => ExitCode::from(2),
+            };
         }
     };
     match dispatch(cli.command) {
@@ -306,10 +316,10 @@ mod tests {
 
     #[test]
     fn vm_flags_and_test_args_separate() {
-        let o = vm_opts("vm --timeout=30 --debian 7.3 address_space --exact -- --jobs");
+        let o = vm_opts("vm --timeout=30 --debian 7.3 -- address_space --exact --jobs");
         assert_eq!(o.timeout, 30);
         assert_eq!(o.kernel_opts.source, Source::Debian("7.3".parse().unwrap()));
-        assert_eq!(o.test_args, ["address_space", "--exact", "--", "--jobs"]);
+        assert_eq!(o.test_args, ["address_space", "--exact", "--jobs"]);
         let o = vm_opts("vm -- --exact x");
         assert_eq!(o.test_args, ["--exact", "x"]);
         assert_eq!(o.kernel_opts.source, Source::Debian(Release::DEFAULT));
@@ -325,6 +335,19 @@ mod tests {
             ("vm --tree /x --debian 7.3", "--debian"),
             ("vm --kernel /k --tree /x", "--tree"),
             ("kernel foo", "foo"),
+            // A misspelled flag is refused with the closest valid one, never
+            // passed on to the test binaries.
+            ("vm --debain 7.3", "similar argument exists: '--debian'"),
+            ("bisect-step --tree /t --debain 7.3", "similar argument exists: '--debian'"),
+            ("vm --upstrem", "similar argument exists: '--upstream'"),
+            ("vm --known-failure f", "similar argument exists: '--known-failures'"),
+            ("kernel --debain 7.3", "similar argument exists: '--debian'"),
+            ("bisect-demo --debain 7.3", "similar argument exists: '--debian'"),
+            ("report r --nmae x", "similar argument exists: '--name'"),
+            ("guest-probe --result f", "similar argument exists: '--results'"),
+            // Test filters go after `--` only.
+            ("vm address_space", "address_space"),
+            ("vm --debian 7.3 model::", "model::"),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(needle), "{args}: {e}");

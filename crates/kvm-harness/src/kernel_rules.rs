@@ -1,57 +1,49 @@
 //! Rules whose outcome changed upstream, and upstream fixes a failure may
 //! point at.
 //!
-//! A test never accepts "either errno": it asks [`Versioned::expected`] for
-//! the outcome of the running kernel, which names the kernel release it went
-//! by and the upstream change behind it, and it says which one it applied in
-//! its failure message. The release comes from `uname -r`, or from
-//! `KVM_SELFTESTS_KERNEL_VERSION` for a distribution kernel that carries
-//! backports (its own release number would pick the wrong outcome).
+//! A test never accepts "either errno" by itself: it asks
+//! [`ForRunningKernel::expected`] for the running kernel's outcome, decided
+//! from evidence that the kernel carries the change (an explicit setting in
+//! [`RULES_VAR`], the kernel's history, then its release; see
+//! [`kvm_model::decide`]), and names that evidence in its failure message.
+//! Where nothing decides, [`Expectation::check`] accepts either documented
+//! outcome as long as every check of the rule in the run sees the same one.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::OnceLock;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
 
 // The version-rule data lives in kvm-model, the one place both the model
 // and the named tests read it from.
-pub use kvm_model::versioned::{Commit, Expectation, KernelVersion, Versioned, GMEM_BINDING_OVERLAP};
+pub use kvm_model::decide::{Basis, Decision, History, KernelFacts};
+pub use kvm_model::versioned::{
+    Commit, Hex, KernelVersion, Rule, Versioned, GMEM_BINDING_OVERLAP, GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
+    GMEM_FLAGS_WITH_PRIVATE_MEM,
+};
 
-use crate::error::{Error, Result, SysResult};
-use crate::uapi;
+use crate::error::{errno_name, Error, Result, SysResult};
+use crate::results::RESULTS_ENV;
 
 /// Overrides the release read from `uname -r`, as `MAJOR.MINOR[.PATCH]`.
+/// Rarely needed: a backport is found in the kernel's history.
 pub const VERSION_VAR: &str = "KVM_SELFTESTS_KERNEL_VERSION";
+/// Explicit outcomes, `rule=outcome[,rule=outcome...]` (an outcome is
+/// `before`, `after` or one of the rule's values as printed): first in the
+/// order of evidence.
+pub const RULES_VAR: &str = "KVM_SELFTESTS_RULES";
+/// A file with the kernel's history (written by `cargo xtask vm`): a
+/// `source:` line, a `complete: yes|no` line, a `---` line, then the text
+/// (a changelog, or `git log` lines).
+pub const HISTORY_VAR: &str = "KVM_SELFTESTS_KERNEL_HISTORY";
 
-/// The running kernel's release and where it was read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunningKernel {
-    /// The release the expectations go by.
-    pub version: KernelVersion,
-    /// `uname -r = 6.12.117-amd64` or `KVM_SELFTESTS_KERNEL_VERSION = 7.2`.
-    pub source: String,
-}
-
-impl RunningKernel {
-    fn detect() -> Result<Self> {
-        if let Ok(value) = std::env::var(VERSION_VAR) {
-            let version = KernelVersion::parse(value.trim()).ok_or_else(|| {
-                Error::Config(format!("{VERSION_VAR} must be a kernel release like 7.2 or 6.12.117 (got `{value}`)"))
-            })?;
-            return Ok(RunningKernel { version, source: format!("{VERSION_VAR} = {}", value.trim()) });
-        }
-        let uname = nix::sys::utsname::uname().sys(|| "uname() for the kernel release".into())?;
-        let release = uname.release().to_string_lossy().into_owned();
-        let version = KernelVersion::parse(&release)
-            .ok_or_else(|| Error::Config(format!("uname -r = `{release}` is no kernel release; set {VERSION_VAR}")))?;
-        Ok(RunningKernel { version, source: format!("uname -r = {release}") })
-    }
-}
-
-/// The running kernel, read once per process.
-pub fn running_kernel() -> Result<&'static RunningKernel> {
-    static RUNNING: OnceLock<std::result::Result<RunningKernel, String>> = OnceLock::new();
-    RUNNING
+/// The running kernel's facts, read once per process.
+pub fn running_kernel() -> Result<&'static KernelFacts> {
+    static FACTS: OnceLock<std::result::Result<KernelFacts, String>> = OnceLock::new();
+    FACTS
         .get_or_init(|| {
-            RunningKernel::detect().map_err(|e| match e {
+            detect().map_err(|e| match e {
                 Error::Config(message) => message,
                 other => other.to_string(),
             })
@@ -60,54 +52,230 @@ pub fn running_kernel() -> Result<&'static RunningKernel> {
         .map_err(|message| Error::Config(message.clone()))
 }
 
+fn detect() -> Result<KernelFacts> {
+    let uname = nix::sys::utsname::uname().sys(|| "uname() for the kernel release".into())?;
+    let uname_release = uname.release().to_string_lossy().into_owned();
+    let (release, release_source) = match std::env::var(VERSION_VAR) {
+        Ok(value) => {
+            let version = KernelVersion::parse(value.trim()).ok_or_else(|| {
+                Error::Config(format!("{VERSION_VAR} must be a kernel release like 7.2 or 6.12.117 (got `{value}`)"))
+            })?;
+            (version, format!("{VERSION_VAR} = {}", value.trim()))
+        }
+        Err(_) => {
+            let version = KernelVersion::parse(&uname_release).ok_or_else(|| {
+                Error::Config(format!("uname -r = `{uname_release}` is no kernel release; set {VERSION_VAR}"))
+            })?;
+            (version, format!("uname -r = {uname_release}"))
+        }
+    };
+    let facts = KernelFacts {
+        release,
+        release_source,
+        history: history(&uname_release)?,
+        settings: settings()?,
+        settings_source: RULES_VAR.to_string(),
+    };
+    // Every setting must name a rule and one of its outcomes: a typo is an
+    // error now, not a silently ignored override.
+    for rule in kvm_model::versioned::ALL {
+        rule.describe(&facts).map_err(Error::Config)?;
+    }
+    Ok(facts)
+}
+
+/// [`RULES_VAR`], each name checked against the known rules.
+fn settings() -> Result<BTreeMap<String, String>> {
+    let Ok(text) = std::env::var(RULES_VAR) else {
+        return Ok(BTreeMap::new());
+    };
+    let ids: Vec<&str> = kvm_model::versioned::ALL.iter().map(|r| r.id()).collect();
+    let mut settings = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, value) =
+            item.split_once('=').ok_or_else(|| Error::Config(format!("{RULES_VAR}: `{item}` is not RULE=OUTCOME")))?;
+        let id = id.trim();
+        if !ids.contains(&id) {
+            return Err(Error::Config(format!("{RULES_VAR}: no rule `{id}`; the rules are {}", ids.join(", "))));
+        }
+        settings.insert(id.to_string(), value.trim().to_string());
+    }
+    Ok(settings)
+}
+
+/// The history [`HISTORY_VAR`] names, else the changelog Debian installs
+/// with the running kernel's image package, else none.
+fn history(uname_release: &str) -> Result<Option<History>> {
+    if let Some(path) = std::env::var_os(HISTORY_VAR).filter(|v| !v.is_empty()).map(PathBuf::from) {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Config(format!("{HISTORY_VAR}={}: {e}", path.display())))?;
+        return parse_history(&text)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("{HISTORY_VAR}={}: {e}", path.display())));
+    }
+    let changelog = PathBuf::from(format!("/usr/share/doc/linux-image-{uname_release}/changelog.Debian.gz"));
+    if !changelog.is_file() {
+        return Ok(None);
+    }
+    let out = std::process::Command::new("gzip")
+        .arg("-dc")
+        .arg(&changelog)
+        .output()
+        .map_err(|e| Error::Config(format!("gzip -dc {}: {e}", changelog.display())))?;
+    if !out.status.success() {
+        return Err(Error::Config(format!("gzip -dc {} failed: {}", changelog.display(), out.status)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // A Debian changelog lists every stable update's subjects.
+    Ok(Some(History::new(format!("the Debian changelog {}", changelog.display()), &text, true)))
+}
+
+/// Reads the [`HISTORY_VAR`] file format.
+pub fn parse_history(text: &str) -> std::result::Result<History, String> {
+    let (head, body) = text.split_once("\n---\n").ok_or("no `---` line after the header")?;
+    let field =
+        |name: &str| head.lines().find_map(|l| l.strip_prefix(name).map(str::trim)).ok_or(format!("no `{name}` line"));
+    let source = field("source:")?;
+    let complete = match field("complete:")? {
+        "yes" => true,
+        "no" => false,
+        other => return Err(format!("`complete: {other}`: expected yes or no")),
+    };
+    Ok(History::new(source, body, complete))
+}
+
+/// Writes the [`HISTORY_VAR`] file format.
+pub fn format_history(source: &str, complete: bool, text: &str) -> String {
+    format!("source: {source}\ncomplete: {}\n---\n{text}", if complete { "yes" } else { "no" })
+}
+
+/// The rules a process consulted, for [`consulted_table`].
+static CONSULTED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+
+/// One line per versioned rule (`ids`, or all): rule, outcome, what
+/// decided it.
+pub fn decision_table(ids: Option<&BTreeSet<&'static str>>) -> Result<String> {
+    let facts = running_kernel()?;
+    let mut out = String::new();
+    for rule in kvm_model::versioned::ALL.iter().filter(|r| ids.is_none_or(|ids| ids.contains(r.id()))) {
+        let (outcome, why) = rule.describe(facts).map_err(Error::Config)?;
+        out.push_str(&format!("  {:<32} {outcome:<10} {why}\n", rule.id()));
+    }
+    Ok(out)
+}
+
+/// The table of the rules this process consulted; empty if none.
+pub fn consulted_table() -> String {
+    let ids = CONSULTED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if ids.is_empty() {
+        return String::new();
+    }
+    decision_table(Some(&ids)).unwrap_or_else(|e| format!("  {e}\n"))
+}
+
+/// The expectation of a rule on the running kernel.
+#[derive(Debug, Clone)]
+pub struct Expectation<T: 'static> {
+    /// The outcome; `None` when nothing decides (see [`Self::check`]).
+    pub outcome: Option<T>,
+    /// Which outcome and why, for failure messages.
+    pub why: String,
+    rule: &'static Versioned<T>,
+}
+
 /// A rule's outcome for the running kernel.
-pub trait ForRunningKernel<T> {
+pub trait ForRunningKernel<T: 'static> {
     /// The outcome for the running kernel, with the reason.
-    fn expected(&self) -> Result<Expectation<T>>;
+    fn expected(&'static self) -> Result<Expectation<T>>;
 }
 
-impl<T: Copy + fmt::Debug> ForRunningKernel<T> for Versioned<T> {
-    fn expected(&self) -> Result<Expectation<T>> {
-        let kernel = running_kernel()?;
-        Ok(self.expected_for(kernel.version, &kernel.source))
+impl<T: Copy + fmt::Debug + PartialEq> ForRunningKernel<T> for Versioned<T> {
+    fn expected(&'static self) -> Result<Expectation<T>> {
+        CONSULTED.lock().unwrap_or_else(|p| p.into_inner()).insert(self.id);
+        let e = self.expectation(running_kernel()?).map_err(Error::Config)?;
+        Ok(Expectation { outcome: e.outcome, why: e.why, rule: self })
     }
 }
 
-/// A 64-bit value shown in hex in expectations (flag masks).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Hex(pub u64);
-
-impl fmt::Debug for Hex {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
+impl<T: Copy + fmt::Debug + PartialEq> Expectation<T> {
+    /// Whether `observed` is the outcome. An undecided rule accepts either
+    /// of its outcomes, provided every check of it in this run (this
+    /// process, and the other binaries writing [`RESULTS_ENV`]) saw the
+    /// same one; the message of a mismatch says which it expected and why.
+    pub fn check(&self, observed: T) -> std::result::Result<(), String> {
+        match self.outcome {
+            Some(outcome) if outcome == observed => Ok(()),
+            Some(outcome) => Err(format!("expected {outcome:?}, got {observed:?}; {}", self.why)),
+            None if observed != self.rule.before && observed != self.rule.after => {
+                Err(format!("expected {:?} or {:?}, got {observed:?}; {}", self.rule.before, self.rule.after, self.why))
+            }
+            None => observe(self.rule.id, &format!("{observed:?}")).map_err(|first| {
+                format!("got {observed:?}, but an earlier check of this run got {first}; {}", self.why)
+            }),
+        }
     }
 }
 
-/// `KVM_CAP_GUEST_MEMFD_FLAGS` on `/dev/kvm` and on a VM without private
-/// memory (default VM): `kvm_gmem_get_supported_flags()` offers MMAP, and
-/// INIT_SHARED where `kvm_arch_supports_gmem_init_shared()`, which x86
-/// grants every VM without private memory. Before 6.18 the capability does
-/// not exist and reads 0.
-pub const GMEM_FLAGS_WITHOUT_PRIVATE_MEM: Versioned<Hex> = Versioned {
-    before: Hex(0),
-    after: Hex(uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED),
-    since: KernelVersion::new(6, 18),
-    change: INIT_SHARED_FLAG,
-};
+impl Expectation<kvm_model::Errno> {
+    /// Runs `op`, which must fail with the rule's errno (see [`Self::check`]).
+    pub fn expect_errno<V: fmt::Debug>(&self, rule: &str, op: impl FnOnce() -> Result<V>) -> Result<()> {
+        match op() {
+            Ok(value) => Err(Error::rule(rule, format!("{}, but the call succeeded ({value:?})", self.describe()))),
+            Err(e) => match e.errno().and_then(|n| kvm_model::Errno::ALL.iter().copied().find(|m| m.raw() == n as i32))
+            {
+                Some(got) => self.check(got).map_err(|detail| Error::rule(rule, format!("{detail} (from {e})"))),
+                None => Err(Error::rule(
+                    rule,
+                    format!("{}, got {} from {e}", self.describe(), e.errno().map_or("no errno".into(), errno_name)),
+                )),
+            },
+        }
+    }
 
-/// `KVM_CAP_GUEST_MEMFD_FLAGS` on a VM with private memory
-/// (`KVM_X86_SW_PROTECTED_VM`): MMAP only, its memory starts private.
-pub const GMEM_FLAGS_WITH_PRIVATE_MEM: Versioned<Hex> = Versioned {
-    before: Hex(0),
-    after: Hex(uapi::GUEST_MEMFD_FLAG_MMAP),
-    since: KernelVersion::new(6, 18),
-    change: INIT_SHARED_FLAG,
-};
+    fn describe(&self) -> String {
+        match self.outcome {
+            Some(o) => format!("expected {o:?}"),
+            None => format!("expected {:?} or {:?}", self.rule.before, self.rule.after),
+        }
+    }
+}
 
-const INIT_SHARED_FLAG: Commit = Commit {
-    sha: "fe2bf6234e94",
-    subject: "KVM: guest_memfd: Add INIT_SHARED flag, reject user page faults if not set",
-};
+/// Holds an undecided rule to the first outcome this run observed: returns
+/// that outcome (and where) when `observed` differs.
+fn observe(id: &'static str, observed: &str) -> std::result::Result<(), String> {
+    static SEEN: Mutex<BTreeMap<&'static str, String>> = Mutex::new(BTreeMap::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let file = std::env::var_os(RESULTS_ENV).filter(|v| !v.is_empty()).map(|v| {
+        let mut p = PathBuf::from(v).into_os_string();
+        p.push(".rules");
+        PathBuf::from(p)
+    });
+    if !seen.contains_key(id) {
+        // Another binary of the run may have seen it first.
+        let earlier = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|text| {
+            text.lines().find_map(|l| l.strip_prefix(id).and_then(|v| v.strip_prefix(' ')).map(str::to_string))
+        });
+        if let Some(value) = earlier {
+            seen.insert(id, value);
+        }
+    }
+    match seen.get(id) {
+        Some(first) if first != observed => Err(first.clone()),
+        Some(_) => Ok(()),
+        None => {
+            seen.insert(id, observed.to_string());
+            if let Some(f) = file {
+                let line = format!("{id} {observed}\n");
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(f)
+                    .and_then(|mut w| w.write_all(line.as_bytes()));
+            }
+            Ok(())
+        }
+    }
+}
 
 /// An upstream fix whose absence explains a known failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,9 +332,10 @@ pub const EVENT_VECTORING_MMIO: &[Fix] = &[
     },
 ];
 
-/// Run a test body; if it fails on a kernel older than a fix's mainline
-/// release, append "this kernel may lack upstream fix ..." for each such fix
-/// (LTP's `linux-git` tags). A pass is never touched.
+/// Run a test body; if it fails on a kernel that may lack a fix, append
+/// "this kernel lacks / may lack upstream fix ..." for each such fix (LTP's
+/// `linux-git` tags): a fix the kernel's history names, or whose mainline
+/// release the kernel has reached, is not hinted. A pass is never touched.
 pub fn with_fix_hints(fixes: &[Fix], body: impl FnOnce() -> Result<()>) -> Result<()> {
     let result = body();
     let Err(err) = result else {
@@ -179,29 +348,40 @@ pub fn with_fix_hints(fixes: &[Fix], body: impl FnOnce() -> Result<()>) -> Resul
     Err(Error::Hinted { error: Box::new(err), hints })
 }
 
-/// The hint lines for a failure on `kernel` (all of them when the release
-/// is unknown).
-fn hints_for(fixes: &[Fix], kernel: Option<&RunningKernel>) -> Vec<String> {
+/// The hint lines for a failure on `kernel` (all of them when nothing is
+/// known of it).
+fn hints_for(fixes: &[Fix], kernel: Option<&KernelFacts>) -> Vec<String> {
     fixes
         .iter()
-        .filter(|f| kernel.is_none_or(|k| k.version < f.mainline))
-        .map(|f| {
-            format!(
-                "this kernel may lack upstream fix {} (mainline {}.{})",
-                f.commit, f.mainline.major, f.mainline.minor
-            )
+        .filter_map(|f| {
+            let mainline = format!("{} (mainline {}.{})", f.commit, f.mainline.major, f.mainline.minor);
+            let Some(k) = kernel else {
+                return Some(format!("this kernel may lack upstream fix {mainline}"));
+            };
+            let history = k.history.as_ref();
+            if k.release >= f.mainline || history.is_some_and(|h| h.names(&f.commit).is_some()) {
+                return None;
+            }
+            Some(match history {
+                Some(h) if h.complete() => {
+                    format!("this kernel lacks upstream fix {mainline}: {} does not list it", h.source())
+                }
+                _ => format!("this kernel may lack upstream fix {mainline}"),
+            })
         })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use kvm_model::Errno;
-
     use super::*;
 
-    fn kernel(release: &str) -> RunningKernel {
-        RunningKernel { version: KernelVersion::parse(release).unwrap(), source: format!("uname -r = {release}") }
+    fn kernel(release: &str, history: Option<History>) -> KernelFacts {
+        KernelFacts {
+            release_source: format!("uname -r = {release}"),
+            history,
+            ..KernelFacts::release(KernelVersion::parse(release).unwrap())
+        }
     }
 
     #[test]
@@ -217,28 +397,33 @@ mod tests {
     }
 
     #[test]
-    fn fix_hints_name_only_fixes_newer_than_the_kernel() {
-        let old = hints_for(PREFAULT_VS_MEMSLOT_DELETION, Some(&kernel("6.12.117-amd64")));
+    fn fix_hints_name_only_fixes_the_kernel_may_lack() {
+        let old = hints_for(PREFAULT_VS_MEMSLOT_DELETION, Some(&kernel("6.12.117-amd64", None)));
         assert_eq!(old.len(), 2);
         assert_eq!(
             old[1],
             "this kernel may lack upstream fix 3ccbf6f47098 (\"KVM: x86/mmu: Return -EAGAIN if userspace \
              deletes/moves memslot during prefault\") (mainline 6.18)"
         );
-        assert!(hints_for(PREFAULT_VS_MEMSLOT_DELETION, Some(&kernel("7.3.4"))).is_empty());
+        assert!(hints_for(PREFAULT_VS_MEMSLOT_DELETION, Some(&kernel("7.3.4", None))).is_empty());
         assert_eq!(hints_for(PREFAULT_VS_MEMSLOT_DELETION, None).len(), 2);
+        let changelog = History::new(
+            "the Debian changelog",
+            "- KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves memslot during\n  prefault",
+            true,
+        );
+        let backported = hints_for(PREFAULT_VS_MEMSLOT_DELETION, Some(&kernel("6.12.200", Some(changelog))));
+        assert_eq!(backported.len(), 1, "{backported:?}");
+        assert!(backported[0].starts_with("this kernel lacks upstream fix 20a6cff3b283"), "{backported:?}");
+        assert!(backported[0].ends_with(": the Debian changelog does not list it"), "{backported:?}");
     }
 
     #[test]
-    fn each_kernel_gets_its_own_outcome_and_the_reason() {
-        let at = |k: RunningKernel| GMEM_BINDING_OVERLAP.expected_for(k.version, &k.source);
-        let old = at(kernel("6.12.117-amd64"));
-        assert_eq!(old.outcome, Errno::EINVAL);
-        assert!(old.why.starts_with("expected EINVAL because uname -r = 6.12.117-amd64 is before 7.2"), "{}", old.why);
-        let first = at(kernel("7.2"));
-        assert_eq!(first.outcome, Errno::EEXIST);
-        let new = at(kernel("7.3.4"));
-        assert_eq!(new.outcome, Errno::EEXIST);
-        assert!(new.why.contains("is since 7.2, which changed it from EINVAL to EEXIST with"), "{}", new.why);
+    fn history_files_round_trip_and_bad_ones_are_named() {
+        let text = format_history("git log of /src/linux (v7.3-12-gabc)", true, "abc KVM: x\n");
+        let h = parse_history(&text).unwrap();
+        assert_eq!((h.source(), h.complete()), ("git log of /src/linux (v7.3-12-gabc)", true));
+        assert!(parse_history("source: x\ncomplete: maybe\n---\n").unwrap_err().contains("complete: maybe"));
+        assert!(parse_history("source: x\n").unwrap_err().contains("---"));
     }
 }

@@ -118,7 +118,12 @@ impl Suite {
     /// setting ends the process with status 2 and a message naming it.
     pub fn new(binary: &str) -> Self {
         let mut raw: Vec<String> = std::env::args().collect();
-        let config = strict_from_env(&mut raw).and_then(|strict| Ok((strict, known_failures::from_env()?)));
+        let config = strict_from_env(&mut raw).and_then(|strict| {
+            // The versioned rules' evidence and settings: a bad setting or
+            // an unreadable history fails now, before any test.
+            crate::kernel_rules::running_kernel()?;
+            Ok((strict, known_failures::from_env()?))
+        });
         let (strict, known_failures) = config.unwrap_or_else(|e| {
             eprintln!("{binary}: {e}");
             std::process::exit(2);
@@ -225,7 +230,13 @@ impl Suite {
 
     /// Runs the selected tests and returns the exit status (non-zero on any failure).
     pub fn run(self) -> ExitCode {
-        libtest_mimic::run(&self.args, self.trials).exit_code()
+        let code = libtest_mimic::run(&self.args, self.trials).exit_code();
+        // What the run expected of the versioned rules it checked, and why.
+        let table = crate::kernel_rules::consulted_table();
+        if !table.is_empty() {
+            eprintln!("{}: versioned rules (rule, outcome applied, what decided it):\n{table}", self.binary);
+        }
+        code
     }
 }
 

@@ -25,20 +25,23 @@
 //!   points at: anonymous memory or an `mmap()` of a guest_memfd
 //!   ([`Model::host_read`], [`Model::host_write`]).
 //!
-//! Rules that changed between kernels are selected by a [`Profile`], built
-//! from the kernel version and what the VM reports, never hard-coded to one
-//! kernel.
+//! Rules that changed between kernels are selected by a [`Profile`]: the
+//! outcomes decided for the kernel from evidence that it carries each
+//! change ([`decide`]) and what the VM reports, never hard-coded to one
+//! kernel or keyed on a release number alone.
 
 #![warn(missing_docs)]
 
+pub mod decide;
 mod errno;
 mod profile;
 pub mod versioned;
 
 use std::collections::BTreeMap;
 
+pub use decide::Decided;
 pub use errno::Errno;
-pub use profile::Profile;
+pub use profile::{Profile, Rules};
 pub use versioned::KernelVersion;
 
 /// The page size the rules are written for (x86: 4 KiB).
@@ -385,6 +388,12 @@ pub struct Model {
     obsolete_roots: bool,
     /// `KVM_CAP_EXIT_HYPERCALL` has bit `KVM_HC_MAP_GPA_RANGE` set.
     map_gpa_range_exits: bool,
+    /// How often each versioned rule decided an outcome, by rule id: a run
+    /// shows which rules its sequences reached.
+    rule_hits: BTreeMap<&'static str, u64>,
+    /// The undecided rule whose `before` outcome the last call assumed
+    /// (the caller accepts either, the same in every check).
+    undecided: Option<&'static str>,
 }
 
 fn page_aligned(value: u64) -> bool {
@@ -426,6 +435,33 @@ impl Model {
             mmio_sptes: BTreeMap::new(),
             obsolete_roots: false,
             map_gpa_range_exits: false,
+            rule_hits: BTreeMap::new(),
+            undecided: None,
+        }
+    }
+
+    /// How often each versioned rule decided an outcome so far, by id.
+    pub fn rule_hits(&self) -> &BTreeMap<&'static str, u64> {
+        &self.rule_hits
+    }
+
+    /// The id of the undecided rule the last call applied, if any, and
+    /// forgets it: its outcome was the rule's `before`, and the kernel may
+    /// as well give `after` (the caller holds every check of the run to
+    /// one of them).
+    pub fn take_undecided(&mut self) -> Option<&'static str> {
+        self.undecided.take()
+    }
+
+    /// Applies a versioned rule's decision, counting it.
+    fn apply_rule<T: Copy>(&mut self, id: &'static str, decided: Decided<T>) -> T {
+        *self.rule_hits.entry(id).or_insert(0) += 1;
+        match decided {
+            Decided::Is(t) => t,
+            Decided::Either(before, _) => {
+                self.undecided = Some(id);
+                before
+            }
         }
     }
 
@@ -642,7 +678,7 @@ impl Model {
     /// kvm_gmem_prepare_memory_region() then kvm_gmem_commit_memory_region().
     /// Returns the file and first page, and whether the slot is
     /// guest_memfd-only.
-    fn bind_guest_memfd(&self, mem: &MemoryRegion, npages: u64) -> Result<(Option<(GmemId, u64)>, bool), Errno> {
+    fn bind_guest_memfd(&mut self, mem: &MemoryRegion, npages: u64) -> Result<(Option<(GmemId, u64)>, bool), Errno> {
         let (fd, offset) = mem.guest_memfd.unwrap_or((GmemFd::NotGuestMemfd, 0));
         let g = match fd {
             // fget() fails.
@@ -659,10 +695,11 @@ impl Model {
         let start = offset >> PAGE_SHIFT;
         let end = start + npages;
         // The xarray of bindings already holds a slot in [start, end):
-        // 6.12 kvm_gmem_bind() fails with its initial -EINVAL; from 7.2
-        // kvm_gmem_commit_memory_region() returns -EEXIST.
+        // 6.12 kvm_gmem_bind() fails with its initial -EINVAL; after the
+        // binding rework (7.2, 6.12.118) kvm_gmem_commit_memory_region()
+        // returns -EEXIST.
         if self.slot_bound_pages(g).any(|(s, e)| s < end && start < e) {
-            return Err(versioned::GMEM_BINDING_OVERLAP.outcome(self.profile.version));
+            return Err(self.apply_rule(versioned::GMEM_BINDING_OVERLAP.id, self.profile.rules.gmem_binding_overlap));
         }
         // 7.x: `if (kvm_gmem_supports_mmap(inode)) slot->flags |=
         // KVM_MEMSLOT_GMEM_ONLY`.
@@ -960,9 +997,10 @@ impl Model {
             return Ok(unchanged(Errno::EINVAL));
         }
         if self.obsolete_roots {
-            if !versioned::PREFAULT_FREES_OBSOLETE_ROOTS.outcome(self.profile.version) {
-                return Err("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel");
+            if let Some(why) = self.prefault_on_obsolete_root_unmodeled() {
+                return Err(why);
             }
+            *self.rule_hits.entry(versioned::PREFAULT_FREES_OBSOLETE_ROOTS.id).or_insert(0) += 1;
             // kvm_mmu_reload() frees the obsolete roots and loads a new one.
             self.obsolete_roots = false;
         }
@@ -1006,14 +1044,31 @@ impl Model {
         }
     }
 
+    /// Why a pre-fault on an obsolete root cannot be modeled, if it cannot:
+    /// without the change it retries until a signal, and where nothing
+    /// decides whether the kernel has it, the outcome is unknown.
+    fn prefault_on_obsolete_root_unmodeled(&self) -> Option<&'static str> {
+        match self.profile.rules.prefault_frees_obsolete_roots {
+            Decided::Is(true) => None,
+            Decided::Is(false) => {
+                Some("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel")
+            }
+            Decided::Either(..) => {
+                Some("KVM_PRE_FAULT_MEMORY on an obsolete root: undecided whether this kernel frees obsolete roots")
+            }
+        }
+    }
+
     /// Why the model cannot say what [`Self::pre_fault_memory`] does, if it
     /// cannot; changes nothing.
     pub fn unmodeled_pre_fault(&self, gpa: u64, size: u64, flags: u64) -> Option<&'static str> {
         if flags != 0 || !page_aligned(gpa) || !page_aligned(size) || gpa.wrapping_add(size) <= gpa {
             return None;
         }
-        if self.obsolete_roots && !versioned::PREFAULT_FREES_OBSOLETE_ROOTS.outcome(self.profile.version) {
-            return Some("KVM_PRE_FAULT_MEMORY on an obsolete root: it retries until a signal on this kernel");
+        if self.obsolete_roots {
+            if let Some(why) = self.prefault_on_obsolete_root_unmodeled() {
+                return Some(why);
+            }
         }
         for page in (gpa..gpa + size).step_by(PAGE_SIZE as usize) {
             match self.route_with(page, false, 0, None) {

@@ -1,14 +1,49 @@
-//! What selects the rules: the kernel version and what the VM reports.
+//! What selects the rules: the decisions of the versioned rules for the
+//! kernel and what the VM reports.
 
-use crate::KernelVersion;
+use crate::decide::{Decided, KernelFacts};
+use crate::versioned::{
+    KernelVersion, GMEM_BINDING_OFFSETS_UNSIGNED, GMEM_BINDING_OVERLAP, PREFAULT_FREES_OBSOLETE_ROOTS,
+};
+use crate::Errno;
+
+/// The outcomes of the versioned rules the model applies, decided for one
+/// kernel from evidence (see [`crate::decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// [`GMEM_BINDING_OVERLAP`].
+    pub gmem_binding_overlap: Decided<Errno>,
+    /// [`PREFAULT_FREES_OBSOLETE_ROOTS`].
+    pub prefault_frees_obsolete_roots: Decided<bool>,
+    /// [`GMEM_BINDING_OFFSETS_UNSIGNED`].
+    pub gmem_binding_offsets_unsigned: Decided<bool>,
+}
+
+impl Rules {
+    /// The decisions for the kernel `facts` describes; an invalid setting
+    /// is an error naming it.
+    pub fn decide(facts: &KernelFacts) -> Result<Self, String> {
+        Ok(Rules {
+            gmem_binding_overlap: Decided::of(&GMEM_BINDING_OVERLAP, facts)?,
+            prefault_frees_obsolete_roots: Decided::of(&PREFAULT_FREES_OBSOLETE_ROOTS, facts)?,
+            gmem_binding_offsets_unsigned: Decided::of(&GMEM_BINDING_OFFSETS_UNSIGNED, facts)?,
+        })
+    }
+
+    /// The decisions by release alone, for kernels without backports
+    /// (unit tests' 6.12 and 7.3 profiles).
+    pub fn of_release(major: u32, minor: u32) -> Self {
+        Self::decide(&KernelFacts::release(KernelVersion::new(major, minor))).expect("no settings to be invalid")
+    }
+}
 
 /// The facts about one VM that select among the rules. A test fills it
 /// from the running kernel's version and the capabilities the VM reports;
 /// unit tests spell out 6.12 and 7.3 VMs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
-    /// The kernel release.
-    pub version: KernelVersion,
+    /// The versioned rules' outcomes on this kernel.
+    pub rules: Rules,
     /// `KVM_CREATE_GUEST_MEMFD` exists (6.12 `CONFIG_KVM_PRIVATE_MEM`,
     /// 7.x `CONFIG_KVM_GUEST_MEMFD`).
     pub guest_memfd: bool,
@@ -52,7 +87,7 @@ impl Profile {
     /// `private` selects `KVM_X86_SW_PROTECTED_VM` over the default type.
     pub fn linux_6_12(private: bool) -> Self {
         Self {
-            version: KernelVersion::new(6, 12),
+            rules: Rules::of_release(6, 12),
             guest_memfd: true,
             guest_memfd_slots: private,
             guest_memfd_flags: 0,
@@ -71,7 +106,7 @@ impl Profile {
     /// VM type, `MMAP` guest_memfds, `INIT_SHARED` ones without private memory.
     pub fn linux_7_3(private: bool) -> Self {
         Self {
-            version: KernelVersion::new(7, 3),
+            rules: Rules::of_release(7, 3),
             guest_memfd_slots: true,
             // kvm_gmem_get_supported_flags(): INIT_SHARED only where
             // kvm_arch_supports_gmem_init_shared(), i.e. without private memory.

@@ -1,6 +1,8 @@
 //! One test per rule, on the 6.12 and 7.3 profiles where they differ.
 
 use super::*;
+use crate::decide::{Basis, History, KernelFacts};
+use crate::versioned::GMEM_BINDING_OVERLAP;
 
 const P: u64 = PAGE_SIZE;
 const BASE: u64 = 1 << 32;
@@ -26,16 +28,95 @@ fn gmem_region(slot: u32, gpa: u64, npages: u64, gmem: GmemId, offset: u64) -> M
 }
 
 #[test]
-fn kernel_versions_parse_and_pick_the_overlap_errno() {
-    use crate::versioned::GMEM_BINDING_OVERLAP;
+fn kernel_versions_parse() {
     assert_eq!(KernelVersion::parse("6.18.44-fc-v595"), Some(KernelVersion { major: 6, minor: 18, patch: 44 }));
     assert_eq!(KernelVersion::parse("7.3.0-rc1"), Some(KernelVersion::new(7, 3)));
     assert_eq!(KernelVersion::parse("garbage"), None);
-    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(6, 12)), Errno::EINVAL);
-    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(7, 1)), Errno::EINVAL);
-    assert_eq!(GMEM_BINDING_OVERLAP.outcome(KernelVersion::new(7, 2)), Errno::EEXIST);
-    let why = GMEM_BINDING_OVERLAP.expected_for(KernelVersion::new(7, 3), "uname -r = 7.3.4").why;
-    assert!(why.starts_with("expected EEXIST because uname -r = 7.3.4 is since 7.2"), "{why}");
+}
+
+fn facts(release: &str, history: Option<History>) -> KernelFacts {
+    KernelFacts {
+        release: KernelVersion::parse(release).unwrap(),
+        release_source: format!("uname -r = {release}"),
+        history,
+        settings: Default::default(),
+        settings_source: "KVM_SELFTESTS_RULES".into(),
+    }
+}
+
+/// A Debian changelog excerpt as 6.12.118 ships it: the backported
+/// subject wrapped over two lines.
+const CHANGELOG_6_12_118: &str =
+    "linux (6.12.118-1) trixie-security; urgency=high\n\n  * New upstream stable update:\n    \
+    - KVM: guest_memfd: Establish memslot<=>guest_memfd bindings *after* memslot\n      is ready (CVE-2026-99335)\n";
+
+#[test]
+fn a_backport_in_the_changelog_decides_over_the_release() {
+    let history = History::new("Debian changelog of linux-source-6.12 6.12.118-1~deb12u1", CHANGELOG_6_12_118, true);
+    let d = GMEM_BINDING_OVERLAP.decide(&facts("6.12.118", Some(history))).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(Errno::EEXIST), Basis::Carries));
+    assert!(d.why.contains("lists \"KVM: guest_memfd: Establish memslot<=>guest_memfd bindings *after*"), "{}", d.why);
+}
+
+#[test]
+fn a_complete_history_without_the_change_decides_before() {
+    let history = History::new("Debian changelog of linux-source-6.12 6.12.117-1~deb12u1", "- KVM: x86: other\n", true);
+    let d = GMEM_BINDING_OVERLAP.decide(&facts("6.12.117", Some(history))).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(Errno::EINVAL), Basis::Lacks));
+    assert!(d.why.contains("lists none of 7ea987a90585"), "{}", d.why);
+}
+
+#[test]
+fn the_release_decides_after_and_nothing_decides_before_it() {
+    let d = GMEM_BINDING_OVERLAP.decide(&facts("7.3.4", None)).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(Errno::EEXIST), Basis::Release));
+    assert!(
+        d.why.starts_with("uname -r = 7.3.4 is at or after 7.2, the mainline release of 7ea987a90585"),
+        "{}",
+        d.why
+    );
+    let d = GMEM_BINDING_OVERLAP.decide(&facts("6.18.44", None)).unwrap();
+    assert_eq!((d.outcome, d.basis), (None, Basis::Undecided));
+    let incomplete = History::new("shallow git log", "nothing", false);
+    let d = GMEM_BINDING_OVERLAP.decide(&facts("6.18.44", Some(incomplete))).unwrap();
+    assert_eq!(d.basis, Basis::Undecided, "{}", d.why);
+}
+
+#[test]
+fn a_stable_backport_is_found_by_its_upstream_sha() {
+    let log = "abcdef0123456789 KVM: guest_memfd: bindings\n\n    commit 7ea987a90585aaaa upstream.\n";
+    let d = GMEM_BINDING_OVERLAP.decide(&facts("7.1.9", Some(History::new("git log", log, true)))).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(Errno::EEXIST), Basis::Carries));
+}
+
+#[test]
+fn an_explicit_setting_decides_first_and_a_bad_one_is_named() {
+    let mut f = facts("7.3.4", None);
+    f.settings.insert("gmem-binding-overlap".into(), "EINVAL".into());
+    let d = GMEM_BINDING_OVERLAP.decide(&f).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(Errno::EINVAL), Basis::Setting));
+    f.settings.insert("gmem-binding-overlap".into(), "after".into());
+    assert_eq!(GMEM_BINDING_OVERLAP.decide(&f).unwrap().outcome, Some(Errno::EEXIST));
+    f.settings.insert("gmem-binding-overlap".into(), "ENOENT".into());
+    let e = GMEM_BINDING_OVERLAP.decide(&f).unwrap_err();
+    assert!(
+        e.contains("gmem-binding-overlap=ENOENT is not an outcome of that rule: use before, after, EINVAL or EEXIST"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_model_counts_rules_and_flags_an_undecided_one() {
+    let rules = Rules::decide(&facts("6.18.44", None)).unwrap();
+    assert_eq!(rules.gmem_binding_overlap, Decided::Either(Errno::EINVAL, Errno::EEXIST));
+    let mut m = model(Profile { rules, ..Profile::linux_7_3(true) });
+    let g = m.create_guest_memfd(4 * P, 0).unwrap();
+    m.set_memory_region(&gmem_region(1, BASE, 2, g, 0)).unwrap();
+    assert_eq!(m.take_undecided(), None);
+    assert_eq!(m.set_memory_region(&gmem_region(2, BASE + 8 * P, 1, g, P)), Err(Errno::EINVAL));
+    assert_eq!(m.take_undecided(), Some("gmem-binding-overlap"));
+    assert_eq!(m.take_undecided(), None);
+    assert_eq!(m.rule_hits().get("gmem-binding-overlap"), Some(&1));
 }
 
 #[test]

@@ -1,13 +1,15 @@
-//! Rules whose outcome changed in one mainline release: the one place the
-//! release, the outcome before and after, and the upstream change are
-//! written down. The model applies them by its [`crate::Profile`]'s
-//! version; the harness (`kvm_harness::kernel_rules`) applies the same
-//! data to the running kernel and names them in its failure messages.
+//! Rules whose outcome changed upstream: the one place the outcome before
+//! and after, the upstream change and the commits that carry it (stable
+//! backports included) are written down. Which outcome a kernel gets is
+//! decided from evidence that it carries the change ([`crate::decide`]),
+//! never from the code under test; the model reads the decisions through
+//! its [`crate::Profile`], the harness (`kvm_harness::kernel_rules`) for
+//! the named tests.
 
-use std::cmp::Ordering;
 use std::fmt;
 
-use crate::Errno;
+use crate::decide::{Decision, KernelFacts};
+use crate::{Errno, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
 /// A kernel release, `MAJOR.MINOR.PATCH`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,7 +52,7 @@ pub struct Commit {
     /// Abbreviated SHA-1 of the mainline commit; empty where it could not
     /// be confirmed (the subject still finds it with `git log`).
     pub sha: &'static str,
-    /// Its subject line.
+    /// Its subject line, as `git log` and distribution changelogs print it.
     pub subject: &'static str,
 }
 
@@ -63,74 +65,219 @@ impl fmt::Display for Commit {
     }
 }
 
-/// A rule whose outcome changed in one mainline release.
+/// A rule whose outcome changed upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Versioned<T: 'static> {
-    /// The outcome before `since`.
+    /// The rule's name in settings and tables (`gmem-binding-overlap`).
+    pub id: &'static str,
+    /// What the outcome is of, in words.
+    pub summary: &'static str,
+    /// The outcome without the change.
     pub before: T,
-    /// The outcome from `since` on.
+    /// The outcome with it.
     pub after: T,
     /// The first mainline release with `after`.
     pub since: KernelVersion,
-    /// The change that brought `after`.
+    /// The mainline change that brought `after`.
     pub change: Commit,
+    /// Other commits whose presence brings `after` as well: the series the
+    /// change belongs to, and the subjects stable kernels backported
+    /// instead of `change` itself.
+    pub carried_by: &'static [Commit],
 }
 
 /// The outcome a check applies, with the reason it applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expectation<T> {
-    /// What the kernel must do.
-    pub outcome: T,
-    /// Which of the rule's outcomes this is, and why: for failure messages.
+    /// What the kernel must do; `None` when nothing decides between the
+    /// rule's two outcomes (then either is accepted, the same in every check
+    /// of the run).
+    pub outcome: Option<T>,
+    /// Which outcome this is and why, for failure messages.
     pub why: String,
 }
 
-impl<T: Copy + fmt::Debug> Versioned<T> {
-    /// The outcome on a kernel of release `version`.
-    pub fn outcome(&self, version: KernelVersion) -> T {
-        if version < self.since {
-            self.before
-        } else {
-            self.after
+impl<T: Copy + fmt::Debug + PartialEq> Versioned<T> {
+    /// The change and every commit that carries it.
+    pub fn commits(&self) -> impl Iterator<Item = &Commit> {
+        std::iter::once(&self.change).chain(self.carried_by)
+    }
+
+    /// Reads an explicit setting: `before`, `after`, or either outcome as
+    /// printed (`EEXIST`, `true`, `0x3`).
+    pub fn parse_setting(&self, value: &str) -> Option<T> {
+        let value = value.trim();
+        let named = |t: T| format!("{t:?}").eq_ignore_ascii_case(value);
+        match value {
+            "before" => Some(self.before),
+            "after" => Some(self.after),
+            _ if named(self.before) => Some(self.before),
+            _ if named(self.after) => Some(self.after),
+            _ => None,
         }
     }
 
-    /// The outcome on `version`, with the reason; `source` says where the
-    /// release was read (`uname -r = 7.3.4`).
-    pub fn expected_for(&self, version: KernelVersion, source: &str) -> Expectation<T> {
-        let (outcome, relation) = match version.cmp(&self.since) {
-            Ordering::Less => (self.before, "before"),
-            Ordering::Equal | Ordering::Greater => (self.after, "since"),
+    /// The outcome on the kernel `facts` describes, and what decided it.
+    pub fn decide(&self, facts: &KernelFacts) -> Result<Decision<T>, String> {
+        facts.decide(self)
+    }
+
+    /// [`Self::decide`] as the expectation a failure message quotes.
+    pub fn expectation(&self, facts: &KernelFacts) -> Result<Expectation<T>, String> {
+        let decision = self.decide(facts)?;
+        let why = match decision.outcome {
+            Some(outcome) => format!("expected {outcome:?} ({}) because {}", self.id, decision.why),
+            None => format!("{} ({}) is undecided: {}", self.summary, self.id, decision.why),
         };
-        let why = format!(
-            "expected {outcome:?} because {source} is {relation} {}.{}, which changed it from {:?} to {:?} with {}",
-            self.since.major, self.since.minor, self.before, self.after, self.change
-        );
-        Expectation { outcome, why }
+        Ok(Expectation { outcome: decision.outcome, why })
+    }
+}
+
+/// A versioned rule with its outcome type erased: for the decision table,
+/// the settings check and the history queries.
+pub trait Rule: Sync {
+    /// [`Versioned::id`].
+    fn id(&self) -> &'static str;
+    /// [`Versioned::summary`].
+    fn summary(&self) -> &'static str;
+    /// [`Versioned::commits`].
+    fn evidence(&self) -> Vec<Commit>;
+    /// Whether `value` is a valid setting of this rule.
+    fn accepts(&self, value: &str) -> bool;
+    /// The decided outcome in words (`EEXIST`, `EINVAL or EEXIST`) and why.
+    fn describe(&self, facts: &KernelFacts) -> Result<(String, String), String>;
+}
+
+impl<T: Copy + fmt::Debug + PartialEq + Sync> Rule for Versioned<T> {
+    fn id(&self) -> &'static str {
+        self.id
+    }
+
+    fn summary(&self) -> &'static str {
+        self.summary
+    }
+
+    fn evidence(&self) -> Vec<Commit> {
+        self.commits().copied().collect()
+    }
+
+    fn accepts(&self, value: &str) -> bool {
+        self.parse_setting(value).is_some()
+    }
+
+    fn describe(&self, facts: &KernelFacts) -> Result<(String, String), String> {
+        let decision = self.decide(facts)?;
+        let outcome = match decision.outcome {
+            Some(t) => format!("{t:?}"),
+            None => format!("{:?} or {:?} (the same in every check)", self.before, self.after),
+        };
+        Ok((outcome, decision.why))
+    }
+}
+
+/// A 64-bit value shown in hex in expectations (flag masks).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Hex(pub u64);
+
+impl fmt::Debug for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
     }
 }
 
 /// Binding a guest_memfd range that another memslot already binds, with the
 /// GPA ranges disjoint: 6.12's `kvm_gmem_bind()` failed it with its
-/// catch-all `-EINVAL`; since 7.2 the check lives in
-/// `kvm_gmem_commit_memory_region()`, which returns `-EEXIST`, as for
-/// overlapping GPA ranges.
+/// catch-all `-EINVAL`; once bindings are established after the memslot is
+/// ready, the check lives in `kvm_gmem_commit_memory_region()`, which
+/// returns `-EEXIST`, as for overlapping GPA ranges. Mainline got it in 7.2;
+/// 6.12.118 backported the rework (its Debian changelog lists the subjects
+/// below, not 7ea987a90585).
 pub const GMEM_BINDING_OVERLAP: Versioned<Errno> = Versioned {
+    id: "gmem-binding-overlap",
+    summary: "errno of binding a guest_memfd range another memslot binds",
     before: Errno::EINVAL,
     after: Errno::EEXIST,
     since: KernelVersion::new(7, 2),
     change: Commit { sha: "7ea987a90585", subject: "KVM: guest_memfd: Return -EEXIST for overlapping bindings" },
+    carried_by: &[
+        Commit {
+            sha: "",
+            subject: "KVM: guest_memfd: Establish memslot<=>guest_memfd bindings *after* memslot is ready",
+        },
+        Commit { sha: "", subject: "KVM: guest_memfd: Split bind() into prepare()+commit() phases" },
+    ],
 };
 
 /// Whether `KVM_PRE_FAULT_MEMORY` makes progress on a vCPU whose MMU root a
 /// memslot delete or move made obsolete (default VMs zap every root) before
-/// the vCPU ran again. Before 6.18 kvm_mmu_reload() reloads only an invalid
-/// root, the fault finds the root obsolete (is_page_fault_stale()) and
-/// kvm_tdp_map_page() retries RET_PF_RETRY until a signal; from 6.18 it
-/// frees obsolete roots first.
+/// the vCPU ran again. Without the change kvm_mmu_reload() reloads only an
+/// invalid root, the fault finds the root obsolete (is_page_fault_stale())
+/// and kvm_tdp_map_page() retries RET_PF_RETRY until a signal; with it
+/// kvm_mmu_reload() frees obsolete roots first.
 pub const PREFAULT_FREES_OBSOLETE_ROOTS: Versioned<bool> = Versioned {
+    id: "prefault-frees-obsolete-roots",
+    summary: "KVM_PRE_FAULT_MEMORY maps on a root a memslot delete made obsolete",
     before: false,
     after: true,
     since: KernelVersion::new(6, 18),
     change: Commit { sha: "20a6cff3b283", subject: "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()" },
+    carried_by: &[],
 };
+
+/// Whether a binding's guest_memfd offset plus size is compared as an
+/// unsigned value, so that a sum past 2^63 is refused (EINVAL) rather than
+/// going negative and passing the "ends inside the file" check (6.13 to
+/// 7.1). The model generates such offsets only where this is decided true.
+pub const GMEM_BINDING_OFFSETS_UNSIGNED: Versioned<bool> = Versioned {
+    id: "gmem-binding-offsets-unsigned",
+    summary: "a guest_memfd binding's offset + size is checked as an unsigned sum",
+    before: false,
+    after: true,
+    since: KernelVersion::new(7, 2),
+    change: Commit {
+        sha: "eba85fee7fc6",
+        subject: "KVM: guest_memfd: Treat memslot binding offset+size as unsigned values",
+    },
+    carried_by: &[],
+};
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` on `/dev/kvm` and on a VM without private
+/// memory (default VM): `kvm_gmem_get_supported_flags()` offers MMAP, and
+/// INIT_SHARED where `kvm_arch_supports_gmem_init_shared()`, which x86
+/// grants every VM without private memory. Without the change the
+/// capability does not exist and reads 0.
+pub const GMEM_FLAGS_WITHOUT_PRIVATE_MEM: Versioned<Hex> = Versioned {
+    id: "gmem-flags-shared-vm",
+    summary: "KVM_CAP_GUEST_MEMFD_FLAGS of /dev/kvm and a default VM",
+    before: Hex(0),
+    after: Hex(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED),
+    since: KernelVersion::new(6, 18),
+    change: INIT_SHARED_FLAG,
+    carried_by: &[],
+};
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` on a VM with private memory
+/// (`KVM_X86_SW_PROTECTED_VM`): MMAP only, its memory starts private.
+pub const GMEM_FLAGS_WITH_PRIVATE_MEM: Versioned<Hex> = Versioned {
+    id: "gmem-flags-protected-vm",
+    summary: "KVM_CAP_GUEST_MEMFD_FLAGS of a KVM_X86_SW_PROTECTED_VM",
+    before: Hex(0),
+    after: Hex(GUEST_MEMFD_FLAG_MMAP),
+    since: KernelVersion::new(6, 18),
+    change: INIT_SHARED_FLAG,
+    carried_by: &[],
+};
+
+const INIT_SHARED_FLAG: Commit = Commit {
+    sha: "fe2bf6234e94",
+    subject: "KVM: guest_memfd: Add INIT_SHARED flag, reject user page faults if not set",
+};
+
+/// Every versioned rule: settings name them, runs print their decisions.
+pub const ALL: &[&dyn Rule] = &[
+    &GMEM_BINDING_OVERLAP,
+    &PREFAULT_FREES_OBSOLETE_ROOTS,
+    &GMEM_BINDING_OFFSETS_UNSIGNED,
+    &GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
+    &GMEM_FLAGS_WITH_PRIVATE_MEM,
+];
