@@ -16,9 +16,16 @@ use crate::util::{self, io_err, req};
 /// newest version of the requested package among them.
 const SUITES: &[&str] =
     &["bookworm", "bookworm-updates", "bookworm-backports", "trixie", "trixie-updates", "trixie-backports", "sid"];
+/// The security suites, on the security archive: stable kernel updates
+/// (6.12.118 among them) arrive there first, so without them two machines
+/// could test different "6.12"s under one name.
+const SECURITY_SUITES: &[&str] = &["bookworm-security", "trixie-security"];
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Overrides the mirror taken from the system's apt configuration.
 pub const MIRROR_VAR: &str = "KVM_SELFTESTS_DEBIAN_MIRROR";
+/// Overrides the security archive (else the system's, else the mirror's
+/// `-security` sibling).
+pub const SECURITY_MIRROR_VAR: &str = "KVM_SELFTESTS_DEBIAN_SECURITY_MIRROR";
 
 /// A Debian kernel source release, `MAJOR.MINOR` as in `linux-source-7.3`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +72,11 @@ pub struct Tarball {
     pub path: PathBuf,
     /// The top directory inside the tarball.
     pub top: String,
+    /// `linux-source-6.12 6.12.118-1~deb12u1`: what a report names.
+    pub package_version: String,
+    /// The package's Debian changelog, which lists every stable update's
+    /// subjects: the evidence of which upstream changes the source carries.
+    pub changelog: PathBuf,
 }
 
 /// Find the release's tarball: installed by dpkg, or fetched into the cache.
@@ -74,7 +86,13 @@ pub fn tarball(release: &Release) -> Result<Tarball> {
     let installed = release.installed_tarball();
     if installed.is_file() {
         if let Some(version) = installed_version(&package) {
-            return Ok(Tarball { id: util::sanitize(&format!("{package}_{version}")), path: installed, top });
+            return Ok(Tarball {
+                id: util::sanitize(&format!("{package}_{version}")),
+                path: installed,
+                top,
+                package_version: format!("{package} {version}"),
+                changelog: PathBuf::from(format!("/usr/share/doc/{package}/changelog.Debian.gz")),
+            });
         }
     }
     util::ensure_requirements(&[req("apt-get", "apt"), req("dpkg-deb", "dpkg")])?;
@@ -91,7 +109,8 @@ pub fn tarball(release: &Release) -> Result<Tarball> {
             return Err(Error::Debian(format!("{} did not contain {}", deb.display(), path.display())));
         }
     }
-    Ok(Tarball { id, path, top })
+    let changelog = unpacked.join(format!("usr/share/doc/{package}/changelog.Debian.gz"));
+    Ok(Tarball { id, path, top, package_version: format!("{package} {version}"), changelog })
 }
 
 fn installed_version(package: &str) -> Option<String> {
@@ -126,7 +145,13 @@ impl PrivateApt {
             util::create_dir_all(&dir.join(sub))?;
         }
         let mirror = mirror()?;
-        let sources: String = SUITES.iter().map(|s| format!("deb [signed-by={KEYRING}] {mirror} {s} main\n")).collect();
+        let security = security_mirror(&mirror);
+        let sources: String = SUITES
+            .iter()
+            .map(|s| (&mirror, s))
+            .chain(SECURITY_SUITES.iter().map(|s| (&security, s)))
+            .map(|(m, s)| format!("deb [signed-by={KEYRING}] {m} {s} main\n"))
+            .collect();
         let list = dir.join("etc/sources.list");
         if fs::read_to_string(&list).ok().as_deref() != Some(sources.as_str()) {
             fs::write(&list, sources).map_err(io_err(&list))?;
@@ -187,7 +212,7 @@ impl PrivateApt {
             Error::Debian(format!(
                 "no suite of {} ({}) has the package {package}; `apt-cache policy` there shows no candidate",
                 mirror().unwrap_or_default(),
-                SUITES.join(", ")
+                SUITES.iter().chain(SECURITY_SUITES).copied().collect::<Vec<_>>().join(", ")
             ))
         })
     }
@@ -226,21 +251,33 @@ fn mirror() -> Result<String> {
     if let Some(m) = std::env::var(MIRROR_VAR).ok().filter(|m| !m.trim().is_empty()) {
         return Ok(m.trim().to_string());
     }
+    system_archive("Debian").ok_or_else(|| {
+        Error::Debian(format!(
+            "the system's apt sources name no Debian main archive (after `apt-get update`); set {MIRROR_VAR} to a \
+                 Debian mirror URL"
+        ))
+    })
+}
+
+/// The security archive: `KVM_SELFTESTS_DEBIAN_SECURITY_MIRROR`, else the
+/// system's, else the main mirror's sibling (`.../debian-security`).
+fn security_mirror(mirror: &str) -> String {
+    if let Some(m) = std::env::var(SECURITY_MIRROR_VAR).ok().filter(|m| !m.trim().is_empty()) {
+        return m.trim().to_string();
+    }
+    system_archive("Debian-Security").unwrap_or_else(|| format!("{mirror}-security"))
+}
+
+/// The URI the system's apt uses for the archive labelled `label`.
+fn system_archive(label: &str) -> Option<String> {
     let text =
         util::output(Command::new("apt-get").args(["indextargets", "--format", "$(REPO_URI) $(LABEL) $(IDENTIFIER)"]))
             .unwrap_or_default();
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (uri, label, id) = (f.next()?, f.next()?, f.next()?);
-            (label == "Debian" && id == "Packages").then(|| uri.trim_end_matches('/').to_string())
-        })
-        .ok_or_else(|| {
-            Error::Debian(format!(
-                "the system's apt sources name no Debian main archive (after `apt-get update`); set {MIRROR_VAR} to a \
-                 Debian mirror URL"
-            ))
-        })
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (uri, found, id) = (f.next()?, f.next()?, f.next()?);
+        (found == label && id == "Packages").then(|| uri.trim_end_matches('/').to_string())
+    })
 }
 
 #[cfg(test)]

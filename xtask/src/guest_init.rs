@@ -21,6 +21,15 @@ pub fn set_executable(path: &Path) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(io_err(path))
 }
 
+/// Host files the guest's tests read (the host's / is the guest's root).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Files<'a> {
+    /// `KVM_SELFTESTS_KNOWN_FAILURES`.
+    pub known_failures: Option<&'a Path>,
+    /// `KVM_SELFTESTS_KERNEL_HISTORY`.
+    pub history: Option<&'a Path>,
+}
+
 /// How the guest runs the suite: gcov saved per suite, binaries at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -40,9 +49,10 @@ pub fn init_script(
     binaries: &[TestBinary],
     c_tests: &[CTest],
     args: &[String],
-    known_failures: Option<&Path>,
+    files: Files<'_>,
     shape: Shape,
 ) -> String {
+    let Files { known_failures, history } = files;
     let bb = busybox.display();
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let mut s = format!(
@@ -67,7 +77,7 @@ echo "$M init"
 # 2 MiB huge pages for the hugetlb-backed conversion scenarios (128 MiB).
 echo 64 > /proc/sys/vm/nr_hugepages
 [ -c /dev/kvm ] || die "no-kvm"
-probe=$({xtask} guest-probe --results $R/results.jsonl 2>&1)
+{history}probe=$({xtask} guest-probe --results $R/results.jsonl 2>&1)
 rc=$?
 # 126/127: the probe could not even be executed, which is not the kernel's fault.
 [ $rc -ge 126 ] && die "setup-failed cannot run the guest probe: $probe"
@@ -77,6 +87,9 @@ export HOME=/run TMPDIR=/run/tmp RUST_BACKTRACE=1
 export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
 "#,
         xtask = q(xtask),
+        // The evidence the versioned rules are decided by, for the probe and
+        // the tests alike (the host's / is the guest's root).
+        history = history.map(|h| format!("export KVM_SELFTESTS_KERNEL_HISTORY={}\n", q(h))).unwrap_or_default(),
     );
     // The host's suite settings (watchdog, seeds, budgets, ...) apply in the
     // guest too; the runner's own variables are set above.
@@ -188,7 +201,15 @@ mod tests {
         let tests: Vec<CTest> = [("passing_test", "/bin/true"), ("failing_test", "/bin/false")]
             .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"], cases: &[] })
             .to_vec();
-        let script = init_script(Path::new("/bin/busybox"), Path::new("/x"), &[], &tests, &[], None, Shape::default());
+        let script = init_script(
+            Path::new("/bin/busybox"),
+            Path::new("/x"),
+            &[],
+            &tests,
+            &[],
+            Files::default(),
+            Shape::default(),
+        );
         // Run just the part after the setup: the timing helper and the tests.
         let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
         let out = std::process::Command::new("sh")
@@ -215,10 +236,16 @@ mod tests {
             &[TestBinary { name: "vm_types".into(), path: "/t/vm types-1".into() }],
             &[],
             &["it's".into(), "--exact".into()],
-            Some(Path::new("/k/known failures.txt")),
+            Files {
+                known_failures: Some(Path::new("/k/known failures.txt")),
+                history: Some(Path::new("/r/kernel history.txt")),
+            },
             Shape::default(),
         );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
+        // Before the probe, which prints the rules it decides.
+        let history = s.find("export KVM_SELFTESTS_KERNEL_HISTORY='/r/kernel history.txt'\n").unwrap();
+        assert!(history < s.find("guest-probe").unwrap());
         assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));
         assert!(s.contains("'/t/vm types-1' 'it'\\''s' '--exact'\n"));
         assert!(s.contains("echo 'vm_types' $rc >> $R/exit-codes"));

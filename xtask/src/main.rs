@@ -5,6 +5,7 @@ mod coverage;
 mod debian;
 mod error;
 mod guest_init;
+mod history;
 mod kernel;
 mod probe;
 mod qemu;
@@ -275,8 +276,8 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
 pub fn print_verdict(outcome: &vm::RunOutcome) -> ExitCode {
     let s = outcome.summary;
     eprintln!(
-        "xtask: {} passed, {} failed, {} skipped (a skip inside the VM is a failure), {} known failures",
-        s.pass, s.fail, s.skip, s.xfail
+        "xtask: {}: {} passed, {} failed, {} skipped (a skip inside the VM is a failure), {} known failures",
+        outcome.kernel, s.pass, s.fail, s.skip, s.xfail
     );
     for r in outcome.results.iter().filter(|r| r.outcome != report::Outcome::Pass) {
         eprintln!("xtask:   {:?} {}::{}: {}", r.outcome, r.binary, r.test, r.message.lines().next().unwrap_or(""));

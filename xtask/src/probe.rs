@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::report::{Outcome, TestResult};
 use crate::util::io_err;
 
+/// Where the probe leaves the decision table, next to the results file.
+pub const RULES_FILE: &str = "rules.txt";
+
 /// The results-file name of the probe's own check.
 const TEST: &str = "protected_vm_capability_matches_creation";
 
@@ -80,6 +83,12 @@ pub fn run(results: Option<&Path>) -> Result<ExitCode> {
         Verdict::Mismatch(what) => (Outcome::Fail, what),
     };
     println!("{message}");
+    // The versioned rules as this kernel's tests will apply them, and why.
+    let table = kvm_harness::kernel_rules::decision_table(None).map_err(|e| Error::Probe(e.to_string()))?;
+    if let Some(dir) = results.and_then(Path::parent) {
+        let path = dir.join(RULES_FILE);
+        std::fs::write(&path, &table).map_err(io_err(&path))?;
+    }
     if let Some(path) = results {
         let record = TestResult {
             binary: "guest_probe".into(),

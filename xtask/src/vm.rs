@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::coverage;
 use crate::error::{Error, Result};
-use crate::guest_init::{init_script, set_executable, Shape};
+use crate::guest_init::{init_script, set_executable, Files, Shape};
 use crate::kernel::{self, KernelOpts, Source};
 pub use crate::qemu::Accel;
 use crate::qemu::{host_can_nest, qemu_command, supervise, Guest};
@@ -19,6 +19,7 @@ use crate::report::{self, Outcome, Summary, TestResult};
 use crate::test_binaries::{self, TestBinary};
 use crate::upstream::{self, CTest};
 use crate::util::{self, io_err, req};
+use crate::{history, probe};
 
 #[derive(Debug, Clone)]
 pub struct VmOpts {
@@ -70,6 +71,8 @@ impl Default for VmOpts {
 pub struct RunOutcome {
     pub results: Vec<TestResult>,
     pub summary: Summary,
+    /// The kernel under test, named exactly (package version, git describe).
+    pub kernel: String,
 }
 
 impl RunOutcome {
@@ -103,11 +106,16 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         None => kernel::build(&opts.kernel_opts)?,
     };
     let c_tests = if opts.upstream { upstream_tests(&opts.kernel_opts.source)? } else { Vec::new() };
+    let under_test = match &opts.kernel {
+        Some(image) => history::prebuilt(image),
+        None => history::of(&opts.kernel_opts.source)?,
+    };
+    eprintln!("xtask: kernel under test: {}", under_test.name);
 
     // Per process, so concurrent runs (a bisection next to an interactive
     // run) cannot clobber each other's init or results.
     let mut scratch = Scratch { dir: util::output_dir().join(format!("vm-{}", std::process::id())), keep: true };
-    let init = write_init(&scratch.dir, opts, &binaries, &c_tests)?;
+    let init = write_init(&scratch.dir, opts, &binaries, &c_tests, &under_test)?;
     let results_dir = scratch.dir.join("results");
     let accel = match opts.accel {
         Accel::Auto if host_can_nest() => Accel::Kvm,
@@ -124,7 +132,11 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             Err(guest.failure())
         }
     });
-    let outcome = collect(guest, &results_dir)?;
+    let mut outcome = collect(guest, &results_dir)?;
+    outcome.kernel = under_test.name;
+    if let Ok(table) = fs::read_to_string(results_dir.join(probe::RULES_FILE)) {
+        eprint!("xtask: versioned rules on {} (rule, outcome applied, what decided it):\n{table}", outcome.kernel);
+    }
     let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
     eprint!("{}", upstream::wall_times(&outcome.results, &wall));
     if !c_tests.is_empty() {
@@ -154,11 +166,18 @@ fn upstream_tests(source: &Source) -> Result<Vec<CTest>> {
 
 /// Lay out the run directory (results share, a private copy of xtask for
 /// the guest probe) and write the guest's init; returns the init's path.
-fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary], c_tests: &[CTest]) -> Result<PathBuf> {
+fn write_init(
+    run_dir: &Path,
+    opts: &VmOpts,
+    binaries: &[TestBinary],
+    c_tests: &[CTest],
+    under_test: &history::Kernel,
+) -> Result<PathBuf> {
     if run_dir.exists() {
         fs::remove_dir_all(run_dir).map_err(io_err(run_dir))?;
     }
     util::create_dir_all(&run_dir.join("results"))?;
+    let history = history::write(under_test, run_dir)?;
     let known_failures = match &opts.known_failures {
         Some(list) => Some(list.canonicalize().map_err(io_err(list))?),
         None => None,
@@ -177,7 +196,15 @@ fn write_init(run_dir: &Path, opts: &VmOpts, binaries: &[TestBinary], c_tests: &
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
     let shape = Shape { coverage: opts.coverage(), binary_jobs: opts.binary_jobs };
-    let script = init_script(&busybox, &xtask, binaries, c_tests, &test_args, known_failures.as_deref(), shape);
+    let script = init_script(
+        &busybox,
+        &xtask,
+        binaries,
+        c_tests,
+        &test_args,
+        Files { known_failures: known_failures.as_deref(), history: history.as_deref() },
+        shape,
+    );
     fs::write(&init, script).map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)
@@ -219,7 +246,7 @@ fn collect(guest: Result<Guest>, results_dir: &Path) -> Result<RunOutcome> {
             done.as_secs_f64()
         );
     }
-    Ok(RunOutcome { results, summary })
+    Ok(RunOutcome { results, summary, kernel: String::new() })
 }
 
 /// The run's scratch directory: removed after a run that produced a

@@ -69,23 +69,18 @@ fn detect() -> Result<KernelFacts> {
             (version, format!("uname -r = {uname_release}"))
         }
     };
-    let facts = KernelFacts {
+    Ok(KernelFacts {
         release,
         release_source,
         history: history(&uname_release)?,
         settings: settings()?,
         settings_source: RULES_VAR.to_string(),
-    };
-    // Every setting must name a rule and one of its outcomes: a typo is an
-    // error now, not a silently ignored override.
-    for rule in kvm_model::versioned::ALL {
-        rule.describe(&facts).map_err(Error::Config)?;
-    }
-    Ok(facts)
+    })
 }
 
-/// [`RULES_VAR`], each name checked against the known rules.
-fn settings() -> Result<BTreeMap<String, String>> {
+/// [`RULES_VAR`], each entry checked: it must name a rule and one of its
+/// outcomes, so a typo is an error now, not a silently ignored override.
+pub fn settings() -> Result<BTreeMap<String, String>> {
     let Ok(text) = std::env::var(RULES_VAR) else {
         return Ok(BTreeMap::new());
     };
@@ -95,10 +90,17 @@ fn settings() -> Result<BTreeMap<String, String>> {
         let (id, value) =
             item.split_once('=').ok_or_else(|| Error::Config(format!("{RULES_VAR}: `{item}` is not RULE=OUTCOME")))?;
         let id = id.trim();
-        if !ids.contains(&id) {
+        let Some(rule) = kvm_model::versioned::ALL.iter().find(|r| r.id() == id) else {
             return Err(Error::Config(format!("{RULES_VAR}: no rule `{id}`; the rules are {}", ids.join(", "))));
+        };
+        let value = value.trim();
+        if !rule.accepts(value) {
+            return Err(Error::Config(format!(
+                "{RULES_VAR}: `{value}` is not an outcome of {id}: use before, after, or the outcome as the decision \
+                 table prints it"
+            )));
         }
-        settings.insert(id.to_string(), value.trim().to_string());
+        settings.insert(id.to_string(), value.to_string());
     }
     Ok(settings)
 }
@@ -288,7 +290,7 @@ pub struct Fix {
 
 /// The fixes that make `KVM_PRE_FAULT_MEMORY` return instead of spinning
 /// while its memslot is deleted or moved. Both reached mainline through the
-/// kvm-x86 MMU pull for 6.18; neither is in Debian's 6.12.117.
+/// kvm-x86 pulls for 6.15 and 6.18; neither is in Debian's 6.12.118.
 pub const PREFAULT_VS_MEMSLOT_DELETION: &[Fix] = &[
     Fix {
         commit: kvm_model::versioned::PREFAULT_FREES_OBSOLETE_ROOTS.change,
@@ -319,18 +321,37 @@ pub const GMEM_BINDING_OFFSET_SIGNEDNESS: &[Fix] = &[Fix {
 /// IDT or another descriptor table in emulated MMIO) as
 /// `KVM_EXIT_INTERNAL_ERROR` / `KVM_INTERNAL_ERROR_DELIVERY_EV`. Before it,
 /// SVM emulated the faulting instruction again and re-injected the
-/// exception, forever. The mainline SHAs are not confirmed here; the
-/// subjects find them with `git log`.
+/// exception, forever.
 pub const EVENT_VECTORING_MMIO: &[Fix] = &[
     Fix {
-        commit: Commit { sha: "", subject: "KVM: x86: Add emulation status for unhandleable vectoring" },
+        commit: Commit {
+            sha: "5c9cfc486636",
+            subject: "KVM: x86: Add emulation status for unhandleable exception vectoring",
+        },
         mainline: KernelVersion::new(6, 14),
     },
     Fix {
-        commit: Commit { sha: "", subject: "KVM: SVM: Handle event vectoring error in check_emulate_instruction()" },
+        commit: Commit {
+            sha: "7bd7ff99110a",
+            subject: "KVM: SVM: Handle event vectoring error in check_emulate_instruction()",
+        },
         mainline: KernelVersion::new(6, 14),
     },
 ];
+
+/// Every fix list a failure may be hinted with.
+const FIXES: &[&[Fix]] = &[PREFAULT_VS_MEMSLOT_DELETION, GMEM_BINDING_OFFSET_SIGNEDNESS, EVENT_VECTORING_MMIO];
+
+/// Every upstream commit whose presence in a kernel's history decides a
+/// rule or silences a fix hint: what `cargo xtask vm` looks up in a git
+/// tree's log.
+pub fn evidence() -> Vec<Commit> {
+    let rules = kvm_model::versioned::ALL.iter().flat_map(|r| r.evidence());
+    let fixes = FIXES.iter().flat_map(|list| list.iter().map(|f| f.commit));
+    let mut all: Vec<Commit> = rules.chain(fixes).collect();
+    all.dedup_by_key(|c| c.subject);
+    all
+}
 
 /// Run a test body; if it fails on a kernel that may lack a fix, append
 /// "this kernel lacks / may lack upstream fix ..." for each such fix (LTP's

@@ -190,8 +190,9 @@ impl fmt::Debug for Hex {
 /// catch-all `-EINVAL`; once bindings are established after the memslot is
 /// ready, the check lives in `kvm_gmem_commit_memory_region()`, which
 /// returns `-EEXIST`, as for overlapping GPA ranges. Mainline got it in 7.2;
-/// 6.12.118 backported the rework (its Debian changelog lists the subjects
-/// below, not 7ea987a90585).
+/// the binding rework (kvm-x86 SHAs of the 7.4 cycle) was backported to
+/// 7.3.2 and 6.12.118, whose Debian changelogs list its subjects, not
+/// 7ea987a90585.
 pub const GMEM_BINDING_OVERLAP: Versioned<Errno> = Versioned {
     id: "gmem-binding-overlap",
     summary: "errno of binding a guest_memfd range another memslot binds",
@@ -201,10 +202,10 @@ pub const GMEM_BINDING_OVERLAP: Versioned<Errno> = Versioned {
     change: Commit { sha: "7ea987a90585", subject: "KVM: guest_memfd: Return -EEXIST for overlapping bindings" },
     carried_by: &[
         Commit {
-            sha: "",
+            sha: "3fe5d2944e5a",
             subject: "KVM: guest_memfd: Establish memslot<=>guest_memfd bindings *after* memslot is ready",
         },
-        Commit { sha: "", subject: "KVM: guest_memfd: Split bind() into prepare()+commit() phases" },
+        Commit { sha: "83411f32b8ad", subject: "KVM: guest_memfd: Split bind() into prepare()+commit() phases" },
     ],
 };
 
@@ -219,7 +220,7 @@ pub const PREFAULT_FREES_OBSOLETE_ROOTS: Versioned<bool> = Versioned {
     summary: "KVM_PRE_FAULT_MEMORY maps on a root a memslot delete made obsolete",
     before: false,
     after: true,
-    since: KernelVersion::new(6, 18),
+    since: KernelVersion::new(6, 15),
     change: Commit { sha: "20a6cff3b283", subject: "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()" },
     carried_by: &[],
 };
