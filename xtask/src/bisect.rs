@@ -96,7 +96,7 @@ pub fn demo(release: &Release, opts: &VmOpts) -> Result<ExitCode> {
         .arg(format!("--jobs={}", opts.kernel_opts.jobs))
         .arg(format!("--timeout={}", opts.timeout))
         .arg(format!("--boot-timeout={}", opts.boot_timeout))
-        .arg("address_space")
+        .args(["--", "address_space"])
         .current_dir(&tree)
         .stdout(Stdio::piped());
     let mut child = run.spawn().map_err(|source| Error::Spawn { cmd: util::describe(&run), source })?;

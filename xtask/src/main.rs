@@ -54,7 +54,7 @@ enum Cmd {
     /// Exit 0 pass, 1 fail, 125 when the tree does not build, boot or offer
     /// the features (git bisect skip), 128 on host problems (aborts git
     /// bisect run). From a kernel tree:
-    ///   git bisect run <workspace>/target/debug/xtask bisect-step --tree . FILTER
+    ///   git bisect run <workspace>/target/debug/xtask bisect-step --tree . -- FILTER
     BisectStep(VmArgs),
     /// Build a throwaway git history from a Debian source with one breaking
     /// commit and check that `git bisect run` finds it.
@@ -258,7 +258,9 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::BisectStep(args) => {
             if args.source.tree.is_none() {
-                return Err(Error::Usage("bisect-step needs --tree DIR".into()));
+                // Bad usage must stop `git bisect run`, not skip a revision.
+                eprintln!("xtask: error: {}", Error::Usage("bisect-step needs --tree DIR".into()));
+                return Ok(ExitCode::from(BISECT_ABORT));
             }
             Ok(bisect::step(&args.opts()))
         }
