@@ -15,7 +15,7 @@ use std::time::Duration;
 use guest_payloads::{layout, GUEST_AGENT};
 use kvm_harness::bindings::KVM_MEM_GUEST_MEMFD;
 use kvm_harness::kernel_rules::{
-    ForRunningKernel, Hex, Versioned, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM,
+    self, ForRunningKernel, Hex, Versioned, GMEM_FLAGS_WITHOUT_PRIVATE_MEM, GMEM_FLAGS_WITH_PRIVATE_MEM,
 };
 use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
@@ -121,9 +121,26 @@ fn flag_cases(kvm: Option<&Arc<Kvm>>, vm_type: VmType) -> Vec<u64> {
 fn advertised_flags_match_kernel(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
     let rule = match vm_type {
         VmType::Default => &GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
+        VmType::SwProtected if kernel_rules::gmem_in_place_conversion() => {
+            // A mode, not a version: with private state per guest_memfd, a
+            // protected VM's guest_memfd may start shared.
+            let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+            return ensure_flags(&vm_type.to_string(), supported_flags(kvm, vm_type)?, flags);
+        }
         VmType::SwProtected => &GMEM_FLAGS_WITH_PRIVATE_MEM,
     };
     expect_advertised(&vm_type.to_string(), supported_flags(kvm, vm_type)?, rule)
+}
+
+/// The flags of a protected VM under `kvm.gmem_in_place_conversion=Y`.
+fn ensure_flags(scope: &str, advertised: u64, expected: u64) -> Result<()> {
+    ensure!(
+        advertised == expected,
+        format!("{scope}: {} reports the flags of this kernel", Cap::GuestMemfdFlags),
+        "{} = {advertised:#x}; expected {expected:#x} because kvm.gmem_in_place_conversion = Y",
+        Cap::GuestMemfdFlags
+    );
+    Ok(())
 }
 
 /// The same on `/dev/kvm`, which answers for a VM without private memory.

@@ -608,7 +608,10 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         choices.push((3, s));
     }
     if let Some(s) = rebinding_focus(state) {
-        choices.push((2, s));
+        // Only offered while a live binding exists, which is rare enough
+        // (about one state in ten) that a lower weight left 200 sequences
+        // with one to three overlap checks.
+        choices.push((6, s));
     }
     if let Some(s) = fallocate(state) {
         choices.push((2, s));
@@ -1987,18 +1990,24 @@ fn main() -> ExitCode {
     let mut suite = Suite::new("model");
     for vm_type in VmType::ALL {
         let short = vm_type.short();
+        // The model's private memory is the VM's KVM_SET_MEMORY_ATTRIBUTES
+        // state; a protected VM without it (7.4's in-place conversion,
+        // kvm.gmem_in_place_conversion=Y, keeps PRIVATE per guest_memfd) is
+        // outside what the model covers, and skips naming the capability.
+        let needs = || match vm_type {
+            VmType::Default => vec![Need::VmType(vm_type)],
+            VmType::SwProtected => vec![Need::VmType(vm_type), Need::VmCap(vm_type, Cap::MemoryAttributes)],
+        };
         // kvm_pvm's known bug (see .ci/known-failures/kvm_pvm.txt) is left
         // to the focused test below, which that list names.
         let gmem_only = if on_kvm_pvm() { GmemOnlyAccess::Excluded } else { GmemOnlyAccess::Included };
-        suite.test(format!("{short}_vm_random_sequences_match_the_model"), vec![Need::VmType(vm_type)], move |kvm| {
+        suite.test(format!("{short}_vm_random_sequences_match_the_model"), needs(), move |kvm| {
             explore(kvm, vm_type, gmem_only)
         });
         if gmem_only_slots(suite.kvm(), vm_type) {
-            suite.test(
-                format!("{short}_vm_guest_accesses_to_gmem_only_slots_match_the_model"),
-                vec![Need::VmType(vm_type)],
-                move |kvm| explore(kvm, vm_type, GmemOnlyAccess::Focused),
-            );
+            suite.test(format!("{short}_vm_guest_accesses_to_gmem_only_slots_match_the_model"), needs(), move |kvm| {
+                explore(kvm, vm_type, GmemOnlyAccess::Focused)
+            });
         }
     }
     suite.run()

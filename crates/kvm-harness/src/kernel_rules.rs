@@ -151,6 +151,22 @@ pub fn format_history(source: &str, complete: bool, text: &str) -> String {
     format!("source: {source}\ncomplete: {}\n---\n{text}", if complete { "yes" } else { "no" })
 }
 
+/// A `kvm` module parameter as `/sys/module/kvm/parameters` shows it;
+/// `None` where this kernel has no such parameter.
+pub fn kvm_param(name: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/module/kvm/parameters/{name}")).ok().map(|v| v.trim().to_string())
+}
+
+/// The modes that select rules without any version: read from the running
+/// kernel, printed with the decision table.
+pub const MODES: &[&str] = &["gmem_in_place_conversion", "mmio_caching"];
+
+/// `kvm.gmem_in_place_conversion` (7.4): private state kept per
+/// guest_memfd (`KVM_SET_MEMORY_ATTRIBUTES2` on its fd) instead of per VM.
+pub fn gmem_in_place_conversion() -> bool {
+    kvm_param("gmem_in_place_conversion").is_some_and(|v| v == "Y")
+}
+
 /// The rules a process consulted, for [`consulted_table`].
 static CONSULTED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
 
@@ -162,6 +178,12 @@ pub fn decision_table(ids: Option<&BTreeSet<&'static str>>) -> Result<String> {
     for rule in kvm_model::versioned::ALL.iter().filter(|r| ids.is_none_or(|ids| ids.contains(r.id()))) {
         let (outcome, why) = rule.describe(facts).map_err(Error::Config)?;
         out.push_str(&format!("  {:<32} {outcome:<10} {why}\n", rule.id()));
+    }
+    if ids.is_none() {
+        for mode in MODES {
+            let value = kvm_param(mode).unwrap_or_else(|| "absent".into());
+            out.push_str(&format!("  {:<32} {value:<10} /sys/module/kvm/parameters/{mode}\n", format!("kvm.{mode}")));
+        }
     }
     Ok(out)
 }
