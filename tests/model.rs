@@ -721,7 +721,7 @@ enum Outcome {
     HostWrite,
     /// A host read that completed, with the value.
     HostRead(u64),
-    /// A host access killed by SIGBUS (in a forked child).
+    /// A host access killed by SIGBUS (in a child process).
     HostSigbus,
     /// `KVM_PRE_FAULT_MEMORY`: the result and the range written back.
     PreFault(PreFault),
@@ -984,12 +984,12 @@ impl Real {
                 Outcome::Call(Ok(()))
             }
             Step::CloseGmem { gmem } => {
-                // Not while a forked child (of any test thread) holds
-                // copies of the fd and mapping: the release must happen now.
-                kvm_harness::without_forked_children(|| {
-                    self.gmems[*gmem] = None;
-                    self.gmem_maps[*gmem] = None;
-                });
+                // The file is released here unless a memslot's memory maps
+                // it (then when that slot is deleted), as the model says:
+                // no other thread's child holds a copy of the fd or a
+                // mapping (kvm_harness::child).
+                self.gmems[*gmem] = None;
+                self.gmem_maps[*gmem] = None;
                 Outcome::Call(Ok(()))
             }
             Step::HypercallExits { mask } => {
@@ -1071,11 +1071,11 @@ impl Real {
     /// Whether the 8 bytes at `offset` of `mem` can be accessed. First
     /// through `process_vm_readv`/`writev` on this process (a page the
     /// kernel refuses fails with EFAULT there, not SIGBUS); the first
-    /// refused one of each mapping per sequence must then kill a forked
-    /// child doing `access` with SIGBUS, so the signal itself is checked
-    /// and never reaches the test (a fork per refusal would cost seconds
-    /// under TCG). A write's probe stores the value; the real write then
-    /// stores it again.
+    /// refused one of each mapping per sequence must then kill a child
+    /// process doing `access` with SIGBUS, so the signal itself is checked
+    /// and never reaches the test (a child per refusal costs far more than
+    /// the syscall under TCG). A write's probe stores the value; the real
+    /// write then stores it again.
     fn probe(&self, mem: ModelMemory, offset: u64, access: Access, value: u64) -> Result<bool, String> {
         let memory = self.memory(mem);
         let probed = match access {
@@ -1860,7 +1860,18 @@ struct Resources {
 
 impl Resources {
     fn now() -> Result<Self> {
-        let fds = std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Config(format!("/proc/self/fd: {e}")))?.count();
+        // stat() of /proc/self/fd counts the open fds (since 6.2) without
+        // taking a reference to any file. Listing the directory takes one
+        // on each in turn, and a file a concurrent test closes meanwhile
+        // would then be released when this thread returns to user space,
+        // not at that test's close, where its model expects it.
+        let dir = std::fs::metadata("/proc/self/fd").map_err(|e| Error::Config(format!("/proc/self/fd: {e}")))?;
+        let fds = match dir.len() {
+            // Before 6.2 the size is 0 (this process has fds open, /dev/kvm
+            // at least); such kernels have no guest_memfd to close.
+            0 => std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Config(format!("/proc/self/fd: {e}")))?.count(),
+            n => n as usize,
+        };
         let status = std::fs::read_to_string("/proc/self/status")
             .map_err(|e| Error::Config(format!("/proc/self/status: {e}")))?;
         let rss_kib = status

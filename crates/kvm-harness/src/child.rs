@@ -6,31 +6,66 @@
 //! lowering `RLIMIT_NOFILE` would starve every other test. The runner
 //! executes tests on threads of one process, so such work runs in a child
 //! process instead, and the test asserts how the child ended.
+//!
+//! The child shares this process's memory and fd table (`CLONE_VM |
+//! CLONE_FILES`) while the calling thread waits (`CLONE_VFORK`): it holds
+//! no reference of its own to any file. A forked child would hold a copy of
+//! every fd and mapping of the process, the other test threads' included,
+//! until it exits; a file another thread closes and unmaps meanwhile (a
+//! guest_memfd whose release a test observes: its memslots lose their
+//! file) would live on. That let a model-test sequence see a guest_memfd
+//! served several steps after its last mapping went, while a concurrent
+//! test's child still held a copy of that mapping.
 
 use std::fmt;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 
-use crate::error::{Error, Result, SysResult};
+use crate::error::{Error, Result};
 use crate::memory::HostMemory;
 
-/// Held shared by every forked child's lifetime (fork to reaping), and
-/// exclusively by [`without_forked_children`].
-static CHILDREN: std::sync::RwLock<()> = std::sync::RwLock::new(());
+/// Bytes of stack a child runs on (it calls a few libc functions only).
+const CHILD_STACK: usize = 64 << 10;
 
-/// Runs `f` while no child of [`HostMemory::access_in_child`] (or of the
-/// fd-exhaustion ioctls) exists.
+/// Runs `body(data)` in a child process that shares this process's memory
+/// and fd table but has its own signal dispositions and resource limits
+/// (no `CLONE_SIGHAND`, no `CLONE_THREAD`); this thread waits until the
+/// child has exited (`CLONE_VFORK`), then reaps it. Returns how it ended.
 ///
-/// A child gets a copy of every fd and mapping of the process, the other
-/// test threads' included, and holds those files open until it exits. A
-/// test that closes a file and then observes its release (a guest_memfd's
-/// `release` unbinding its memslots) closes it here, so no child of a
-/// concurrent test keeps it alive a moment longer.
-pub fn without_forked_children<R>(f: impl FnOnce() -> R) -> R {
-    let _no_children = CHILDREN.write().unwrap_or_else(|e| e.into_inner());
-    f()
+/// # Safety
+/// `body` must run only async-signal-safe code that neither allocates nor
+/// unwinds: it runs on a small stack of its own, over this thread's
+/// thread-local storage, in memory the other threads keep using. It ends
+/// the child with `_exit()` or by returning the exit status. `data` must be
+/// what `body` expects.
+unsafe fn run_in_child<T>(
+    what: &str,
+    body: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    data: &mut T,
+) -> Result<ChildFate> {
+    let mut stack = vec![0u8; CHILD_STACK];
+    // 16-byte aligned, as x86-64 requires (the buffer's length is a multiple).
+    let top = stack.as_mut_ptr().wrapping_add(stack.len() & !15);
+    // SAFETY: the stack is ours and outlives the child (CLONE_VFORK returns
+    // once it has exited); `data` lives until then too; the caller
+    // guarantees what `body` does.
+    let pid = unsafe {
+        libc::clone(
+            body,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_mut(data).cast(),
+        )
+    };
+    if pid < 0 {
+        return Err(Error::Sys {
+            op: format!("clone(CLONE_VM | CLONE_FILES | CLONE_VFORK) for {what}"),
+            errno: nix::errno::Errno::last(),
+        });
+    }
+    reap(Pid::from_raw(pid))
 }
 
 /// What the child does to each byte of the range.
@@ -71,12 +106,13 @@ impl fmt::Display for ChildFate {
 }
 
 impl HostMemory {
-    /// Forks; the child performs `access` on every byte of
+    /// Runs a child process that performs `access` on every byte of
     /// `[offset, offset + len)` of this mapping in ascending order, then
     /// exits with status 0. Returns how the child ended.
     ///
-    /// Stores that complete before a fault stay visible to the parent when
-    /// the mapping is shared (`MAP_SHARED`). The child dumps no core.
+    /// The child shares this process's memory (see the module
+    /// documentation): its stores, and the pages its accesses fault in, are
+    /// this process's. The child dumps no core.
     pub fn access_in_child(&self, offset: u64, len: u64, access: Access) -> Result<ChildFate> {
         if offset.checked_add(len).is_none_or(|end| end > self.len()) {
             return Err(Error::Misuse(format!(
@@ -84,22 +120,29 @@ impl HostMemory {
                 self.len()
             )));
         }
-        let start = (self.addr() + offset) as *mut u8;
-        let len = len as usize;
-        let _child_lifetime = CHILDREN.read().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the child runs only async-signal-safe code (signal(),
+        let mut job = AccessJob { start: (self.addr() + offset) as *mut u8, len: len as usize, access };
+        // SAFETY: access_child runs only async-signal-safe code (signal(),
         // setrlimit(), volatile accesses to a range checked above to lie in
-        // this live mapping, _exit()) and never returns into Rust code or
-        // allocates, so the other threads' locks copied by fork() are never
-        // touched.
-        match unsafe { fork() }.sys(|| "fork()".to_string())? {
-            ForkResult::Child => {
-                // SAFETY: see above; this process only touches the mapping and exits.
-                unsafe { child_body(start, len, access) }
-            }
-            ForkResult::Parent { child } => reap(child),
-        }
+        // this mapping, which lives while this thread waits, _exit()) and
+        // never allocates or returns; it gets the AccessJob it expects.
+        unsafe { run_in_child("a child access", access_child, &mut job) }
     }
+}
+
+/// What [`access_child`] does.
+struct AccessJob {
+    start: *mut u8,
+    len: usize,
+    access: Access,
+}
+
+/// The child of [`HostMemory::access_in_child`].
+extern "C" fn access_child(data: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `data` is the AccessJob the parent passed, alive while it waits.
+    let job = unsafe { &*data.cast::<AccessJob>() };
+    // SAFETY: the range lies in a live mapping (checked by access_in_child)
+    // and this is the child run_in_child started.
+    unsafe { child_body(job.start, job.len, job.access) }
 }
 
 /// Waits for `child` to end and says how it did.
@@ -143,47 +186,32 @@ extern "C" fn fd_ioctl_child(data: *mut libc::c_void) -> libc::c_int {
 /// `RLIMIT_NOFILE` is 0, so the kernel cannot install the new fd: `Ok(())`
 /// if it succeeded anyway, else the errno, as an [`Error::Sys`] naming `op`.
 ///
-/// The child shares this process's memory (`CLONE_VM`, as KVM serves VM
-/// ioctls only to the VM's own mm) but has its own fd table and limits;
-/// `CLONE_VFORK` suspends this thread until it exits.
+/// The child shares this process's memory (KVM serves VM ioctls only to the
+/// VM's own mm) and fd table (an fd the kernel installs despite the limit
+/// stays open in this process); the limit is the child's own.
 ///
 /// # Safety
 /// `arg` must be what `request` expects: an integer, or the address of a
 /// live value of the request's struct.
 pub(crate) unsafe fn ioctl_without_free_fds(op: &str, fd: i32, request: u64, arg: u64) -> Result<()> {
     let op = format!("{op} in a child with RLIMIT_NOFILE 0");
-    // The child copies the fd table: it counts as a forked child.
-    let _child = CHILDREN.read().unwrap_or_else(|e| e.into_inner());
     let mut call = FdIoctl { fd, request, arg };
-    let mut stack = vec![0u8; 64 << 10];
-    // 16-byte aligned, as x86-64 requires (the buffer's length is a multiple).
-    let top = stack.as_mut_ptr().wrapping_add(stack.len() & !15);
-    // SAFETY: the stack is ours and outlives the child (CLONE_VFORK returns
-    // once it has exited); `call` lives until then too. The child runs only
-    // setrlimit and the ioctl and never allocates.
-    let pid = unsafe {
-        libc::clone(
-            fd_ioctl_child,
-            top.cast(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            std::ptr::from_mut(&mut call).cast(),
-        )
-    };
-    if pid < 0 {
-        return Err(Error::Sys { op: "clone(CLONE_VM | CLONE_VFORK)".into(), errno: nix::errno::Errno::last() });
-    }
-    match reap(Pid::from_raw(pid))? {
+    // SAFETY: fd_ioctl_child runs only setrlimit and the ioctl (whose
+    // argument the caller guarantees) and never allocates; it gets the
+    // FdIoctl it expects.
+    match unsafe { run_in_child(&op, fd_ioctl_child, &mut call) }? {
         ChildFate::Exited(0) => Ok(()),
         ChildFate::Exited(errno) => Err(Error::Sys { op, errno: nix::errno::Errno::from_raw(errno) }),
         ChildFate::Signaled(signal) => Err(Error::Guest(format!("{op}: the child was killed by {}", signal.as_str()))),
     }
 }
 
-/// The forked child: default fault dispositions, no core dump, the accesses, `_exit(0)`.
+/// The child's accesses: default fault dispositions, no core dump, the
+/// accesses, `_exit(0)`.
 ///
 /// # Safety
 /// `[start, start + len)` must be a live mapping of this process; must only
-/// be called in a freshly forked child.
+/// be called in a child [`run_in_child`] started.
 unsafe fn child_body(start: *mut u8, len: usize, access: Access) -> ! {
     for signal in [libc::SIGBUS, libc::SIGSEGV] {
         // SAFETY: restoring the default disposition is a plain syscall; the
@@ -204,8 +232,8 @@ unsafe fn child_body(start: *mut u8, len: usize, access: Access) -> ! {
             Access::Write(value) => unsafe { std::ptr::write_volatile(byte, value) },
         }
     }
-    // SAFETY: _exit skips atexit handlers and stdio flushing, as a forked
-    // child of a multi-threaded process must.
+    // SAFETY: _exit skips atexit handlers and stdio flushing, as a child
+    // sharing a multi-threaded process's memory must.
     unsafe { libc::_exit(0) }
 }
 
@@ -245,8 +273,73 @@ mod tests {
         assert_eq!(mem.read_u64(0), 0xa5a5_a5a5_a5a5_a5a5);
     }
 
+    /// An exclusive OFD lock on the whole of `fd` (held by its open file
+    /// description until that is released), or the errno.
+    fn ofd_lock(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<libc::c_int> {
+        let whole = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_OFD_SETLK(&whole))
+    }
+
+    /// The rule a test that watches a guest_memfd's release relies on: the
+    /// child of one thread holds no reference to the files and mappings of
+    /// the others, so a file another thread closes and unmaps while such a
+    /// child runs is released at once. The release is seen through an OFD
+    /// lock, which lives exactly as long as the open file description.
     #[test]
-    fn out_of_range_requests_are_refused_before_forking() {
+    fn a_running_child_holds_no_reference_to_the_files_of_the_process() {
+        use std::os::fd::AsRawFd;
+        use std::time::{Duration, Instant};
+
+        let page = page_size();
+        let watched = memfd_create(c"watched", MFdFlags::empty()).unwrap();
+        nix::unistd::ftruncate(&watched, page as i64).unwrap();
+        // A second open file description of the same inode, to probe the lock.
+        let probe = nix::fcntl::open(
+            format!("/proc/self/fd/{}", watched.as_raw_fd()).as_str(),
+            nix::fcntl::OFlag::O_RDWR,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        ofd_lock(watched.as_fd()).unwrap();
+        assert_eq!(ofd_lock(probe.as_fd()), Err(nix::errno::Errno::EAGAIN), "the lock is held");
+        let mapping = HostMemory::map_fd(watched.as_fd(), 0, page, MapFlags::MAP_SHARED).unwrap();
+
+        // A child that lives a while: its first store marks that it runs,
+        // then it writes 16 MiB.
+        let long = 16 << 20;
+        let busy_fd = memfd_create(c"busy", MFdFlags::empty()).unwrap();
+        nix::unistd::ftruncate(&busy_fd, long as i64).unwrap();
+        let busy = HostMemory::map_fd(busy_fd.as_fd(), 0, long, MapFlags::MAP_SHARED).unwrap();
+        std::thread::scope(|s| {
+            let child = s.spawn(|| busy.access_in_child(0, long, Access::Write(0xa5)));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while busy.read_u64(0) & 0xff != 0xa5 {
+                assert!(Instant::now() < deadline, "the child never started");
+                std::thread::yield_now();
+            }
+            // The child runs; this thread drops the file's last references.
+            drop(watched);
+            drop(mapping);
+            let released = ofd_lock(probe.as_fd());
+            let fate = child.join().expect("the probing thread panicked").unwrap();
+            assert_eq!(fate, ChildFate::Exited(0));
+            assert_eq!(
+                released,
+                Ok(0),
+                "the file closed and unmapped while another thread's child ran was released at once \
+                 (its lock went with it)"
+            );
+        });
+    }
+
+    #[test]
+    fn out_of_range_requests_are_refused_before_a_child_starts() {
         let (_fd, mem) = half_backed();
         assert!(matches!(mem.access_in_child(2 * page_size(), 1, Access::Read), Err(Error::Misuse(_))));
         assert_eq!(ChildFate::Signaled(Signal::SIGBUS).to_string(), "was killed by SIGBUS");

@@ -31,7 +31,7 @@ pub mod watchdog;
 pub mod x86;
 
 pub use agent::{Agent, Op};
-pub use child::{without_forked_children, Access, ChildFate};
+pub use child::{Access, ChildFate};
 pub use error::{errno_name, expect_eq, expect_errno, expect_ok, sweep, Error, Result, SysResult};
 pub use kvm::{Cap, Kvm, VmType};
 /// The uAPI structs and constants, for tests that spell out raw requests.
