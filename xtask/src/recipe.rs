@@ -223,4 +223,28 @@ mod tests {
             assert!(recipe.text.contains(&format!("\nCONFIG_{guest_memfd}=y\n")));
         }
     }
+
+    #[test]
+    fn shipped_fragment_requires_memory_attributes_under_either_name() {
+        // 7.4 renamed KVM_GENERIC_MEMORY_ATTRIBUTES to KVM_VM_MEMORY_ATTRIBUTES
+        // (no alias): a tree with either name is testable, one with the new
+        // name requires the new one.
+        let frag = fs::read_to_string(fragment_path()).unwrap();
+        for (attributes, absent) in [
+            ("KVM_VM_MEMORY_ATTRIBUTES", "KVM_GENERIC_MEMORY_ATTRIBUTES"),
+            ("KVM_GENERIC_MEMORY_ATTRIBUTES", "KVM_VM_MEMORY_ATTRIBUTES"),
+        ] {
+            let names: Vec<&str> = frag
+                .lines()
+                .flat_map(|l| l.split(" | "))
+                .filter_map(|l| l.trim().trim_start_matches("# ").split(['=', ' ']).next())
+                .filter_map(|n| n.strip_prefix("CONFIG_"))
+                .filter(|n| *n != absent)
+                .collect();
+            let recipe = Recipe::resolve(&frag, &names.into_iter().collect()).unwrap();
+            let required = Required { name: format!("CONFIG_{attributes}"), value: Some("y".into()) };
+            assert!(recipe.required.contains(&required), "{attributes}");
+            assert!(!recipe.text.contains(&format!("CONFIG_{absent}=")), "{absent}");
+        }
+    }
 }
