@@ -106,6 +106,15 @@ impl KernelFacts {
                 return Ok(Decision { outcome: Some(rule.after), basis: Basis::Carries, why });
             }
         }
+        if rule.since == KernelVersion::UNRELEASED {
+            // No release has it: absent unless the history names it.
+            let what = match &self.history {
+                Some(h) => format!("{} does not list it", h.source),
+                None => "no kernel history was found to name it".to_string(),
+            };
+            let why = format!("no mainline release carries {} yet, and {what}", rule.change);
+            return Ok(Decision { outcome: Some(rule.before), basis: Basis::Lacks, why });
+        }
         if self.release >= rule.since {
             let why = format!(
                 "{} is at or after {}.{}, the mainline release of {}",

@@ -4,6 +4,7 @@
 use crate::decide::{Decided, KernelFacts};
 use crate::versioned::{
     KernelVersion, GMEM_BINDING_OFFSETS_UNSIGNED, GMEM_BINDING_OVERLAP, PREFAULT_FREES_OBSOLETE_ROOTS,
+    STALE_MMIO_PRIVATE_FAULTS,
 };
 use crate::Errno;
 
@@ -17,6 +18,8 @@ pub struct Rules {
     pub prefault_frees_obsolete_roots: Decided<bool>,
     /// [`GMEM_BINDING_OFFSETS_UNSIGNED`].
     pub gmem_binding_offsets_unsigned: Decided<bool>,
+    /// [`STALE_MMIO_PRIVATE_FAULTS`].
+    pub stale_mmio_private_faults: Decided<bool>,
 }
 
 impl Rules {
@@ -27,6 +30,7 @@ impl Rules {
             gmem_binding_overlap: Decided::of(&GMEM_BINDING_OVERLAP, facts)?,
             prefault_frees_obsolete_roots: Decided::of(&PREFAULT_FREES_OBSOLETE_ROOTS, facts)?,
             gmem_binding_offsets_unsigned: Decided::of(&GMEM_BINDING_OFFSETS_UNSIGNED, facts)?,
+            stale_mmio_private_faults: Decided::of(&STALE_MMIO_PRIVATE_FAULTS, facts)?,
         })
     }
 

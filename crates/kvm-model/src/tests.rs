@@ -106,6 +106,21 @@ fn an_explicit_setting_decides_first_and_a_bad_one_is_named() {
 }
 
 #[test]
+fn an_unreleased_fix_is_absent_unless_the_history_names_it() {
+    use crate::versioned::STALE_MMIO_PRIVATE_FAULTS;
+    let d = STALE_MMIO_PRIVATE_FAULTS.decide(&facts("7.3.4", None)).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(false), Basis::Lacks), "{}", d.why);
+    assert!(d.why.starts_with("no mainline release carries \"KVM: x86/mmu: Don't treat private faults"), "{}", d.why);
+    let patched = History::new(
+        "the Debian changelog of linux-source-7.3 7.3.4-1~bpo13+1 and --patch",
+        "Subject: [PATCH 2/2] KVM: x86/mmu: Don't treat private faults on stale MMIO\n SPTEs as shared\n",
+        true,
+    );
+    let d = STALE_MMIO_PRIVATE_FAULTS.decide(&facts("7.3.4", Some(patched))).unwrap();
+    assert_eq!((d.outcome, d.basis), (Some(true), Basis::Carries), "{}", d.why);
+}
+
+#[test]
 fn the_model_counts_rules_and_flags_an_undecided_one() {
     let rules = Rules::decide(&facts("6.18.44", None)).unwrap();
     assert_eq!(rules.gmem_binding_overlap, Decided::Either(Errno::EINVAL, Errno::EEXIST));
@@ -338,6 +353,19 @@ fn a_cached_mmio_gfn_made_private_is_mmio_then_a_shared_fault_after_any_memslot_
     assert_eq!(m.guest_read(BASE), shared_fault, "a protected VM's memslot deletion zaps only that memslot");
     m.set_memory_attributes(BASE, P, 0, 0).unwrap();
     assert_eq!(m.guest_read(BASE), mmio, "a shared access re-installs a current MMIO SPTE");
+
+    let fixed = Rules { stale_mmio_private_faults: Decided::Is(true), ..Rules::of_release(7, 3) };
+    let mut m = model(Profile { rules: fixed, ..Profile::linux_7_3(true) });
+    assert_eq!(m.guest_read(BASE), mmio);
+    m.set_memory_attributes(BASE, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    assert_eq!(m.guest_read(BASE), mmio, "with the fix, a current MMIO SPTE is still emulated MMIO");
+    let far = anon_region(&mut m, 3, BASE + (1 << 30), 1);
+    m.set_memory_region(&far).unwrap();
+    assert_eq!(
+        m.guest_read(BASE),
+        private(BASE),
+        "with the fix, a stale MMIO SPTE changes nothing for a private access"
+    );
 
     let mut uncached = model(Profile { mmio_caching: false, ..Profile::linux_6_12(true) });
     assert_eq!(uncached.guest_read(BASE), mmio);

@@ -23,6 +23,10 @@ pub struct KernelVersion {
 }
 
 impl KernelVersion {
+    /// The `since` of a fix no mainline release carries yet: only a
+    /// kernel's history can show it.
+    pub const UNRELEASED: KernelVersion = KernelVersion { major: u32::MAX, minor: 0, patch: 0 };
+
     /// `MAJOR.MINOR`, the first release of a mainline cycle.
     pub const fn new(major: u32, minor: u32) -> Self {
         KernelVersion { major, minor, patch: 0 }
@@ -274,8 +278,28 @@ const INIT_SHARED_FLAG: Commit = Commit {
     subject: "KVM: guest_memfd: Add INIT_SHARED flag, reject user page faults if not set",
 };
 
+/// Whether a private access whose GFN has a stale MMIO SPTE is a private
+/// fault. Without the fix, kvm_mmu_page_fault() never marks a reserved-bit
+/// fault PFERR_PRIVATE_ACCESS ("emulated MMIO is shared-only"); when
+/// handle_mmio_page_fault() finds the SPTE stale, the fault takes the full
+/// path as a shared one and kvm_mmu_faultin_pfn() exits
+/// KVM_EXIT_MEMORY_FAULT with flags 0, even where guest_memfd backs the
+/// GFN (findings/stale-mmio-spte). No mainline release has the fix, so
+/// only a history that names it (a tree carrying it, `--patch`) decides
+/// `true`.
+pub const STALE_MMIO_PRIVATE_FAULTS: Versioned<bool> = Versioned {
+    id: "stale-mmio-private-faults",
+    summary: "a private access over a stale MMIO SPTE faults as private",
+    before: false,
+    after: true,
+    since: KernelVersion::UNRELEASED,
+    change: Commit { sha: "", subject: "KVM: x86/mmu: Don't treat private faults on stale MMIO SPTEs as shared" },
+    carried_by: &[],
+};
+
 /// Every versioned rule: settings name them, runs print their decisions.
 pub const ALL: &[&dyn Rule] = &[
+    &STALE_MMIO_PRIVATE_FAULTS,
     &GMEM_BINDING_OVERLAP,
     &PREFAULT_FREES_OBSOLETE_ROOTS,
     &GMEM_BINDING_OFFSETS_UNSIGNED,
