@@ -15,16 +15,32 @@ use crate::{kernel, print_verdict};
 
 /// One `git bisect run` step: 0 good, 1 bad, 125 untestable, 128 abort.
 pub fn step(opts: &VmOpts) -> ExitCode {
-    match vm::run(opts) {
-        Ok(outcome) => print_verdict(&outcome),
-        Err(e) if e.is_kernel_fault() => {
-            eprintln!("xtask: bisect-step: cannot test this revision (skip): {e}");
-            ExitCode::from(125)
+    let result = vm::run(opts);
+    let code = code(&result);
+    match &result {
+        Ok(outcome) => {
+            print_verdict(outcome);
         }
-        Err(e) => {
-            eprintln!("xtask: bisect-step: aborting the bisection: {e}");
-            ExitCode::from(128)
-        }
+        Err(e) if code == SKIP => eprintln!("xtask: bisect-step: cannot test this revision (skip): {e}"),
+        Err(e) => eprintln!("xtask: bisect-step: aborting the bisection: {e}"),
+    }
+    ExitCode::from(code)
+}
+
+/// `git bisect run`'s status for an untestable revision.
+const SKIP: u8 = 125;
+
+/// The status of a run for `git bisect run`: a run that got to its tests is
+/// good or bad by its results, whatever stopped it (a kernel that panics or
+/// hangs during the tests is bad: `vm::run` turns that into a failed test);
+/// a kernel that never got there is skipped; anything else (host, user,
+/// recipe) aborts.
+pub fn code(result: &Result<vm::RunOutcome>) -> u8 {
+    match result {
+        Ok(outcome) if outcome.passed() => 0,
+        Ok(_) => 1,
+        Err(e) if e.is_kernel_fault() => SKIP,
+        Err(_) => 128,
     }
 }
 

@@ -9,6 +9,9 @@ pub enum Error {
     #[error("{0}\n\nRun `cargo xtask help` for usage.")]
     Usage(String),
 
+    #[error("{0}")]
+    Config(String),
+
     #[error("cannot run `{cmd}`: {source}")]
     Spawn { cmd: String, source: io::Error },
 
@@ -59,7 +62,7 @@ pub enum Error {
     #[error("guest did not reach init within {0} s (kernel hung or failed to mount the 9p root)")]
     BootTimeout(u64),
 
-    #[error("guest run exceeded {0} s; QEMU was killed")]
+    #[error("guest run exceeded {0} s before its first test; QEMU was killed")]
     RunTimeout(u64),
 
     #[error("guest kernel panicked{}", if *.during_tests { " while running tests" } else { " during boot" })]
@@ -99,7 +102,9 @@ impl Error {
     /// distinction `git bisect run` needs between "skip" and "abort". A
     /// directory that is no kernel tree at all is the user's mistake, and
     /// so is a recipe whose options the tree defines but does not accept
-    /// (the recipe needs fixing, which no bisection step can do).
+    /// (the recipe needs fixing, which no bisection step can do). A guest
+    /// that dies after its first test started is no error but a failed
+    /// test (see `vm::judge`): these are kernels that never got that far.
     pub fn is_kernel_fault(&self) -> bool {
         matches!(
             self,
@@ -107,6 +112,7 @@ impl Error {
                 | Error::KernelBuild { .. }
                 | Error::NoKernelImage(_)
                 | Error::BootTimeout(_)
+                | Error::RunTimeout(_)
                 | Error::KernelPanic { during_tests: false }
                 | Error::QemuExited { booted: false, .. }
                 | Error::GuestNoKvm

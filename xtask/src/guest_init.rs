@@ -9,9 +9,12 @@ use std::path::Path;
 
 use crate::coverage;
 use crate::error::Result;
+use crate::limits::{self, Limits};
 use crate::test_binaries::TestBinary;
 use crate::upstream::CTest;
 use crate::util::{self, io_err, shell_quote};
+#[cfg(test)]
+use std::path::PathBuf;
 
 /// Prefix of the lines the generated init prints to report progress.
 pub const MARKER: &str = "@@KVM-SELFTESTS@@";
@@ -30,16 +33,18 @@ pub struct Files<'a> {
     pub history: Option<&'a Path>,
 }
 
-/// How the guest runs the suite: gcov saved per suite, binaries at once.
-#[derive(Debug, Clone, Copy)]
+/// How the guest runs the suite: gcov saved per suite, binaries at once,
+/// each binary's and C test's time limit.
+#[derive(Debug, Clone)]
 pub struct Shape {
     pub coverage: bool,
     pub binary_jobs: usize,
+    pub limits: Limits,
 }
 
 impl Default for Shape {
     fn default() -> Self {
-        Shape { coverage: false, binary_jobs: 1 }
+        Shape { coverage: false, binary_jobs: 1, limits: Limits::default() }
     }
 }
 
@@ -50,7 +55,7 @@ pub fn init_script(
     c_tests: &[CTest],
     args: &[String],
     files: Files<'_>,
-    shape: Shape,
+    shape: &Shape,
 ) -> String {
     let Files { known_failures, history } = files;
     let bb = busybox.display();
@@ -61,6 +66,10 @@ pub fn init_script(
 bb={bb}
 M={MARKER}
 R=/run/results
+T=/run/tmp
+# fd 3: the console, for the time-limit watchdog of a binary whose output
+# is redirected.
+exec 3>&1
 die() {{ echo "$M $1"; $bb poweroff -f; }}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 $bb mount -t proc proc /proc || die "setup-failed mounting /proc"
@@ -105,19 +114,20 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     let args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
     // Wall times in centiseconds, from /proc/uptime ("12.34" -> 1234).
     s.push_str("now() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }\n");
+    s.push_str(LIMITED);
     // Coverage counts the suites only: not boot, not the probe.
     if shape.coverage {
         s.push_str(coverage::init_functions());
         s.push_str("gcov_reset\n");
     }
-    s.push_str(&binary_runs(binaries, &args, shape.binary_jobs));
+    s.push_str(&binary_runs(binaries, &args, shape.binary_jobs, &shape.limits));
     if shape.coverage {
         s.push_str("gcov_save rust\n");
         if !c_tests.is_empty() {
             s.push_str("gcov_reset\n");
         }
     }
-    s.push_str(&c_test_runs(c_tests));
+    s.push_str(&c_test_runs(c_tests, &shape.limits));
     if shape.coverage && !c_tests.is_empty() {
         s.push_str("gcov_save upstream\n");
     }
@@ -125,20 +135,58 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     s
 }
 
+/// `limited NAME SECS PROG ARGS...`: PROG in a session (so a process group)
+/// of its own, with a watchdog that, once SECS have passed, announces the
+/// timeout, sends SIGTERM to the whole group (threads, forked children,
+/// helpers) and SIGKILL 5 s later. busybox's `timeout` signals only its
+/// child, not the group. The watchdog is a session of its own too, so that
+/// killing it takes its `sleep` along. Returns PROG's status and sets `timed_out` to SECS
+/// when the watchdog fired, else empty. `setsid` execs in place (a
+/// background job is no group leader), so `$!` is the group's id.
+const LIMITED: &str = r#"limited() {
+    _n=$1 _s=$2
+    shift 2
+    $bb setsid "$@" 3>&- &
+    _p=$!
+    $bb setsid $bb sh -c '$0 sleep $1 <&- >&- 2>&-; : > $3/timed-out.$4; echo "$5 timeout $2 $1" >&3
+        kill -TERM -$4; $0 sleep 5; kill -KILL -$4' $bb $_s "$_n" $T $_p "$M" 2>/dev/null &
+    _w=$!
+    wait $_p
+    _rc=$?
+    # The group once the watchdog is in its own session; the process itself
+    # if it is not yet (then it has started nothing).
+    kill -KILL -$_w 2>/dev/null || kill -KILL $_w 2>/dev/null
+    wait $_w 2>/dev/null
+    timed_out=
+    [ -e $T/timed-out.$_p ] && { timed_out=$_s; $bb rm -f $T/timed-out.$_p; }
+    return $_rc
+}
+"#;
+
 /// The shell lines running each test binary and recording its exit status
-/// and wall time. With `jobs` > 1, up to that many binaries run at once
-/// (the guest's CPUs idle while tests wait in the kernel, e.g. for VM
-/// teardown); each one's output is held back and printed when it finishes,
-/// so the console shows whole binaries, not interleaved lines.
-fn binary_runs(binaries: &[TestBinary], args: &[String], jobs: usize) -> String {
+/// and wall time, and its time limit if it ran out (then its test list, to
+/// name the tests that never reported). With `jobs` > 1, up to that many
+/// binaries run at once (the guest's CPUs idle while tests wait in the
+/// kernel, e.g. for VM teardown); each one's output is held back and
+/// printed when it finishes, so the console shows whole binaries, not
+/// interleaved lines.
+fn binary_runs(binaries: &[TestBinary], args: &[String], jobs: usize, limits: &Limits) -> String {
     let mut s = String::new();
     if jobs > 1 {
         s.push_str("running=0\n");
     }
     for b in binaries {
         let name = shell_quote(&b.name);
-        let run = format!("{} {}", shell_quote(&b.path.to_string_lossy()), args.join(" "));
-        let record = format!("echo {name} $rc >> $R/exit-codes\necho {name} $(( $(now) - t0 )) >> $R/wall-times");
+        let secs = limits.of(&b.name);
+        let exe = shell_quote(&b.path.to_string_lossy());
+        let run = format!("limited {name} {secs} {exe} {}", args.join(" "));
+        let list = shell_quote(&format!("{}.tests", b.name));
+        let record = format!(
+            "echo {name} $rc >> $R/exit-codes\necho {name} $(( $(now) - t0 )) >> $R/wall-times\n\
+             [ -n \"$timed_out\" ] && {{ echo {name} $timed_out >> $R/timeouts\n\
+             limited {name} 30 {exe} --list {} > $R/{list} 2>/dev/null; }}\necho \"$M end \"{name}\" $rc\"",
+            args.join(" ")
+        );
         if jobs > 1 {
             let out = shell_quote(&format!("/run/tmp/{}.out", b.name));
             let _ = writeln!(
@@ -158,18 +206,25 @@ fn binary_runs(binaries: &[TestBinary], args: &[String], jobs: usize) -> String 
 }
 
 /// The tree's C tests (--upstream), each recorded as a result of binary
-/// `upstream` from its kselftest exit code (4 meaning skip).
-fn c_test_runs(c_tests: &[CTest]) -> String {
+/// `upstream` from its kselftest exit code (4 meaning skip), or as a
+/// failure naming its time limit when that ran out.
+fn c_test_runs(c_tests: &[CTest], limits: &Limits) -> String {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let mut s = String::new();
     for t in c_tests {
         let name = shell_quote(&t.name);
+        let secs = limits.of(&t.name);
         let _ = writeln!(
             s,
-            "echo \"$M run \"{name}\nt0=$(now)\n{}\nrc=$?\ncs=$(( $(now) - t0 ))\n\
-             case $rc in 0) o=pass;; 4) o=skip;; *) o=fail;; esac\n\
-             echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"exit status $rc\\\"}}\" >> $R/results.jsonl",
-            q(&t.path)
+            "echo \"$M run \"{name}\nt0=$(now)\nlimited {name} {secs} {}\nrc=$?\ncs=$(( $(now) - t0 ))\n\
+             case $rc in 0) o=pass;; 4) o=skip;; *) o=fail;; esac\nmsg=\"exit status $rc\"\n\
+             [ -n \"$timed_out\" ] && {{ o=fail; msg=\"did not finish within its time limit of $timed_out s: its \
+             process group was killed (exit status $rc; the limit is set with --test-timeout \"{name}\"=SECS or \
+             {env})\"; }}\n\
+             echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"$msg\\\"}}\" >> $R/results.jsonl\n\
+             echo \"$M end \"{name}\" $rc\"",
+            q(&t.path),
+            env = limits::ENV,
         );
     }
     s
@@ -178,7 +233,8 @@ fn c_test_runs(c_tests: &[CTest]) -> String {
 /// The `KVM_SELFTESTS_*` variables to pass on to the guest: all but those
 /// the runner sets itself.
 fn forwarded_settings(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
-    const OWN: [&str; 3] = ["KVM_SELFTESTS_STRICT", "KVM_SELFTESTS_RESULTS", "KVM_SELFTESTS_KNOWN_FAILURES"];
+    const OWN: [&str; 4] =
+        ["KVM_SELFTESTS_STRICT", "KVM_SELFTESTS_RESULTS", "KVM_SELFTESTS_KNOWN_FAILURES", limits::ENV];
     let mut settings: Vec<(String, String)> = vars
         .filter(|(name, _)| {
             name.starts_with("KVM_SELFTESTS_")
@@ -194,13 +250,32 @@ fn forwarded_settings(vars: impl Iterator<Item = (String, String)>) -> Vec<(Stri
 mod tests {
     use super::*;
 
+    /// Run the part of `script` after the setup (the helpers and the tests)
+    /// under busybox, with `dir` as the results share and scratch space.
+    fn run_body(script: &str, dir: &Path) -> std::process::Output {
+        let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
+        std::process::Command::new("busybox")
+            .arg("sh")
+            .arg("-c")
+            .arg(format!("bb=busybox M=@@ R={0} T={0}\nexec 3>&1\n{body}", dir.display()))
+            .output()
+            .unwrap()
+    }
+
+    fn scratch(what: &str) -> PathBuf {
+        let dir = env::temp_dir().join(format!("xtask-{what}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn c_test(name: &str, path: &Path) -> CTest {
+        CTest { name: name.into(), path: path.into(), ported_by: &["x"], cases: &[] }
+    }
+
     #[test]
     fn c_tests_record_their_verdict_as_results() {
-        let dir = env::temp_dir().join(format!("xtask-init-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let tests: Vec<CTest> = [("passing_test", "/bin/true"), ("failing_test", "/bin/false")]
-            .map(|(name, path)| CTest { name: name.into(), path: path.into(), ported_by: &["x"], cases: &[] })
-            .to_vec();
+        let dir = scratch("init");
+        let tests = [c_test("passing_test", Path::new("/bin/true")), c_test("failing_test", Path::new("/bin/false"))];
         let script = init_script(
             Path::new("/bin/busybox"),
             Path::new("/x"),
@@ -208,15 +283,9 @@ mod tests {
             &tests,
             &[],
             Files::default(),
-            Shape::default(),
+            &Shape::default(),
         );
-        // Run just the part after the setup: the timing helper and the tests.
-        let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("M=@@ R={}\n{body}", dir.display()))
-            .output()
-            .unwrap();
+        let out = run_body(&script, &dir);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let results = crate::report::read_results(&dir.join("results.jsonl")).unwrap();
         let verdicts: Vec<_> =
@@ -224,6 +293,70 @@ mod tests {
         assert_eq!(
             verdicts,
             [("passing_test", "pass".into(), "exit status 0"), ("failing_test", "fail".into(), "exit status 1")]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_binary_or_c_test_out_of_time_is_killed_with_its_children_and_the_rest_runs() {
+        let dir = scratch("limits");
+        // A test binary that lists two tests and, run, leaves a child and hangs.
+        let hang = dir.join("hang");
+        fs::write(
+            &hang,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = --list ] && {{ echo 'a: test'; echo 'b: test'; exit 0; }}\n\
+                 sleep 100 & echo $! > {0}/child.$$\nsleep 100\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        set_executable(&hang).unwrap();
+        let binaries = [
+            TestBinary { name: "hangs".into(), path: hang.clone() },
+            TestBinary { name: "after".into(), path: "/bin/true".into() },
+        ];
+        let tests = [c_test("hanging_test", &hang), c_test("next_test", Path::new("/bin/true"))];
+        let shape = Shape {
+            limits: Limits::new(["1".parse().unwrap(), "hanging_test=2".parse().unwrap()]),
+            ..Shape::default()
+        };
+        let script =
+            init_script(Path::new("/bin/busybox"), Path::new("/x"), &binaries, &tests, &[], Files::default(), &shape);
+        assert!(script.contains("limited 'hangs' 1 "), "{script}");
+        assert!(script.contains("limited 'hanging_test' 2 "), "{script}");
+        let start = std::time::Instant::now();
+        let out = run_body(&script, &dir);
+        let took = start.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+        assert!(stdout.contains("@@ timeout hangs 1\n"), "{stdout}");
+        assert!(stdout.contains("@@ end after 0\n"), "{stdout}");
+        assert_eq!(fs::read_to_string(dir.join("timeouts")).unwrap(), "hangs 1\n");
+        assert_eq!(fs::read_to_string(dir.join("exit-codes")).unwrap(), "hangs 143\nafter 0\n");
+        assert_eq!(fs::read_to_string(dir.join("hangs.tests")).unwrap(), "a: test\nb: test\n");
+        // The process group went: no child of a killed run survives it.
+        for entry in fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if name.starts_with("child.") {
+                let pid = fs::read_to_string(dir.join(&name)).unwrap();
+                // Gone, or a zombie waiting for whoever inherited it.
+                let stat = fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+                let state = stat.rsplit_once(") ").map_or("", |(_, rest)| &rest[..1]);
+                assert!(matches!(state, "" | "Z"), "{name} ({pid}) survived: {stat}");
+            }
+        }
+        let results = crate::report::read_results(&dir.join("results.jsonl")).unwrap();
+        let verdicts: Vec<_> = results.iter().map(|r| (r.test.as_str(), r.outcome.to_string())).collect();
+        assert_eq!(verdicts, [("hanging_test", "fail".into()), ("next_test", "pass".into())]);
+        assert!(
+            results[0].message.starts_with(
+                "did not finish within its time limit of 2 s: its process group was killed (exit status 143; the \
+                 limit is set with --test-timeout hanging_test=SECS or KVM_SELFTESTS_TEST_TIMEOUT)"
+            ),
+            "{}",
+            results[0].message
         );
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -240,14 +373,14 @@ mod tests {
                 known_failures: Some(Path::new("/k/known failures.txt")),
                 history: Some(Path::new("/r/kernel history.txt")),
             },
-            Shape::default(),
+            &Shape::default(),
         );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         // Before the probe, which prints the rules it decides.
         let history = s.find("export KVM_SELFTESTS_KERNEL_HISTORY='/r/kernel history.txt'\n").unwrap();
         assert!(history < s.find("guest-probe").unwrap());
         assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));
-        assert!(s.contains("'/t/vm types-1' 'it'\\''s' '--exact'\n"));
+        assert!(s.contains("limited 'vm_types' 60 '/t/vm types-1' 'it'\\''s' '--exact'\n"), "{s}");
         assert!(s.contains("echo 'vm_types' $rc >> $R/exit-codes"));
     }
 
@@ -258,11 +391,12 @@ mod tests {
         let binaries: Vec<TestBinary> = [("a", "/bin/true"), ("b", "/bin/false"), ("c", "/bin/echo")]
             .map(|(name, path)| TestBinary { name: name.into(), path: path.into() })
             .into();
-        let body = binary_runs(&binaries, &["hello".to_string()], 2).replace("/run/tmp", &dir.to_string_lossy());
+        let body = binary_runs(&binaries, &["hello".to_string()], 2, &Limits::default())
+            .replace("/run/tmp", &dir.to_string_lossy());
         let out = std::process::Command::new("busybox")
             .arg("sh")
             .arg("-c")
-            .arg(format!("bb=busybox M=@@ R={}\nnow() {{ echo 0; }}\n{body}", dir.display()))
+            .arg(format!("bb=busybox M=@@ R={0} T={0}\nnow() {{ echo 0; }}\n{LIMITED}{body}", dir.display()))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -7,6 +7,7 @@ mod error;
 mod guest_init;
 mod history;
 mod kernel;
+mod limits;
 mod probe;
 mod qemu;
 mod recipe;
@@ -153,6 +154,11 @@ struct VmArgs {
     /// reports) next to another binary.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     binary_jobs: u32,
+    /// Time limit in seconds of every test binary and C test in the guest
+    /// (SECS), or of one (NAME=SECS); repeatable, applied in order after
+    /// KVM_SELFTESTS_TEST_TIMEOUT. One out of time is killed and fails.
+    #[arg(long, value_name = "[NAME=]SECS")]
+    test_timeout: Vec<limits::Limit>,
     /// Passed to every test binary, after `--` only: filters, --exact, ...
     /// (so a misspelled flag is an error, never a test filter).
     #[arg(value_name = "TEST ARGS", last = true)]
@@ -209,6 +215,7 @@ impl VmArgs {
             bench: self.bench,
             upstream: self.upstream,
             binary_jobs: self.binary_jobs as usize,
+            test_timeouts: self.test_timeout,
             ..VmOpts::default()
         };
         self.guest.apply(&mut opts);

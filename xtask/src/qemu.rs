@@ -4,7 +4,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -71,24 +71,102 @@ pub fn qemu_command(kernel: &Path, init: &Path, results: &Path, accel: Accel) ->
 #[derive(Debug)]
 enum Event {
     Marker(String),
-    Panic,
+    /// A line of a kernel oops or panic report (timestamp stripped).
+    Crash(String),
+    Panic(String),
     Eof,
 }
 
-/// What was seen of the guest; explains a run that did not finish.
-#[derive(Debug, Default)]
+/// How QEMU's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// QEMU exited (a guest's poweroff, or a panic with `-no-reboot`).
+    Exited(ExitStatus),
+    /// The guest did not reach init in this many seconds; QEMU was killed.
+    BootTimeout(u64),
+    /// The whole run took longer than this many seconds; QEMU was killed.
+    RunTimeout(u64),
+    /// The console closed but QEMU did not exit; it was killed.
+    Lingered,
+}
+
+/// What was seen of the guest on its console; explains a run that did not
+/// finish, and names what was running when it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guest {
-    booted: bool,
+    pub booted: bool,
     /// Since QEMU started: the first test binary began.
     pub first_test: Option<Duration>,
     /// Since QEMU started: the init reported every binary done.
     pub done: Option<Duration>,
-    panicked: bool,
-    failure: Option<String>,
-    exit: Option<std::process::ExitStatus>,
+    /// Binaries and C tests started and not yet ended, in start order.
+    pub running: Vec<String>,
+    /// Binaries and C tests whose time limit ran out: (name, seconds).
+    pub limits_hit: Vec<(String, u64)>,
+    /// The first lines of a kernel oops report, if one was printed.
+    pub oops: Vec<String>,
+    /// The `Kernel panic - not syncing: ...` line, if the kernel panicked.
+    pub panic: Option<String>,
+    /// The init's no-kvm / probe-failed / setup-failed marker.
+    pub failure: Option<String>,
+    pub end: End,
 }
 
+/// Oops lines kept for the failure record: the cause, then where it was.
+const OOPS_LINES: usize = 4;
+
 impl Guest {
+    pub(crate) fn new() -> Self {
+        Guest {
+            booted: false,
+            first_test: None,
+            done: None,
+            running: Vec::new(),
+            limits_hit: Vec::new(),
+            oops: Vec::new(),
+            panic: None,
+            failure: None,
+            end: End::RunTimeout(0),
+        }
+    }
+
+    fn see(&mut self, event: Event, since_start: Duration) {
+        match event {
+            Event::Marker(m) => self.marker(&m, since_start),
+            Event::Crash(line) if self.oops.len() < OOPS_LINES => self.oops.push(line),
+            Event::Panic(line) => {
+                self.panic.get_or_insert(line);
+            }
+            Event::Crash(_) | Event::Eof => {}
+        }
+    }
+
+    fn marker(&mut self, m: &str, since_start: Duration) {
+        let (kind, rest) = m.split_once(' ').unwrap_or((m, ""));
+        match kind {
+            "init" => self.booted = true,
+            "run" => {
+                self.first_test.get_or_insert(since_start);
+                self.running.push(rest.to_string());
+            }
+            "end" => {
+                let name = rest.rsplit_once(' ').map_or(rest, |(name, _rc)| name);
+                if let Some(at) = self.running.iter().position(|r| r == name) {
+                    self.running.remove(at);
+                }
+            }
+            "timeout" => {
+                if let Some((name, secs)) = rest.rsplit_once(' ') {
+                    self.limits_hit.push((name.to_string(), secs.parse().unwrap_or(0)));
+                }
+            }
+            "done" => self.done = Some(since_start),
+            "no-kvm" | "probe-failed" | "setup-failed" => self.failure = Some(m.to_string()),
+            _ => {}
+        }
+    }
+
+    /// Why a guest that never reached the tests gave no verdict.
     pub fn failure(&self) -> Error {
         if let Some(f) = &self.failure {
             if f == "no-kvm" {
@@ -101,12 +179,48 @@ impl Guest {
                 return Error::GuestSetup(m.to_string());
             }
         }
-        if self.panicked {
+        if self.panic.is_some() {
             return Error::KernelPanic { during_tests: self.first_test.is_some() };
         }
-        match self.exit {
-            Some(status) => Error::QemuExited { status, booted: self.booted },
-            None => Error::GuestSetup("the guest stopped without a verdict".into()),
+        match self.end {
+            End::BootTimeout(secs) => Error::BootTimeout(secs),
+            End::RunTimeout(secs) => Error::RunTimeout(secs),
+            End::Exited(status) => Error::QemuExited { status, booted: self.booted },
+            End::Lingered => Error::GuestSetup("the guest stopped without a verdict".into()),
+        }
+    }
+
+    /// What stopped a guest after its tests had started: the kernel's own
+    /// words where it printed any.
+    pub fn death(&self) -> String {
+        let what = match (&self.panic, self.end) {
+            (Some(panic), _) => {
+                let mut lines: Vec<&str> = self.oops.iter().map(String::as_str).collect();
+                lines.push(panic);
+                format!("the guest kernel panicked: {}", lines.join(" | "))
+            }
+            (None, End::RunTimeout(secs)) => {
+                format!("the guest stopped responding: the run exceeded its limit of {secs} s and QEMU was killed")
+            }
+            (None, End::BootTimeout(secs)) => format!("the guest did not boot within {secs} s"),
+            (None, End::Exited(status)) => format!("QEMU exited ({status}) before the guest finished its tests"),
+            (None, End::Lingered) => "the guest's console closed before it finished its tests".to_string(),
+        };
+        let what = if self.panic.is_none() && !self.oops.is_empty() {
+            format!("{what}; the kernel reported: {}", self.oops.join(" | "))
+        } else {
+            what
+        };
+        let hit: Vec<String> = self
+            .limits_hit
+            .iter()
+            .filter(|(name, _)| self.running.contains(name))
+            .map(|(name, secs)| format!("{name} had run out of its time limit of {secs} s and did not die when killed"))
+            .collect();
+        if hit.is_empty() {
+            what
+        } else {
+            format!("{what} ({})", hit.join("; "))
         }
     }
 }
@@ -120,33 +234,21 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64) -> Result<G
     let (tx, rx) = mpsc::channel();
     let reader = thread::spawn(move || stream_console(stdout, &tx));
 
-    let mut guest = Guest::default();
+    let mut guest = Guest::new();
     let boot_deadline = start + Duration::from_secs(boot_timeout);
     let run_deadline = start + Duration::from_secs(timeout);
     loop {
         let deadline = if guest.booted { run_deadline } else { boot_deadline.min(run_deadline) };
         let wait = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
-            Ok(Event::Marker(m)) => {
-                let (kind, _) = m.split_once(' ').unwrap_or((&m, ""));
-                match kind {
-                    "init" => guest.booted = true,
-                    "run" if guest.first_test.is_none() => guest.first_test = Some(start.elapsed()),
-                    "done" => guest.done = Some(start.elapsed()),
-                    "no-kvm" | "probe-failed" | "setup-failed" => guest.failure = Some(m),
-                    _ => {}
-                }
-            }
-            Ok(Event::Panic) => guest.panicked = true,
             Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(event) => guest.see(event, start.elapsed()),
             Err(RecvTimeoutError::Timeout) => {
                 kill(&mut child);
                 reader.join().ok();
-                return Err(if guest.booted {
-                    Error::RunTimeout(timeout)
-                } else {
-                    Error::BootTimeout(boot_timeout.min(timeout))
-                });
+                guest.end =
+                    if guest.booted { End::RunTimeout(timeout) } else { End::BootTimeout(boot_timeout.min(timeout)) };
+                return Ok(guest);
             }
         }
     }
@@ -156,12 +258,13 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64) -> Result<G
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
-                guest.exit = Some(status);
+                guest.end = End::Exited(status);
                 break;
             }
             Ok(None) if Instant::now() < grace => thread::sleep(Duration::from_millis(50)),
             _ => {
                 kill(&mut child);
+                guest.end = End::Lingered;
                 break;
             }
         }
@@ -172,6 +275,18 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64) -> Result<G
 fn kill(child: &mut Child) {
     child.kill().ok();
     child.wait().ok();
+}
+
+/// How the lines of a kernel oops report that say what and where begin.
+const OOPS_STARTS: &[&str] =
+    &["kernel BUG at", "BUG: ", "Oops: ", "general protection fault", "Unable to handle", "RIP: "];
+
+/// A kernel message without its `[   12.345678] ` timestamp.
+fn without_timestamp(line: &str) -> &str {
+    match line.trim_start().strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+        Some((stamp, msg)) if stamp.trim().bytes().all(|b| b.is_ascii_digit() || b == b'.') => msg,
+        _ => line,
+    }
 }
 
 /// Copy the console to stdout byte for byte while picking out marker and
@@ -199,8 +314,13 @@ fn stream_console(stdout: impl Read, tx: &mpsc::Sender<Event>) {
             let text = text.trim_end_matches('\r');
             if let Some(m) = text.strip_prefix(MARKER) {
                 tx.send(Event::Marker(m.trim().to_string())).ok();
-            } else if text.contains("Kernel panic - not syncing") {
-                tx.send(Event::Panic).ok();
+            } else {
+                let msg = without_timestamp(text);
+                if msg.starts_with("Kernel panic - not syncing") {
+                    tx.send(Event::Panic(msg.to_string())).ok();
+                } else if OOPS_STARTS.iter().any(|s| msg.starts_with(s)) {
+                    tx.send(Event::Crash(msg.to_string())).ok();
+                }
             }
             line.clear();
         }
@@ -213,12 +333,58 @@ fn stream_console(stdout: impl Read, tx: &mpsc::Sender<Event>) {
 mod tests {
     use super::*;
 
+    /// The guest as the supervisor sees it after this console output and end.
+    fn seen(console: &str, end: End) -> Guest {
+        let (tx, rx) = mpsc::channel();
+        stream_console(console.as_bytes(), &tx);
+        let mut guest = Guest::new();
+        for (n, event) in rx.try_iter().enumerate() {
+            guest.see(event, Duration::from_secs(n as u64));
+        }
+        guest.end = end;
+        guest
+    }
+
     #[test]
     fn markers_and_panics_are_seen() {
-        let console = b"noise\r\n@@KVM-SELFTESTS@@ init\r\nKernel panic - not syncing: x\r\n";
+        let console = "noise\r\n@@KVM-SELFTESTS@@ init\r\n[    3.250000] Kernel panic - not syncing: x\r\n";
         let (tx, rx) = mpsc::channel();
-        stream_console(&console[..], &tx);
+        stream_console(console.as_bytes(), &tx);
         let events: Vec<_> = rx.try_iter().map(|e| format!("{e:?}")).collect();
-        assert_eq!(events, ["Marker(\"init\")", "Panic", "Eof"]);
+        assert_eq!(events, ["Marker(\"init\")", "Panic(\"Kernel panic - not syncing: x\")", "Eof"]);
+    }
+
+    #[test]
+    fn a_panic_names_the_binary_that_was_running_and_the_kernels_words() {
+        let console = "@@KVM-SELFTESTS@@ init\n@@KVM-SELFTESTS@@ run vm_types\n@@KVM-SELFTESTS@@ end vm_types 0\n\
+                       @@KVM-SELFTESTS@@ run pre_fault_memory\n\
+                       [   40.1] kernel BUG at arch/x86/kvm/mmu/mmu.c:4777!\n\
+                       [   40.1] Oops: invalid opcode: 0000 [#1] SMP\n[   40.1] CPU: 1 PID: 77\n\
+                       [   40.1] RIP: 0010:kvm_tdp_map_page+0x1/0x2\n[   40.1] RIP: 0033:0x7f\n[   40.1] RSP: 0\n\
+                       [   40.2] Kernel panic - not syncing: Fatal exception\n";
+        let guest = seen(console, End::Exited(ExitStatus::default()));
+        assert_eq!(guest.first_test, Some(Duration::from_secs(1)));
+        assert_eq!(guest.running, ["pre_fault_memory"]);
+        assert_eq!(
+            guest.death(),
+            "the guest kernel panicked: kernel BUG at arch/x86/kvm/mmu/mmu.c:4777! | Oops: invalid opcode: 0000 \
+             [#1] SMP | RIP: 0010:kvm_tdp_map_page+0x1/0x2 | RIP: 0033:0x7f | Kernel panic - not syncing: Fatal \
+             exception"
+        );
+        assert!(matches!(guest.failure(), Error::KernelPanic { during_tests: true }));
+    }
+
+    #[test]
+    fn a_hang_past_the_time_limit_says_the_kill_did_not_end_it() {
+        let console = "@@KVM-SELFTESTS@@ init\n@@KVM-SELFTESTS@@ run a b\n@@KVM-SELFTESTS@@ run c\n\
+                       @@KVM-SELFTESTS@@ end c 1\n@@KVM-SELFTESTS@@ timeout c 9\n@@KVM-SELFTESTS@@ timeout a b 60\n";
+        let guest = seen(console, End::RunTimeout(600));
+        assert_eq!(guest.running, ["a b"]);
+        assert_eq!(guest.limits_hit, [("c".to_string(), 9), ("a b".to_string(), 60)]);
+        assert_eq!(
+            guest.death(),
+            "the guest stopped responding: the run exceeded its limit of 600 s and QEMU was killed (a b had run \
+             out of its time limit of 60 s and did not die when killed)"
+        );
     }
 }

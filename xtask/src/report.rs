@@ -184,6 +184,57 @@ pub fn write_reports(results: &[TestResult], stem: &str) -> Result<(PathBuf, Pat
     Ok((ktap_path, junit_path))
 }
 
+/// The test name of the failure a binary gets when its time limit ran out.
+pub const TIMEOUT_TEST: &str = "time_limit";
+
+/// Tests named in a timeout's failure, before "and N more".
+const UNREPORTED_SHOWN: usize = 8;
+
+/// A binary whose time limit ran out in the guest (a `name secs` line of
+/// `timeouts` in the results directory) becomes one failure naming it, the
+/// limit, and the tests that never reported: those running when it was
+/// killed and those not started, in the binary's order (from `NAME.tests`,
+/// its `--list` output, which the guest saves after the kill).
+pub fn add_timeouts(results: &mut Vec<TestResult>, dir: &Path) -> Result<()> {
+    let path = dir.join("timeouts");
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    for line in text.lines() {
+        let Some((name, secs)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let listed = fs::read_to_string(dir.join(format!("{name}.tests"))).unwrap_or_default();
+        let unreported: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .filter(|test| !results.iter().any(|r| r.binary == name && r.test == *test))
+            .collect();
+        let reported = results.iter().filter(|r| r.binary == name).count();
+        let mut message = format!(
+            "{name} did not finish within its time limit of {secs} s: its process group was killed after \
+             {reported} of its tests had reported"
+        );
+        if !unreported.is_empty() {
+            let shown = unreported.iter().take(UNREPORTED_SHOWN).copied().collect::<Vec<_>>().join(", ");
+            let more = unreported.len().saturating_sub(UNREPORTED_SHOWN);
+            let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+            message.push_str(&format!("; without a result (running or not started, in order): {shown}{more}"));
+        }
+        message.push_str(&format!(". The limit is set with --test-timeout {name}=SECS or {}.", crate::limits::ENV));
+        results.push(TestResult {
+            binary: name.to_string(),
+            test: TIMEOUT_TEST.to_string(),
+            outcome: Outcome::Fail,
+            duration_ms: secs.parse::<u64>().unwrap_or(0) * 1000,
+            message,
+        });
+    }
+    Ok(())
+}
+
 /// A binary that died (signal, abort, harness bug) may not have recorded any
 /// failure; make its exit status visible as one.
 pub fn add_crashed_binaries(results: &mut Vec<TestResult>, exit_codes: &Path) -> Result<()> {
@@ -224,6 +275,29 @@ mod tests {
         add_crashed_binaries(&mut results, &f).unwrap();
         assert_eq!(results.len(), 1);
         assert_eq!(results[0].binary, "b");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_binary_out_of_time_fails_naming_its_limit_and_unreported_tests() {
+        let dir = std::env::temp_dir().join(format!("xtask-timeouts-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("timeouts"), "pre_fault_memory 90\n").unwrap();
+        fs::write(dir.join("pre_fault_memory.tests"), "a: test\nb_hangs: test\nc: test\n\n3 tests, 0 benchmarks\n")
+            .unwrap();
+        fs::write(dir.join("exit-codes"), "vm_types 0\npre_fault_memory 143\n").unwrap();
+        let mut results = vec![r("vm_types", "x", Outcome::Pass, ""), r("pre_fault_memory", "a", Outcome::Pass, "")];
+        add_timeouts(&mut results, &dir).unwrap();
+        add_crashed_binaries(&mut results, &dir.join("exit-codes")).unwrap();
+        assert_eq!(results.len(), 3, "the timeout is the binary's one failure: {results:?}");
+        let t = &results[2];
+        assert_eq!((t.binary.as_str(), t.test.as_str(), t.outcome), ("pre_fault_memory", TIMEOUT_TEST, Outcome::Fail));
+        assert_eq!(
+            t.message,
+            "pre_fault_memory did not finish within its time limit of 90 s: its process group was killed after 1 \
+             of its tests had reported; without a result (running or not started, in order): b_hangs, c. The \
+             limit is set with --test-timeout pre_fault_memory=SECS or KVM_SELFTESTS_TEST_TIMEOUT."
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -59,6 +59,11 @@ const TESTS: &[Ported] = &[
     Ported { paths: &["vm_types_test"], by: &["vm_types"], cases: &["vm_types::create_vm_*"] },
 ];
 
+/// The names of every C test this suite knows, whatever the tree.
+pub fn c_test_names() -> impl Iterator<Item = &'static str> {
+    TESTS.iter().flat_map(|t| t.paths.iter().map(|p| p.rsplit('/').next().unwrap_or(p)))
+}
+
 /// A built C test.
 #[derive(Debug, Clone)]
 pub struct CTest {

@@ -5,6 +5,7 @@
 //! carries results back. Guest progress is signalled by marker lines on the
 //! serial console, which is streamed to the terminal as it arrives.
 
+use std::env;
 use std::fs;
 use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
@@ -13,8 +14,9 @@ use crate::coverage;
 use crate::error::{Error, Result};
 use crate::guest_init::{init_script, set_executable, Files, Shape};
 use crate::kernel::{self, KernelOpts, Source};
+use crate::limits::{Limit, Limits};
 pub use crate::qemu::Accel;
-use crate::qemu::{host_can_nest, qemu_command, supervise, Guest};
+use crate::qemu::{host_can_nest, qemu_command, supervise, End, Guest};
 use crate::report::{self, Outcome, Summary, TestResult};
 use crate::test_binaries::{self, TestBinary};
 use crate::upstream::{self, CTest};
@@ -40,6 +42,9 @@ pub struct VmOpts {
     pub upstream: bool,
     /// Test binaries run at once in the guest (1: one after the other).
     pub binary_jobs: usize,
+    /// Time limits of the binaries and C tests (`--test-timeout`), applied
+    /// after those of `KVM_SELFTESTS_TEST_TIMEOUT`.
+    pub test_timeouts: Vec<Limit>,
 }
 
 impl VmOpts {
@@ -63,6 +68,7 @@ impl Default for VmOpts {
             bench: false,
             upstream: false,
             binary_jobs: 1,
+            test_timeouts: Vec::new(),
         }
     }
 }
@@ -94,6 +100,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     if let Some(k) = opts.kernel.as_ref().filter(|k| !k.is_file()) {
         return Err(Error::NoKernelImage(k.clone()));
     }
+    let limits = time_limits(opts)?;
     // Built first: a broken test build is the host's problem and should stop
     // a bisection before any kernel work.
     let binaries = if opts.binaries.is_empty() {
@@ -115,7 +122,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     // Per process, so concurrent runs (a bisection next to an interactive
     // run) cannot clobber each other's init or results.
     let mut scratch = Scratch { dir: util::output_dir().join(format!("vm-{}", std::process::id())), keep: true };
-    let init = write_init(&scratch.dir, opts, &binaries, &c_tests, &under_test)?;
+    let init = write_init(&scratch.dir, opts, &binaries, &c_tests, &under_test, limits)?;
     let results_dir = scratch.dir.join("results");
     let accel = match opts.accel {
         Accel::Auto if host_can_nest() => Accel::Kvm,
@@ -124,15 +131,9 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     };
     let mut qemu = qemu_command(&kernel, &init, &results_dir, accel);
     eprintln!("xtask: booting {} ({accel:?})", kernel.display());
-    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout).and_then(|guest| {
-        let status = fs::read_to_string(results_dir.join("status")).unwrap_or_default();
-        if status.trim() == "done" {
-            Ok(guest)
-        } else {
-            Err(guest.failure())
-        }
-    });
-    let mut outcome = collect(guest, &results_dir)?;
+    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout)?;
+    let finished = fs::read_to_string(results_dir.join("status")).is_ok_and(|s| s.trim() == "done");
+    let mut outcome = collect(&guest, finished, &c_tests, &results_dir)?;
     outcome.kernel = under_test.name;
     if let Ok(table) = fs::read_to_string(results_dir.join(probe::RULES_FILE)) {
         eprint!("xtask: versioned rules on {} (rule, outcome applied, what decided it):\n{table}", outcome.kernel);
@@ -155,6 +156,42 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     Ok(outcome)
 }
 
+/// The time limits of this run; a bad setting, or a per-name one that names
+/// no binary or C test the run can have, is refused before anything builds.
+fn time_limits(opts: &VmOpts) -> Result<Limits> {
+    let limits = Limits::from_env(|name| env::var(name).ok(), &opts.test_timeouts).map_err(Error::Config)?;
+    let given = test_binaries::given(&opts.binaries)?;
+    let suite = suite_binary_names();
+    let mut known: Vec<&str> = if given.is_empty() {
+        suite.iter().map(String::as_str).collect()
+    } else {
+        given.iter().map(|b| b.name.as_str()).collect()
+    };
+    if opts.upstream {
+        for name in upstream::c_test_names() {
+            known.push(name);
+        }
+    }
+    limits.check_names(&known).map_err(Error::Config)?;
+    Ok(limits)
+}
+
+/// The suite's test and benchmark binaries: one per file in tests/ but the
+/// shared library.
+fn suite_binary_names() -> Vec<String> {
+    let dir = util::workspace_root().join("tests");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(String::from))
+                .filter(|name| name != "lib")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// The C selftests of the kernel's source tree.
 fn upstream_tests(source: &Source) -> Result<Vec<CTest>> {
     let (id, src) = match source {
@@ -172,6 +209,7 @@ fn write_init(
     binaries: &[TestBinary],
     c_tests: &[CTest],
     under_test: &history::Kernel,
+    limits: Limits,
 ) -> Result<PathBuf> {
     if run_dir.exists() {
         fs::remove_dir_all(run_dir).map_err(io_err(run_dir))?;
@@ -195,7 +233,7 @@ fn write_init(
     }
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
-    let shape = Shape { coverage: opts.coverage(), binary_jobs: opts.binary_jobs };
+    let shape = Shape { coverage: opts.coverage(), binary_jobs: opts.binary_jobs, limits };
     let script = init_script(
         &busybox,
         &xtask,
@@ -203,39 +241,76 @@ fn write_init(
         c_tests,
         &test_args,
         Files { known_failures: known_failures.as_deref(), history: history.as_deref() },
-        shape,
+        &shape,
     );
     fs::write(&init, script).map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)
 }
 
-/// The verdict of a finished guest: its results (plus binaries that died
-/// without reporting), written as KTAP and JUnit. A guest that failed keeps
-/// whatever its tests reported, for CI artifacts, and the run fails.
-fn collect(guest: Result<Guest>, results_dir: &Path) -> Result<RunOutcome> {
-    let results = report::read_results(&results_dir.join("results.jsonl")).and_then(|mut r| {
-        report::add_crashed_binaries(&mut r, &results_dir.join("exit-codes"))?;
-        Ok(r)
-    });
-    let (guest, results) = match (guest, results) {
-        (Ok(guest), results) => (guest, results?),
-        (Err(e), Ok(mut partial)) if !partial.is_empty() => {
-            partial.push(TestResult {
-                binary: "vm".into(),
-                test: "guest".into(),
-                outcome: Outcome::Fail,
-                duration_ms: 0,
-                message: e.to_string(),
-            });
-            report::write_reports(&partial, "report").ok();
-            return Err(e);
-        }
-        (Err(e), _) => return Err(e),
-    };
-    if results.is_empty() {
-        return Err(Error::NoTestsRan);
+/// What a guest run amounts to.
+#[derive(Debug)]
+enum Judged {
+    /// The init reported every test done.
+    Finished,
+    /// The kernel panicked, hung or stopped after the first test started:
+    /// a bad kernel. These failures, naming what was running, join the
+    /// results the tests had already reported.
+    Died(Vec<TestResult>),
+    /// It never got to the first test (no boot, no /dev/kvm, no protected
+    /// VMs, a panic or hang before the tests): the error says why, and
+    /// whether that makes the kernel untestable.
+    NoTests(Error),
+}
+
+/// The verdict rule: once a test has started, whatever stops the guest is
+/// the kernel failing a test; before that, nothing was tested.
+fn judge(guest: &Guest, finished: bool, c_tests: &[CTest]) -> Judged {
+    if finished {
+        return Judged::Finished;
     }
+    if guest.first_test.is_none() {
+        return Judged::NoTests(guest.failure());
+    }
+    let death = guest.death();
+    let test = match (&guest.panic, guest.end) {
+        (Some(_), _) => "kernel_panic",
+        (None, End::RunTimeout(_)) => "guest_timeout",
+        _ => "guest_stopped",
+    };
+    let failure = |binary: &str, test: &str, message: String| TestResult {
+        binary: binary.into(),
+        test: test.into(),
+        outcome: Outcome::Fail,
+        duration_ms: 0,
+        message,
+    };
+    if guest.running.is_empty() {
+        return Judged::Died(vec![failure("vm", test, format!("between tests, {death}"))]);
+    }
+    Judged::Died(
+        guest
+            .running
+            .iter()
+            .map(|name| {
+                let message = format!("{name} was running when {death}");
+                if c_tests.iter().any(|c| &c.name == name) {
+                    failure("upstream", name, message)
+                } else {
+                    failure(name, test, message)
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The verdict of a guest: its results (plus binaries that ran out of
+/// time or died without reporting, and what stopped a guest that died
+/// during the tests), written as KTAP and JUnit. A guest that never reached
+/// its tests keeps whatever it reported (the probe), for CI artifacts, and
+/// the run fails with the reason.
+fn collect(guest: &Guest, finished: bool, c_tests: &[CTest], results_dir: &Path) -> Result<RunOutcome> {
+    let results = verdict_results(guest, finished, c_tests, results_dir)?;
     report::write_reports(&results, "report")?;
     let summary = report::summarize(&results);
     if let (Some(first), Some(done)) = (guest.first_test, guest.done) {
@@ -247,6 +322,40 @@ fn collect(guest: Result<Guest>, results_dir: &Path) -> Result<RunOutcome> {
         );
     }
     Ok(RunOutcome { results, summary, kernel: String::new() })
+}
+
+/// The results a verdict is made of, or why there is none.
+fn verdict_results(guest: &Guest, finished: bool, c_tests: &[CTest], results_dir: &Path) -> Result<Vec<TestResult>> {
+    let results = report::read_results(&results_dir.join("results.jsonl")).and_then(|mut r| {
+        report::add_timeouts(&mut r, results_dir)?;
+        report::add_crashed_binaries(&mut r, &results_dir.join("exit-codes"))?;
+        Ok(r)
+    });
+    let results = match (judge(guest, finished, c_tests), results) {
+        (Judged::NoTests(e), Ok(mut partial)) if !partial.is_empty() => {
+            partial.push(TestResult {
+                binary: "vm".into(),
+                test: "guest".into(),
+                outcome: Outcome::Fail,
+                duration_ms: 0,
+                message: e.to_string(),
+            });
+            report::write_reports(&partial, "report").ok();
+            return Err(e);
+        }
+        (Judged::NoTests(e), _) => return Err(e),
+        (Judged::Died(failures), Ok(mut results)) => {
+            eprintln!("xtask: the guest died during the tests: {}", failures[0].message);
+            results.extend(failures);
+            results
+        }
+        (Judged::Finished, results) => results?,
+        (Judged::Died(_), Err(e)) => return Err(e),
+    };
+    if results.is_empty() {
+        return Err(Error::NoTestsRan);
+    }
+    Ok(results)
 }
 
 /// The run's scratch directory: removed after a run that produced a
@@ -264,5 +373,142 @@ impl Drop for Scratch {
         } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bisect;
+
+    /// A guest run as the supervisor saw it, with the files its init left.
+    struct Run {
+        guest: Guest,
+        finished: bool,
+        files: Vec<(&'static str, &'static str)>,
+    }
+
+    const PASSED: &str = "{\"binary\":\"vm_types\",\"test\":\"a\",\"outcome\":\"pass\"}\n";
+
+    fn booted() -> Guest {
+        Guest { booted: true, ..Guest::new() }
+    }
+
+    fn testing(running: &[&str]) -> Guest {
+        Guest {
+            first_test: Some(Duration::from_secs(2)),
+            running: running.iter().map(|s| s.to_string()).collect(),
+            ..booted()
+        }
+    }
+
+    fn exited() -> End {
+        End::Exited(ExitStatus::from_raw(0))
+    }
+
+    /// `cargo xtask vm`'s exit status (main.rs: an error is 2, else the
+    /// verdict), `bisect-step`'s, and the results.
+    fn statuses(run: Run) -> (u8, u8, Vec<TestResult>) {
+        let dir =
+            env::temp_dir().join(format!("xtask-verdict-{}-{:?}", std::process::id(), std::thread::current().id()));
+        fs::create_dir_all(&dir).unwrap();
+        for (name, text) in &run.files {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        let c_tests = [CTest { name: "pre_fault_memory_test".into(), path: "/c".into(), ported_by: &[], cases: &[] }];
+        let result = verdict_results(&run.guest, run.finished, &c_tests, &dir).map(|results| RunOutcome {
+            summary: report::summarize(&results),
+            results,
+            kernel: String::new(),
+        });
+        fs::remove_dir_all(&dir).unwrap();
+        let vm = match &result {
+            Ok(outcome) if outcome.passed() => 0,
+            Ok(_) => 1,
+            Err(_) => 2,
+        };
+        let results = result.as_ref().map(|o| o.results.clone()).unwrap_or_default();
+        (vm, bisect::code(&result), results)
+    }
+
+    #[test]
+    fn a_finished_run_is_judged_by_its_results() {
+        let run = Run {
+            guest: Guest { end: exited(), ..testing(&[]) },
+            finished: true,
+            files: vec![("results.jsonl", PASSED)],
+        };
+        assert_eq!(statuses(run).0, 0);
+        let (vm, bisect, results) = statuses(Run {
+            guest: Guest { end: exited(), ..testing(&[]) },
+            finished: true,
+            files: vec![("results.jsonl", PASSED), ("timeouts", "pre_fault_memory 90\n")],
+        });
+        assert_eq!((vm, bisect), (1, 1), "a binary out of time fails the run");
+        assert_eq!(results[1].binary, "pre_fault_memory");
+        assert_eq!(results[1].test, report::TIMEOUT_TEST);
+    }
+
+    #[test]
+    fn a_kernel_that_dies_during_the_tests_is_bad_and_keeps_the_results() {
+        let panicked = Guest {
+            panic: Some("Kernel panic - not syncing: Fatal exception".into()),
+            oops: vec!["kernel BUG at arch/x86/kvm/mmu/mmu.c:4777!".into()],
+            end: exited(),
+            ..testing(&["pre_fault_memory"])
+        };
+        let (vm, bisect, results) =
+            statuses(Run { guest: panicked, finished: false, files: vec![("results.jsonl", PASSED)] });
+        assert_eq!((vm, bisect), (1, 1));
+        assert_eq!(results.len(), 2, "{results:?}");
+        assert_eq!((results[0].binary.as_str(), results[0].outcome), ("vm_types", Outcome::Pass));
+        assert_eq!((results[1].binary.as_str(), results[1].test.as_str()), ("pre_fault_memory", "kernel_panic"));
+        assert_eq!(
+            results[1].message,
+            "pre_fault_memory was running when the guest kernel panicked: kernel BUG at \
+             arch/x86/kvm/mmu/mmu.c:4777! | Kernel panic - not syncing: Fatal exception"
+        );
+
+        // A C test hanging past its limit, unkillable, until the run's limit.
+        let hung = Guest {
+            limits_hit: vec![("pre_fault_memory_test".into(), 60)],
+            end: End::RunTimeout(600),
+            ..testing(&["pre_fault_memory_test"])
+        };
+        let (vm, bisect, results) = statuses(Run { guest: hung, finished: false, files: vec![] });
+        assert_eq!((vm, bisect), (1, 1));
+        assert_eq!((results[0].binary.as_str(), results[0].test.as_str()), ("upstream", "pre_fault_memory_test"));
+        assert!(results[0].message.contains("did not die when killed"), "{}", results[0].message);
+
+        // Stopped between two binaries (no panic line): still after the first test.
+        let (vm, bisect, results) =
+            statuses(Run { guest: Guest { end: exited(), ..testing(&[]) }, finished: false, files: vec![] });
+        assert_eq!((vm, bisect, results[0].test.as_str()), (1, 1, "guest_stopped"));
+    }
+
+    #[test]
+    fn a_kernel_that_never_reaches_the_first_test_is_untestable() {
+        let panic = Some("Kernel panic - not syncing: VFS".to_string());
+        for guest in [
+            Guest { end: End::BootTimeout(60), ..Guest::new() },
+            Guest { panic: panic.clone(), end: exited(), ..Guest::new() },
+            Guest { panic, end: exited(), ..booted() },
+            Guest { end: End::Exited(ExitStatus::from_raw(0)), ..Guest::new() },
+            Guest { end: End::RunTimeout(600), ..booted() },
+            Guest { failure: Some("no-kvm".into()), end: exited(), ..booted() },
+            Guest { failure: Some("probe-failed no protected VMs".into()), end: exited(), ..booted() },
+        ] {
+            let what = format!("{guest:?}");
+            let files = vec![("results.jsonl", PASSED)];
+            let (vm, bisect, _) = statuses(Run { guest, finished: false, files });
+            assert_eq!((vm, bisect), (2, 125), "{what}");
+        }
+        // The guest's own setup is no fault of the kernel's: abort.
+        let setup = Guest { failure: Some("setup-failed mounting /proc".into()), end: exited(), ..booted() };
+        assert_eq!(statuses(Run { guest: setup, finished: false, files: vec![] }).1, 128);
     }
 }

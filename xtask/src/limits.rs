@@ -1,0 +1,231 @@
+//! Time limits of the test binaries and C tests inside the guest, in the
+//! style of kselftest's per-directory `settings` (`timeout=N`): each binary
+//! and each C test has a default sized from measured times, which
+//! `KVM_SELFTESTS_TEST_TIMEOUT` and then `--test-timeout` override, for
+//! all of them (`SECS`) or for one (`NAME=SECS`). The guest's init kills a
+//! binary's whole process group when its limit runs out, records the
+//! binary as failed, and goes on with the next one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Environment variable: comma-separated `SECS` or `NAME=SECS` settings,
+/// applied before those of `--test-timeout`.
+pub const ENV: &str = "KVM_SELFTESTS_TEST_TIMEOUT";
+
+/// The model's exploring budget variable and its default (tests/model.rs):
+/// the `model` binary's limit follows it.
+const MODEL_BUDGET_ENV: &str = "KVM_SELFTESTS_MODEL_BUDGET";
+const MODEL_BUDGET_DEFAULT: u64 = 120;
+
+/// Defaults in seconds: the slowest wall time measured in the 6.12.118 and
+/// 7.3.4 guests (TCG on a loaded 2-core host), times five, at least 60 s.
+/// A tenfold slowdown of one binary is a hang as far as a verdict goes; a
+/// run that is slow everywhere (gcov kernel, `--binary-jobs`) stays inside
+/// these.
+const DEFAULTS: &[(&str, u64)] = &[
+    ("address_spaces", 60),
+    ("allocation_failures", 120),
+    ("guest_memfd", 60),
+    ("harness_guest", 60),
+    ("memory_attributes", 60),
+    ("pre_fault_memory", 90),
+    ("private_mem_conversions", 60),
+    ("private_mem_exits", 60),
+    ("private_memslots", 60),
+    ("set_memory_region", 90),
+    ("vcpu_state", 60),
+    ("vm_types", 60),
+    ("private_mem_bench", 300),
+    // The C tests (binary `upstream`, named by file).
+    ("guest_memfd_test", 60),
+    ("set_memory_region_test", 150),
+    ("private_mem_kvm_exits_test", 60),
+    ("private_mem_conversions_test", 60),
+    ("pre_fault_memory_test", 60),
+    ("vm_types_test", 60),
+];
+
+/// A binary the table does not know (`--test-binary`): kselftest's KVM
+/// directory sets 120 s in its `settings`; a Rust binary of unknown size
+/// gets more.
+const FALLBACK: u64 = 300;
+
+/// One setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Limit {
+    /// Every binary and C test.
+    All(u64),
+    /// The binary or C test of that name.
+    One(String, u64),
+}
+
+impl FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let secs = |v: &str| {
+            v.parse::<u64>().ok().filter(|&n| n > 0 && v.bytes().all(|b| b.is_ascii_digit())).ok_or_else(|| {
+                format!("a time limit is SECS or NAME=SECS, SECS a whole number of seconds above 0 (got `{s}`)")
+            })
+        };
+        match s.split_once('=') {
+            None => Ok(Limit::All(secs(s)?)),
+            Some((name, v)) => {
+                let valid =
+                    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !valid {
+                    return Err(format!("`{name}` in `{s}` is not the name of a test binary or C test"));
+                }
+                Ok(Limit::One(name.to_string(), secs(v)?))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::All(secs) => write!(f, "{secs}"),
+            Limit::One(name, secs) => write!(f, "{name}={secs}"),
+        }
+    }
+}
+
+/// The settings of `KVM_SELFTESTS_TEST_TIMEOUT`: a comma-separated list.
+pub fn parse_list(value: &str) -> Result<Vec<Limit>, String> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect()
+}
+
+/// The limits of one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    all: Option<u64>,
+    named: BTreeMap<String, u64>,
+    model_budget: Option<u64>,
+}
+
+impl Limits {
+    /// Apply `settings` in order: `SECS` sets every limit (dropping the
+    /// per-name ones set before it), `NAME=SECS` one.
+    pub fn new(settings: impl IntoIterator<Item = Limit>) -> Self {
+        let mut limits = Limits::default();
+        for s in settings {
+            match s {
+                Limit::All(secs) => {
+                    limits.all = Some(secs);
+                    limits.named.clear();
+                }
+                Limit::One(name, secs) => {
+                    limits.named.insert(name, secs);
+                }
+            }
+        }
+        limits
+    }
+
+    /// The environment's settings (`KVM_SELFTESTS_TEST_TIMEOUT`, and the
+    /// model's budget the `model` default follows), then `args`. A bad value
+    /// is an error naming the variable.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[Limit]) -> Result<Self, String> {
+        let from_env = match env(ENV) {
+            Some(v) => parse_list(&v).map_err(|e| format!("{ENV}={v}: {e}"))?,
+            None => Vec::new(),
+        };
+        let mut limits = Limits::new(from_env.into_iter().chain(args.iter().cloned()));
+        // model.rs refuses a malformed budget itself, before any test.
+        limits.model_budget = env(MODEL_BUDGET_ENV).and_then(|v| v.trim().parse().ok());
+        Ok(limits)
+    }
+
+    /// The limit of the binary or C test `name`, in seconds.
+    pub fn of(&self, name: &str) -> u64 {
+        if let Some(&secs) = self.named.get(name) {
+            return secs;
+        }
+        self.all.unwrap_or_else(|| self.default_of(name))
+    }
+
+    fn default_of(&self, name: &str) -> u64 {
+        if name == "model" {
+            // Each of two test threads runs two model tests, each exploring
+            // for up to the budget; the rest covers setup, the last case and
+            // a shrink under way.
+            return 2 * self.model_budget.unwrap_or(MODEL_BUDGET_DEFAULT) + 180;
+        }
+        DEFAULTS.iter().find(|(n, _)| *n == name).map_or(FALLBACK, |&(_, secs)| secs)
+    }
+
+    /// A per-name setting that names nothing in the run is a typo, refused
+    /// before anything boots.
+    pub fn check_names(&self, known: &[&str]) -> Result<(), String> {
+        let unknown: Vec<&str> = self.named.keys().map(String::as_str).filter(|n| !known.contains(n)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "time limit for {}: no test binary or C test of this run has that name (they are: {})",
+            unknown.join(", "),
+            known.join(", ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn settings_parse_as_secs_or_name_equals_secs() {
+        assert_eq!("30".parse(), Ok(Limit::All(30)));
+        assert_eq!("pre_fault_memory_test=5".parse(), Ok(Limit::One("pre_fault_memory_test".into(), 5)));
+        for bad in ["0", "-1", "1.5", "", "x", "=5", "a=", "a=0", "a b=3", "+3"] {
+            assert!(bad.parse::<Limit>().is_err(), "{bad}");
+        }
+        assert_eq!(parse_list("60, model=900,"), Ok(vec![Limit::All(60), Limit::One("model".into(), 900)]));
+    }
+
+    #[test]
+    fn later_settings_override_earlier_ones() {
+        let l = Limits::from_env(env(&[(ENV, "model=900,vm_types=7")]), &[Limit::All(40)]).unwrap();
+        assert_eq!((l.of("model"), l.of("vm_types"), l.of("anything")), (40, 40, 40));
+        let l = Limits::from_env(env(&[(ENV, "45")]), &["vm_types=7".parse().unwrap()]).unwrap();
+        assert_eq!((l.of("model"), l.of("vm_types")), (45, 7));
+        let e = Limits::from_env(env(&[(ENV, "60,x=0")]), &[]).unwrap_err();
+        assert!(e.starts_with("KVM_SELFTESTS_TEST_TIMEOUT=60,x=0: "), "{e}");
+    }
+
+    #[test]
+    fn defaults_cover_every_binary_and_c_test() {
+        let l = Limits::default();
+        assert_eq!(l.of("pre_fault_memory_test"), 60);
+        assert_eq!(l.of("some_new_binary"), FALLBACK);
+        assert_eq!(l.of("model"), 2 * MODEL_BUDGET_DEFAULT + 180);
+        let l = Limits::from_env(env(&[(MODEL_BUDGET_ENV, "900")]), &[]).unwrap();
+        assert_eq!(l.of("model"), 1980);
+        // Every scenario binary of the suite has a measured default.
+        let tests = std::fs::read_dir(crate::util::workspace_root().join("tests")).unwrap();
+        for entry in tests {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if let Some(binary) = name.strip_suffix(".rs").filter(|b| *b != "lib" && *b != "model") {
+                assert!(DEFAULTS.iter().any(|(n, _)| *n == binary), "no default time limit for {binary}");
+            }
+        }
+        for c in crate::upstream::c_test_names() {
+            assert!(DEFAULTS.iter().any(|(n, _)| *n == c), "no default time limit for {c}");
+        }
+    }
+
+    #[test]
+    fn a_limit_for_an_unknown_name_is_refused() {
+        let l = Limits::new(["vm_type=5".parse().unwrap(), "vm_types=5".parse().unwrap()]);
+        let e = l.check_names(&["vm_types", "model"]).unwrap_err();
+        assert!(e.starts_with("time limit for vm_type: no test binary"), "{e}");
+        assert!(Limits::new([Limit::All(5)]).check_names(&[]).is_ok());
+    }
+}
