@@ -47,8 +47,9 @@ enum Cmd {
     },
     /// Boot the kernel in QEMU and run the test binaries inside, strictly.
     ///
-    /// Exit status: 0 all passed, 1 a test failed or skipped, 2 the run
-    /// itself failed (no boot, panic, timeout, no /dev/kvm).
+    /// Exit status: 0 all passed, 1 a test failed, skipped or ran out of its
+    /// time limit, or the kernel panicked or hung once the tests started, 2
+    /// nothing was tested (no boot, no /dev/kvm, no protected VMs).
     Vm(VmArgs),
     /// One `git bisect run` step: incremental build of --tree, then `vm`.
     ///
