@@ -160,7 +160,15 @@ impl Limits {
     /// A per-name setting that names nothing in the run is a typo, refused
     /// before anything boots.
     pub fn check_names(&self, known: &[&str]) -> Result<(), String> {
-        let unknown: Vec<&str> = self.named.keys().map(String::as_str).filter(|n| !known.contains(n)).collect();
+        let unknown: Vec<String> = self
+            .named
+            .keys()
+            .filter(|n| !known.contains(&n.as_str()))
+            .map(|n| match closest(n, known) {
+                Some(near) => format!("{n} (did you mean {near}?)"),
+                None => n.clone(),
+            })
+            .collect();
         if unknown.is_empty() {
             return Ok(());
         }
@@ -170,6 +178,27 @@ impl Limits {
             known.join(", ")
         ))
     }
+}
+
+/// The known name within three single-character edits of `name`, nearest first.
+fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    known.iter().map(|k| (edits(name, k), *k)).filter(|(d, _)| *d <= 3).min().map(|(_, k)| k)
+}
+
+/// Levenshtein distance.
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -225,7 +254,9 @@ mod tests {
     fn a_limit_for_an_unknown_name_is_refused() {
         let l = Limits::new(["vm_type=5".parse().unwrap(), "vm_types=5".parse().unwrap()]);
         let e = l.check_names(&["vm_types", "model"]).unwrap_err();
-        assert!(e.starts_with("time limit for vm_type: no test binary"), "{e}");
+        assert!(e.starts_with("time limit for vm_type (did you mean vm_types?): no test binary"), "{e}");
+        let e = Limits::new(["zzz=5".parse().unwrap()]).check_names(&["model"]).unwrap_err();
+        assert!(e.starts_with("time limit for zzz: no test binary"), "{e}");
         assert!(Limits::new([Limit::All(5)]).check_names(&[]).is_ok());
     }
 }

@@ -340,6 +340,7 @@ mod tests {
     fn bad_values_are_named() {
         for (args, needle) in [
             ("vm --jobs 0", "--jobs"),
+            ("vm --test-timeout model=0", "--test-timeout"),
             ("vm --accel xen", "--accel"),
             ("vm --kernel", "--kernel"),
             ("vm --debian 7", "got `7`"),
