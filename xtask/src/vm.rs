@@ -135,6 +135,15 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     let finished = fs::read_to_string(results_dir.join("status")).is_ok_and(|s| s.trim() == "done");
     let mut outcome = collect(&guest, finished, &c_tests, &results_dir)?;
     outcome.kernel = under_test.name;
+    if !opts.test_args.is_empty() && finished && !selected_any(&outcome.results) {
+        // A green verdict on a run that tested nothing would mislead a
+        // bisection as much as a red one.
+        return Err(Error::Usage(format!(
+            "the test arguments `{}` selected no test in any binary (filters match test names such as \
+             sw_protected_vm_random_sequences_match_the_model, not binary::test)",
+            opts.test_args.join(" ")
+        )));
+    }
     if let Ok(table) = fs::read_to_string(results_dir.join(probe::RULES_FILE)) {
         eprint!("xtask: versioned rules on {} (rule, outcome applied, what decided it):\n{table}", outcome.kernel);
     }
@@ -154,6 +163,12 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     }
     scratch.keep = false;
     Ok(outcome)
+}
+
+/// Whether a run's results hold any test of the suite or the C tests
+/// (the guest probe's own check is not one the arguments select).
+fn selected_any(results: &[TestResult]) -> bool {
+    results.iter().any(|r| r.binary != "guest_probe")
 }
 
 /// The time limits of this run; a bad setting, or a per-name one that names
@@ -393,6 +408,21 @@ mod tests {
     }
 
     const PASSED: &str = "{\"binary\":\"vm_types\",\"test\":\"a\",\"outcome\":\"pass\"}\n";
+
+    #[test]
+    fn only_the_probe_is_no_selected_test() {
+        let record = |binary: &str| TestResult {
+            binary: binary.into(),
+            test: "t".into(),
+            outcome: Outcome::Pass,
+            duration_ms: 0,
+            message: String::new(),
+        };
+        assert!(!selected_any(&[]));
+        assert!(!selected_any(&[record("guest_probe")]));
+        assert!(selected_any(&[record("guest_probe"), record("model")]));
+        assert!(selected_any(&[record("upstream")]));
+    }
 
     fn booted() -> Guest {
         Guest { booted: true, ..Guest::new() }
