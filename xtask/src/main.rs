@@ -8,6 +8,7 @@ mod guest_init;
 mod history;
 mod kernel;
 mod limits;
+mod patch;
 mod probe;
 mod qemu;
 mod recipe;
@@ -44,6 +45,8 @@ enum Cmd {
         source: SourceArgs,
         #[command(flatten)]
         build: BuildArgs,
+        #[command(flatten)]
+        patch: PatchArgs,
     },
     /// Boot the kernel in QEMU and run the test binaries inside, strictly.
     ///
@@ -100,6 +103,15 @@ struct SourceArgs {
 }
 
 #[derive(Debug, Args)]
+struct PatchArgs {
+    /// Apply this patch (a diff or a `git format-patch` mail; repeatable,
+    /// applied in order) to a scratch copy of the source, never the source
+    /// itself, and build that incrementally.
+    #[arg(long = "patch", value_name = "FILE")]
+    patches: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct BuildArgs {
     /// Parallel make jobs (default: the number of CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -122,10 +134,12 @@ struct GuestArgs {
 #[derive(Debug, Args)]
 struct VmArgs {
     /// A prebuilt bzImage instead of building one.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "debian"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "debian", "patches"])]
     kernel: Option<PathBuf>,
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    patch: PatchArgs,
     #[command(flatten)]
     build: BuildArgs,
     #[command(flatten)]
@@ -209,7 +223,11 @@ impl VmArgs {
     fn opts(self) -> VmOpts {
         let mut opts = VmOpts {
             kernel: self.kernel,
-            kernel_opts: KernelOpts { coverage: self.coverage, ..self.build.kernel_opts(self.source.source()) },
+            kernel_opts: KernelOpts {
+                coverage: self.coverage,
+                patches: self.patch.patches,
+                ..self.build.kernel_opts(self.source.source())
+            },
             binaries: self.test_binaries,
             test_args: self.test_args,
             known_failures: self.known_failures,
@@ -255,8 +273,9 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Kernel { source, build } => {
-            let image = kernel::build(&build.kernel_opts(source.source()))?;
+        Cmd::Kernel { source, build, patch } => {
+            let opts = KernelOpts { patches: patch.patches, ..build.kernel_opts(source.source()) };
+            let image = kernel::build(&opts)?;
             println!("{}", image.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -360,9 +379,34 @@ mod tests {
             // Test filters go after `--` only.
             ("vm address_space", "address_space"),
             ("vm --debian 7.3 model::", "model::"),
+            ("vm --patch", "--patch"),
+            ("vm --kernel /k --patch p.diff", "--patch"),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(needle), "{args}: {e}");
         }
+    }
+
+    #[test]
+    fn patches_are_repeatable_and_kept_in_order_for_every_kernel_command() {
+        for cmd in ["vm --debian 7.3 --upstream", "vm --coverage", "bisect-step --tree /t"] {
+            let o = vm_opts(&format!("{cmd} --patch b.patch --patch a.patch -- filter"));
+            assert_eq!(o.kernel_opts.patches, [PathBuf::from("b.patch"), PathBuf::from("a.patch")], "{cmd}");
+            assert_eq!(o.test_args, ["filter"], "{cmd}");
+        }
+        assert!(vm_opts("vm --coverage --patch x").kernel_opts.coverage);
+        match parse("kernel --tree /t --patch x.patch").unwrap() {
+            Cmd::Kernel { patch, .. } => assert_eq!(patch.patches, [PathBuf::from("x.patch")]),
+            other => panic!("{other:?}"),
+        }
+        assert!(vm_opts("vm").kernel_opts.patches.is_empty());
+    }
+
+    #[test]
+    fn a_missing_patch_file_is_an_error_before_any_work() {
+        let opts = KernelOpts { patches: vec!["/nonexistent/0001-x.patch".into()], ..KernelOpts::default() };
+        let e = kernel::prepare(&opts).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/0001-x.patch"), "{e}");
+        assert!(!kernel::prepare(&opts).unwrap_err().is_kernel_fault());
     }
 }
