@@ -316,8 +316,11 @@ pub fn patched_source(base_id: &str, src: &Path, set: &PatchSet, released: bool)
     eprintln!("xtask: linking {} into {} to apply {} patch(es)", src.display(), copy.display(), set.patches.len());
     util::run(Command::new("cp").arg("-al").arg(src).arg(&partial))?;
     let touched = set.touched();
-    break_links(&partial, &touched)?;
-    set.apply(&partial, base_id)?;
+    if let Err(e) = break_links(&partial, &touched).and_then(|()| set.apply(&partial, base_id)) {
+        // Nothing half-patched stays behind.
+        fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+        return Err(e);
+    }
     let previous = if copy.exists() { Some(copy.as_path()) } else { None };
     let kept = previous.map(|old| keep_unchanged_mtimes(old, &partial, &touched)).transpose()?.unwrap_or(0);
     if copy.exists() {
