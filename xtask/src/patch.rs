@@ -381,24 +381,30 @@ fn keep_unchanged_mtimes(old: &Path, new: &Path, touched: &BTreeSet<String>) -> 
 /// been configured and `base` has: `cp -a` keeps every object's mtime, so
 /// make rebuilds only what the patches changed. Kbuild records the source
 /// directory's absolute path in every command it saves (`.*.cmd`) and in its
-/// dependency files (`.*.d`); a command that differs is rebuilt, so those
-/// paths are rewritten from the unpatched source (where base's `source`
-/// link points) to `src`. Returns whether it seeded.
+/// dependency files (`.*.d`), and the tools build (objtool, which every
+/// object depends on) records the build directory's; a command that differs
+/// is rebuilt, so those paths are rewritten from the unpatched source (where
+/// base's `source` link points) to `src`, and from `base` to `out`. Returns
+/// whether it seeded.
 pub fn seed_build_dir(base: &Path, out: &Path, src: &Path) -> Result<bool> {
     if out.join(".config").is_file() || !base.join(".config").is_file() {
         return Ok(false);
     }
     let Ok(old_src) = fs::read_link(base.join("source")) else { return Ok(false) };
+    // Kbuild and the tools build name both directories by their real paths.
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else { return Ok(false) };
+    util::create_dir_all(parent)?;
+    let new_out = parent.canonicalize().map_err(io_err(parent))?.join(name);
+    let old_out = base.canonicalize().map_err(io_err(base))?;
+    let new_src = src.canonicalize().map_err(io_err(src))?;
     let start = Instant::now();
-    let partial = out.with_file_name(format!(
-        ".partial-{}",
-        out.file_name().map_or_else(|| "build".into(), |n| n.to_string_lossy())
-    ));
+    let partial = parent.join(format!(".partial-{}", name.to_string_lossy()));
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
     }
     util::run(Command::new("cp").arg("-a").arg(base).arg(&partial))?;
-    let (old, new) = (old_src.as_os_str().as_encoded_bytes(), src.as_os_str().as_encoded_bytes());
+    let bytes = |p: &Path| p.as_os_str().as_encoded_bytes().to_vec();
+    let renames = [(bytes(&old_src), bytes(&new_src)), (bytes(&old_out), bytes(&new_out))];
     let mut rewritten = 0;
     let mut dirs = vec![partial.clone()];
     while let Some(dir) = dirs.pop() {
@@ -416,7 +422,13 @@ pub fn seed_build_dir(base: &Path, out: &Path, src: &Path) -> Result<bool> {
                 continue;
             }
             let text = fs::read(&path).map_err(io_err(&path))?;
-            if let Some(changed) = replace_path(&text, old, new) {
+            let mut changed = None;
+            for (old, new) in &renames {
+                if let Some(replaced) = replace_path(changed.as_deref().unwrap_or(&text), old, new) {
+                    changed = Some(replaced);
+                }
+            }
+            if let Some(changed) = changed {
                 let mtime = fs::metadata(&path).and_then(|m| m.modified()).map_err(io_err(&path))?;
                 fs::write(&path, changed).map_err(io_err(&path))?;
                 File::open(&path).and_then(|f| f.set_modified(mtime)).map_err(io_err(&path))?;
@@ -429,11 +441,11 @@ pub fn seed_build_dir(base: &Path, out: &Path, src: &Path) -> Result<bool> {
     fs::remove_file(&link).map_err(io_err(&link))?;
     fs::rename(&partial, out).map_err(io_err(out))?;
     eprintln!(
-        "xtask: seeded {} from the unpatched build {} in {:.1?} ({rewritten} kbuild files now name {})",
+        "xtask: seeded {} from the unpatched build {} in {:.1?} ({rewritten} kbuild files now name it and {})",
         out.display(),
         base.display(),
         start.elapsed(),
-        src.display()
+        new_src.display()
     );
     Ok(true)
 }
@@ -691,19 +703,30 @@ mod tests {
     #[test]
     fn a_seeded_build_directory_names_the_patched_source() {
         let dir = Scratch::new("seed");
+        let (old_src, new_src) = (dir.0.join("linux"), dir.0.join("linux-patch-1"));
+        fs::create_dir_all(&old_src).unwrap();
+        fs::create_dir_all(&new_src).unwrap();
         let base = dir.0.join("build-base");
         fs::create_dir_all(base.join("arch/x86")).unwrap();
+        fs::create_dir_all(base.join("tools/objtool")).unwrap();
         fs::write(base.join(".config"), "CONFIG_KVM=y\n").unwrap();
-        std::os::unix::fs::symlink("/s/linux", base.join("source")).unwrap();
-        fs::write(base.join("arch/x86/.mmu.o.cmd"), "savedcmd_mmu.o := gcc -c /s/linux/arch/x86/mmu.c\n").unwrap();
-        fs::write(base.join("arch/x86/mmu.o"), "/s/linux binary").unwrap();
+        std::os::unix::fs::symlink(&old_src, base.join("source")).unwrap();
+        let (s, b) = (old_src.display(), base.display());
+        fs::write(base.join("arch/x86/.mmu.o.cmd"), format!("savedcmd_mmu.o := gcc -c {s}/arch/x86/mmu.c\n")).unwrap();
+        fs::write(base.join("tools/objtool/.check.o.d"), format!("{b}/tools/objtool/check.o: {s}/tools/check.c\n"))
+            .unwrap();
+        fs::write(base.join("arch/x86/mmu.o"), format!("{s} binary")).unwrap();
         let out = dir.0.join("build-patched");
-        assert!(seed_build_dir(&base, &out, Path::new("/p/linux-patch-1")).unwrap());
+        assert!(seed_build_dir(&base, &out, &new_src).unwrap());
+        let (s2, o2) = (new_src.display(), out.display());
         let cmd = fs::read_to_string(out.join("arch/x86/.mmu.o.cmd")).unwrap();
-        assert_eq!(cmd, "savedcmd_mmu.o := gcc -c /p/linux-patch-1/arch/x86/mmu.c\n");
-        assert_eq!(fs::read_to_string(out.join("arch/x86/mmu.o")).unwrap(), "/s/linux binary");
+        assert_eq!(cmd, format!("savedcmd_mmu.o := gcc -c {s2}/arch/x86/mmu.c\n"));
+        let deps = fs::read_to_string(out.join("tools/objtool/.check.o.d")).unwrap();
+        assert_eq!(deps, format!("{o2}/tools/objtool/check.o: {s2}/tools/check.c\n"));
+        // Objects are copied as they are.
+        assert_eq!(fs::read_to_string(out.join("arch/x86/mmu.o")).unwrap(), format!("{s} binary"));
         assert!(fs::symlink_metadata(out.join("source")).is_err());
         // Once configured, a build directory is never seeded again.
-        assert!(!seed_build_dir(&base, &out, Path::new("/p/linux-patch-1")).unwrap());
+        assert!(!seed_build_dir(&base, &out, &new_src).unwrap());
     }
 }
