@@ -201,7 +201,17 @@ pub fn annotate(kernel: history::Kernel, set: &PatchSet) -> history::Kernel {
         .filter_map(|p| Some(format!("{} (--patch {})\n", p.subject()?, p.shown.display())))
         .collect();
     let history = match kernel.history {
-        Some(text) => Some(format!("{}{}{lines}", text, if text.ends_with('\n') { "" } else { "\n" })),
+        // The decision table quotes the source: it names the mails too.
+        Some(text) if !lines.is_empty() => {
+            let text = match text.split_once('\n') {
+                Some((first, rest)) if first.starts_with("source:") => {
+                    format!("{first} and the subjects of the --patch mails\n{rest}")
+                }
+                _ => text,
+            };
+            Some(format!("{}{}{lines}", text, if text.ends_with('\n') { "" } else { "\n" }))
+        }
+        Some(text) => Some(text),
         None if lines.is_empty() => None,
         // Only the patches are known: a change they do not name may still be there.
         None => Some(kvm_harness::kernel_rules::format_history("the subjects of the --patch mails", false, &lines)),
@@ -569,7 +579,11 @@ mod tests {
         let history = k.history.unwrap();
         assert_eq!(
             history,
-            format!("source: s\ncomplete: yes\n---\nx\nKVM: x86/mmu: change things (--patch {})\n", mail.display())
+            format!(
+                "source: s and the subjects of the --patch mails\ncomplete: yes\n---\nx\n\
+                 KVM: x86/mmu: change things (--patch {})\n",
+                mail.display()
+            )
         );
         let parsed = kvm_harness::kernel_rules::parse_history(&history).unwrap();
         assert!(parsed.complete());
