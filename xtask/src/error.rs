@@ -56,6 +56,9 @@ pub enum Error {
     )]
     PatchDoesNotApply { patch: PathBuf, tree: String, applied_before: usize, failures: Vec<String> },
 
+    #[error("findings: {0}")]
+    Findings(String),
+
     #[error("coverage: {0}")]
     Coverage(String),
 

@@ -4,6 +4,7 @@ mod bisect;
 mod coverage;
 mod debian;
 mod error;
+mod findings;
 mod guest_init;
 mod history;
 mod kernel;
@@ -72,6 +73,10 @@ enum Cmd {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Check that the patches under findings/ still apply to the current
+    /// Debian sources (each finding's `series` file) and that the kernel's
+    /// checkpatch.pl --strict finds them clean; builds no kernel.
+    FindingsCheck,
     /// Turn a results file (KVM_SELFTESTS_RESULTS) into KTAP and JUnit.
     Report {
         /// The JSON-lines results file.
@@ -297,6 +302,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             guest.apply(&mut opts);
             bisect::demo(&debian, &opts)
         }
+        Cmd::FindingsCheck => findings::check(&util::workspace_root().join("findings")),
         Cmd::Report { results, name } => report_cmd(&results, &name),
         Cmd::GuestProbe { results } => probe::run(results.as_deref()),
     }
