@@ -168,6 +168,8 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             Source::Debian(release) => format!("debian-{release}"),
             Source::Tree(tree) => kernel::tree_source(tree)?.0,
         };
+        // A patched kernel's coverage is reported apart from the unpatched one's.
+        let kernel = PatchSet::load(&opts.kernel_opts.patches)?.id(&kernel);
         eprint!("{}", coverage::report(&results_dir, &kernel, sets)?);
     }
     scratch.keep = false;
