@@ -116,9 +116,8 @@ impl PatchSet {
         for (n, patch) in self.patches.iter().enumerate() {
             let mut cmd = Command::new("git");
             cmd.arg("apply").arg(&patch.path).current_dir(dir);
-            // Never let git find a repository above the copy: inside one,
-            // `git apply` takes paths relative to that repository's top and
-            // skips what lies outside the current directory.
+            // Never consult a repository above the copy: its settings (say,
+            // apply.whitespace=error) would change what applies.
             if let Some(parent) = dir.parent() {
                 cmd.env("GIT_CEILING_DIRECTORIES", parent);
             }
@@ -317,6 +316,7 @@ pub fn patched_source(base_id: &str, src: &Path, set: &PatchSet, released: bool)
     if released && copy.join("Makefile").is_file() {
         return Ok((id, copy));
     }
+    util::ensure_requirements(&[util::req("git", "git"), util::req("cp", "coreutils")])?;
     let start = Instant::now();
     let partial = root.join(format!(".partial-{id}"));
     if partial.exists() {
@@ -449,6 +449,10 @@ pub fn seed_build_dir(base: &Path, out: &Path, src: &Path) -> Result<bool> {
     // Kbuild re-creates it for the new source; a stale one would mislead.
     let link = partial.join("source");
     fs::remove_file(&link).map_err(io_err(&link))?;
+    // Left by a build that stopped before configuring: nothing to keep.
+    if out.exists() {
+        fs::remove_dir_all(out).map_err(io_err(out))?;
+    }
     fs::rename(&partial, out).map_err(io_err(out))?;
     eprintln!(
         "xtask: seeded {} from the unpatched build {} in {:.1?} ({rewritten} kbuild files now name it and {})",
@@ -651,6 +655,8 @@ mod tests {
         fs::write(&second, "--- a/sub/f.c\n+++ b/sub/f.c\n@@ -3,3 +3,3 @@\n three\n-three and a half\n+3.5\n four\n")
             .unwrap();
         let set = PatchSet::load(&[first, second]).unwrap();
+        // Inside another repository, git apply still patches the copy alone.
+        util::run(Command::new("git").args(["init", "-q"]).arg(&dir.0)).unwrap();
         let copy = dir.0.join("copy");
         util::run(Command::new("cp").arg("-al").arg(&src).arg(&copy)).unwrap();
         break_links(&copy, &set.touched()).unwrap();
@@ -731,6 +737,8 @@ mod tests {
             .unwrap();
         fs::write(base.join("arch/x86/mmu.o"), format!("{s} binary")).unwrap();
         let out = dir.0.join("build-patched");
+        // A build directory that never got configured is replaced.
+        fs::create_dir_all(out.join("scripts")).unwrap();
         assert!(seed_build_dir(&base, &out, &new_src).unwrap());
         let (s2, o2) = (new_src.display(), out.display());
         let cmd = fs::read_to_string(out.join("arch/x86/.mmu.o.cmd")).unwrap();
