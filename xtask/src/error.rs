@@ -41,6 +41,24 @@ pub enum Error {
     )]
     TreeLacksOptions(Vec<String>),
 
+    #[error("patch {}: {reason}", .path.display())]
+    BadPatch { path: PathBuf, reason: String },
+
+    #[error(
+        "patch {} does not apply to {tree}{}:\n  {}",
+        .patch.display(),
+        match .applied_before {
+            0 => String::new(),
+            1 => " (after 1 patch that applied)".to_string(),
+            n => format!(" (after {n} patches that applied)"),
+        },
+        .failures.join("\n  ")
+    )]
+    PatchDoesNotApply { patch: PathBuf, tree: String, applied_before: usize, failures: Vec<String> },
+
+    #[error("findings: {0}")]
+    Findings(String),
+
     #[error("coverage: {0}")]
     Coverage(String),
 

@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::coverage;
 use crate::debian::{self, Release, Tarball};
 use crate::error::{Error, Result};
+use crate::patch::{self, PatchSet};
 use crate::recipe::{KconfigSymbols, Recipe};
 use crate::util::{self, io_err, req, Requirement};
 
@@ -46,6 +47,8 @@ pub struct KernelOpts {
     pub jobs: usize,
     /// Build KVM with gcov profiling (`cargo xtask vm --coverage`).
     pub coverage: bool,
+    /// Patches applied, in order, to a copy of the source (`--patch`).
+    pub patches: Vec<PathBuf>,
 }
 
 impl Default for KernelOpts {
@@ -54,6 +57,7 @@ impl Default for KernelOpts {
             source: Source::Debian(Release::DEFAULT),
             jobs: thread::available_parallelism().map_or(1, |n| n.get()),
             coverage: false,
+            patches: Vec::new(),
         }
     }
 }
@@ -62,8 +66,44 @@ pub fn fragment_path() -> PathBuf {
     util::workspace_root().join("xtask/kernel.config")
 }
 
+/// A kernel ready to be built: its source extracted, patched and
+/// instrumented as asked, or an image built before from the same inputs.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The source with the patches applied, before gcov instrumentation, as
+    /// (id, directory): what `--upstream` builds the C selftests from. None
+    /// when a cached image made extracting the source unnecessary.
+    pub tree: Option<(String, PathBuf)>,
+    plan: Plan,
+}
+
+#[derive(Debug)]
+enum Plan {
+    Cached(PathBuf),
+    Build {
+        /// The build directory's name under `build/` in the cache.
+        id: String,
+        src: PathBuf,
+        /// A released source: its image is cached under `images/`.
+        cache_image: bool,
+        fragment: String,
+        /// With patches: the build directory of the same source unpatched,
+        /// which seeds this one.
+        seed_from: Option<String>,
+    },
+}
+
 /// Configure and build the kernel, returning the path of its bzImage.
 pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
+    build_prepared(opts, prepare(opts)?)
+}
+
+/// Everything before make: read the patches (a missing or diff-less one is
+/// an error before any work), find or extract the source, apply the patches
+/// to a hard-link copy of it (one that does not apply is an error naming its
+/// file and hunk), and link the gcov copy.
+pub fn prepare(opts: &KernelOpts) -> Result<Prepared> {
+    let patches = PatchSet::load(&opts.patches)?;
     let fragment_file = fragment_path();
     let mut fragment = fs::read_to_string(&fragment_file).map_err(io_err(&fragment_file))?;
     if opts.coverage {
@@ -80,30 +120,61 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
             // A released source never changes, so its image is reused
             // without extracting the source or asking make; a tree can
             // change under us and is always rebuilt (incrementally, in its
-            // own O= directory).
-            let key_id = build_id(&tarball.id, opts.coverage);
+            // own O= directory). Patches are part of the key.
+            let key_id = build_id(&patches.id(&tarball.id), opts.coverage);
             // A gcov image is only usable with its build directory's .gcno
             // notes (a CI cache may restore the image without them).
             let notes = util::cache_dir().join("build").join(&key_id).join("virt/kvm/kvm_main.gcno");
             let cached = cached_debian_image(&key_id, &fragment).filter(|_| !opts.coverage || notes.is_file());
             if let Some(cached) = cached {
-                eprintln!("xtask: using cached kernel for {}", tarball.id);
-                return Ok(cached);
+                eprintln!("xtask: using cached kernel for {key_id}");
+                return Ok(Prepared { tree: None, plan: Plan::Cached(cached) });
             }
             let src = extract(&tarball)?;
             (tarball.id, src, true)
         }
     };
-    let (id, src) = if opts.coverage {
-        let src = coverage::instrumented_source(&id, &src, cache_image)?;
-        (build_id(&id, true), src)
-    } else {
-        (id, src)
+    let unpatched_build = build_id(&id, opts.coverage);
+    let (id, src) =
+        if patches.is_empty() { (id, src) } else { patch::patched_source(&id, &src, &patches, cache_image)? };
+    let tree = Some((id.clone(), src.clone()));
+    let src = if opts.coverage { coverage::instrumented_source(&id, &src, cache_image)? } else { src };
+    let seed_from = (!patches.is_empty()).then_some(unpatched_build);
+    Ok(Prepared { tree, plan: Plan::Build { id: build_id(&id, opts.coverage), src, cache_image, fragment, seed_from } })
+}
+
+/// The source tree `opts` names, with its patches applied: (id, directory).
+pub fn source_tree(opts: &KernelOpts) -> Result<(String, PathBuf)> {
+    let patches = PatchSet::load(&opts.patches)?;
+    let (id, src, released) = match &opts.source {
+        Source::Debian(release) => {
+            let (id, src) = debian_source(release)?;
+            (id, src, true)
+        }
+        Source::Tree(tree) => {
+            let (id, src) = tree_source(tree)?;
+            (id, src, false)
+        }
+    };
+    if patches.is_empty() {
+        return Ok((id, src));
+    }
+    patch::patched_source(&id, &src, &patches, released)
+}
+
+/// Build a prepared kernel, returning the path of its bzImage.
+pub fn build_prepared(opts: &KernelOpts, prepared: Prepared) -> Result<PathBuf> {
+    let (id, src, cache_image, fragment, seed_from) = match prepared.plan {
+        Plan::Cached(image) => return Ok(image),
+        Plan::Build { id, src, cache_image, fragment, seed_from } => (id, src, cache_image, fragment, seed_from),
     };
     let recipe = Recipe::resolve(&fragment, &KconfigSymbols::of_tree(&src)?)?;
     let config_hash = format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), recipe.text.as_bytes()]));
     util::ensure_requirements(BUILD_DEPS)?;
     let out = util::cache_dir().join("build").join(&id);
+    if let Some(base) = seed_from {
+        patch::seed_build_dir(&util::cache_dir().join("build").join(base), &out, &src)?;
+    }
     util::create_dir_all(&out)?;
     let resolved = out.join("xtask-fragment.config");
     fs::write(&resolved, &recipe.text).map_err(io_err(&resolved))?;
@@ -115,7 +186,7 @@ pub fn build(opts: &KernelOpts) -> Result<PathBuf> {
     make_with_progress(&src, &out, opts.jobs)?;
     // make may re-run Kconfig (e.g. a bisected tree with new symbols).
     recipe.verify(&out.join(".config"))?;
-    eprintln!("xtask: kernel built in {:.0?}", start.elapsed());
+    eprintln!("xtask: kernel built in {:.1?}", start.elapsed());
 
     let image = out.join("arch/x86/boot/bzImage");
     if !image.is_file() {

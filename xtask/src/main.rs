@@ -4,10 +4,12 @@ mod bisect;
 mod coverage;
 mod debian;
 mod error;
+mod findings;
 mod guest_init;
 mod history;
 mod kernel;
 mod limits;
+mod patch;
 mod probe;
 mod qemu;
 mod recipe;
@@ -44,6 +46,8 @@ enum Cmd {
         source: SourceArgs,
         #[command(flatten)]
         build: BuildArgs,
+        #[command(flatten)]
+        patch: PatchArgs,
     },
     /// Boot the kernel in QEMU and run the test binaries inside, strictly.
     ///
@@ -69,6 +73,10 @@ enum Cmd {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Check that the patches under findings/ still apply to the current
+    /// Debian sources (each finding's `series` file) and that the kernel's
+    /// checkpatch.pl --strict finds them clean; builds no kernel.
+    FindingsCheck,
     /// Turn a results file (KVM_SELFTESTS_RESULTS) into KTAP and JUnit.
     Report {
         /// The JSON-lines results file.
@@ -100,6 +108,15 @@ struct SourceArgs {
 }
 
 #[derive(Debug, Args)]
+struct PatchArgs {
+    /// Apply this patch (a diff or a `git format-patch` mail; repeatable,
+    /// applied in order) to a scratch copy of the source, never the source
+    /// itself, and build that incrementally.
+    #[arg(long = "patch", value_name = "FILE")]
+    patches: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct BuildArgs {
     /// Parallel make jobs (default: the number of CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -122,10 +139,12 @@ struct GuestArgs {
 #[derive(Debug, Args)]
 struct VmArgs {
     /// A prebuilt bzImage instead of building one.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "debian"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "debian", "patches"])]
     kernel: Option<PathBuf>,
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    patch: PatchArgs,
     #[command(flatten)]
     build: BuildArgs,
     #[command(flatten)]
@@ -209,7 +228,11 @@ impl VmArgs {
     fn opts(self) -> VmOpts {
         let mut opts = VmOpts {
             kernel: self.kernel,
-            kernel_opts: KernelOpts { coverage: self.coverage, ..self.build.kernel_opts(self.source.source()) },
+            kernel_opts: KernelOpts {
+                coverage: self.coverage,
+                patches: self.patch.patches,
+                ..self.build.kernel_opts(self.source.source())
+            },
             binaries: self.test_binaries,
             test_args: self.test_args,
             known_failures: self.known_failures,
@@ -255,8 +278,9 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Kernel { source, build } => {
-            let image = kernel::build(&build.kernel_opts(source.source()))?;
+        Cmd::Kernel { source, build, patch } => {
+            let opts = KernelOpts { patches: patch.patches, ..build.kernel_opts(source.source()) };
+            let image = kernel::build(&opts)?;
             println!("{}", image.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -278,6 +302,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             guest.apply(&mut opts);
             bisect::demo(&debian, &opts)
         }
+        Cmd::FindingsCheck => findings::check(&util::workspace_root().join("findings")),
         Cmd::Report { results, name } => report_cmd(&results, &name),
         Cmd::GuestProbe { results } => probe::run(results.as_deref()),
     }
@@ -360,9 +385,34 @@ mod tests {
             // Test filters go after `--` only.
             ("vm address_space", "address_space"),
             ("vm --debian 7.3 model::", "model::"),
+            ("vm --patch", "--patch"),
+            ("vm --kernel /k --patch p.diff", "--patch"),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(needle), "{args}: {e}");
         }
+    }
+
+    #[test]
+    fn patches_are_repeatable_and_kept_in_order_for_every_kernel_command() {
+        for cmd in ["vm --debian 7.3 --upstream", "vm --coverage", "bisect-step --tree /t"] {
+            let o = vm_opts(&format!("{cmd} --patch b.patch --patch a.patch -- filter"));
+            assert_eq!(o.kernel_opts.patches, [PathBuf::from("b.patch"), PathBuf::from("a.patch")], "{cmd}");
+            assert_eq!(o.test_args, ["filter"], "{cmd}");
+        }
+        assert!(vm_opts("vm --coverage --patch x").kernel_opts.coverage);
+        match parse("kernel --tree /t --patch x.patch").unwrap() {
+            Cmd::Kernel { patch, .. } => assert_eq!(patch.patches, [PathBuf::from("x.patch")]),
+            other => panic!("{other:?}"),
+        }
+        assert!(vm_opts("vm").kernel_opts.patches.is_empty());
+    }
+
+    #[test]
+    fn a_missing_patch_file_is_an_error_before_any_work() {
+        let opts = KernelOpts { patches: vec!["/nonexistent/0001-x.patch".into()], ..KernelOpts::default() };
+        let e = kernel::prepare(&opts).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/0001-x.patch"), "{e}");
+        assert!(!kernel::prepare(&opts).unwrap_err().is_kernel_fault());
     }
 }

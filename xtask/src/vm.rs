@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::guest_init::{init_script, set_executable, Files, Shape};
 use crate::kernel::{self, KernelOpts, Source};
 use crate::limits::{Limit, Limits};
+use crate::patch::{self, PatchSet};
 pub use crate::qemu::Accel;
 use crate::qemu::{host_can_nest, qemu_command, supervise, End, Guest};
 use crate::report::{self, Outcome, Summary, TestResult};
@@ -101,21 +102,29 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         return Err(Error::NoKernelImage(k.clone()));
     }
     let limits = time_limits(opts)?;
-    // Built first: a broken test build is the host's problem and should stop
-    // a bisection before any kernel work.
+    // Patches are applied first: one that does not apply is an error before
+    // anything builds.
+    let prepared = match &opts.kernel {
+        Some(_) => None,
+        None => Some(kernel::prepare(&opts.kernel_opts)?),
+    };
+    let patched_tree = prepared.as_ref().and_then(|p| p.tree.clone());
+    // Built before the kernel: a broken test build is the host's problem and
+    // should stop a bisection before any kernel work.
     let binaries = if opts.binaries.is_empty() {
         test_binaries::build(opts.bench)?
     } else {
         test_binaries::given(&opts.binaries)?
     };
-    let kernel = match &opts.kernel {
-        Some(k) => k.canonicalize().map_err(io_err(k))?,
-        None => kernel::build(&opts.kernel_opts)?,
+    let kernel = match (&opts.kernel, prepared) {
+        (Some(k), _) => k.canonicalize().map_err(io_err(k))?,
+        (None, Some(prepared)) => kernel::build_prepared(&opts.kernel_opts, prepared)?,
+        (None, None) => unreachable!("prepared whenever no --kernel is given"),
     };
-    let c_tests = if opts.upstream { upstream_tests(&opts.kernel_opts.source)? } else { Vec::new() };
+    let c_tests = if opts.upstream { upstream_tests(&opts.kernel_opts, patched_tree)? } else { Vec::new() };
     let under_test = match &opts.kernel {
         Some(image) => history::prebuilt(image),
-        None => history::of(&opts.kernel_opts.source)?,
+        None => patch::annotate(history::of(&opts.kernel_opts.source)?, &PatchSet::load(&opts.kernel_opts.patches)?),
     };
     eprintln!("xtask: kernel under test: {}", under_test.name);
 
@@ -159,6 +168,8 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             Source::Debian(release) => format!("debian-{release}"),
             Source::Tree(tree) => kernel::tree_source(tree)?.0,
         };
+        // A patched kernel's coverage is reported apart from the unpatched one's.
+        let kernel = PatchSet::load(&opts.kernel_opts.patches)?.id(&kernel);
         eprint!("{}", coverage::report(&results_dir, &kernel, sets)?);
     }
     scratch.keep = false;
@@ -207,11 +218,12 @@ fn suite_binary_names() -> Vec<String> {
     names
 }
 
-/// The C selftests of the kernel's source tree.
-fn upstream_tests(source: &Source) -> Result<Vec<CTest>> {
-    let (id, src) = match source {
-        Source::Debian(release) => kernel::debian_source(release)?,
-        Source::Tree(tree) => kernel::tree_source(tree)?,
+/// The C selftests of the kernel's source tree, patched as the kernel was
+/// (`tree`: that source, when preparing the kernel already made it).
+fn upstream_tests(opts: &KernelOpts, tree: Option<(String, PathBuf)>) -> Result<Vec<CTest>> {
+    let (id, src) = match tree {
+        Some(tree) => tree,
+        None => kernel::source_tree(opts)?,
     };
     upstream::build(&id, &src)
 }
