@@ -212,11 +212,14 @@ pub(crate) fn check_hypercall(
     long_mode: impl FnOnce() -> Result<bool>,
 ) -> Result<Result<(), Mismatch>> {
     const EXIT: &str = "KVM_EXIT_HYPERCALL";
-    // SAFETY: the caller saw exit_reason KVM_EXIT_HYPERCALL; both views of
-    // the flags word are plain integers.
-    let (hc, old, flags, old_flags) = unsafe {
-        (now.hypercall, before.hypercall, now.hypercall.__bindgen_anon_1.flags, before.hypercall.__bindgen_anon_1.flags)
-    };
+    // SAFETY: the caller saw exit_reason KVM_EXIT_HYPERCALL.
+    let hc = unsafe { now.hypercall };
+    // SAFETY: `before` is plain bytes read through the same member.
+    let old = unsafe { before.hypercall };
+    // SAFETY: both views of the flags word are plain integers.
+    let flags = unsafe { hc.__bindgen_anon_1.flags };
+    // SAFETY: as above.
+    let old_flags = unsafe { old.__bindgen_anon_1.flags };
     if flags & !HYPERCALL_FLAGS != 0 {
         return Ok(Err(Mismatch::new(
             EXIT,
@@ -349,14 +352,13 @@ mod tests {
         before.mmio.data = [0xaa; 8];
         let mut now = before;
         // SAFETY: the union's members are plain integers: any bytes are valid.
-        unsafe {
-            now.mmio.len = 4;
-            now.mmio.is_write = 1;
-            now.mmio.data[..4].copy_from_slice(&[1, 2, 3, 4]);
-        }
+        let mut mmio = unsafe { now.mmio };
+        (mmio.len, mmio.is_write) = (4, 1);
+        mmio.data[..4].copy_from_slice(&[1, 2, 3, 4]);
+        now.mmio = mmio;
         assert!(check_mmio(&now, &before).is_ok());
-        // SAFETY: as above.
-        unsafe { now.mmio.data[6] = 0 };
+        mmio.data[6] = 0;
+        now.mmio = mmio;
         assert_eq!(check_mmio(&now, &before).unwrap_err().field, "mmio.data past mmio.len");
         now.mmio.len = 9;
         assert_eq!(check_mmio(&now, &before).unwrap_err().field, "mmio.len");
@@ -369,11 +371,10 @@ mod tests {
         let mut now = before;
         // A kernel that ORs PRIVATE into a field it did not clear.
         // SAFETY: the union's members are plain integers: any bytes are valid.
-        unsafe {
-            now.memory_fault.flags |= MEMORY_FAULT_FLAGS;
-            now.memory_fault.gpa = 0x1000;
-            now.memory_fault.size = 0x1000;
-        }
+        let mut fault = unsafe { now.memory_fault };
+        fault.flags |= MEMORY_FAULT_FLAGS;
+        (fault.gpa, fault.size) = (0x1000, 0x1000);
+        now.memory_fault = fault;
         let e = check_memory_fault(&now, &before, Some(Errno::EFAULT)).unwrap_err();
         assert_eq!((e.field, e.actual.as_str(), e.stale), ("memory_fault.flags", "0x12345008", false));
         now.memory_fault.flags = MEMORY_FAULT_FLAGS;

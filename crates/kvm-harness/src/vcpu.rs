@@ -411,9 +411,12 @@ impl Vcpu {
         let checked = match reason {
             kvm_bindings::KVM_EXIT_IO => exit_fields::io_data_range(&now, mmap_size).and_then(|range| {
                 // SAFETY: io_data_range checked that the range lies inside
-                // the kvm_run mapping of `mmap_size` bytes, alive as long as
-                // `self`; nothing writes it while the vCPU is not running.
-                let data = unsafe { std::slice::from_raw_parts(run_base.add(range.start), range.len()) };
+                // the kvm_run mapping of `mmap_size` bytes.
+                let start = unsafe { run_base.add(range.start) };
+                // SAFETY: `range.len()` bytes at `start` lie inside that
+                // mapping, alive as long as `self`; nothing writes them
+                // while the vCPU is not running.
+                let data = unsafe { std::slice::from_raw_parts(start, range.len()) };
                 exit_fields::check_io(&now, data)
             }),
             kvm_bindings::KVM_EXIT_MMIO => exit_fields::check_mmio(&now, before),
