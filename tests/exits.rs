@@ -79,8 +79,10 @@ impl Kind {
 }
 
 /// A sequence in which every kind follows every kind (itself included)
-/// exactly once: a de Bruijn sequence of order 2 over the kinds, made
-/// linear by repeating its first element at the end (37 exits).
+/// exactly once: a de Bruijn sequence of order 2 over the kinds, turned so
+/// that it starts with two hypercalls (the stale `hypercall.ret` upstream
+/// fixed shows at once) and made linear by repeating its first element at
+/// the end (37 exits).
 fn every_pair() -> Vec<Kind> {
     let k = Kind::ALL.len();
     // The standard recursive construction (concatenated Lyndon words).
@@ -100,6 +102,9 @@ fn every_pair() -> Vec<Kind> {
     }
     let mut out = Vec::new();
     db(1, 1, k, &mut [0; 3], &mut out);
+    let hypercall = Kind::ALL.iter().position(|&kind| kind == Kind::Hypercall).expect("a listed kind");
+    let turn = (0..out.len()).find(|&i| out[i] == hypercall && out[(i + 1) % out.len()] == hypercall).unwrap_or(0);
+    out.rotate_left(turn);
     out.push(out[0]);
     out.into_iter().map(|i| Kind::ALL[i]).collect()
 }
@@ -325,7 +330,7 @@ fn main() -> ExitCode {
     let orders: [&[Kind]; 4] = [
         &[Io, Mmio, MemoryFault, Hypercall],
         &[Hypercall, MemoryFault, Mmio, Io],
-        &[Mmio, Hypercall, Io, MemoryFault, Hypercall],
+        &[Mmio, Hypercall, Io, Hypercall, MemoryFault],
         &[MemoryFault, Io, Hypercall, Mmio, MemoryFault],
     ];
     for order in orders {

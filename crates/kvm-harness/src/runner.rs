@@ -121,10 +121,17 @@ impl Liveness {
         if failures.is_empty() {
             return ran;
         }
+        // The first few say what happened; a test that made many VMs (a
+        // loop, a shrinking search) would otherwise drown its own message.
+        const SHOWN: usize = 3;
+        let more = match failures.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!("; and {n} more"),
+        };
         let what = format!(
-            "rule violated: the VMs and vCPUs a test made still work at its end ({} failed): {}",
+            "rule violated: the VMs and vCPUs a test made still work at its end ({} failed): {}{more}",
             failures.len(),
-            failures.join("; ")
+            failures[..failures.len().min(SHOWN)].join("; ")
         );
         match ran {
             Ok(()) => Err(what),
@@ -426,6 +433,11 @@ mod tests {
         liveness.report("vCPU dead".into());
         let both = liveness.judge(Err("boom".into())).unwrap_err();
         assert!(both.starts_with("boom\nalso: rule violated") && both.ends_with("vCPU dead"), "{both}");
+        for i in 0..5 {
+            liveness.report(format!("VM {i} dead"));
+        }
+        let many = liveness.judge(Ok(())).unwrap_err();
+        assert!(many.contains("(5 failed): VM 0 dead; VM 1 dead; VM 2 dead; and 2 more"), "{many}");
     }
 
     #[test]

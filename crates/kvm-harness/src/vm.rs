@@ -201,6 +201,15 @@ impl Vm {
         })
     }
 
+    /// Leaves this VM, and the vCPUs made from it from now on, out of the
+    /// check at the end of the test ([`crate::runner::Liveness`]): for a
+    /// caller that checks liveness itself where it can name the step (the
+    /// model, after every step), and whose failing runs leave dead VMs on
+    /// purpose while it narrows a failure down.
+    pub fn checked_by_caller(&mut self) {
+        self.liveness = None;
+    }
+
     /// Requires the VM to answer an ioctl that must succeed
     /// (`KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)` on the VM fd, which takes
     /// no lock). A VM KVM killed (`kvm_vm_dead()`, which `KVM_BUG_ON()`
