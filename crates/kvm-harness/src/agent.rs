@@ -182,7 +182,11 @@ impl Vcpu {
         self.agent_parked = false;
         write_op(self, Op::Read { gpa: mailbox + MAILBOX_OP })?;
         let what = "a round trip of the parked guest agent at the end of the test";
-        match self.next_ok_call()? {
+        let call = self.next_ok_call().map_err(|e| match e.errno() {
+            Some(errno) => crate::vm::dead("vCPU", format!("KVM_RUN(vCPU {}) in {what}", self.id()), errno),
+            None => e,
+        })?;
+        match call {
             GuestCall::Ready(_) => {
                 self.agent_parked = true;
                 Ok(())

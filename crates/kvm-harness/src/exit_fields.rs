@@ -62,11 +62,14 @@ pub(crate) struct Mismatch {
     pub actual: String,
     /// The field held this same value before `KVM_RUN`: left over.
     pub stale: bool,
+    /// Why the expected value is the rule here, where a versioned rule
+    /// decided it.
+    pub why: Option<String>,
 }
 
 impl Mismatch {
     fn new(exit: &'static str, field: &'static str, expected: impl Into<String>, actual: impl Into<String>) -> Self {
-        Self { exit, field, expected: expected.into(), actual: actual.into(), stale: false }
+        Self { exit, field, expected: expected.into(), actual: actual.into(), stale: false, why: None }
     }
 
     fn stale_if(mut self, stale: bool) -> Self {
@@ -81,9 +84,10 @@ impl Mismatch {
         } else {
             ""
         };
+        let why = self.why.map(|why| format!("; {why}")).unwrap_or_default();
         Error::rule(
             format!("{} sets every field a VMM reads", self.exit),
-            format!("vCPU {vcpu}: {}: expected {}, got {}{stale}", self.field, self.expected, self.actual),
+            format!("vCPU {vcpu}: {}: expected {}, got {}{stale}{why}", self.field, self.expected, self.actual),
         )
     }
 }
@@ -265,9 +269,12 @@ pub(crate) fn check_hypercall(
             )));
         }
     };
-    Ok(expectation.check(zeroed).map_err(|why| {
+    Ok(expectation.check(zeroed).map_err(|check| {
         let expected = if zeroed { format!("{:#x}, left as before KVM_RUN", old.ret) } else { "0x0".to_string() };
-        Mismatch::new(EXIT, "hypercall.ret", format!("{expected} ({why})"), format!("{:#x}", hc.ret)).stale_if(!zeroed)
+        let mut m = Mismatch::new(EXIT, "hypercall.ret", expected, format!("{:#x}", hc.ret)).stale_if(!zeroed);
+        // Decided: the reason; undecided: the earlier check it disagrees with.
+        m.why = Some(if expectation.outcome.is_some() { expectation.why.clone() } else { check });
+        m
     }))
 }
 
