@@ -955,19 +955,21 @@ impl Real {
         Region { slot: r.slot, flags: r.flags, gpa: r.gpa, size: r.size, memory, memory_offset, guest_memfd }
     }
 
-    /// Whether KVM left the VM and the agent's vCPU working: the VM fd (while
-    /// open) and the vCPU (once started) answer an ioctl that must succeed.
-    /// A VM KVM killed (`kvm_vm_dead()`, e.g. after a `KVM_BUG_ON()`)
-    /// fails both with EIO, so the step that killed it is the one named,
-    /// not a later step that happens to use the VM.
+    /// Whether KVM left the VM working: the VM fd answers an ioctl that
+    /// must succeed, or, once a step closed it, the agent's vCPU does. A VM
+    /// KVM killed (`kvm_vm_dead()`, e.g. after a `KVM_BUG_ON()`) fails
+    /// both with EIO, so the step that killed it is the one named, not a
+    /// later step that happens to use the VM. While the VM fd is open the
+    /// vCPU is not asked as well: `kvm_vcpu_ioctl()` tests the same
+    /// `kvm->vm_dead` as `kvm_vm_ioctl()`, at several times the cost
+    /// (`KVM_GET_REGS` loads the vCPU), and every guest step and the
+    /// sequence's closing `DONE` run it through `KVM_RUN`.
     fn check_alive(&self) -> Result<()> {
-        if let Some(vm) = &self.vm {
-            vm.check_alive()?;
+        match (&self.vm, &self.agent) {
+            (Some(vm), _) => vm.check_alive(),
+            (None, Some((agent, _))) => agent.vcpu_ref().check_alive(),
+            (None, None) => Ok(()),
         }
-        if let Some((agent, _)) = &self.agent {
-            agent.vcpu_ref().check_alive()?;
-        }
-        Ok(())
     }
 
     /// A fresh VM whose agent is already running, parked at READY.

@@ -15,6 +15,9 @@
 //! and every value the VMM or an exit leaves behind is distinct, so a
 //! left-over value cannot pass for a new one.
 //!
+//! Part of the `private_mem_exits` binary (a binary of its own cost more
+//! to start in the guest than its tests took to run).
+//!
 //! The vCPU runs the guest agent, which reports each command's end with a
 //! port write (`KVM_EXIT_IO`, OUT), so an OUT exit lies between any two of
 //! the others; the fields it does not overwrite (`hypercall.ret` and
@@ -27,7 +30,6 @@
 //! emulation failure) and a triple fault (`KVM_EXIT_SHUTDOWN`). After the
 //! last three the agent is restarted from its entry state.
 
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use guest_payloads::layout::TEST_AREA_GPA;
@@ -317,8 +319,8 @@ fn every_pair_covers_each_ordered_pair_once() -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let mut suite = Suite::new("exits");
+/// Registers the scenarios in `suite`.
+pub fn register(suite: &mut Suite) {
     let needs = || {
         vec![
             Need::VmType(VmType::SwProtected),
@@ -344,5 +346,4 @@ fn main() -> ExitCode {
         "every_pair_sequence_covers_each_ordered_pair_of_exit_kinds",
         every_pair_covers_each_ordered_pair_once,
     );
-    suite.run()
 }
