@@ -321,12 +321,21 @@ fn every_pair_covers_each_ordered_pair_once() -> Result<()> {
 
 /// Registers the scenarios in `suite`.
 pub fn register(suite: &mut Suite) {
-    let needs = || {
-        vec![
-            Need::VmType(VmType::SwProtected),
-            Need::VmCap(VmType::SwProtected, Cap::MemoryAttributes),
-            Need::VmCap(VmType::SwProtected, Cap::ExitHypercall),
-        ]
+    // Probed once for the five tests (each VmCap probe makes a VM).
+    let needs = [
+        Need::VmType(VmType::SwProtected),
+        Need::VmCap(VmType::SwProtected, Cap::MemoryAttributes),
+        Need::VmCap(VmType::SwProtected, Cap::ExitHypercall),
+    ];
+    let met: Option<std::result::Result<(), String>> =
+        suite.kvm().map(|kvm| needs.iter().try_for_each(|need| need.check(kvm)));
+    let needs = || match &met {
+        Some(met) => {
+            let met = met.clone();
+            vec![Need::Check(Box::new(move |_| met.clone()))]
+        }
+        // No /dev/kvm: the suite reports that itself.
+        None => Vec::new(),
     };
     use Kind::*;
     let orders: [&[Kind]; 4] = [
