@@ -12,6 +12,9 @@
 //! fails with `EFAULT` and `exit_reason = KVM_EXIT_MEMORY_FAULT` with
 //! `flags = KVM_MEMORY_EXIT_FLAG_PRIVATE` (read/write/exec are not
 //! communicated), `gpa` = the faulting page's base and `size = PAGE_SIZE`.
+//!
+//! With them, in `exit_sequences`: exits of every kind in one vCPU, each
+//! with every field exact, never a value left over from the exit before.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -419,8 +422,12 @@ fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
     }
 }
 
+#[path = "exit_sequences.rs"]
+mod exit_sequences;
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("private_mem_exits");
+    exit_sequences::register(&mut suite);
 
     kvm_harness::register!(suite, needs() =>
         private_read_exits_memory_fault_when_memslot_is_deleted_under_running_vcpu,

@@ -8,6 +8,13 @@ use crate::error::{Error, Result};
 use crate::vcpu::{Exit, GuestCall, Vcpu};
 
 /// A vCPU running the guest agent, parked at `READY`.
+///
+/// The vCPU remembers whether the agent is parked at `READY` (it is after
+/// every call that ends with the agent's `READY`, and not after
+/// [`Self::submit`] or [`Self::vcpu`], through which a scenario may run or
+/// reshape it): a parked agent makes one more round trip when the test
+/// drops it, to show that KVM left the vCPU working (see
+/// [`crate::runner::Liveness`]).
 #[derive(Debug)]
 pub struct Agent {
     vcpu: Vcpu,
@@ -17,25 +24,30 @@ impl Agent {
     /// Runs `vcpu` (created on a VM with the `GUEST_AGENT` payload) to its first `READY`.
     pub fn start(mut vcpu: Vcpu) -> Result<Self> {
         match vcpu.next_ok_call()? {
-            GuestCall::Ready(_) => Ok(Self { vcpu }),
+            GuestCall::Ready(_) => {
+                vcpu.agent_parked = true;
+                Ok(Self { vcpu })
+            }
             other => Err(Error::Guest(format!("vCPU {}: agent did not start: {other:x?}", vcpu.id()))),
         }
     }
 
     /// The underlying vCPU, e.g. to run it by hand after [`Self::submit`].
     pub fn vcpu(&mut self) -> &mut Vcpu {
+        self.vcpu.agent_parked = false;
         &mut self.vcpu
+    }
+
+    /// The underlying vCPU, for calls that neither run nor change it (the
+    /// agent stays parked).
+    pub fn vcpu_ref(&self) -> &Vcpu {
+        &self.vcpu
     }
 
     /// Writes `op` into the mailbox without running the vCPU.
     pub fn submit(&mut self, op: Op) -> Result<()> {
-        let (code, args) = op.encode();
-        let (memory, mailbox) = self.vcpu.mailbox()?;
-        for (i, arg) in args.iter().enumerate() {
-            memory.write_u64(mailbox + MAILBOX_ARG0 + 8 * i as u64, *arg);
-        }
-        memory.write_u64(mailbox + MAILBOX_OP, code);
-        Ok(())
+        self.vcpu.agent_parked = false;
+        write_op(&self.vcpu, op)
     }
 
     /// Runs until the agent reports `READY(result)` after `what`.
@@ -46,15 +58,20 @@ impl Agent {
 
     /// Interprets an exit that should be the agent's `READY` after `what`.
     pub fn ready_from_exit(&mut self, exit: Exit, what: &str) -> Result<u64> {
+        self.vcpu.agent_parked = false;
         let call = self.vcpu.call_from_exit(exit, &format!("guest agent doing {what}"))?;
         match call {
-            GuestCall::Ready(result) => Ok(result),
+            GuestCall::Ready(result) => {
+                self.vcpu.agent_parked = true;
+                Ok(result)
+            }
             GuestCall::AssertFail { .. } => {
                 // The agent abandons the command after reporting; park it at
                 // READY again so the scenario can go on using it.
                 let failure = other_failure(&call);
                 match self.vcpu.next_call()? {
                     GuestCall::Ready(_) => {
+                        self.vcpu.agent_parked = true;
                         Err(Error::Guest(format!("vCPU {} doing {what}: {failure}", self.vcpu.id())))
                     }
                     next => Err(Error::Guest(format!(
@@ -144,6 +161,38 @@ impl Agent {
         self.submit(Op::Done {})?;
         self.vcpu.expect_done()?;
         Ok(self.vcpu)
+    }
+}
+
+fn write_op(vcpu: &Vcpu, op: Op) -> Result<()> {
+    let (code, args) = op.encode();
+    let (memory, mailbox) = vcpu.mailbox()?;
+    for (i, arg) in args.iter().enumerate() {
+        memory.write_u64(mailbox + MAILBOX_ARG0 + 8 * i as u64, *arg);
+    }
+    memory.write_u64(mailbox + MAILBOX_OP, code);
+    Ok(())
+}
+
+impl Vcpu {
+    /// One command through the parked agent (a read of its own mailbox,
+    /// in the system memslot): the guest still runs and answers.
+    pub(crate) fn agent_round_trip(&mut self) -> Result<()> {
+        let (_, mailbox) = self.mailbox()?;
+        self.agent_parked = false;
+        write_op(self, Op::Read { gpa: mailbox + MAILBOX_OP })?;
+        let what = "a round trip of the parked guest agent at the end of the test";
+        let call = self.next_ok_call().map_err(|e| match e.errno() {
+            Some(errno) => crate::vm::dead("vCPU", format!("KVM_RUN(vCPU {}) in {what}", self.id()), errno),
+            None => e,
+        })?;
+        match call {
+            GuestCall::Ready(_) => {
+                self.agent_parked = true;
+                Ok(())
+            }
+            other => Err(Error::Guest(format!("vCPU {}: {what}: expected READY, got {other:x?}", self.id()))),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 pub use kvm_model::decide::{Basis, Decision, History, KernelFacts};
 pub use kvm_model::versioned::{
     Commit, Hex, KernelVersion, Rule, Versioned, GMEM_BINDING_OVERLAP, GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
-    GMEM_FLAGS_WITH_PRIVATE_MEM,
+    GMEM_FLAGS_WITH_PRIVATE_MEM, HYPERCALL_EXIT_ZEROES_RET,
 };
 
 use crate::error::{errno_name, Error, Result, SysResult};

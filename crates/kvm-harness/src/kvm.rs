@@ -141,6 +141,7 @@ impl fmt::Display for VmType {
 pub struct Kvm {
     fd: kvm_ioctls::Kvm,
     supported_cpuid: OnceLock<CpuId>,
+    vcpu_mmap_size: OnceLock<usize>,
 }
 
 /// Path of the KVM device.
@@ -151,7 +152,7 @@ impl Kvm {
     pub fn open() -> Result<Self> {
         let fd = kvm_ioctls::Kvm::new()
             .map_err(|e| Error::Sys { op: format!("open({KVM_PATH})"), errno: Errno::from_raw(e.errno()) })?;
-        Ok(Self { fd, supported_cpuid: OnceLock::new() })
+        Ok(Self { fd, supported_cpuid: OnceLock::new(), vcpu_mmap_size: OnceLock::new() })
     }
 
     /// `KVM_CHECK_EXTENSION` on the system fd.
@@ -203,6 +204,16 @@ impl Kvm {
                 vm_type,
             )
         }
+    }
+
+    /// `KVM_GET_VCPU_MMAP_SIZE`, cached: the size of each vCPU's `kvm_run`
+    /// mapping, which bounds where an exit's data may lie.
+    pub fn vcpu_mmap_size(&self) -> Result<usize> {
+        if let Some(size) = self.vcpu_mmap_size.get() {
+            return Ok(*size);
+        }
+        let size = self.fd.get_vcpu_mmap_size().sys(|| "KVM_GET_VCPU_MMAP_SIZE".to_string())?;
+        Ok(*self.vcpu_mmap_size.get_or_init(|| size))
     }
 
     /// The CPUID KVM supports, cached.

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod backing;
 pub mod child;
 pub mod error;
+mod exit_fields;
 pub mod fault_injection;
 pub mod kernel_rules;
 pub mod known_failures;

@@ -44,6 +44,8 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
 
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_CHECK_EXTENSION`: `_IO(KVMIO, 0x03)`.
+pub const KVM_CHECK_EXTENSION: u64 = ioc(0, 0x03, 0);
 /// `KVM_SET_NR_MMU_PAGES`: `_IO(KVMIO, 0x44)`.
 pub const KVM_SET_NR_MMU_PAGES: u64 = ioc(0, 0x44, 0);
 /// `KVM_CREATE_VM`: `_IO(KVMIO, 0x01)`.
@@ -63,6 +65,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         assert_eq!(KVM_RUN, 0xAE80);
+        assert_eq!(KVM_CHECK_EXTENSION, 0xAE03);
         assert_eq!(KVM_SET_NR_MMU_PAGES, 0xAE44);
         assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
         assert_eq!(KVM_CREATE_VM, 0xAE01);

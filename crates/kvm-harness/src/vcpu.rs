@@ -11,6 +11,7 @@ use kvm_bindings::kvm_regs;
 use nix::errno::Errno;
 
 use crate::error::{Error, Result, SysResult};
+use crate::exit_fields::{self, ExitUnion};
 use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::memory::HostMemory;
 use crate::vm::Region;
@@ -281,6 +282,13 @@ pub struct Vcpu {
     pub(crate) system: Option<Arc<HostMemory>>,
     pub(crate) payload: Option<&'static Payload>,
     pub(crate) timeout: Duration,
+    /// Size of the `kvm_run` mapping (`KVM_GET_VCPU_MMAP_SIZE`).
+    pub(crate) mmap_size: usize,
+    /// The guest agent is parked at `READY` on this vCPU (see
+    /// [`crate::Agent`]): a round trip at the end of the test is safe.
+    pub(crate) agent_parked: bool,
+    /// Where the test that made this vCPU collects liveness failures.
+    pub(crate) liveness: Option<Arc<crate::runner::Liveness>>,
     /// The VM's memslot backings, kept alive while this vCPU can still run.
     pub(crate) _memslots: Arc<Mutex<BTreeMap<u32, Region>>>,
 }
@@ -301,6 +309,17 @@ impl Vcpu {
         self.fd.get_regs().sys(|| format!("KVM_GET_REGS(vCPU {})", self.id))
     }
 
+    /// Requires the vCPU to answer an ioctl that must succeed
+    /// (`KVM_GET_REGS`). Once KVM killed its VM (`kvm_vm_dead()`, which
+    /// `KVM_BUG_ON()` calls), `kvm_vcpu_ioctl()` fails every vCPU ioctl
+    /// with EIO before looking at it.
+    pub fn check_alive(&self) -> Result<()> {
+        self.fd
+            .get_regs()
+            .map(drop)
+            .map_err(|e| crate::vm::dead("vCPU", format!("KVM_GET_REGS(vCPU {})", self.id), Errno::from_raw(e.errno())))
+    }
+
     /// `KVM_SET_REGS`.
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
         self.fd.set_regs(regs).sys(|| format!("KVM_SET_REGS(vCPU {})", self.id))
@@ -309,11 +328,15 @@ impl Vcpu {
     /// One `KVM_RUN` under the watchdog.
     ///
     /// Returns the decoded exit; `KVM_EXIT_MEMORY_FAULT` comes back as
-    /// `Ok(Exit::MemoryFault)` with the errno `KVM_RUN` returned. Any other
+    /// `Ok(Exit::MemoryFault)` with the errno `KVM_RUN` returned. Every
+    /// field a VMM reads is checked first (see `exit_fields`): a field that
+    /// does not hold what KVM must have written, such as a value left over
+    /// from an earlier exit, is an [`Error::Rule`] naming it. Any other
     /// failure is an error; a vCPU still in the guest at the deadline is
     /// [`Error::Timeout`].
     pub fn run(&mut self) -> Result<Exit> {
         loop {
+            let before = self.exit_union();
             let ((ret, errno), fired) = self.under_watchdog(self.timeout, |vcpu| {
                 // SAFETY: KVM_RUN on our vCPU fd takes no argument; the kernel
                 // writes only into the kvm_run mapping.
@@ -321,7 +344,7 @@ impl Vcpu {
                 (ret, Errno::last())
             });
             if ret == 0 {
-                return Ok(self.decode_exit(None));
+                return self.decode_checked(None, &before);
             }
             match errno {
                 Errno::EINTR if fired => return Err(self.timeout_error()),
@@ -329,7 +352,7 @@ impl Vcpu {
                 Errno::EFAULT | Errno::EHWPOISON
                     if self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_MEMORY_FAULT =>
                 {
-                    return Ok(self.decode_exit(Some(errno)));
+                    return self.decode_checked(Some(errno), &before);
                 }
                 _ => return Err(Error::Sys { op: format!("KVM_RUN(vCPU {})", self.id), errno }),
             }
@@ -338,8 +361,10 @@ impl Vcpu {
 
     /// One `KVM_RUN` with `failing` allocations failing. Returns
     /// the errno (`None` on success) and the exit `kvm_run` holds, which is
-    /// stale after errors other than a memory fault.
+    /// stale after errors other than a memory fault (and then unchecked);
+    /// a completed exit or a memory fault is checked as in [`Self::run`].
     pub fn run_failing(&mut self, fault: &NthFault, failing: Failing) -> Result<Injected<(Option<Errno>, Exit)>> {
+        let before = self.exit_union();
         let (call, fired) = self.under_watchdog(self.timeout, |vcpu| {
             let fd = vcpu.fd.as_raw_fd();
             fault.around(failing, || {
@@ -354,7 +379,54 @@ impl Vcpu {
             return Err(self.timeout_error());
         }
         let errno = (ret < 0).then_some(errno);
-        Ok(call.map(|_| (errno, self.decode_exit(errno))))
+        let fault_exit = self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_MEMORY_FAULT
+            && matches!(errno, Some(Errno::EFAULT | Errno::EHWPOISON));
+        let exit =
+            if errno.is_none() || fault_exit { self.decode_checked(errno, &before)? } else { self.decode_exit(errno) };
+        Ok(call.map(|_| (errno, exit)))
+    }
+
+    /// A copy of `kvm_run`'s exit union, taken before a `KVM_RUN` so that
+    /// the checks can tell a left-over value from a new one.
+    fn exit_union(&mut self) -> ExitUnion {
+        self.fd.get_kvm_run().__bindgen_anon_1
+    }
+
+    /// Whether the vCPU is in 64-bit mode (EFER.LMA and CS.L): what
+    /// `KVM_EXIT_HYPERCALL_LONG_MODE` must say.
+    fn in_64_bit_mode(&self) -> Result<bool> {
+        const EFER_LMA: u64 = 1 << 10;
+        let sregs = self.sregs()?;
+        Ok(sregs.efer & EFER_LMA != 0 && sregs.cs.l == 1)
+    }
+
+    /// Checks every field a VMM reads of the exit `kvm_run` holds (see
+    /// `exit_fields`), then decodes it.
+    fn decode_checked(&mut self, errno: Option<Errno>, before: &ExitUnion) -> Result<Exit> {
+        let mmap_size = self.mmap_size;
+        let run = self.fd.get_kvm_run();
+        let reason = run.exit_reason;
+        let now = run.__bindgen_anon_1;
+        let run_base: *const u8 = std::ptr::from_ref(run).cast();
+        let checked = match reason {
+            kvm_bindings::KVM_EXIT_IO => exit_fields::io_data_range(&now, mmap_size).and_then(|range| {
+                // SAFETY: io_data_range checked that the range lies inside
+                // the kvm_run mapping of `mmap_size` bytes.
+                let start = unsafe { run_base.add(range.start) };
+                // SAFETY: `range.len()` bytes at `start` lie inside that
+                // mapping, alive as long as `self`; nothing writes them
+                // while the vCPU is not running.
+                let data = unsafe { std::slice::from_raw_parts(start, range.len()) };
+                exit_fields::check_io(&now, data)
+            }),
+            kvm_bindings::KVM_EXIT_MMIO => exit_fields::check_mmio(&now, before),
+            kvm_bindings::KVM_EXIT_MEMORY_FAULT => exit_fields::check_memory_fault(&now, before, errno),
+            kvm_bindings::KVM_EXIT_HYPERCALL => exit_fields::check_hypercall(&now, before, || self.in_64_bit_mode())?,
+            kvm_bindings::KVM_EXIT_INTERNAL_ERROR => exit_fields::check_internal_error(&now),
+            _ => Ok(()),
+        };
+        checked.map_err(|m| m.into_error(self.id))?;
+        Ok(self.decode_exit(errno))
     }
 
     fn timeout_error(&self) -> Error {
@@ -376,11 +448,16 @@ impl Vcpu {
                 let io = unsafe { run.__bindgen_anon_1.io };
                 let mut data = [0u8; 8];
                 let n = usize::from(io.size).min(8);
-                // SAFETY: data_offset points inside the kvm_run mapping (the
-                // kernel's contract for KVM_EXIT_IO).
-                let src = unsafe { run_base.add(io.data_offset as usize) };
-                // SAFETY: src has at least `size` (<= 8) readable bytes; data is distinct.
-                unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), n) };
+                // A stale exit (after a failed KVM_RUN) is not checked: read
+                // its data only where it lies inside the mapping.
+                let inside = (io.data_offset as usize).checked_add(n).is_some_and(|end| end <= self.mmap_size);
+                if inside {
+                    // SAFETY: [data_offset, data_offset + n) lies inside the
+                    // kvm_run mapping (checked above), alive as long as `self`.
+                    let src = unsafe { run_base.add(io.data_offset as usize) };
+                    // SAFETY: src has n (<= 8) readable bytes; data is distinct.
+                    unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), n) };
+                }
                 Exit::Io {
                     port: io.port,
                     out: u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT,
@@ -532,6 +609,20 @@ impl Vcpu {
             )));
         }
         Ok(())
+    }
+}
+
+impl Drop for Vcpu {
+    /// At the end of a test the vCPU must still work (see
+    /// [`crate::runner::Liveness`]): a guest agent left parked at `READY`
+    /// makes one round trip, any other vCPU answers `KVM_GET_REGS`.
+    fn drop(&mut self) {
+        let Some(liveness) = self.liveness.clone() else { return };
+        let checked =
+            if self.agent_parked && !std::thread::panicking() { self.agent_round_trip() } else { self.check_alive() };
+        if let Err(e) = checked {
+            liveness.report(format!("vCPU {} when the test dropped it: {e}", self.id));
+        }
     }
 }
 

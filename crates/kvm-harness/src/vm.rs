@@ -11,8 +11,9 @@ use kvm_bindings::{
     kvm_create_guest_memfd, kvm_enable_cap, kvm_memory_attributes, kvm_regs, kvm_userspace_memory_region,
     kvm_userspace_memory_region2, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
+use nix::errno::Errno;
 
-use crate::error::{Error, Result, SysResult};
+use crate::error::{errno_name, Error, Result, SysResult};
 use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::kvm::{Cap, Kvm, VmType};
 use crate::memory::{GuestMemfd, HostMemory};
@@ -151,6 +152,11 @@ pub struct Vm {
     system: Option<Arc<HostMemory>>,
     payload: Option<&'static Payload>,
     timeout: Duration,
+    /// The `KVM_CREATE_VM` type, for messages.
+    vm_type: u64,
+    /// Where the test that made this VM collects liveness failures: the VM
+    /// fd is checked when the VM is dropped (see [`crate::runner::Liveness`]).
+    liveness: Option<Arc<crate::runner::Liveness>>,
 }
 
 /// Slot id of the system memslot.
@@ -164,7 +170,7 @@ impl Vm {
 
     /// `KVM_CREATE_VM` with any type value, for the VM-type rules.
     pub fn with_raw_type(kvm: &Arc<Kvm>, vm_type: u64) -> Result<Self> {
-        Self::from_fd(kvm, kvm.create_vm_fd(vm_type)?)
+        Self::from_fd(kvm, kvm.create_vm_fd(vm_type)?, vm_type)
     }
 
     /// [`Self::bare`] with `failing` allocations failing.
@@ -176,13 +182,13 @@ impl Vm {
     ) -> Result<Injected<Result<Self>>> {
         let call = kvm.create_vm_fd_failing(fault, failing, vm_type.raw())?;
         let outcome = match call.outcome {
-            Ok(fd) => Ok(Self::from_fd(kvm, fd)?),
+            Ok(fd) => Ok(Self::from_fd(kvm, fd, vm_type.raw())?),
             Err(e) => Err(e),
         };
         Ok(Injected { outcome, injected: call.injected })
     }
 
-    fn from_fd(kvm: &Arc<Kvm>, fd: kvm_ioctls::VmFd) -> Result<Self> {
+    fn from_fd(kvm: &Arc<Kvm>, fd: kvm_ioctls::VmFd, vm_type: u64) -> Result<Self> {
         Ok(Self {
             kvm: kvm.clone(),
             fd,
@@ -190,7 +196,47 @@ impl Vm {
             system: None,
             payload: None,
             timeout: watchdog::configured_timeout()?,
+            vm_type,
+            liveness: crate::runner::Liveness::current(),
         })
+    }
+
+    /// Leaves this VM, and the vCPUs made from it from now on, out of the
+    /// check at the end of the test ([`crate::runner::Liveness`]): for a
+    /// caller that checks liveness itself where it can name the step (the
+    /// model, after every step), and whose failing runs leave dead VMs on
+    /// purpose while it narrows a failure down.
+    pub fn checked_by_caller(&mut self) {
+        self.liveness = None;
+    }
+
+    /// Requires the VM to answer an ioctl that must succeed
+    /// (`KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)` on the VM fd, which takes
+    /// no lock). A VM KVM killed (`kvm_vm_dead()`, which `KVM_BUG_ON()`
+    /// calls) fails every VM ioctl with EIO: `kvm_vm_ioctl()` checks
+    /// `kvm->vm_dead` first.
+    pub fn check_alive(&self) -> Result<()> {
+        // SAFETY: KVM_CHECK_EXTENSION takes the capability number by value
+        // and touches no user memory.
+        let ret = unsafe {
+            libc::ioctl(
+                self.raw_fd(),
+                uapi::KVM_CHECK_EXTENSION as _,
+                kvm_bindings::KVM_CAP_USER_MEMORY as libc::c_ulong,
+            )
+        };
+        match ret {
+            1.. => Ok(()),
+            0 => Err(Error::rule(
+                "a live VM answers its ioctls",
+                format!("KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) on the VM fd (type {:#x}) reported 0", self.vm_type),
+            )),
+            _ => Err(dead(
+                "VM",
+                format!("KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) on the VM fd (type {:#x})", self.vm_type),
+                Errno::last(),
+            )),
+        }
     }
 
     /// A VM of `vm_type` ready to run `payload`: system memslot 0 at GPA 0
@@ -470,7 +516,7 @@ impl Vm {
     /// A vCPU with no state set up (for VMs without system memory).
     pub fn bare_vcpu(&self, id: u64) -> Result<Vcpu> {
         let fd = self.fd.create_vcpu(id).sys(|| format!("KVM_CREATE_VCPU({id})"))?;
-        Ok(self.vcpu_from_fd(fd, id))
+        self.vcpu_from_fd(fd, id)
     }
 
     /// [`Self::bare_vcpu`] with `failing` allocations failing (in
@@ -482,19 +528,22 @@ impl Vm {
         Ok(call.map(|fd| {
             // SAFETY: the kernel just returned this vCPU fd to us and nothing else owns it.
             let fd = fd.and_then(|fd| unsafe { self.fd.create_vcpu_from_rawfd(fd) }.sys(op))?;
-            Ok(self.vcpu_from_fd(fd, id))
+            self.vcpu_from_fd(fd, id)
         }))
     }
 
-    fn vcpu_from_fd(&self, fd: kvm_ioctls::VcpuFd, id: u64) -> Vcpu {
-        Vcpu {
+    fn vcpu_from_fd(&self, fd: kvm_ioctls::VcpuFd, id: u64) -> Result<Vcpu> {
+        Ok(Vcpu {
             fd,
             id,
             system: self.system.clone(),
             payload: self.payload,
             timeout: self.timeout,
+            mmap_size: self.kvm.vcpu_mmap_size()?,
+            agent_parked: false,
+            liveness: self.liveness.clone(),
             _memslots: self.slots.clone(),
-        }
+        })
     }
 
     /// A vCPU in long mode at the payload's entry, with `args` in rdi, rsi,
@@ -539,5 +588,28 @@ impl Vm {
     /// Enables `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`.
     pub fn enable_map_gpa_range_exits(&self) -> Result<()> {
         self.enable_cap(Cap::ExitHypercall, [1 << uapi::KVM_HC_MAP_GPA_RANGE, 0, 0, 0])
+    }
+}
+
+/// The error of a liveness check that failed: EIO means KVM killed the VM.
+pub(crate) fn dead(what: &str, op: String, errno: Errno) -> Error {
+    let cause = if errno == Errno::EIO {
+        "KVM marked the VM dead (kvm_vm_dead(), e.g. after a KVM_BUG_ON(); the kernel log has the WARN splat)"
+    } else {
+        "a call that must succeed failed"
+    };
+    Error::rule(format!("a live {what} answers its ioctls"), format!("{op} failed with {}: {cause}", errno_name(errno)))
+}
+
+impl Drop for Vm {
+    /// At the end of a test the VM must still answer (see
+    /// [`crate::runner::Liveness`]): a VM KVM killed silently fails the
+    /// test that made it.
+    fn drop(&mut self) {
+        if let Some(liveness) = &self.liveness {
+            if let Err(e) = self.check_alive() {
+                liveness.report(format!("when the test dropped it: {e}"));
+            }
+        }
     }
 }

@@ -273,6 +273,29 @@ pub const GMEM_FLAGS_WITH_PRIVATE_MEM: Versioned<Hex> = Versioned {
     carried_by: &[],
 };
 
+/// Whether `KVM_EXIT_HYPERCALL` carries `hypercall.ret` = 0. The field is
+/// the VMM's answer, which `complete_hypercall_exit()` hands the guest in
+/// rax; QEMU up to 9.2 never writes it and relies on it being 0 at the
+/// exit. Without the change KVM does not touch it, so the exit shows
+/// whatever the union held before `KVM_RUN` (the VMM's previous answer, or
+/// bytes of an earlier exit); with it `____kvm_emulate_hypercall()` zeroes
+/// it before exiting. Mainline: the kvm/next of December 2024, merged for
+/// 6.14 (the release is from that merge, not checked against a tag; it
+/// decides nothing for 6.12.118, whose changelog lists none of it, nor for
+/// 7.3).
+pub const HYPERCALL_EXIT_ZEROES_RET: Versioned<bool> = Versioned {
+    id: "hypercall-exit-zeroes-ret",
+    summary: "KVM_EXIT_HYPERCALL sets hypercall.ret to 0 (else it keeps what the union held before KVM_RUN)",
+    before: false,
+    after: true,
+    since: KernelVersion::new(6, 14),
+    change: Commit {
+        sha: "9a1dfeff4414",
+        subject: "KVM: x86: clear vcpu->run->hypercall.ret before exiting for KVM_EXIT_HYPERCALL",
+    },
+    carried_by: &[],
+};
+
 const INIT_SHARED_FLAG: Commit = Commit {
     sha: "fe2bf6234e94",
     subject: "KVM: guest_memfd: Add INIT_SHARED flag, reject user page faults if not set",
@@ -305,4 +328,5 @@ pub const ALL: &[&dyn Rule] = &[
     &GMEM_BINDING_OFFSETS_UNSIGNED,
     &GMEM_FLAGS_WITHOUT_PRIVATE_MEM,
     &GMEM_FLAGS_WITH_PRIVATE_MEM,
+    &HYPERCALL_EXIT_ZEROES_RET,
 ];
