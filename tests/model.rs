@@ -2089,6 +2089,14 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess, windows: 
             tally_outcomes(&profile, windows, &steps, &mut tally, &mut rule_hits);
             continue;
         };
+        // Said now: shrinking replays the case, and a kernel that dies on
+        // a replay (a BUG() with oops=panic) would take the message along.
+        eprintln!(
+            "model: case {case} (seed {seed:#x}) failed at step {} of {}: {}; shrinking",
+            first.step + 1,
+            steps.len(),
+            first.detail
+        );
         drop(vms);
         let in_line = Vms::InLine { kvm: kvm.clone(), vm_type, windows };
         let (steps, mismatch, runs) = shrink(&in_line, &profile, &mut tree, steps, first);
