@@ -260,17 +260,26 @@ fn guest_gpa(state: &RefState) -> BoxedStrategy<u64> {
     if pages.is_empty() {
         return gpa_in_window().boxed();
     }
-    let in_slot =
-        (proptest::sample::select(pages), prop_oneof![Just(0u64), Just(0xff8), (0..512u64).prop_map(|w| w * 8)])
+    lazy(move || {
+        let in_slot = (
+            proptest::sample::select(pages.clone()),
+            prop_oneof![Just(0u64), Just(0xff8), (0..512u64).prop_map(|w| w * 8)],
+        )
             .prop_map(|(page, offset)| page + offset);
-    prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
+        prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
+    })
 }
 
 /// A guest read or write (half each) at a [`guest_gpa`].
-fn guest_access(state: &RefState) -> BoxedStrategy<Step> {
-    (guest_gpa(state), any::<bool>(), state.fixed.value.clone())
-        .prop_map(|(gpa, write, value)| if write { Step::GuestWrite { gpa, value } } else { Step::GuestRead { gpa } })
-        .boxed()
+fn guest_access(gpa: &BoxedStrategy<u64>, state: &RefState) -> BoxedStrategy<Step> {
+    let (gpa, value) = (gpa.clone(), state.fixed.value.clone());
+    lazy(move || {
+        (gpa.clone(), any::<bool>(), value.clone())
+            .prop_map(
+                |(gpa, write, value)| if write { Step::GuestWrite { gpa, value } } else { Step::GuestRead { gpa } },
+            )
+            .boxed()
+    })
 }
 
 fn value() -> impl Strategy<Value = u64> {
@@ -331,6 +340,10 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
     // Only what the strategy needs: cloning the model per step would copy
     // every page it holds.
     let mappable = mappable_gmems(state);
+    lazy(move || new_region_from(ngmem, huge_offsets, mappable.clone()))
+}
+
+fn new_region_from(ngmem: usize, huge_offsets: bool, mappable: Vec<(usize, u64)>) -> BoxedStrategy<Step> {
     let flags = prop_oneof![
         5 => Just(0u32),
         5 => Just(KVM_MEM_GUEST_MEMFD),
@@ -402,25 +415,33 @@ fn rebinding_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
         return None;
     }
     let mappable = mappable_gmems(state);
-    let picks =
-        (proptest::sample::select(bound), proptest::sample::select(free), 0..4u32, proptest::sample::select(gaps));
-    let strategy = (picks, any::<u64>()).prop_map(move |(((g, start, npages), slot, shape, page), r)| {
-        let first = match shape {
-            0 => start,
-            1 => (start + npages).saturating_sub(1),
-            2 => start.saturating_sub(1),
-            _ => start + npages,
-        };
-        Step::SetRegion(MemoryRegion {
-            slot,
-            flags: KVM_MEM_GUEST_MEMFD,
-            gpa: WINDOW + page * P,
-            size: P,
-            user: user_memory(&mappable, 1, r),
-            guest_memfd: Some((GmemFd::File(g), first * P)),
-        })
-    });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        let mappable = mappable.clone();
+        let picks = (
+            proptest::sample::select(bound.clone()),
+            proptest::sample::select(free.clone()),
+            0..4u32,
+            proptest::sample::select(gaps.clone()),
+        );
+        (picks, any::<u64>())
+            .prop_map(move |(((g, start, npages), slot, shape, page), r)| {
+                let first = match shape {
+                    0 => start,
+                    1 => (start + npages).saturating_sub(1),
+                    2 => start.saturating_sub(1),
+                    _ => start + npages,
+                };
+                Step::SetRegion(MemoryRegion {
+                    slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    gpa: WINDOW + page * P,
+                    size: P,
+                    user: user_memory(&mappable, 1, r),
+                    guest_memfd: Some((GmemFd::File(g), first * P)),
+                })
+            })
+            .boxed()
+    }))
 }
 
 /// Moves, flag changes, deletions and identical re-sends of existing slots.
@@ -429,6 +450,10 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if slots.is_empty() {
         return None;
     }
+    Some(lazy(move || change_region_of(slots.clone())))
+}
+
+fn change_region_of(slots: Vec<kvm_model::Slot>) -> BoxedStrategy<Step> {
     let strategy = (proptest::sample::select(slots), 0..4u32, 0..WINDOW_PAGES).prop_map(|(slot, kind, page)| {
         let same = MemoryRegion {
             slot: slot.as_id << 16 | slot.id,
@@ -448,7 +473,7 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
             _ => same,
         })
     });
-    Some(strategy.boxed())
+    strategy.boxed()
 }
 
 fn set_attributes(profile: &Profile) -> SBoxedStrategy<Step> {
@@ -539,16 +564,16 @@ fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if ngmem == 0 {
         return None;
     }
-    let mode = prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)];
-    let span = prop_oneof![
-        9 => (0..8u64, 1..=4u64).prop_map(|(page, n)| (page * P, n * P)),
-        1 => prop_oneof![Just((0u64, 0u64)), Just((8, P)), Just((0, P + 8)), Just((0, u64::MAX))],
-    ];
-    Some(
+    Some(lazy(move || {
+        let mode = prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)];
+        let span = prop_oneof![
+            9 => (0..8u64, 1..=4u64).prop_map(|(page, n)| (page * P, n * P)),
+            1 => prop_oneof![Just((0u64, 0u64)), Just((8, P)), Just((0, P + 8)), Just((0, u64::MAX))],
+        ];
         (0..ngmem, mode, span)
             .prop_map(|(gmem, mode, (offset, len))| Step::Fallocate { gmem, mode, offset, len })
-            .boxed(),
-    )
+            .boxed()
+    }))
 }
 
 /// A host write to an anonymous mapping or to a guest_memfd's mapping
@@ -556,9 +581,11 @@ fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
 fn host_write(state: &RefState) -> BoxedStrategy<Step> {
     let mut targets = vec![(ModelMemory::Anon(1), ANON_PAGES[0] * P), (ModelMemory::Anon(2), ANON_PAGES[1] * P)];
     targets.extend(mappable_gmems(state).into_iter().map(|(g, pages)| (ModelMemory::GmemMap(g), pages * P)));
-    (proptest::sample::select(targets), any::<u64>(), value())
-        .prop_map(|((mem, len), at, value)| Step::HostWrite { mem, offset: (at % len) & !7, value })
-        .boxed()
+    lazy(move || {
+        (proptest::sample::select(targets.clone()), any::<u64>(), value())
+            .prop_map(|((mem, len), at, value)| Step::HostWrite { mem, offset: (at % len) & !7, value })
+            .boxed()
+    })
 }
 
 /// Private accesses to memslots whose guest_memfd was released: make a
@@ -575,13 +602,15 @@ fn released_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
         return None;
     }
     let attributes = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
-    let strategy =
-        (proptest::sample::select(pages), 0..3u32, 0..512u64).prop_map(move |(page, kind, word)| match kind {
-            0 => Step::SetAttributes { address: page, size: P, attributes, flags: 0 },
-            1 => Step::GuestRead { gpa: page + word * 8 },
-            _ => Step::GuestWrite { gpa: page + word * 8, value: word },
-        });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        (proptest::sample::select(pages.clone()), 0..3u32, 0..512u64)
+            .prop_map(move |(page, kind, word)| match kind {
+                0 => Step::SetAttributes { address: page, size: P, attributes, flags: 0 },
+                1 => Step::GuestRead { gpa: page + word * 8 },
+                _ => Step::GuestWrite { gpa: page + word * 8, value: word },
+            })
+            .boxed()
+    }))
 }
 
 /// Around closing the VM fd, on the pages of guest_memfd memslots: before
@@ -601,15 +630,16 @@ fn vm_close_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
     }
     let private = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
     let closed = state.vm_closed;
-    let strategy = (proptest::sample::select(pages), 0..4u32, 0..512u64).prop_map(move |(page, kind, word)| {
-        match (closed, kind) {
-            (false, 0 | 1) => Step::SetAttributes { address: page, size: P, attributes: private, flags: 0 },
-            (false, _) => Step::CloseVm,
-            (true, 0 | 1) => Step::GuestRead { gpa: page + word * 8 },
-            (true, _) => Step::GuestWrite { gpa: page + word * 8, value: word },
-        }
-    });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        (proptest::sample::select(pages.clone()), 0..4u32, 0..512u64)
+            .prop_map(move |(page, kind, word)| match (closed, kind) {
+                (false, 0 | 1) => Step::SetAttributes { address: page, size: P, attributes: private, flags: 0 },
+                (false, _) => Step::CloseVm,
+                (true, 0 | 1) => Step::GuestRead { gpa: page + word * 8 },
+                (true, _) => Step::GuestWrite { gpa: page + word * 8, value: word },
+            })
+            .boxed()
+    }))
 }
 
 /// A host read through a guest_memfd's mapping, if one is mapped.
@@ -618,9 +648,11 @@ fn host_read(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if mappable.is_empty() {
         return None;
     }
-    let strategy = (proptest::sample::select(mappable), any::<u64>())
-        .prop_map(|((gmem, pages), at)| Step::HostRead { gmem, offset: (at % (pages * P)) & !7 });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        (proptest::sample::select(mappable.clone()), any::<u64>())
+            .prop_map(|((gmem, pages), at)| Step::HostRead { gmem, offset: (at % (pages * P)) & !7 })
+            .boxed()
+    }))
 }
 
 /// A step that binds a mmap-able guest_memfd and reads it from the guest.
@@ -745,39 +777,58 @@ fn huge_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
         });
     }
     let (fixed, huge) = (&state.fixed, &state.fixed.huge);
+    let boundaries = huge_boundaries(model);
+    let (word, value) = (huge.huge_word.clone(), fixed.value.clone());
     // A boundary page or any page, and a word in it (first, last, any);
     // then whether the guest writes, what the guest or host stores.
-    let at = (
-        prop_oneof![3 => proptest::sample::select(huge_boundaries(model)), 1 => 0..HUGE_PAGES],
-        huge.huge_word.clone(),
-        fixed.value.clone(),
-    );
-    let access = (at.clone(), any::<bool>()).prop_map(|((page, word, value), write)| {
-        let gpa = HUGE_WINDOW + page * P + word * 8;
-        if write {
-            Step::GuestWrite { gpa, value }
-        } else {
-            Step::GuestRead { gpa }
-        }
+    let at = move || {
+        (
+            prop_oneof![3 => proptest::sample::select(boundaries.clone()), 1 => 0..HUGE_PAGES],
+            word.clone(),
+            value.clone(),
+        )
+    };
+    let host_at = at.clone();
+    let access = lazy(move || {
+        (at(), any::<bool>())
+            .prop_map(|((page, word, value), write)| {
+                let gpa = HUGE_WINDOW + page * P + word * 8;
+                if write {
+                    Step::GuestWrite { gpa, value }
+                } else {
+                    Step::GuestRead { gpa }
+                }
+            })
+            .boxed()
     });
-    let host = at.prop_map(|(page, word, value)| Step::HostWrite {
-        mem: ModelMemory::Anon(HUGE_ANON),
-        offset: page * P + word * 8,
-        value,
+    let host = lazy(move || {
+        host_at()
+            .prop_map(|(page, word, value)| Step::HostWrite {
+                mem: ModelMemory::Anon(HUGE_ANON),
+                offset: page * P + word * 8,
+                value,
+            })
+            .boxed()
     });
     let mut choices: Vec<(u32, BoxedStrategy<Step>)> =
-        vec![(6, access.boxed()), (2, host.boxed()), (3, huge.huge_attributes.clone().boxed())];
+        vec![(6, access), (2, host), (3, huge.huge_attributes.clone().boxed())];
     if state.hypercalls && profile.hypercall_exit_mask != 0 {
         choices.push((2, huge.huge_map_gpa_range.clone().boxed()));
     }
     if let Some(g) = gmem {
-        let fallocate = huge.huge_fallocate.clone().prop_map(move |((first, end), mode)| Step::Fallocate {
-            gmem: g,
-            mode,
-            offset: first * P,
-            len: (end - first) * P,
+        let ranges = huge.huge_fallocate.clone();
+        let fallocate = lazy(move || {
+            ranges
+                .clone()
+                .prop_map(move |((first, end), mode)| Step::Fallocate {
+                    gmem: g,
+                    mode,
+                    offset: first * P,
+                    len: (end - first) * P,
+                })
+                .boxed()
         });
-        choices.push((1, fallocate.boxed()));
+        choices.push((1, fallocate));
     }
     if profile.pre_fault_memory {
         choices.push((1, huge.huge_pre_fault.clone().boxed()));
@@ -813,12 +864,16 @@ fn huge_fixed(profile: &Profile) -> HugeFixed {
 }
 
 fn transitions(state: &RefState) -> BoxedStrategy<Step> {
+    // Each option is built only if picked (lazy, Pick): what it needs from
+    // the state is gathered here, the strategy made from it later.
+    let gpa = guest_gpa(state);
+    let exec_gpa = gpa.clone();
     let mut choices: Vec<(u32, BoxedStrategy<Step>)> = vec![
         (2, state.fixed.create_gmem.clone().boxed()),
         (4, new_region(state)),
         (2, state.fixed.set_attributes.clone().boxed()),
-        (8, guest_access(state)),
-        (2, guest_gpa(state).prop_map(|gpa| Step::GuestExec { gpa }).boxed()),
+        (8, guest_access(&gpa, state)),
+        (2, lazy(move || exec_gpa.clone().prop_map(|gpa| Step::GuestExec { gpa }).boxed())),
         (2, host_write(state)),
     ];
     if let Some(s) = change_region(state) {
@@ -836,8 +891,9 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     if let Some(s) = host_read(state) {
         choices.push((1, s));
     }
-    if !state.model.gmems().is_empty() {
-        choices.push((1, (0..state.model.gmems().len()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    let ngmem = state.model.gmems().len();
+    if ngmem > 0 {
+        choices.push((1, lazy(move || (0..ngmem).prop_map(|gmem| Step::CloseGmem { gmem }).boxed())));
     }
     // Mostly a guest_memfd a memslot binds, which is what closing is about.
     let bound: Vec<usize> = state.model.slots().values().filter_map(|s| s.gmem.map(|(g, _)| g)).collect();
@@ -845,7 +901,8 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         choices.push((if state.vm_closed { 6 } else { 3 }, s));
     }
     if !bound.is_empty() {
-        choices.push((1, proptest::sample::select(bound).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+        let close = move || proptest::sample::select(bound.clone()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed();
+        choices.push((1, lazy(close)));
     }
     if let Some(s) = released_focus(state) {
         choices.push((4, s));
@@ -867,6 +924,31 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         choices.push((40, s));
     }
     Pick(choices).boxed()
+}
+
+/// A strategy built only when a value is generated from it: of the dozen
+/// or so options a step offers only one is picked, and building proptest
+/// strategies (boxes, Arcs, closures) cost as much as generating from the
+/// picked one.
+fn lazy<T: fmt::Debug + 'static>(build: impl Fn() -> BoxedStrategy<T> + 'static) -> BoxedStrategy<T> {
+    Lazy(build).boxed()
+}
+
+struct Lazy<F>(F);
+
+impl<F> fmt::Debug for Lazy<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Lazy")
+    }
+}
+
+impl<T: fmt::Debug, F: Fn() -> BoxedStrategy<T>> Strategy for Lazy<F> {
+    type Tree = Box<dyn ValueTree<Value = T>>;
+    type Value = T;
+
+    fn new_tree(&self, runner: &mut TestRunner) -> proptest::strategy::NewTree<Self> {
+        (self.0)().new_tree(runner)
+    }
 }
 
 /// A weighted choice among strategies that generates only the one it
