@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::layout::TEST_AREA_GPA;
 use guest_payloads::{ASSERT_FAIL, GUEST_AGENT, RAISE_UD, SPIN_FOREVER, SYNC_ROUNDTRIP};
-use kvm_harness::{ensure, threads, Agent, Error, Fill, GuestCall, HostMemory, Kvm, Result, Suite, Vm, VmType};
+use kvm_harness::{
+    ensure, threads, Agent, Error, Fill, GuestCall, HostMemory, Kvm, Probe, ProbeMismatch, Result, Suite, Vm, VmType,
+};
 
 /// A default VM running the guest agent, with a 2 MiB anonymous memslot at
 /// `TEST_AREA_GPA` whose host view is returned.
@@ -106,6 +108,42 @@ fn agent_reads_writes_and_checks_guest_memory(kvm: &Arc<Kvm>) -> Result<()> {
     guest.done().map(drop)
 }
 
+/// One `Probe` batch reads, compares and stores in order, and stops at the
+/// first value it did not expect, naming its index and what it read.
+fn agent_probe_batches_check_and_store_in_order(kvm: &Arc<Kvm>) -> Result<()> {
+    let (_vm, host, mut guest) = agent_with_test_memory(kvm)?;
+    let gpa = TEST_AREA_GPA;
+    host.write_u64(0, 7);
+    host.write_u64(0x1000, 8);
+    let batch = [
+        Probe { gpa, expect: Some(7), store: Some(70) },
+        Probe { gpa: gpa + 0x1000, expect: Some(8), store: None },
+        Probe { gpa: gpa + 0x2000, expect: None, store: Some(90) },
+        Probe { gpa, expect: Some(70), store: None },
+    ];
+    let miss = guest.probe(&batch)?;
+    ensure!(miss.is_none(), "a batch whose every value is as expected completes", "{miss:?}");
+    let stored = (host.read_u64(0), host.read_u64(0x1000), host.read_u64(0x2000));
+    ensure!(stored == (70, 8, 90), "a batch stores where it says and nowhere else", "host sees {stored:x?}");
+    let batch = [
+        Probe { gpa, expect: Some(70), store: Some(71) },
+        Probe { gpa: gpa + 0x1000, expect: Some(9), store: Some(99) },
+        Probe { gpa: gpa + 0x2000, expect: None, store: Some(91) },
+    ];
+    let miss = guest.probe(&batch)?;
+    ensure!(
+        miss == Some(ProbeMismatch { index: 1, actual: 8 }),
+        "a batch stops at its first unexpected value and names its index and the value read",
+        "{miss:?}"
+    );
+    let stored = (host.read_u64(0), host.read_u64(0x1000), host.read_u64(0x2000));
+    ensure!(stored == (71, 8, 90), "probes from the mismatch on do not run", "host sees {stored:x?}");
+    // The agent is back at READY.
+    let read = guest.read(gpa)?;
+    ensure!(read == 71, "the agent takes commands after a mismatch", "it read {read:#x}");
+    guest.done().map(drop)
+}
+
 fn vcpus_on_their_own_threads_run_concurrently(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::with_payload(kvm, VmType::Default, &SYNC_ROUNDTRIP)?;
     let vcpus = (0..4u64).map(|id| vm.vcpu(id, [id << 32 | 0xabc, 0, 0, 0])).collect::<Result<Vec<_>>>()?;
@@ -182,6 +220,7 @@ fn main() -> ExitCode {
         guest_assert_fail_reaches_host_with_values,
         guest_exception_is_reported_with_vector_and_rip,
         agent_reads_writes_and_checks_guest_memory,
+        agent_probe_batches_check_and_store_in_order,
         vcpus_on_their_own_threads_run_concurrently,
         watchdog_kicks_only_the_stuck_vcpu,
         vcpu_outliving_its_vm_keeps_guest_memory_mapped,

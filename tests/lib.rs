@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+pub mod huge_regions;
+
 use kvm_harness::{HostMemory, Region, Result};
 
 /// Size of the memslots the negative memslot tests use: one 2 MiB page.

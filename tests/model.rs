@@ -15,9 +15,18 @@
 //! while keeping every step valid) and printed as a ready-to-paste test
 //! body in harness terms, with the seed that reproduces it.
 //!
+//! A third test runs the sequences of protected VMs with a second window
+//! ([`Windows::Huge`]): two 2 MiB regions at a 1 GiB-aligned GPA, bound by
+//! a guest_memfd memslot whose shared side is a THP-backed anonymous
+//! mapping, where attribute changes, punches, pre-faults and accesses
+//! start and end at every class of offset inside a region. KVM maps a
+//! uniform region with one 2 MiB page there (counted with the VM's
+//! `pages_2m` statistic; a whole run must see some), so the guest's reads
+//! and writes on both sides check the huge-page rules against the model.
+//!
 //! Settings: `KVM_SELFTESTS_SEED` (u64, decimal or 0x-hex; the default is
 //! fixed, so runs are reproducible), `KVM_SELFTESTS_MODEL_CASES` (sequences
-//! per VM type, default 200). Each case's seed is printed on failure: with
+//! per VM type, default 200; 40 in the huge window). Each case's seed is printed on failure: with
 //! it as `KVM_SELFTESTS_SEED` and `KVM_SELFTESTS_MODEL_CASES=1` that exact
 //! case runs first. Cases, steps and shrink iterations are bounded, every
 //! `KVM_RUN` has the harness watchdog, and a time budget stops exploring
@@ -29,7 +38,7 @@
 //! same after the sequences as before them, and prints the RSS before and
 //! after; every run prints both.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +47,9 @@ use std::time::{Duration, Instant};
 
 use guest_payloads::layout::{SYSTEM_SLOT_SIZE, TEST_AREA_GPA};
 use guest_payloads::GUEST_AGENT;
+use kvm_harness::backing::Backing;
 use kvm_harness::bindings::{kvm_memory_attributes, kvm_pre_fault_memory, kvm_regs};
+use kvm_harness::stats::Stats;
 use kvm_harness::{kernel_rules, watchdog};
 use kvm_harness::{
     settings, Access, Agent, Cap, ChildFate, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need,
@@ -63,6 +74,19 @@ const WINDOW_PAGES: u64 = 16;
 /// Anonymous host mappings a slot may use, in pages (model ids 1 and 2;
 /// id 0 is the system memslot's memory).
 const ANON_PAGES: [u64; 2] = [8, 8];
+/// The huge window: two 2 MiB regions at a 1 GiB-aligned GPA, far from the
+/// small window, where a memslot's shared side can be mapped with huge
+/// pages ([`Windows::Huge`]).
+const HUGE_WINDOW: u64 = TEST_AREA_GPA + (1 << 30);
+/// Pages of one 2 MiB region.
+const REGION_PAGES: u64 = 512;
+/// Pages of the huge window, and of the THP-backed anonymous mapping
+/// (model id 3) a memslot there uses.
+const HUGE_PAGES: u64 = 2 * REGION_PAGES;
+/// Model id of that mapping.
+const HUGE_ANON: usize = ANON_PAGES.len() + 1;
+/// Slot id of the huge window's memslot (the small window's are 1..=3).
+const HUGE_SLOT: u32 = 4;
 /// Slot ids the sequences use (0 is the system memslot).
 const SLOT_IDS: std::ops::RangeInclusive<u32> = 1..=3;
 /// What an emulated MMIO read returns: "MMIOREAD".
@@ -74,6 +98,8 @@ const SEED_ENV: &str = "KVM_SELFTESTS_SEED";
 const CASES_ENV: &str = "KVM_SELFTESTS_MODEL_CASES";
 const DEFAULT_SEED: u64 = 0x6b76_6d5f_6d6f_6465;
 const DEFAULT_CASES: u32 = 200;
+/// Sequences of the huge window's test ([`Windows::Huge`]).
+const HUGE_DEFAULT_CASES: u32 = 40;
 const STEPS: std::ops::RangeInclusive<usize> = 30..=50;
 const MAX_SHRINK_RUNS: u32 = 3000;
 const BUDGET_ENV: &str = "KVM_SELFTESTS_MODEL_BUDGET";
@@ -152,11 +178,26 @@ enum GmemOnlyAccess {
     Focused,
 }
 
+/// Where a sequence's memslots live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Windows {
+    /// The 16-page window alone: memslots of 1 to 4 pages, 4 KiB mappings.
+    Small,
+    /// Also the huge window: every sequence binds a guest_memfd memslot of
+    /// both 2 MiB regions there early, its shared side a THP-backed
+    /// anonymous mapping, and converts, accesses, punches and pre-faults
+    /// ranges that start and end at every class of offset inside the
+    /// regions (aligned, first page, mid, last page, a region's end,
+    /// spanning both), so KVM's huge mappings meet mixed attributes.
+    Huge,
+}
+
 /// The generator's state: the model plus what the run excludes.
 #[derive(Debug, Clone)]
 struct RefState {
     model: Model,
     gmem_only: GmemOnlyAccess,
+    windows: Windows,
     /// Guest hypercalls are generated: not on kvm_pvm, where the vCPU
     /// never leaves KVM_RUN on the agent's hypercall (a kvm_pvm limit; the
     /// protected-VM kernels run them).
@@ -176,6 +217,17 @@ struct Fixed {
     pre_fault: SBoxedStrategy<Step>,
     hypercall_exits: SBoxedStrategy<Step>,
     map_gpa_range: SBoxedStrategy<Step>,
+    huge: HugeFixed,
+}
+
+/// [`Fixed`] of the huge window's steps.
+#[derive(Debug)]
+struct HugeFixed {
+    huge_word: SBoxedStrategy<u64>,
+    huge_attributes: SBoxedStrategy<Step>,
+    huge_map_gpa_range: SBoxedStrategy<Step>,
+    huge_fallocate: SBoxedStrategy<((u64, u64), Fallocate)>,
+    huge_pre_fault: SBoxedStrategy<Step>,
 }
 
 fn gpa_in_window() -> impl Strategy<Value = u64> {
@@ -183,30 +235,51 @@ fn gpa_in_window() -> impl Strategy<Value = u64> {
         .prop_map(|(page, offset)| WINDOW + page * P + offset)
 }
 
+/// The GPAs of a memslot's pages worth offering a step: every page of a
+/// small window's memslot; of the huge window's, each region's first and
+/// last two pages (its own focus picks the rest, from the attributes),
+/// which keeps per-step generation from listing a thousand pages.
+fn slot_pages(slot: &kvm_model::Slot) -> Vec<u64> {
+    let pages: Vec<u64> = if slot.npages <= WINDOW_PAGES {
+        (0..slot.npages).collect()
+    } else {
+        (0..slot.npages)
+            .step_by(REGION_PAGES as usize)
+            .flat_map(|r| [r, r + 1, r + REGION_PAGES - 2, r + REGION_PAGES - 1])
+            .filter(|&p| p < slot.npages)
+            .collect()
+    };
+    pages.into_iter().map(|i| (slot.base_gfn + i) * P).collect()
+}
+
 /// A GPA for a guest access: mostly inside a memslot of the window (most
 /// of the window has none), sometimes anywhere in it.
 fn guest_gpa(state: &RefState) -> BoxedStrategy<u64> {
-    let pages: Vec<u64> = state
-        .model
-        .slots()
-        .values()
-        .filter(|s| s.as_id == 0 && s.id != 0)
-        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
-        .collect();
+    let pages: Vec<u64> =
+        state.model.slots().values().filter(|s| s.as_id == 0 && s.id != 0).flat_map(slot_pages).collect();
     if pages.is_empty() {
         return gpa_in_window().boxed();
     }
-    let in_slot =
-        (proptest::sample::select(pages), prop_oneof![Just(0u64), Just(0xff8), (0..512u64).prop_map(|w| w * 8)])
+    lazy(move || {
+        let in_slot = (
+            proptest::sample::select(pages.clone()),
+            prop_oneof![Just(0u64), Just(0xff8), (0..512u64).prop_map(|w| w * 8)],
+        )
             .prop_map(|(page, offset)| page + offset);
-    prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
+        prop_oneof![3 => in_slot, 1 => gpa_in_window()].boxed()
+    })
 }
 
 /// A guest read or write (half each) at a [`guest_gpa`].
-fn guest_access(state: &RefState) -> BoxedStrategy<Step> {
-    (guest_gpa(state), any::<bool>(), state.fixed.value.clone())
-        .prop_map(|(gpa, write, value)| if write { Step::GuestWrite { gpa, value } } else { Step::GuestRead { gpa } })
-        .boxed()
+fn guest_access(gpa: &BoxedStrategy<u64>, state: &RefState) -> BoxedStrategy<Step> {
+    let (gpa, value) = (gpa.clone(), state.fixed.value.clone());
+    lazy(move || {
+        (gpa.clone(), any::<bool>(), value.clone())
+            .prop_map(
+                |(gpa, write, value)| if write { Step::GuestWrite { gpa, value } } else { Step::GuestRead { gpa } },
+            )
+            .boxed()
+    })
 }
 
 fn value() -> impl Strategy<Value = u64> {
@@ -267,6 +340,10 @@ fn new_region(state: &RefState) -> BoxedStrategy<Step> {
     // Only what the strategy needs: cloning the model per step would copy
     // every page it holds.
     let mappable = mappable_gmems(state);
+    lazy(move || new_region_from(ngmem, huge_offsets, mappable.clone()))
+}
+
+fn new_region_from(ngmem: usize, huge_offsets: bool, mappable: Vec<(usize, u64)>) -> BoxedStrategy<Step> {
     let flags = prop_oneof![
         5 => Just(0u32),
         5 => Just(KVM_MEM_GUEST_MEMFD),
@@ -338,25 +415,33 @@ fn rebinding_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
         return None;
     }
     let mappable = mappable_gmems(state);
-    let picks =
-        (proptest::sample::select(bound), proptest::sample::select(free), 0..4u32, proptest::sample::select(gaps));
-    let strategy = (picks, any::<u64>()).prop_map(move |(((g, start, npages), slot, shape, page), r)| {
-        let first = match shape {
-            0 => start,
-            1 => (start + npages).saturating_sub(1),
-            2 => start.saturating_sub(1),
-            _ => start + npages,
-        };
-        Step::SetRegion(MemoryRegion {
-            slot,
-            flags: KVM_MEM_GUEST_MEMFD,
-            gpa: WINDOW + page * P,
-            size: P,
-            user: user_memory(&mappable, 1, r),
-            guest_memfd: Some((GmemFd::File(g), first * P)),
-        })
-    });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        let mappable = mappable.clone();
+        let picks = (
+            proptest::sample::select(bound.clone()),
+            proptest::sample::select(free.clone()),
+            0..4u32,
+            proptest::sample::select(gaps.clone()),
+        );
+        (picks, any::<u64>())
+            .prop_map(move |(((g, start, npages), slot, shape, page), r)| {
+                let first = match shape {
+                    0 => start,
+                    1 => (start + npages).saturating_sub(1),
+                    2 => start.saturating_sub(1),
+                    _ => start + npages,
+                };
+                Step::SetRegion(MemoryRegion {
+                    slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    gpa: WINDOW + page * P,
+                    size: P,
+                    user: user_memory(&mappable, 1, r),
+                    guest_memfd: Some((GmemFd::File(g), first * P)),
+                })
+            })
+            .boxed()
+    }))
 }
 
 /// Moves, flag changes, deletions and identical re-sends of existing slots.
@@ -365,6 +450,10 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if slots.is_empty() {
         return None;
     }
+    Some(lazy(move || change_region_of(slots.clone())))
+}
+
+fn change_region_of(slots: Vec<kvm_model::Slot>) -> BoxedStrategy<Step> {
     let strategy = (proptest::sample::select(slots), 0..4u32, 0..WINDOW_PAGES).prop_map(|(slot, kind, page)| {
         let same = MemoryRegion {
             slot: slot.as_id << 16 | slot.id,
@@ -374,7 +463,9 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
             user: slot.user,
             guest_memfd: slot.gmem.map(|(g, pgoff)| (GmemFd::File(g), pgoff * P)),
         };
-        let page = page.min(WINDOW_PAGES - slot.npages);
+        // The huge window's memslot is larger than the small window: it
+        // moves to the small window's start (and is refused).
+        let page = page.min(WINDOW_PAGES.saturating_sub(slot.npages));
         Step::SetRegion(match kind {
             0 => MemoryRegion { size: 0, ..same },
             1 => MemoryRegion { gpa: WINDOW + page * P, flags: same.flags & !KVM_MEM_GUEST_MEMFD, ..same },
@@ -382,7 +473,7 @@ fn change_region(state: &RefState) -> Option<BoxedStrategy<Step>> {
             _ => same,
         })
     });
-    Some(strategy.boxed())
+    strategy.boxed()
 }
 
 fn set_attributes(profile: &Profile) -> SBoxedStrategy<Step> {
@@ -473,16 +564,16 @@ fn fallocate(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if ngmem == 0 {
         return None;
     }
-    let mode = prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)];
-    let span = prop_oneof![
-        9 => (0..8u64, 1..=4u64).prop_map(|(page, n)| (page * P, n * P)),
-        1 => prop_oneof![Just((0u64, 0u64)), Just((8, P)), Just((0, P + 8)), Just((0, u64::MAX))],
-    ];
-    Some(
+    Some(lazy(move || {
+        let mode = prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)];
+        let span = prop_oneof![
+            9 => (0..8u64, 1..=4u64).prop_map(|(page, n)| (page * P, n * P)),
+            1 => prop_oneof![Just((0u64, 0u64)), Just((8, P)), Just((0, P + 8)), Just((0, u64::MAX))],
+        ];
         (0..ngmem, mode, span)
             .prop_map(|(gmem, mode, (offset, len))| Step::Fallocate { gmem, mode, offset, len })
-            .boxed(),
-    )
+            .boxed()
+    }))
 }
 
 /// `fallocate()` (allocate or punch) at every position relative to a range
@@ -573,9 +664,11 @@ fn bound_positions_of(model: &Model, gmem: usize, offset: u64, len: u64) -> Vec<
 fn host_write(state: &RefState) -> BoxedStrategy<Step> {
     let mut targets = vec![(ModelMemory::Anon(1), ANON_PAGES[0] * P), (ModelMemory::Anon(2), ANON_PAGES[1] * P)];
     targets.extend(mappable_gmems(state).into_iter().map(|(g, pages)| (ModelMemory::GmemMap(g), pages * P)));
-    (proptest::sample::select(targets), any::<u64>(), value())
-        .prop_map(|((mem, len), at, value)| Step::HostWrite { mem, offset: (at % len) & !7, value })
-        .boxed()
+    lazy(move || {
+        (proptest::sample::select(targets.clone()), any::<u64>(), value())
+            .prop_map(|((mem, len), at, value)| Step::HostWrite { mem, offset: (at % len) & !7, value })
+            .boxed()
+    })
 }
 
 /// Private accesses to memslots whose guest_memfd was released: make a
@@ -586,19 +679,21 @@ fn released_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
         .slots()
         .values()
         .filter(|s| s.as_id == 0 && s.gmem.is_some_and(|(g, _)| model.gmems()[g].released))
-        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
+        .flat_map(slot_pages)
         .collect();
     if pages.is_empty() {
         return None;
     }
     let attributes = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
-    let strategy =
-        (proptest::sample::select(pages), 0..3u32, 0..512u64).prop_map(move |(page, kind, word)| match kind {
-            0 => Step::SetAttributes { address: page, size: P, attributes, flags: 0 },
-            1 => Step::GuestRead { gpa: page + word * 8 },
-            _ => Step::GuestWrite { gpa: page + word * 8, value: word },
-        });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        (proptest::sample::select(pages.clone()), 0..3u32, 0..512u64)
+            .prop_map(move |(page, kind, word)| match kind {
+                0 => Step::SetAttributes { address: page, size: P, attributes, flags: 0 },
+                1 => Step::GuestRead { gpa: page + word * 8 },
+                _ => Step::GuestWrite { gpa: page + word * 8, value: word },
+            })
+            .boxed()
+    }))
 }
 
 /// Around closing the VM fd, on the pages of guest_memfd memslots: before
@@ -611,22 +706,23 @@ fn vm_close_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
         .slots()
         .values()
         .filter(|s| s.as_id == 0 && s.gmem.is_some_and(|(g, _)| !model.gmems()[g].released))
-        .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
+        .flat_map(slot_pages)
         .collect();
     if pages.is_empty() {
         return None;
     }
     let private = model.profile().supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
     let closed = state.vm_closed;
-    let strategy = (proptest::sample::select(pages), 0..4u32, 0..512u64).prop_map(move |(page, kind, word)| {
-        match (closed, kind) {
-            (false, 0 | 1) => Step::SetAttributes { address: page, size: P, attributes: private, flags: 0 },
-            (false, _) => Step::CloseVm,
-            (true, 0 | 1) => Step::GuestRead { gpa: page + word * 8 },
-            (true, _) => Step::GuestWrite { gpa: page + word * 8, value: word },
-        }
-    });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        (proptest::sample::select(pages.clone()), 0..4u32, 0..512u64)
+            .prop_map(move |(page, kind, word)| match (closed, kind) {
+                (false, 0 | 1) => Step::SetAttributes { address: page, size: P, attributes: private, flags: 0 },
+                (false, _) => Step::CloseVm,
+                (true, 0 | 1) => Step::GuestRead { gpa: page + word * 8 },
+                (true, _) => Step::GuestWrite { gpa: page + word * 8, value: word },
+            })
+            .boxed()
+    }))
 }
 
 /// A host read through a guest_memfd's mapping, if one is mapped.
@@ -635,9 +731,11 @@ fn host_read(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if mappable.is_empty() {
         return None;
     }
-    let strategy = (proptest::sample::select(mappable), any::<u64>())
-        .prop_map(|((gmem, pages), at)| Step::HostRead { gmem, offset: (at % (pages * P)) & !7 });
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        (proptest::sample::select(mappable.clone()), any::<u64>())
+            .prop_map(|((gmem, pages), at)| Step::HostRead { gmem, offset: (at % (pages * P)) & !7 })
+            .boxed()
+    }))
 }
 
 /// A step that binds a mmap-able guest_memfd and reads it from the guest.
@@ -664,13 +762,7 @@ fn gmem_only_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
             })
             .boxed(),
         (Some(_), true) => {
-            let gpas: Vec<u64> = state
-                .model
-                .slots()
-                .values()
-                .filter(|s| s.gmem_only)
-                .flat_map(|s| (0..s.npages).map(move |i| (s.base_gfn + i) * P))
-                .collect();
+            let gpas: Vec<u64> = state.model.slots().values().filter(|s| s.gmem_only).flat_map(slot_pages).collect();
             (proptest::sample::select(gpas), 0..512u64)
                 .prop_map(|(page, w)| Step::GuestRead { gpa: page + w * 8 })
                 .boxed()
@@ -678,13 +770,193 @@ fn gmem_only_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
     })
 }
 
+/// A range of the huge window, in pages: starts and ends at every class of
+/// offset inside a 2 MiB region (aligned, first page, mid, last page, the
+/// region's end) and spans both regions.
+fn huge_range() -> impl Strategy<Value = (u64, u64)> {
+    let offset = prop_oneof![Just(0u64), Just(1), 2..REGION_PAGES - 2, Just(REGION_PAGES - 2), Just(REGION_PAGES - 1)];
+    (0..7u32, 0..2u64, offset.clone(), offset).prop_map(|(kind, region, a, b)| {
+        let base = region * REGION_PAGES;
+        let (lo, hi) = (a.min(b), a.max(b));
+        match kind {
+            // Inside one region, from an offset to a later one.
+            0 => (base + lo, base + hi.max(lo + 1)),
+            // From an offset to the region's end.
+            1 => (base + a, base + REGION_PAGES),
+            // From the region's start to an offset.
+            2 => (base, base + a.max(1)),
+            // The region's last page, or its first.
+            3 => (base + REGION_PAGES - 1, base + REGION_PAGES),
+            4 => (base, base + 1),
+            // From an offset of the first region into the second, or to its end.
+            5 => (a, REGION_PAGES + b.max(1)),
+            _ => (a, HUGE_PAGES),
+        }
+    })
+}
+
+/// The huge window's pages worth touching: each region's first and last
+/// two, and both sides of every attribute change.
+fn huge_boundaries(model: &Model) -> Vec<u64> {
+    let base = HUGE_WINDOW >> 12;
+    let mut pages = vec![0, 1, REGION_PAGES - 2, REGION_PAGES - 1, REGION_PAGES, REGION_PAGES + 1, HUGE_PAGES - 2];
+    pages.push(HUGE_PAGES - 1);
+    // Both sides of each run of pages with the same non-zero attributes.
+    let mut run: Option<(u64, u64, u64)> = None;
+    for (gfn, attributes) in model.attributes_in(base..base + HUGE_PAGES) {
+        let page = gfn - base;
+        match run {
+            Some((_, end, a)) if end == page && a == attributes => run = run.map(|(s, _, a)| (s, page + 1, a)),
+            _ => {
+                if let Some((start, end, _)) = run {
+                    pages.extend([start.saturating_sub(1), start, end - 1, end]);
+                }
+                run = Some((page, page + 1, attributes));
+            }
+        }
+    }
+    if let Some((start, end, _)) = run {
+        pages.extend([start.saturating_sub(1), start, end - 1, end]);
+    }
+    pages.retain(|&p| p < HUGE_PAGES);
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
+/// The huge window's steps ([`Windows::Huge`]): a guest_memfd of both
+/// regions and the memslot binding it first, then conversions (host and
+/// guest) of [`huge_range`]s, guest and host accesses at
+/// [`huge_boundaries`], punches and allocations, pre-faults.
+fn huge_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
+    let model = &state.model;
+    let profile = model.profile();
+    if state.windows != Windows::Huge || !profile.guest_memfd_slots {
+        return None;
+    }
+    let slot = model.slots().contains_key(&(0, HUGE_SLOT));
+    // The huge window's guest_memfd: its own size, open, and bound by no
+    // memslot but the huge window's (a deleted one is bound anew, but the
+    // rebinding focus may have bound some of its pages to small slots).
+    let bound_elsewhere =
+        |g: usize| model.slots().values().any(|s| s.id != HUGE_SLOT && s.gmem.is_some_and(|(b, _)| b == g));
+    let gmem = model
+        .gmems()
+        .iter()
+        .enumerate()
+        .rposition(|(g, m)| !m.closed && m.flags == 0 && m.size == HUGE_PAGES * P && !bound_elsewhere(g));
+    if !slot {
+        return Some(match gmem {
+            None => Just(Step::CreateGmem { size: HUGE_PAGES * P, flags: 0 }).boxed(),
+            Some(g) => Just(Step::SetRegion(MemoryRegion {
+                slot: HUGE_SLOT,
+                flags: KVM_MEM_GUEST_MEMFD,
+                gpa: HUGE_WINDOW,
+                size: HUGE_PAGES * P,
+                user: UserMemory::Anon { anon: HUGE_ANON, page: 0 },
+                guest_memfd: Some((GmemFd::File(g), 0)),
+            }))
+            .boxed(),
+        });
+    }
+    let (fixed, huge) = (&state.fixed, &state.fixed.huge);
+    let boundaries = huge_boundaries(model);
+    let (word, value) = (huge.huge_word.clone(), fixed.value.clone());
+    // A boundary page or any page, and a word in it (first, last, any);
+    // then whether the guest writes, what the guest or host stores.
+    let at = move || {
+        (
+            prop_oneof![3 => proptest::sample::select(boundaries.clone()), 1 => 0..HUGE_PAGES],
+            word.clone(),
+            value.clone(),
+        )
+    };
+    let host_at = at.clone();
+    let access = lazy(move || {
+        (at(), any::<bool>())
+            .prop_map(|((page, word, value), write)| {
+                let gpa = HUGE_WINDOW + page * P + word * 8;
+                if write {
+                    Step::GuestWrite { gpa, value }
+                } else {
+                    Step::GuestRead { gpa }
+                }
+            })
+            .boxed()
+    });
+    let host = lazy(move || {
+        host_at()
+            .prop_map(|(page, word, value)| Step::HostWrite {
+                mem: ModelMemory::Anon(HUGE_ANON),
+                offset: page * P + word * 8,
+                value,
+            })
+            .boxed()
+    });
+    let mut choices: Vec<(u32, BoxedStrategy<Step>)> =
+        vec![(6, access), (2, host), (3, huge.huge_attributes.clone().boxed())];
+    if state.hypercalls && profile.hypercall_exit_mask != 0 {
+        choices.push((2, huge.huge_map_gpa_range.clone().boxed()));
+    }
+    if let Some(g) = gmem {
+        let ranges = huge.huge_fallocate.clone();
+        let fallocate = lazy(move || {
+            ranges
+                .clone()
+                .prop_map(move |((first, end), mode)| Step::Fallocate {
+                    gmem: g,
+                    mode,
+                    offset: first * P,
+                    len: (end - first) * P,
+                })
+                .boxed()
+        });
+        choices.push((1, fallocate));
+    }
+    if profile.pre_fault_memory {
+        choices.push((1, huge.huge_pre_fault.clone().boxed()));
+    }
+    Some(Pick(choices).boxed())
+}
+
+/// The huge window's strategies that depend on the profile only.
+fn huge_fixed(profile: &Profile) -> HugeFixed {
+    let private = profile.supported_attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE;
+    HugeFixed {
+        huge_word: prop_oneof![Just(0u64), Just(511), 0..512u64].sboxed(),
+        huge_attributes: (huge_range(), any::<bool>())
+            .prop_map(move |((first, end), to_private)| Step::SetAttributes {
+                address: HUGE_WINDOW + first * P,
+                size: (end - first) * P,
+                attributes: if to_private { private } else { 0 },
+                flags: 0,
+            })
+            .sboxed(),
+        huge_map_gpa_range: (huge_range(), any::<bool>())
+            .prop_map(|((first, end), to_private)| Step::MapGpaRange {
+                gpa: HUGE_WINDOW + first * P,
+                npages: end - first,
+                attrs: if to_private { kvm_model::KVM_MAP_GPA_RANGE_ENCRYPTED } else { 0 },
+            })
+            .sboxed(),
+        huge_fallocate: (huge_range(), prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)]).sboxed(),
+        huge_pre_fault: huge_range()
+            .prop_map(|(first, end)| Step::PreFault { gpa: HUGE_WINDOW + first * P, size: (end - first) * P, flags: 0 })
+            .sboxed(),
+    }
+}
+
 fn transitions(state: &RefState) -> BoxedStrategy<Step> {
+    // Each option is built only if picked (lazy, Pick): what it needs from
+    // the state is gathered here, the strategy made from it later.
+    let gpa = guest_gpa(state);
+    let exec_gpa = gpa.clone();
     let mut choices: Vec<(u32, BoxedStrategy<Step>)> = vec![
         (2, state.fixed.create_gmem.clone().boxed()),
         (4, new_region(state)),
         (2, state.fixed.set_attributes.clone().boxed()),
-        (8, guest_access(state)),
-        (2, guest_gpa(state).prop_map(|gpa| Step::GuestExec { gpa }).boxed()),
+        (8, guest_access(&gpa, state)),
+        (2, lazy(move || exec_gpa.clone().prop_map(|gpa| Step::GuestExec { gpa }).boxed())),
         (2, host_write(state)),
     ];
     if let Some(s) = change_region(state) {
@@ -708,8 +980,9 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     if let Some(s) = host_read(state) {
         choices.push((1, s));
     }
-    if !state.model.gmems().is_empty() {
-        choices.push((1, (0..state.model.gmems().len()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+    let ngmem = state.model.gmems().len();
+    if ngmem > 0 {
+        choices.push((1, lazy(move || (0..ngmem).prop_map(|gmem| Step::CloseGmem { gmem }).boxed())));
     }
     // Mostly a guest_memfd a memslot binds, which is what closing is about.
     let bound: Vec<usize> = state.model.slots().values().filter_map(|s| s.gmem.map(|(g, _)| g)).collect();
@@ -717,7 +990,8 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         choices.push((if state.vm_closed { 6 } else { 3 }, s));
     }
     if !bound.is_empty() {
-        choices.push((1, proptest::sample::select(bound).prop_map(|gmem| Step::CloseGmem { gmem }).boxed()));
+        let close = move || proptest::sample::select(bound.clone()).prop_map(|gmem| Step::CloseGmem { gmem }).boxed();
+        choices.push((1, lazy(close)));
     }
     if let Some(s) = released_focus(state) {
         choices.push((4, s));
@@ -734,7 +1008,62 @@ fn transitions(state: &RefState) -> BoxedStrategy<Step> {
             choices.push((6, s));
         }
     }
-    proptest::strategy::Union::new_weighted(choices).boxed()
+    if let Some(s) = huge_focus(state) {
+        // About half the steps: the other steps' weights add up to 40-50.
+        choices.push((40, s));
+    }
+    Pick(choices).boxed()
+}
+
+/// A strategy built only when a value is generated from it: of the dozen
+/// or so options a step offers only one is picked, and building proptest
+/// strategies (boxes, Arcs, closures) cost as much as generating from the
+/// picked one.
+fn lazy<T: fmt::Debug + 'static>(build: impl Fn() -> BoxedStrategy<T> + 'static) -> BoxedStrategy<T> {
+    Lazy(build).boxed()
+}
+
+struct Lazy<F>(F);
+
+impl<F> fmt::Debug for Lazy<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Lazy")
+    }
+}
+
+impl<T: fmt::Debug, F: Fn() -> BoxedStrategy<T>> Strategy for Lazy<F> {
+    type Tree = Box<dyn ValueTree<Value = T>>;
+    type Value = T;
+
+    fn new_tree(&self, runner: &mut TestRunner) -> proptest::strategy::NewTree<Self> {
+        (self.0)().new_tree(runner)
+    }
+}
+
+/// A weighted choice among strategies that generates only the one it
+/// picks. proptest's `Union` also prepares a lazy tree, with a forked
+/// random generator, for every option before the pick, so that shrinking
+/// can fall back to them; a sequence's steps shrink by being dropped
+/// instead, and those forks were most of the time spent generating
+/// sequences (under TCG, whole seconds of a run).
+#[derive(Debug)]
+struct Pick<T>(Vec<(u32, BoxedStrategy<T>)>);
+
+impl<T: fmt::Debug> Strategy for Pick<T> {
+    type Tree = Box<dyn ValueTree<Value = T>>;
+    type Value = T;
+
+    fn new_tree(&self, runner: &mut TestRunner) -> proptest::strategy::NewTree<Self> {
+        let total: u32 = self.0.iter().map(|(weight, _)| weight).sum();
+        let mut at = runner.rng().random_range(0..total);
+        for (weight, strategy) in &self.0 {
+            if at < *weight {
+                return strategy.new_tree(runner);
+            }
+            at -= weight;
+        }
+        unreachable!("the pick lies below the total weight")
+    }
 }
 
 /// Whether `step` is valid on `state`: it names things that exist, stays
@@ -745,7 +1074,7 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
     let user_fits = |user: UserMemory, npages: u64| match user {
         UserMemory::Null => true,
         UserMemory::Anon { anon, page } => {
-            (1..=ANON_PAGES.len()).contains(&anon) && page + npages <= ANON_PAGES[anon - 1]
+            anon != 0 && model.anons().get(anon).is_some_and(|a| page + npages <= a.npages)
         }
         UserMemory::GmemMap { gmem, page } => {
             model.gmems().get(gmem).is_some_and(|g| g.mmap() && !g.closed && (page + npages) * P <= g.size)
@@ -788,7 +1117,7 @@ fn preconditions(state: &RefState, step: &Step) -> bool {
         Step::GuestExec { gpa } => guest_ok(*gpa, false) && model.unmodeled_guest_fetch(*gpa).is_none(),
         Step::PreFault { gpa, size, flags } => model.unmodeled_pre_fault(*gpa, *size, *flags).is_none(),
         Step::HostWrite { mem, offset, .. } => match *mem {
-            ModelMemory::Anon(a) => (1..=ANON_PAGES.len()).contains(&a) && offset + 8 <= ANON_PAGES[a - 1] * P,
+            ModelMemory::Anon(a) => a != 0 && model.anons().get(a).is_some_and(|m| offset + 8 <= m.npages * P),
             ModelMemory::GmemMap(g) => {
                 model.gmems().get(g).is_some_and(|gm| gm.mmap() && !gm.closed && offset + 8 <= gm.size)
             }
@@ -868,7 +1197,7 @@ fn apply_model(model: &mut Model, step: &Step) -> Outcome {
 
 /// A fresh model of a VM made by `Vm::with_payload`: the system memslot
 /// and the anonymous mappings the sequences use.
-fn initial_model(profile: &Profile) -> Model {
+fn initial_model(profile: &Profile, windows: Windows) -> Model {
     let mut model = Model::new(profile.clone());
     let system = model.add_anon(SYSTEM_SLOT_SIZE / P);
     let slot0 = MemoryRegion {
@@ -882,6 +1211,9 @@ fn initial_model(profile: &Profile) -> Model {
     model.set_memory_region(&slot0).expect("the model accepts the harness's system memslot");
     for pages in ANON_PAGES {
         model.add_anon(pages);
+    }
+    if windows == Windows::Huge {
+        model.add_anon(HUGE_PAGES);
     }
     model
 }
@@ -897,6 +1229,9 @@ struct Real {
     /// The whole-file MAP_SHARED mapping of each mmap-able guest_memfd.
     gmem_maps: Vec<Option<Arc<HostMemory>>>,
     agent: Option<(Agent, kvm_regs)>,
+    /// The VM's statistics, in the huge window's sequences: after each
+    /// guest step, whether KVM holds a 2 MiB mapping (`pages_2m`).
+    stats: Option<Stats>,
     /// Guest_memfd mappings on which a refused access has been seen to
     /// raise SIGBUS (in a child) this sequence.
     sigbus_seen: std::cell::RefCell<std::collections::BTreeSet<ModelMemory>>,
@@ -910,7 +1245,7 @@ struct Mismatch {
 }
 
 impl Real {
-    fn new(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Self> {
+    fn new(kvm: &Arc<Kvm>, vm_type: VmType, windows: Windows) -> Result<Self> {
         let mut vm = Vm::with_payload(kvm, vm_type, &GUEST_AGENT)?;
         // Checked after every step instead (check_steps), where the failure
         // names the step; a shrinking search leaves dead VMs on purpose.
@@ -919,14 +1254,27 @@ impl Real {
         for pages in ANON_PAGES {
             anons.push(Some(Arc::new(HostMemory::anonymous(pages * P)?)));
         }
+        let stats = match windows {
+            Windows::Small => None,
+            Windows::Huge => {
+                anons.push(Some(Arc::new(Backing::AnonymousThp.allocate(HUGE_PAGES * P)?)));
+                Some(vm.stats()?)
+            }
+        };
         Ok(Self {
             vm: Some(vm),
             anons,
             gmems: Vec::new(),
             gmem_maps: Vec::new(),
             agent: None,
+            stats,
             sigbus_seen: Default::default(),
         })
+    }
+
+    /// Whether KVM maps some of the VM with 2 MiB pages, where counted.
+    fn huge_mapped(&self) -> Result<Option<bool>, String> {
+        self.stats.as_ref().map(|s| s.get("pages_2m").map(|n| n > 0).map_err(|e| e.to_string())).transpose()
     }
 
     /// The VM fd, for the steps that need it (preconditions keep them out
@@ -973,8 +1321,8 @@ impl Real {
     }
 
     /// A fresh VM whose agent is already running, parked at READY.
-    fn started(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Self> {
-        let mut real = Self::new(kvm, vm_type)?;
+    fn started(kvm: &Arc<Kvm>, vm_type: VmType, windows: Windows) -> Result<Self> {
+        let mut real = Self::new(kvm, vm_type, windows)?;
         real.agent()?;
         Ok(real)
     }
@@ -1219,7 +1567,7 @@ impl Real {
     /// The host-visible memories and their sizes in pages.
     fn host_views(model: &Model) -> Vec<(ModelMemory, u64)> {
         let mut views: Vec<(ModelMemory, u64)> =
-            (1..=ANON_PAGES.len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
+            (1..model.anons().len()).map(|a| (ModelMemory::Anon(a), model.anons()[a].npages)).collect();
         for (g, gmem) in model.gmems().iter().enumerate() {
             if gmem.mmap() && gmem.host_accessible() && !gmem.closed {
                 views.push((ModelMemory::GmemMap(g), gmem.size / P));
@@ -1329,6 +1677,10 @@ struct Times {
     teardown: Duration,
     guest_steps: usize,
     other_steps: usize,
+    /// Guest steps after which `pages_2m` was read, and those after which
+    /// KVM held a 2 MiB mapping ([`Windows::Huge`]).
+    huge_counted_steps: usize,
+    huge_mapped_steps: usize,
 }
 
 thread_local! {
@@ -1375,7 +1727,7 @@ impl Times {
 fn run_sequence(vms: &Vms, profile: &Profile, steps: &[Step], seen: Option<&AtomicUsize>) -> Result<(), Mismatch> {
     let t = Instant::now();
     let mut real = vms.next().map_err(|e| Mismatch { step: 0, detail: format!("setup: {e}") })?;
-    let mut model = initial_model(profile);
+    let mut model = initial_model(profile, vms.windows());
     charge(t, |t| &mut t.setup);
     let full = matches!(vms, Vms::InLine { .. });
     let result = check_steps(&mut real, &mut model, steps, seen, full);
@@ -1422,9 +1774,14 @@ fn check_steps(
             Step::GuestRead { .. } | Step::GuestWrite { .. } | Step::GuestExec { .. } | Step::MapGpaRange { .. }
         );
         charge(t, if guest { |t: &mut Times| &mut t.guest } else { |t: &mut Times| &mut t.calls });
+        let huge = if guest { real.huge_mapped().map_err(|e| fail(format!("after {step:x?}: {e}")))? } else { None };
         TIMES.with(|t| {
             let mut times = t.get();
             *(if guest { &mut times.guest_steps } else { &mut times.other_steps }) += 1;
+            if let Some(mapped) = huge {
+                times.huge_counted_steps += 1;
+                times.huge_mapped_steps += usize::from(mapped);
+            }
             t.set(times);
         });
         let actual = actual.map_err(|e| fail(format!("{step:x?}: expected {expected:x?}, got {e}")))?;
@@ -1483,25 +1840,31 @@ fn accept_undecided(rule: Option<&'static str>, actual: &Outcome) -> std::result
 /// VM creation and teardown (SRCU grace periods included) overlap the
 /// sequences; shrinking and reproducing make them in line.
 enum Vms {
-    InLine { kvm: Arc<Kvm>, vm_type: VmType },
-    Pipelined { ready: std::sync::mpsc::Receiver<Result<Real>>, done: std::sync::mpsc::Sender<Real> },
+    InLine { kvm: Arc<Kvm>, vm_type: VmType, windows: Windows },
+    Pipelined { ready: std::sync::mpsc::Receiver<Result<Real>>, done: std::sync::mpsc::Sender<Real>, windows: Windows },
 }
 
 impl Vms {
     /// The pipelined source and its two helper threads; dropping the
     /// source ends them, joining them waits until every VM is gone.
-    fn pipelined(kvm: &Arc<Kvm>, vm_type: VmType) -> (Self, [std::thread::JoinHandle<()>; 2]) {
+    fn pipelined(kvm: &Arc<Kvm>, vm_type: VmType, windows: Windows) -> (Self, [std::thread::JoinHandle<()>; 2]) {
         let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
         let (done, done_rx) = std::sync::mpsc::channel::<Real>();
         let kvm = kvm.clone();
-        let maker = std::thread::spawn(move || while ready_tx.send(Real::started(&kvm, vm_type)).is_ok() {});
+        let maker = std::thread::spawn(move || while ready_tx.send(Real::started(&kvm, vm_type, windows)).is_ok() {});
         let reaper = std::thread::spawn(move || done_rx.into_iter().for_each(drop));
-        (Self::Pipelined { ready, done }, [maker, reaper])
+        (Self::Pipelined { ready, done, windows }, [maker, reaper])
+    }
+
+    fn windows(&self) -> Windows {
+        match self {
+            Self::InLine { windows, .. } | Self::Pipelined { windows, .. } => *windows,
+        }
     }
 
     fn next(&self) -> Result<Real> {
         match self {
-            Self::InLine { kvm, vm_type } => Real::started(kvm, *vm_type),
+            Self::InLine { kvm, vm_type, windows } => Real::started(kvm, *vm_type, *windows),
             Self::Pipelined { ready, .. } => {
                 ready.recv().map_err(|_| Error::Config("the VM-making thread ended".into()))?
             }
@@ -1583,10 +1946,10 @@ fn call_line(out: &mut String, what: &str, expected: &Result<(), Errno>, call: &
 
 /// The shrunk sequence as a test body in harness terms, each step
 /// asserting what the model expects.
-fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> String {
+fn reproducer(vm_type: VmType, profile: &Profile, windows: Windows, steps: &[Step], seed: u64) -> String {
     let mut out = String::new();
-    let mut model = initial_model(profile);
-    reproducer_prelude(&mut out, vm_type, profile, seed);
+    let mut model = initial_model(profile, windows);
+    reproducer_prelude(&mut out, vm_type, profile, windows, seed);
     let mut agent_started = false;
     let mut ngmem = 0;
     for step in steps {
@@ -1616,7 +1979,7 @@ fn reproducer(vm_type: VmType, profile: &Profile, steps: &[Step], seed: u64) -> 
 
 /// The reproducer's first lines: how to rerun the case, the imports, the VM
 /// and the anonymous memories.
-fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: u64) {
+fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, windows: Windows, seed: u64) {
     let vm_type_expr = match vm_type {
         VmType::Default => "VmType::Default",
         VmType::SwProtected => "VmType::SwProtected",
@@ -1632,6 +1995,14 @@ fn reproducer_prelude(w: &mut String, vm_type: VmType, profile: &Profile, seed: 
     let _ = writeln!(w, "    let vm = Vm::with_payload(kvm, {vm_type_expr}, &GUEST_AGENT)?;");
     for (i, pages) in ANON_PAGES.iter().enumerate() {
         let _ = writeln!(w, "    let {} = Arc::new(HostMemory::anonymous({:#x})?);", anon_name(i + 1), pages * P);
+    }
+    if windows == Windows::Huge {
+        let _ = writeln!(
+            w,
+            "    let {} = Arc::new(kvm_harness::backing::Backing::AnonymousThp.allocate({:#x})?);",
+            anon_name(HUGE_ANON),
+            HUGE_PAGES * P
+        );
     }
 }
 
@@ -1753,7 +2124,7 @@ fn later_step_lines(w: &mut String, step: &Step, expected: &Outcome, model: &Mod
 fn host_view_lines(w: &mut String, model: &mut Model) {
     let _ = writeln!(w, "    // Every host-visible u64 after the last step (unlisted ones are 0):");
     let mut views: Vec<(String, ModelMemory, u64)> =
-        (1..=ANON_PAGES.len()).map(|a| (anon_name(a), ModelMemory::Anon(a), ANON_PAGES[a - 1] * P)).collect();
+        (1..model.anons().len()).map(|a| (anon_name(a), ModelMemory::Anon(a), model.anons()[a].npages * P)).collect();
     for (g, gmem) in model.gmems().iter().enumerate() {
         if gmem.mmap() && gmem.host_accessible() && !gmem.closed {
             views.push((format!("gmem{g}_map"), ModelMemory::GmemMap(g), gmem.size));
@@ -1856,7 +2227,7 @@ fn rng(seed: u64) -> TestRng {
 
 type Sequences = Sequential<RefState, Step, BoxedStrategy<RefState>, BoxedStrategy<Step>>;
 
-fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
+fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess, windows: Windows) -> Sequences {
     let fixed = Arc::new(Fixed {
         create_gmem: create_gmem(profile),
         set_attributes: set_attributes(profile),
@@ -1870,9 +2241,16 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
         .prop_map(|mask| Step::HypercallExits { mask })
         .sboxed(),
         map_gpa_range: map_gpa_range(),
+        huge: huge_fixed(profile),
     });
-    let init =
-        RefState { model: initial_model(profile), gmem_only, hypercalls: !on_kvm_pvm(), fixed, vm_closed: false };
+    let init = RefState {
+        model: initial_model(profile, windows),
+        gmem_only,
+        windows,
+        hypercalls: !on_kvm_pvm(),
+        fixed,
+        vm_closed: false,
+    };
     Sequential::new(
         SizeRange::from(STEPS),
         move || Just(init.clone()).boxed(),
@@ -1888,17 +2266,21 @@ fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess) -> Sequences {
 
 /// Runs the configured number of random sequences on VMs of `vm_type`; on
 /// a mismatch, shrinks it and fails with the reproducer.
-fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result<()> {
+fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess, windows: Windows) -> Result<()> {
     let profile = probe_profile(kvm, vm_type)?;
     let base = settings::u64_opt(SEED_ENV)?.unwrap_or(DEFAULT_SEED);
+    let default_cases = match windows {
+        Windows::Small => DEFAULT_CASES,
+        Windows::Huge => HUGE_DEFAULT_CASES,
+    };
     let cases = match settings::u64_opt(CASES_ENV)? {
-        None => DEFAULT_CASES,
+        None => default_cases,
         Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => n as u32,
         Some(n) => return Err(Error::Config(format!("{CASES_ENV}={n}: expected at least 1"))),
     };
     eprintln!(
         "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}, \
-         guest hypercalls {}",
+         windows {windows:?}, guest hypercalls {}",
         kernel_rules::running_kernel()?.release_source,
         if on_kvm_pvm() { "excluded (kvm_pvm)" } else { "included" }
     );
@@ -1906,7 +2288,7 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
     let soak = settings::u64_opt(SOAK_ENV)?.is_some_and(|v| v != 0);
     let before = Resources::now()?;
     let start = Instant::now();
-    let (vms, helpers) = Vms::pipelined(kvm, vm_type);
+    let (vms, helpers) = Vms::pipelined(kvm, vm_type, windows);
     let (mut ran, mut steps_run) = (0u32, 0usize);
     let mut tally = std::collections::BTreeMap::new();
     let mut rule_hits = std::collections::BTreeMap::new();
@@ -1918,7 +2300,7 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         let seed = case_seed(base, case);
         let t = Instant::now();
         let mut runner = TestRunner::new_with_rng(Config::default(), rng(seed));
-        let mut tree = sequences(&profile, gmem_only)
+        let mut tree = sequences(&profile, gmem_only, windows)
             .new_tree(&mut runner)
             .map_err(|e| Error::Config(format!("generating case {case}: {e}")))?;
         let (_, steps, seen) = tree.current();
@@ -1926,13 +2308,21 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         ran += 1;
         steps_run += steps.len();
         let Err(first) = run_sequence(&vms, &profile, &steps, seen.as_deref()) else {
-            tally_outcomes(&profile, &steps, &mut tally, &mut rule_hits);
+            tally_outcomes(&profile, windows, &steps, &mut tally, &mut rule_hits);
             continue;
         };
+        // Said now: shrinking replays the case, and a kernel that dies on
+        // a replay (a BUG() with oops=panic) would take the message along.
+        eprintln!(
+            "model: case {case} (seed {seed:#x}) failed at step {} of {}: {}; shrinking",
+            first.step + 1,
+            steps.len(),
+            first.detail
+        );
         drop(vms);
-        let in_line = Vms::InLine { kvm: kvm.clone(), vm_type };
+        let in_line = Vms::InLine { kvm: kvm.clone(), vm_type, windows };
         let (steps, mismatch, runs) = shrink(&in_line, &profile, &mut tree, steps, first);
-        let repro = reproducer(vm_type, &profile, &steps[..=mismatch.step.min(steps.len() - 1)], seed);
+        let repro = reproducer(vm_type, &profile, windows, &steps[..=mismatch.step.min(steps.len() - 1)], seed);
         return Err(Error::rule(
             "KVM agrees with the private-memory model after every step",
             format!(
@@ -1949,10 +2339,24 @@ fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess) -> Result
         helper.join().map_err(|_| Error::Config("a VM helper thread panicked".into()))?;
     }
     eprintln!("model: {vm_type}: {ran} sequences, {steps_run} steps, all matched, in {:.1?}", start.elapsed());
-    eprintln!("model: {vm_type}: time: {}", Times::take().summary());
+    let times = Times::take();
+    eprintln!("model: {vm_type}: time: {}", times.summary());
     let kinds: Vec<String> = tally.iter().map(|(kind, n)| format!("{kind}: {n}")).collect();
     eprintln!("model: outcomes checked: {}", kinds.join(", "));
-    expect_rules_reached(&profile, &rule_hits, ran == cases && cases >= DEFAULT_CASES)?;
+    let whole_run = ran == cases && cases >= default_cases;
+    expect_rules_reached(&profile, &rule_hits, whole_run)?;
+    if windows == Windows::Huge {
+        eprintln!(
+            "model: {vm_type}: KVM held a 2 MiB mapping after {} of {} guest steps",
+            times.huge_mapped_steps, times.huge_counted_steps
+        );
+        kvm_harness::ensure!(
+            !whole_run || times.huge_mapped_steps > 0,
+            "a whole run of the huge window's sequences has KVM map 2 MiB pages (else it tests none)",
+            "pages_2m stayed 0 after all {} guest steps",
+            times.huge_counted_steps
+        );
+    }
     let after = Resources::now()?;
     eprintln!(
         "model: {vm_type}: open fds {} -> {}, RSS {} KiB -> {} KiB over {ran} sequences",
@@ -2034,11 +2438,12 @@ fn expect_rules_reached(
 /// a run shows what it covered, and which versioned rules decided outcomes.
 fn tally_outcomes(
     profile: &Profile,
+    windows: Windows,
     steps: &[Step],
     tally: &mut std::collections::BTreeMap<String, usize>,
     rule_hits: &mut std::collections::BTreeMap<&'static str, u64>,
 ) {
-    let mut model = initial_model(profile);
+    let mut model = initial_model(profile, windows);
     for step in steps {
         if let Step::Fallocate { gmem, offset, len, .. } = *step {
             for position in bound_positions_of(&model, gmem, offset, len) {
@@ -2134,12 +2539,21 @@ fn main() -> ExitCode {
         // to the focused test below, which that list names.
         let gmem_only = if on_kvm_pvm() { GmemOnlyAccess::Excluded } else { GmemOnlyAccess::Included };
         suite.test(format!("{short}_vm_random_sequences_match_the_model"), needs(), move |kvm| {
-            explore(kvm, vm_type, gmem_only)
+            explore(kvm, vm_type, gmem_only, Windows::Small)
         });
         if gmem_only_slots(suite.kvm(), vm_type) {
             suite.test(format!("{short}_vm_guest_accesses_to_gmem_only_slots_match_the_model"), needs(), move |kvm| {
-                explore(kvm, vm_type, GmemOnlyAccess::Focused)
+                explore(kvm, vm_type, GmemOnlyAccess::Focused, Windows::Small)
             });
+        }
+        // Huge pages under mixed attributes need private memory: VMs
+        // without it have no attributes to mix.
+        if vm_type == VmType::SwProtected {
+            suite.test(
+                format!("{short}_vm_sequences_on_huge_page_backed_memslots_match_the_model"),
+                needs(),
+                move |kvm| explore(kvm, vm_type, gmem_only, Windows::Huge),
+            );
         }
     }
     suite.run()

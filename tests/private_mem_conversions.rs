@@ -35,6 +35,7 @@ use kvm_harness::{
     ensure, expect_errno, expect_ok, settings, sweep, threads, Agent, Cap, Errno, Error, Fill, GmemBinding, GuestMemfd,
     Kvm, Need, Region, Result, Suite, Vm, VmType,
 };
+use kvm_selftests::huge_regions::{self, Alignment, Conversion};
 
 /// Environment variable: number of concurrently converting vCPUs.
 pub const VCPUS_ENV: &str = "KVM_SELFTESTS_CONVERSION_VCPUS";
@@ -520,6 +521,19 @@ fn main() -> ExitCode {
         suite.test(format!("conversions_and_punch_holes_with_shared_side_in_{backing}"), needs, move |kvm| {
             conversions_backed_by(kvm, 1, 1, Phase::All, backing)
         });
+    }
+
+    for backing in [Backing::AnonymousThp, Backing::SharedHugetlb2M] {
+        for alignment in [Alignment::Mib2, Alignment::Gib1] {
+            suite.test(
+                format!(
+                    "guest_conversions_inside_huge_regions_hold_per_page_with_shared_side_in_{backing}_at_{}_gpa",
+                    alignment.name()
+                ),
+                huge_regions::needs(backing, Conversion::GuestHypercall),
+                move |kvm| huge_regions::run(kvm, backing, alignment, Conversion::GuestHypercall),
+            );
+        }
     }
 
     kvm_harness::register!(suite, needs() =>

@@ -333,6 +333,45 @@ fn agent_op(
             a.add(r8, r10)?;
             a.jmp(touch_loop)
         }
+        OpCode::Probe => {
+            // r8 = entry cursor, r9 = entries left, rdi = probes done,
+            // r10 = address with flags, r11 = address.
+            let mut probe_loop = a.create_label();
+            let mut probe_store = a.create_label();
+            let mut probe_next = a.create_label();
+            a.xor(edi, edi)?;
+            a.set_label(&mut probe_loop)?;
+            a.cmp(rdi, r9)?;
+            a.jae(ready)?;
+            a.mov(r10, qword_ptr(r8))?;
+            a.mov(r11, r10)?;
+            a.and(r11, -8)?;
+            a.test(r10, PROBE_CHECK as i32)?;
+            a.jz(probe_store)?;
+            a.mov(rax, qword_ptr(r11))?;
+            a.cmp(rax, qword_ptr(r8 + 8))?;
+            a.je(probe_store)?;
+            // The index goes in r10, the expected value in r8 last: r8 is
+            // the cursor it is read through.
+            a.mov(r10, rdi)?;
+            a.mov(rdi, ASSERT_PATTERN_MISMATCH)?;
+            a.mov(rsi, r11)?;
+            a.mov(r9, rax)?;
+            a.mov(r8, qword_ptr(r8 + 8))?;
+            p.call_host(CALL_ASSERT_FAIL)?;
+            // Report only the first mismatch, then finish the command.
+            let a = &mut p.asm;
+            a.jmp(dispatch_done)?;
+            a.set_label(&mut probe_store)?;
+            a.test(r10, PROBE_STORE as i32)?;
+            a.jz(probe_next)?;
+            a.mov(rax, qword_ptr(r8 + 16))?;
+            a.mov(qword_ptr(r11), rax)?;
+            a.set_label(&mut probe_next)?;
+            a.inc(rdi)?;
+            a.add(r8, PROBE_ENTRY_SIZE as i32)?;
+            a.jmp(probe_loop)
+        }
         OpCode::PortIn => {
             let mut word = a.create_label();
             let mut dword = a.create_label();

@@ -37,6 +37,12 @@ pub mod layout {
     pub const MAX_VCPUS: u64 = 32;
     /// Size of the system memslot at GPA 0.
     pub const SYSTEM_SLOT_SIZE: u64 = 0x200000;
+    /// The agent's probe tables (`Op::Probe`), one of `PROBE_TABLE_STRIDE`
+    /// bytes per vCPU, above the stacks and inside the system memslot.
+    pub const PROBE_TABLE_GPA: u64 = STACKS_TOP;
+    /// Size of one vCPU's probe table.
+    pub const PROBE_TABLE_STRIDE: u64 = 0x8000;
+    const _: () = assert!(PROBE_TABLE_GPA + MAX_VCPUS * PROBE_TABLE_STRIDE <= SYSTEM_SLOT_SIZE);
     /// First GPA outside the system slot that tests may use for their own slots.
     pub const TEST_AREA_GPA: u64 = 0x1_0000_0000;
 }
@@ -173,7 +179,22 @@ pub mod protocol {
         /// Load `preset` into `rax`, then `in` from `port` with an operand
         /// of `size` bytes (1 → `al`, 2 → `ax`, else `eax`); result: `rax`.
         PortIn = 9 { port: u64, size: u64, preset: u64 }
+        /// Run `count` probes of the table at `table`, in order, each three
+        /// u64s: the 8-byte aligned address with `PROBE_*` flags in its low
+        /// bits, the expected value, the value to store. A probe with
+        /// `PROBE_CHECK` reads the address and compares; the first
+        /// mismatch reports `ASSERT_FAIL(ASSERT_PATTERN_MISMATCH, address,
+        /// expected, actual, probe index)` and ends the command. One with
+        /// `PROBE_STORE` then stores its value. Result: the probe count.
+        Probe = 10 { table: u64, count: u64 }
     }
+
+    /// `Op::Probe` flag: read the address and compare with the expected value.
+    pub const PROBE_CHECK: u64 = 1;
+    /// `Op::Probe` flag: store the value at the address (after any check).
+    pub const PROBE_STORE: u64 = 2;
+    /// Bytes of one `Op::Probe` table entry.
+    pub const PROBE_ENTRY_SIZE: u64 = 24;
 
     /// Assertion id: a pattern check found a different value.
     pub const ASSERT_PATTERN_MISMATCH: u64 = 1;

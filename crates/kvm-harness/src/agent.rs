@@ -1,11 +1,35 @@
 //! The guest agent: a vCPU running `guest_payloads::GUEST_AGENT`, driven by
 //! host commands, so a scenario reads as "guest, do X" next to the checks.
 
+use guest_payloads::layout::{PROBE_TABLE_GPA, PROBE_TABLE_STRIDE};
 pub use guest_payloads::protocol::Op;
-use guest_payloads::protocol::{MAILBOX_ARG0, MAILBOX_OP};
+use guest_payloads::protocol::{
+    ASSERT_PATTERN_MISMATCH, MAILBOX_ARG0, MAILBOX_OP, PROBE_CHECK, PROBE_ENTRY_SIZE, PROBE_STORE,
+};
 
 use crate::error::{Error, Result};
 use crate::vcpu::{Exit, GuestCall, Vcpu};
+
+/// One guest access of an [`Agent::probe`] batch: at `gpa` (8-byte
+/// aligned), read and compare with `expect`, then store `store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The guest physical address.
+    pub gpa: u64,
+    /// The value the guest must read there, if it reads.
+    pub expect: Option<u64>,
+    /// The value the guest stores there afterwards, if it stores.
+    pub store: Option<u64>,
+}
+
+/// The first probe of a batch that read something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeMismatch {
+    /// Its index in the batch.
+    pub index: usize,
+    /// The value the guest read.
+    pub actual: u64,
+}
 
 /// A vCPU running the guest agent, parked at `READY`.
 ///
@@ -133,6 +157,52 @@ impl Agent {
     /// The guest touches `[gpa, gpa + len)` every `stride` bytes.
     pub fn touch(&mut self, gpa: u64, len: u64, stride: u64, write: bool) -> Result<u64> {
         self.perform(Op::Touch { gpa, len, stride, write })
+    }
+
+    /// Probes each page-word of `probes` in order in one guest command:
+    /// the guest reads and compares, stores, and stops at the first value
+    /// it did not expect, which is returned; probes after it did not run.
+    /// Many accesses cost one exit instead of one each.
+    pub fn probe(&mut self, probes: &[Probe]) -> Result<Option<ProbeMismatch>> {
+        let capacity = (PROBE_TABLE_STRIDE / PROBE_ENTRY_SIZE) as usize;
+        if probes.len() > capacity {
+            return Err(Error::misuse(format!("{} probes in one batch; the table holds {capacity}", probes.len())));
+        }
+        if let Some(p) = probes.iter().find(|p| p.gpa % 8 != 0) {
+            return Err(Error::misuse(format!("probe of unaligned GPA {:#x}", p.gpa)));
+        }
+        let table = PROBE_TABLE_GPA + self.vcpu.id() * PROBE_TABLE_STRIDE;
+        {
+            let (memory, _) = self.vcpu.mailbox()?;
+            for (i, p) in probes.iter().enumerate() {
+                let flags =
+                    if p.expect.is_some() { PROBE_CHECK } else { 0 } | if p.store.is_some() { PROBE_STORE } else { 0 };
+                let entry = table + i as u64 * PROBE_ENTRY_SIZE;
+                memory.write_u64(entry, p.gpa | flags);
+                memory.write_u64(entry + 8, p.expect.unwrap_or(0));
+                memory.write_u64(entry + 16, p.store.unwrap_or(0));
+            }
+        }
+        let op = Op::Probe { table, count: probes.len() as u64 };
+        self.submit(op)?;
+        let exit = self.vcpu.run()?;
+        let what = format!("{op:x?}");
+        match self.vcpu.call_from_exit(exit, &format!("guest agent doing {what}"))? {
+            GuestCall::Ready(done) if done == probes.len() as u64 => Ok(None),
+            GuestCall::AssertFail { id: ASSERT_PATTERN_MISMATCH, values: [gpa, _, actual, index] }
+                if probes.get(index as usize).is_some_and(|p| p.gpa == gpa) =>
+            {
+                // The agent finishes the command after its report.
+                self.wait_ready(&what)?;
+                Ok(Some(ProbeMismatch { index: index as usize, actual }))
+            }
+            other => Err(Error::Guest(format!(
+                "vCPU {} doing {what} ({} probes): expected READY({}), got {other:x?}",
+                self.vcpu.id(),
+                probes.len(),
+                probes.len()
+            ))),
+        }
     }
 
     /// The guest makes hypercall `nr`; each `KVM_EXIT_HYPERCALL` on the way

@@ -52,10 +52,11 @@ impl Backing {
         match self {
             Backing::Anonymous => HostMemory::anonymous(len),
             Backing::AnonymousThp => {
-                // Anonymous mappings of 2 MiB and more are THP-aligned since
-                // 6.7 ("mm: align larger anonymous mappings on THP
-                // boundaries"); the advice makes the faults use huge pages.
-                let mem = HostMemory::anonymous(len)?;
+                // 2 MiB aligned, so each 2 MiB can be one huge page (the
+                // kernel's own THP alignment of anonymous mappings, 6.7 on,
+                // depends on the version and the size); the advice makes
+                // the faults use huge pages.
+                let mem = HostMemory::anonymous_aligned(len, SZ_2M)?;
                 mem.advise_hugepages()?;
                 Ok(mem)
             }

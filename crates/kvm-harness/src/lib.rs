@@ -23,6 +23,7 @@ pub mod results;
 pub mod runner;
 pub mod settings;
 pub mod signal_storm;
+pub mod stats;
 pub mod threads;
 pub mod uapi;
 pub mod vcpu;
@@ -31,7 +32,7 @@ pub mod vm;
 pub mod watchdog;
 pub mod x86;
 
-pub use agent::{Agent, Op};
+pub use agent::{Agent, Op, Probe, ProbeMismatch};
 pub use child::{Access, ChildFate};
 pub use error::{errno_name, expect_eq, expect_errno, expect_ok, sweep, Error, Result, SysResult};
 pub use kvm::{Cap, Kvm, VmType};

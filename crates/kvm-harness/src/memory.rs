@@ -51,6 +51,35 @@ impl HostMemory {
         Ok(Self { ptr: ptr.cast(), len: len as usize })
     }
 
+    /// [`Self::anonymous`] at an address that is a multiple of `align` (a
+    /// power of two), e.g. so each 2 MiB of it can be one transparent huge
+    /// page whatever the kernel's own placement of anonymous mappings.
+    pub fn anonymous_aligned(len: u64, align: u64) -> Result<Self> {
+        if !align.is_power_of_two() || len == 0 {
+            return Err(Error::Misuse(format!("aligned anonymous mapping of {len:#x} bytes at alignment {align:#x}")));
+        }
+        // Map more than needed, then give back the unaligned head and the tail.
+        let reserved = Self::anonymous(len + align)?;
+        let start = (reserved.addr() + align - 1) & !(align - 1);
+        let head = (start - reserved.addr()) as usize;
+        let tail = (reserved.len() - head as u64 - len) as usize;
+        let base = reserved.ptr;
+        std::mem::forget(reserved);
+        // SAFETY: base + head is inside the reservation, which we own.
+        let aligned = unsafe { base.add(head) };
+        if head > 0 {
+            // SAFETY: the reservation's head is ours and nothing refers to it.
+            unsafe { munmap(base.cast(), head) }.sys(|| "munmap(reservation head)".to_string())?;
+        }
+        if tail > 0 {
+            // SAFETY: the tail after [aligned, aligned + len) is ours and unused.
+            let tail_start = unsafe { aligned.add(len as usize) };
+            // SAFETY: as above.
+            unsafe { munmap(tail_start.cast(), tail) }.sys(|| "munmap(reservation tail)".to_string())?;
+        }
+        Ok(Self { ptr: aligned, len: len as usize })
+    }
+
     /// A mapping of `fd` at `offset` with the given flags (`MAP_SHARED`, `MAP_PRIVATE`).
     pub fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, flags: MapFlags) -> Result<Self> {
         let size = std::num::NonZeroUsize::new(len as usize)

@@ -55,6 +55,8 @@ pub const KVM_CREATE_VCPU: u64 = ioc(0, 0x41, 0);
 /// `KVM_CREATE_GUEST_MEMFD`: `_IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)`.
 pub const KVM_CREATE_GUEST_MEMFD: u64 =
     ioc(IOC_READ | IOC_WRITE, 0xd4, size_of::<kvm_bindings::kvm_create_guest_memfd>());
+/// `KVM_GET_STATS_FD`: `_IO(KVMIO, 0xce)`.
+pub const KVM_GET_STATS_FD: u64 = ioc(0, 0xce, 0);
 /// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
 pub const KVM_PRE_FAULT_MEMORY: u64 = ioc(IOC_READ | IOC_WRITE, 0xd5, size_of::<kvm_bindings::kvm_pre_fault_memory>());
 
@@ -71,5 +73,6 @@ mod tests {
         assert_eq!(KVM_CREATE_VM, 0xAE01);
         assert_eq!(KVM_CREATE_VCPU, 0xAE41);
         assert_eq!(KVM_CREATE_GUEST_MEMFD, 0xC040_AED4);
+        assert_eq!(KVM_GET_STATS_FD, 0xAECE);
     }
 }

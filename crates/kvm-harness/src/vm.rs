@@ -17,6 +17,7 @@ use crate::error::{errno_name, Error, Result, SysResult};
 use crate::fault_injection::{Failing, Injected, NthFault};
 use crate::kvm::{Cap, Kvm, VmType};
 use crate::memory::{GuestMemfd, HostMemory};
+use crate::stats::Stats;
 use crate::vcpu::Vcpu;
 use crate::{uapi, watchdog, x86};
 
@@ -583,6 +584,19 @@ impl Vm {
             return Err(Error::last_os(format!("KVM_SET_NR_MMU_PAGES({pages})")));
         }
         Ok(())
+    }
+
+    /// `KVM_GET_STATS_FD`: the VM's statistics, e.g. `pages_2m`, the
+    /// number of 2 MiB mappings its MMU holds. The fd holds a reference
+    /// to the VM.
+    pub fn stats(&self) -> Result<Stats> {
+        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd.
+        let fd = unsafe { libc::ioctl(self.raw_fd(), uapi::KVM_GET_STATS_FD as _, 0) };
+        if fd < 0 {
+            return Err(Error::last_os("KVM_GET_STATS_FD(VM)"));
+        }
+        // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+        Stats::new(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// Enables `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`.

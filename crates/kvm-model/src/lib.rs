@@ -38,6 +38,7 @@ mod profile;
 pub mod versioned;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 pub use decide::Decided;
 pub use errno::Errno;
@@ -182,11 +183,22 @@ impl Slot {
     }
 }
 
-/// One page of memory: absent pages read as zeroes.
-type Pages = BTreeMap<u64, Box<[u8]>>;
+/// One page of memory. Fresh pages share one zero page until written
+/// (copy on write), so allocating a 2 MiB range costs no 2 MiB of zeroes.
+pub type Page = Arc<[u8; PAGE_SIZE as usize]>;
 
-fn zero_page() -> Box<[u8]> {
-    vec![0u8; PAGE_SIZE as usize].into_boxed_slice()
+/// Pages by index: absent pages read as zeroes.
+type Pages = BTreeMap<u64, Page>;
+
+fn zero_page() -> Page {
+    static ZERO: OnceLock<Page> = OnceLock::new();
+    ZERO.get_or_init(|| Arc::new([0; PAGE_SIZE as usize])).clone()
+}
+
+/// Page `index`, present from now on, for writing.
+fn page_mut(pages: &mut Pages, index: u64) -> &mut [u8] {
+    let page: &mut [u8; PAGE_SIZE as usize] = Arc::make_mut(pages.entry(index).or_insert_with(zero_page));
+    page
 }
 
 fn read_pages(pages: &Pages, offset: u64, buf: &mut [u8]) {
@@ -205,9 +217,13 @@ fn read_pages(pages: &Pages, offset: u64, buf: &mut [u8]) {
 }
 
 fn write_pages(pages: &mut Pages, offset: u64, data: &[u8]) {
-    for (i, byte) in data.iter().enumerate() {
-        let at = offset + i as u64;
-        pages.entry(at / PAGE_SIZE).or_insert_with(zero_page)[(at % PAGE_SIZE) as usize] = *byte;
+    let mut done = 0;
+    while done < data.len() {
+        let at = offset + done as u64;
+        let in_page = (at % PAGE_SIZE) as usize;
+        let n = (PAGE_SIZE as usize - in_page).min(data.len() - done);
+        page_mut(pages, at / PAGE_SIZE)[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+        done += n;
     }
 }
 
@@ -222,7 +238,7 @@ pub struct Gmem {
     /// host touches is allocated on the way (`kvm_gmem_get_folio()`), and
     /// a fresh page reads as zeroes (`kvm_gmem_get_pfn()` clears a page that
     /// is not up to date).
-    pub pages: BTreeMap<u64, Box<[u8]>>,
+    pub pages: BTreeMap<u64, Page>,
     /// The host closed its fd and unmapped its own mapping
     /// ([`Model::close_guest_memfd`]).
     pub closed: bool,
@@ -496,6 +512,12 @@ impl Model {
     /// The memory attributes of `gfn`.
     pub fn attributes(&self, gfn: u64) -> u64 {
         self.attributes.get(&gfn).copied().unwrap_or(0)
+    }
+
+    /// The GFNs in `gfns` whose attributes are not 0, with them, in order
+    /// (one walk instead of a lookup per GFN).
+    pub fn attributes_in(&self, gfns: std::ops::Range<u64>) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.attributes.range(gfns).map(|(&gfn, &attributes)| (gfn, attributes))
     }
 
     /// `KVM_CREATE_GUEST_MEMFD`.
@@ -785,7 +807,12 @@ impl Model {
     }
 
     fn gmem_page_mut(&mut self, gmem: GmemId, index: u64) -> &mut [u8] {
-        self.gmems[gmem].pages.entry(index).or_insert_with(zero_page)
+        page_mut(&mut self.gmems[gmem].pages, index)
+    }
+
+    /// Page `index` of guest_memfd `gmem`, allocated from now on.
+    fn gmem_page(&mut self, gmem: GmemId, index: u64) -> &[u8] {
+        &self.gmems[gmem].pages.entry(index).or_insert_with(zero_page)[..]
     }
 
     /// Where the host's view of `user` + `page` lives.
@@ -910,7 +937,7 @@ impl Model {
         match route {
             Err(outcome) => self.note_mmio(gpa, outcome),
             Ok(Route::Gmem(g, index)) => {
-                let page = self.gmem_page_mut(g, index);
+                let page = self.gmem_page(g, index);
                 GuestAccess::Done(u64::from_le_bytes(page[offset..offset + 8].try_into().expect("8 bytes")))
             }
             Ok(Route::Anon(a, index)) => {
@@ -995,8 +1022,10 @@ impl Model {
     /// unaligned gpa or size, or `gpa + size <= gpa` (size 0, wrap) are
     /// EINVAL; then page by page kvm_arch_vcpu_pre_fault_memory() maps
     /// `range->gpa`, private where the attributes say so, and the range
-    /// advances by the mapping's size (4 KiB: the window's memslots are too
-    /// small and unaligned for huge pages). The first failure stops it: the
+    /// advances by the mapping's size, to the end of a huge page where KVM
+    /// maps one: a page-by-page walk ends at the same place, since every
+    /// page a huge mapping covers is mapped (one memslot, the same
+    /// attributes, all shared). The first failure stops it: the
     /// call fails with it if no page was mapped, else succeeds with the
     /// rest left in the range. kvm_tdp_map_page() / kvm_tdp_page_prefault()
     /// turn RET_PF_EMULATE (no memslot, shared) into ENOENT; a fault exit
@@ -1036,7 +1065,7 @@ impl Model {
                 // allocates a guest_memfd page.
                 self.mmio_sptes.remove(&gfn);
                 if let Route::Gmem(g, index) = route {
-                    self.gmem_page_mut(g, index);
+                    self.gmem_page(g, index);
                 }
                 Ok(Ok(()))
             }
@@ -1170,7 +1199,7 @@ impl Model {
                 // A read fault allocates the page (kvm_gmem_get_folio()).
                 let end = offset + buf.len() as u64;
                 for index in offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE) {
-                    self.gmem_page_mut(g, index);
+                    self.gmem_page(g, index);
                 }
                 self.gmems[g].read(offset, buf);
             }
@@ -1186,7 +1215,7 @@ impl Model {
         self.host_check(mem, index * PAGE_SIZE, PAGE_SIZE)?;
         Ok(match mem {
             HostMemory::Anon(a) => self.anons[a].pages.get(&index).map(|p| &p[..]),
-            HostMemory::GmemMap(g) => Some(self.gmem_page_mut(g, index)),
+            HostMemory::GmemMap(g) => Some(self.gmem_page(g, index)),
         })
     }
 
