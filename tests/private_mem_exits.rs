@@ -422,7 +422,7 @@ fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
     }
 }
 
-#[path = "exit_sequences.rs"]
+#[path = "exit_sequences/mod.rs"]
 mod exit_sequences;
 
 fn main() -> ExitCode {
