@@ -17,7 +17,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
-use kvm_harness::backing::Backing;
 use kvm_harness::bindings::{
     kvm_memory_attributes, kvm_regs, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
 };
@@ -25,15 +24,7 @@ use kvm_harness::{
     expect_errno, expect_ok, Agent, Cap, Errno, Error, Exit, GuestCall, HostMemory, Kvm, Need, Op, Result, Suite, Vm,
     VmType,
 };
-use kvm_selftests::huge_regions::{self, Alignment, Conversion};
-
-/// The huge-page shapes of the mixed-attribute scenario (kvm_selftests::huge_regions).
-const HUGE_SHAPES: [(Backing, Alignment); 4] = [
-    (Backing::AnonymousThp, Alignment::Mib2),
-    (Backing::AnonymousThp, Alignment::Gib1),
-    (Backing::SharedHugetlb2M, Alignment::Mib2),
-    (Backing::SharedHugetlb2M, Alignment::Gib1),
-];
+use kvm_selftests::huge_regions::{self, Conversion};
 
 const PAGE: u64 = 4096;
 const SLOT: u32 = 10;
@@ -302,16 +293,7 @@ fn main() -> ExitCode {
         attributes_set_before_memslot_creation_apply_to_it,
         attributes_stay_per_page_in_a_1g_aligned_memslot,
     );
-    for (backing, alignment) in HUGE_SHAPES {
-        suite.test(
-            format!(
-                "attributes_set_inside_huge_regions_hold_per_page_with_shared_side_in_{backing}_at_{}_gpa",
-                alignment.name()
-            ),
-            huge_regions::needs(backing, Conversion::HostIoctl),
-            move |kvm| huge_regions::run(kvm, backing, alignment, Conversion::HostIoctl),
-        );
-    }
+    huge_regions::register(&mut suite, "attributes_set_inside_huge_regions", Conversion::HostIoctl);
     // Only a kernel without the ioctl has this rule; elsewhere it is not
     // registered (a skip would fail strict runs on complete kernels).
     if suite.kvm().is_some_and(|kvm| kvm.cap(Cap::MemoryAttributes) == 0) {

@@ -35,7 +35,7 @@ use kvm_harness::{
     ensure, expect_errno, expect_ok, settings, sweep, threads, Agent, Cap, Errno, Error, Fill, GmemBinding, GuestMemfd,
     Kvm, Need, Region, Result, Suite, Vm, VmType,
 };
-use kvm_selftests::huge_regions::{self, Alignment, Conversion};
+use kvm_selftests::huge_regions::{self, Conversion};
 
 /// Environment variable: number of concurrently converting vCPUs.
 pub const VCPUS_ENV: &str = "KVM_SELFTESTS_CONVERSION_VCPUS";
@@ -523,18 +523,7 @@ fn main() -> ExitCode {
         });
     }
 
-    for backing in [Backing::AnonymousThp, Backing::SharedHugetlb2M] {
-        for alignment in [Alignment::Mib2, Alignment::Gib1] {
-            suite.test(
-                format!(
-                    "guest_conversions_inside_huge_regions_hold_per_page_with_shared_side_in_{backing}_at_{}_gpa",
-                    alignment.name()
-                ),
-                huge_regions::needs(backing, Conversion::GuestHypercall),
-                move |kvm| huge_regions::run(kvm, backing, alignment, Conversion::GuestHypercall),
-            );
-        }
-    }
+    huge_regions::register(&mut suite, "guest_conversions_inside_huge_regions", Conversion::GuestHypercall);
 
     kvm_harness::register!(suite, needs() =>
         concurrent_vcpus_convert_own_ranges_of_one_guest_memfd_across_memslots,

@@ -130,6 +130,26 @@ const RANGES: &[Range] = &[
     Range { name: "second_region_mid_to_its_end", first: REGION_PAGES + MID, end: AREA_PAGES },
 ];
 
+/// Every backing and alignment the scenario runs with.
+const SHAPES: [(Backing, Alignment); 4] = [
+    (Backing::AnonymousThp, Alignment::Mib2),
+    (Backing::AnonymousThp, Alignment::Gib1),
+    (Backing::SharedHugetlb2M, Alignment::Mib2),
+    (Backing::SharedHugetlb2M, Alignment::Gib1),
+];
+
+/// Registers the scenario for every shape, converting with `conversion`, as
+/// `{rule}_hold_per_page_with_shared_side_in_{backing}_at_{alignment}_gpa`.
+pub fn register(suite: &mut kvm_harness::Suite, rule: &str, conversion: Conversion) {
+    for (backing, alignment) in SHAPES {
+        suite.test(
+            format!("{rule}_hold_per_page_with_shared_side_in_{backing}_at_{}_gpa", alignment.name()),
+            needs(backing, conversion),
+            move |kvm| run(kvm, backing, alignment, conversion),
+        );
+    }
+}
+
 /// What a test of this scenario needs.
 pub fn needs(backing: Backing, conversion: Conversion) -> Vec<Need> {
     let mut needs = vec![Need::VmType(VmType::SwProtected), Need::VmCap(VmType::SwProtected, Cap::MemoryAttributes)];

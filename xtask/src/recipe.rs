@@ -205,17 +205,22 @@ mod tests {
         assert!(!s.defines("NOPE"));
     }
 
+    /// Every symbol the fragment names but `absent`: a tree that defines
+    /// the others (one name of a renamed option missing).
+    fn fragment_symbols_except<'a>(frag: &'a str, absent: &str) -> Vec<&'a str> {
+        frag.lines()
+            .flat_map(|l| l.split(" | "))
+            .filter_map(|l| l.trim().trim_start_matches("# ").split(['=', ' ']).next())
+            .filter_map(|n| n.strip_prefix("CONFIG_"))
+            .filter(|n| *n != absent)
+            .collect()
+    }
+
     #[test]
     fn shipped_fragment_requires_protected_vms_and_guest_memfd_under_either_name() {
         let frag = fs::read_to_string(fragment_path()).unwrap();
         for (guest_memfd, absent) in [("KVM_GUEST_MEMFD", "KVM_PRIVATE_MEM"), ("KVM_PRIVATE_MEM", "KVM_GUEST_MEMFD")] {
-            let mut names: Vec<&str> = frag
-                .lines()
-                .flat_map(|l| l.split(" | "))
-                .filter_map(|l| l.trim().trim_start_matches("# ").split(['=', ' ']).next())
-                .filter_map(|n| n.strip_prefix("CONFIG_"))
-                .filter(|n| *n != absent)
-                .collect();
+            let mut names = fragment_symbols_except(&frag, absent);
             names.push(guest_memfd);
             let recipe = Recipe::resolve(&frag, &names.into_iter().collect()).unwrap();
             let sw = Required { name: "CONFIG_KVM_SW_PROTECTED_VM".into(), value: Some("y".into()) };
@@ -234,13 +239,7 @@ mod tests {
             ("KVM_VM_MEMORY_ATTRIBUTES", "KVM_GENERIC_MEMORY_ATTRIBUTES"),
             ("KVM_GENERIC_MEMORY_ATTRIBUTES", "KVM_VM_MEMORY_ATTRIBUTES"),
         ] {
-            let names: Vec<&str> = frag
-                .lines()
-                .flat_map(|l| l.split(" | "))
-                .filter_map(|l| l.trim().trim_start_matches("# ").split(['=', ' ']).next())
-                .filter_map(|n| n.strip_prefix("CONFIG_"))
-                .filter(|n| *n != absent)
-                .collect();
+            let names = fragment_symbols_except(&frag, absent);
             let recipe = Recipe::resolve(&frag, &names.into_iter().collect()).unwrap();
             let required = Required { name: format!("CONFIG_{attributes}"), value: Some("y".into()) };
             assert!(recipe.required.contains(&required), "{attributes}");
