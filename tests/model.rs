@@ -2183,9 +2183,9 @@ fn probe_profile(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<Profile> {
     // The versioned rules' outcomes, decided from the kernel's history,
     // release and KVM_SELFTESTS_RULES, as for the named tests.
     let rules = Rules::decide(kernel_rules::running_kernel()?).map_err(Error::Config)?;
-    let mmio_caching = std::fs::read_to_string("/sys/module/kvm/parameters/mmio_caching")
-        .map(|v| v.trim() == "Y")
-        .map_err(|e| Error::Config(format!("/sys/module/kvm/parameters/mmio_caching: {e}")))?;
+    let mmio_caching = kernel_rules::kvm_param("mmio_caching")
+        .map(|v| v == "Y")
+        .ok_or_else(|| Error::Config("/sys/module/kvm/parameters/mmio_caching is missing".into()))?;
     let vm = Vm::bare(kvm, vm_type)?;
     Ok(Profile {
         rules,

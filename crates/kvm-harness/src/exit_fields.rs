@@ -32,14 +32,12 @@
 //! The fields whose value only the scenario knows (a port, a GPA, the data
 //! written, a hypercall's number and arguments) are its to compare.
 
-use std::sync::OnceLock;
-
 /// `kvm_run`'s exit union.
 pub(crate) use kvm_bindings::kvm_run__bindgen_ty_1 as ExitUnion;
 use nix::errno::Errno;
 
 use crate::error::{Error, Result};
-use crate::kernel_rules::{Expectation, ForRunningKernel, HYPERCALL_EXIT_ZEROES_RET};
+use crate::kernel_rules::{ForRunningKernel, HYPERCALL_EXIT_ZEROES_RET};
 
 /// `KVM_EXIT_IO_IN` / `KVM_EXIT_IO_OUT` as the uAPI numbers them.
 const IO_IN: u8 = kvm_bindings::KVM_EXIT_IO_IN as u8;
@@ -246,7 +244,9 @@ pub(crate) fn check_hypercall(
         )
         .stale_if(flags == old_flags)));
     }
-    let expectation = zeroes_ret()?;
+    // Decided once per process by ForRunningKernel::expected (deciding
+    // searches the kernel history, far too slow for every hypercall exit).
+    let expectation = HYPERCALL_EXIT_ZEROES_RET.expected()?;
     if old.ret == 0 {
         // Both outcomes of the rule leave 0 here.
         if hc.ret != 0 {
@@ -278,17 +278,6 @@ pub(crate) fn check_hypercall(
         m.why = Some(if expectation.outcome.is_some() { expectation.why.clone() } else { check });
         m
     }))
-}
-
-/// [`HYPERCALL_EXIT_ZEROES_RET`] for the running kernel, decided once:
-/// deciding searches the kernel's history (a changelog of megabytes), far
-/// too slow for every hypercall exit.
-fn zeroes_ret() -> Result<&'static Expectation<bool>> {
-    static DECIDED: OnceLock<std::result::Result<Expectation<bool>, String>> = OnceLock::new();
-    DECIDED
-        .get_or_init(|| HYPERCALL_EXIT_ZEROES_RET.expected().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| Error::Config(e.clone()))
 }
 
 pub(crate) fn check_internal_error(now: &ExitUnion) -> Result<(), Mismatch> {
