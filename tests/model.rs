@@ -594,14 +594,15 @@ fn bound_fallocate_focus(state: &RefState) -> Option<BoxedStrategy<Step>> {
     if bound.is_empty() {
         return None;
     }
-    let mode = prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)];
-    let strategy = (proptest::sample::select(bound), 0..BOUND_POSITIONS, 1..=2u64, mode).prop_map(
-        |((gmem, start, npages), position, n, mode)| {
-            let (first, end) = bound_position(start, start + npages, position, n);
-            Step::Fallocate { gmem, mode, offset: first * P, len: (end - first) * P }
-        },
-    );
-    Some(strategy.boxed())
+    Some(lazy(move || {
+        let mode = prop_oneof![Just(Fallocate::Allocate), Just(Fallocate::PunchHole)];
+        (proptest::sample::select(bound.clone()), 0..BOUND_POSITIONS, 1..=2u64, mode)
+            .prop_map(|((gmem, start, npages), position, n, mode)| {
+                let (first, end) = bound_position(start, start + npages, position, n);
+                Step::Fallocate { gmem, mode, offset: first * P, len: (end - first) * P }
+            })
+            .boxed()
+    }))
 }
 
 /// How many positions [`bound_position`] knows.
