@@ -20,6 +20,11 @@ use crate::util::{self, io_err, req, Requirement};
 /// by an older recipe are not reused.
 const RECIPE: &str = "allnoconfig + xtask/kernel.config, v2";
 
+/// The `make` target the recipe is applied on (`KCONFIG_ALLCONFIG`): every
+/// option the recipe does not name is off. `cargo xtask kernel-config`
+/// names it in the plain fragment's header.
+pub const CONFIG_BASE: &str = "allnoconfig";
+
 const BUILD_DEPS: &[Requirement] = &[
     req("make", "make"),
     req("gcc", "gcc"),
@@ -169,7 +174,7 @@ pub fn build_prepared(opts: &KernelOpts, prepared: Prepared) -> Result<PathBuf> 
         Plan::Build { id, src, cache_image, fragment, seed_from } => (id, src, cache_image, fragment, seed_from),
     };
     let recipe = Recipe::resolve(&fragment, &KconfigSymbols::of_tree(&src)?)?;
-    let config_hash = format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), recipe.text.as_bytes()]));
+    let config_hash = config_hash(&recipe);
     util::ensure_requirements(BUILD_DEPS)?;
     let out = util::cache_dir().join("build").join(&id);
     if let Some(base) = seed_from {
@@ -206,6 +211,12 @@ pub fn build_prepared(opts: &KernelOpts, prepared: Prepared) -> Result<PathBuf> 
     util::create_dir_all(key.parent().expect("has a parent"))?;
     fs::write(&key, &config_hash).map_err(io_err(&key))?;
     Ok(cached_image)
+}
+
+/// The hash of a resolved recipe that names a build's configuration (in
+/// the cached image's directory name and the KCIDB build id).
+pub fn config_hash(recipe: &Recipe) -> String {
+    format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), recipe.text.as_bytes()]))
 }
 
 /// The build directory and image name of source `id`: a gcov build has its own.
@@ -297,7 +308,7 @@ fn configure(src: &Path, out: &Path, fragment: &Path, hash: &str) -> Result<()> 
             .arg(src)
             .arg(format!("O={}", out.display()))
             .arg(format!("KCONFIG_ALLCONFIG={}", fragment.display()))
-            .arg("allnoconfig"),
+            .arg(CONFIG_BASE),
     )?;
     fs::write(&stamp, hash).map_err(io_err(&stamp))
 }

@@ -7,6 +7,8 @@ mod error;
 mod findings;
 mod guest_init;
 mod history;
+mod kcidb;
+mod kconfig;
 mod kernel;
 mod limits;
 mod patch;
@@ -77,13 +79,46 @@ enum Cmd {
     /// Debian sources (each finding's `series` file) and that the kernel's
     /// checkpatch.pl --strict finds them clean; builds no kernel.
     FindingsCheck,
-    /// Turn a results file (KVM_SELFTESTS_RESULTS) into KTAP and JUnit.
+    /// Turn a results file (KVM_SELFTESTS_RESULTS) into KTAP and JUnit, or
+    /// KCIDB JSON.
     Report {
-        /// The JSON-lines results file.
-        results: PathBuf,
+        /// The JSON-lines results file (`cargo xtask vm` leaves
+        /// target/kvm-selftests/report.results.jsonl).
+        #[arg(value_name = "RESULTS", required_unless_present = "results_file")]
+        results: Option<PathBuf>,
+        /// The same, as a flag.
+        #[arg(long = "results", value_name = "FILE", conflicts_with = "results")]
+        results_file: Option<PathBuf>,
         /// File stem of the reports under target/kvm-selftests.
         #[arg(long, default_value = "host-report")]
         name: String,
+        /// ktap-junit: <name>.ktap and <name>.junit.xml; kcidb:
+        /// <name>.kcidb.json (KCIDB schema 5.3), checked with kcidb-io when
+        /// python3 can import it.
+        #[arg(long, value_enum, default_value_t = ReportFormat::KtapJunit)]
+        format: ReportFormat,
+        /// (kcidb) The kernel the results are of: its checkout and build.
+        #[command(flatten)]
+        source: SourceArgs,
+        /// (kcidb) The submitting CI system's name in every id.
+        #[arg(long, default_value = kcidb::DEFAULT_ORIGIN, value_parser = parse_origin)]
+        origin: String,
+        /// (kcidb) Fail unless kcidb-io (pip) validates the file.
+        #[arg(long)]
+        validate: bool,
+    },
+    /// Print the config recipe, resolved for each kernel given (Debian's
+    /// 6.12 by default), as a plain CONFIG_X=y fragment for
+    /// merge_config.sh, vng --config and tuxmake; the header names the base
+    /// it applies on. configs/kvm-private-mem.config is its output for
+    /// --debian 6.12 --debian 7.3.
+    KernelConfig {
+        /// A kernel tree (repeatable).
+        #[arg(long, value_name = "DIR")]
+        tree: Vec<PathBuf>,
+        /// A Debian linux-source-X.Y (repeatable).
+        #[arg(long, value_name = "X.Y")]
+        debian: Vec<Release>,
     },
     /// (inside the guest) check that protected VMs are offered and work,
     /// and that the capability and the behaviour agree.
@@ -183,6 +218,21 @@ struct VmArgs {
     /// (so a misspelled flag is an error, never a test filter).
     #[arg(value_name = "TEST ARGS", last = true)]
     test_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReportFormat {
+    KtapJunit,
+    Kcidb,
+}
+
+/// KCIDB origins are `[a-z0-9_]+`.
+fn parse_origin(s: &str) -> std::result::Result<String, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("a KCIDB origin is lowercase letters, digits and _ (got `{s}`)"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -303,7 +353,22 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             bisect::demo(&debian, &opts)
         }
         Cmd::FindingsCheck => findings::check(&util::workspace_root().join("findings")),
-        Cmd::Report { results, name } => report_cmd(&results, &name),
+        Cmd::Report { results, results_file, name, format, source, origin, validate } => {
+            let file = results.or(results_file).expect("clap requires one");
+            match format {
+                ReportFormat::KtapJunit if source.tree.is_some() || source.debian.is_some() || validate => {
+                    Err(Error::Usage("--tree, --debian and --validate go with --format kcidb".into()))
+                }
+                ReportFormat::KtapJunit => report_cmd(&file, &name),
+                ReportFormat::Kcidb => kcidb_cmd(&file, &name, &source.source(), &origin, validate),
+            }
+        }
+        Cmd::KernelConfig { tree, debian } => {
+            let sources: Vec<Source> =
+                debian.into_iter().map(Source::Debian).chain(tree.into_iter().map(Source::Tree)).collect();
+            kconfig::print(&sources)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::GuestProbe { results } => probe::run(results.as_deref()),
     }
 }
@@ -333,6 +398,36 @@ fn report_cmd(file: &std::path::Path, stem: &str) -> Result<ExitCode> {
     let s = report::summarize(&results);
     eprintln!("xtask: {} passed, {} failed, {} skipped, {} known failures", s.pass, s.fail, s.skip, s.xfail);
     Ok(if s.fail == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The KCIDB document of a results file, under target/kvm-selftests.
+fn kcidb_cmd(file: &std::path::Path, stem: &str, source: &Source, origin: &str, validate: bool) -> Result<ExitCode> {
+    // Bad input before any work: the results are read first.
+    let text = std::fs::read_to_string(file).map_err(util::io_err(file))?;
+    let results = report::read_results(file)?;
+    let kernel = kcidb::Kernel::of(source)?;
+    let doc = kcidb::document(&results, &kernel, origin, &kcidb::run_id(&text));
+    let dir = util::output_dir();
+    util::create_dir_all(&dir)?;
+    let out = dir.join(format!("{stem}.kcidb.json"));
+    let json = serde_json::to_string_pretty(&doc).map_err(|e| Error::Config(format!("KCIDB: {e}")))?;
+    std::fs::write(&out, json + "\n").map_err(util::io_err(&out))?;
+    eprintln!("xtask: KCIDB report: {}", out.display());
+    let s = report::summarize(&results);
+    eprintln!(
+        "xtask: {} tests: {} PASS, {} FAIL (of them {} known failures, each with an issue and an incident), {} SKIP",
+        results.len(),
+        s.pass,
+        s.fail + s.xfail,
+        s.xfail,
+        s.skip
+    );
+    if validate || kcidb::validator_available() {
+        eprintln!("xtask: {}", kcidb::validate(&out)?);
+    } else {
+        eprintln!("xtask: not validated: python3 cannot import kcidb_io (python3 -m pip install kcidb-io)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -170,15 +170,24 @@ fn xml(s: &str) -> String {
     out
 }
 
-/// Write `<stem>.ktap` and `<stem>.junit.xml` under target/kvm-selftests and
-/// print their paths.
+/// Write `<stem>.ktap`, `<stem>.junit.xml` and `<stem>.results.jsonl` (the
+/// results they were made from, with the runner's own failures such as
+/// time limits: the input of `cargo xtask report --format kcidb`) under
+/// target/kvm-selftests and print the reports' paths.
 pub fn write_reports(results: &[TestResult], stem: &str) -> Result<(PathBuf, PathBuf)> {
     let dir = util::output_dir();
     util::create_dir_all(&dir)?;
     let ktap_path = dir.join(format!("{stem}.ktap"));
     let junit_path = dir.join(format!("{stem}.junit.xml"));
+    let results_path = dir.join(format!("{stem}.results.jsonl"));
     fs::write(&ktap_path, ktap(results)).map_err(io_err(&ktap_path))?;
     fs::write(&junit_path, junit(results)).map_err(io_err(&junit_path))?;
+    let mut lines = String::new();
+    for r in results {
+        lines.push_str(&serde_json::to_string(r).map_err(|e| Error::Config(format!("results: {e}")))?);
+        lines.push('\n');
+    }
+    fs::write(&results_path, lines).map_err(io_err(&results_path))?;
     eprintln!("xtask: KTAP report:  {}", ktap_path.display());
     eprintln!("xtask: JUnit report: {}", junit_path.display());
     Ok((ktap_path, junit_path))
@@ -235,6 +244,10 @@ pub fn add_timeouts(results: &mut Vec<TestResult>, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The test name of the failure a binary gets when it exited non-zero
+/// without reporting any failed test (it crashed or was killed).
+pub const CRASH_TEST: &str = "exit_status";
+
 /// A binary that died (signal, abort, harness bug) may not have recorded any
 /// failure; make its exit status visible as one.
 pub fn add_crashed_binaries(results: &mut Vec<TestResult>, exit_codes: &Path) -> Result<()> {
@@ -251,7 +264,7 @@ pub fn add_crashed_binaries(results: &mut Vec<TestResult>, exit_codes: &Path) ->
         if code != "0" && !recorded_failure {
             results.push(TestResult {
                 binary: name.to_string(),
-                test: "exit_status".to_string(),
+                test: CRASH_TEST.to_string(),
                 outcome: Outcome::Fail,
                 duration_ms: 0,
                 message: format!("{name} exited with status {code} without reporting a failed test"),
