@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer and CI automation for the KVM selftests.
 
 mod bisect;
+mod bundle;
 mod coverage;
 mod debian;
 mod error;
@@ -10,7 +11,6 @@ mod history;
 mod kernel;
 mod limits;
 mod patch;
-mod probe;
 mod qemu;
 mod recipe;
 mod report;
@@ -85,12 +85,16 @@ enum Cmd {
         #[arg(long, default_value = "host-report")]
         name: String,
     },
-    /// (inside the guest) check that protected VMs are offered and work,
-    /// and that the capability and the behaviour agree.
-    GuestProbe {
-        /// Append the probe's verdict to this results file.
-        #[arg(long, value_name = "FILE")]
-        results: Option<PathBuf>,
+    /// Build the relocatable bundle: static test binaries, the guest probe,
+    /// run.sh, the kselftest layout and the known-failure lists, packed as
+    /// kvm-private-mem-selftests-VERSION-x86_64.tar.xz; prints its path.
+    Bundle {
+        /// Directory to write the tarball to.
+        #[arg(long, value_name = "DIR", default_value = "target/kvm-selftests")]
+        out: PathBuf,
+        /// Bundle the benchmarks (optimized) instead of the tests.
+        #[arg(long)]
+        bench: bool,
     },
 }
 
@@ -152,6 +156,10 @@ struct VmArgs {
     /// Run these test executables instead of building the suite's.
     #[arg(long = "test-binary", value_name = "PATH")]
     test_binaries: Vec<PathBuf>,
+    /// Run this bundle (`cargo xtask bundle`'s tarball), unpacked into an
+    /// empty directory of the guest, instead of building the suite.
+    #[arg(long, value_name = "TARBALL", conflicts_with_all = ["test_binaries", "bench"])]
+    bundle: Option<PathBuf>,
     /// Known bugs of the guest kernel (see KVM_SELFTESTS_KNOWN_FAILURES in
     /// the README): they are reported as xfail.
     #[arg(long, value_name = "FILE")]
@@ -240,6 +248,7 @@ impl VmArgs {
             upstream: self.upstream,
             binary_jobs: self.binary_jobs as usize,
             test_timeouts: self.test_timeout,
+            bundle: self.bundle,
             ..VmOpts::default()
         };
         self.guest.apply(&mut opts);
@@ -304,7 +313,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::FindingsCheck => findings::check(&util::workspace_root().join("findings")),
         Cmd::Report { results, name } => report_cmd(&results, &name),
-        Cmd::GuestProbe { results } => probe::run(results.as_deref()),
+        Cmd::Bundle { out, bench } => {
+            println!("{}", bundle::run(&out, bench)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -381,7 +393,8 @@ mod tests {
             ("kernel --debain 7.3", "similar argument exists: '--debian'"),
             ("bisect-demo --debain 7.3", "similar argument exists: '--debian'"),
             ("report r --nmae x", "similar argument exists: '--name'"),
-            ("guest-probe --result f", "similar argument exists: '--results'"),
+            ("bundle --ot d", "similar argument exists: '--out'"),
+            ("vm --bundle b --test-binary t", "--test-binary"),
             // Test filters go after `--` only.
             ("vm address_space", "address_space"),
             ("vm --debian 7.3 model::", "model::"),
