@@ -149,17 +149,25 @@ pub struct Set {
 pub const RUST: Set = Set { name: "rust", title: "Rust suite" };
 pub const UPSTREAM: Set = Set { name: "upstream", title: "the tree's C selftests" };
 
-/// Shell for the guest's init (after debugfs is mounted): define `gcov_reset` and
-/// `gcov_save DIR` (copies every `.gcda` under `$R/gcov/DIR`).
-pub fn init_functions() -> &'static str {
-    r#"G=/sys/kernel/debug/gcov
-[ -d $G ] || die "setup-failed no $G (CONFIG_GCOV_KERNEL and CONFIG_DEBUG_FS)"
-gcov_reset() { echo 1 > $G/reset; }
-gcov_save() {
-    (cd $G && $bb find . -name '*.gcda') | while read -r f; do
-        $bb mkdir -p "$R/gcov/$1/${f%/*}" && $bb cat "$G/$f" > "$R/gcov/$1/$f"
-    done
-}
+/// The hook run.sh calls around each suite in the guest (`--hook`):
+/// `begin SUITE` resets the counters (coverage counts the suites only: not
+/// boot, not the probe), `end SUITE` saves them from debugfs into the
+/// results share under `gcov/SUITE/`, at their absolute build paths.
+pub fn hook_script() -> &'static str {
+    r#"#!/bin/sh
+G=/sys/kernel/debug/gcov
+R=/run/results
+if [ ! -d $G ]; then
+    echo "@@KVM-SELFTESTS@@ setup-failed no $G (CONFIG_GCOV_KERNEL and CONFIG_DEBUG_FS)"
+    exit 1
+fi
+case $1 in
+begin) echo 1 > $G/reset ;;
+end)
+    (cd $G && find . -name '*.gcda') | while read -r f; do
+        mkdir -p "$R/gcov/$2/${f%/*}" && cat "$G/$f" > "$R/gcov/$2/$f"
+    done ;;
+esac
 "#
 }
 

@@ -71,7 +71,7 @@ pub enum Error {
     #[error("kernel image {} does not exist", .0.display())]
     NoKernelImage(PathBuf),
 
-    #[error("cargo reported no integration-test executables for package `kvm-selftests`")]
+    #[error("cargo reported no integration-test executables, or no guest_probe, for package `kvm-selftests`")]
     NoTestBinaries,
 
     #[error("test executable {} does not exist", .0.display())]
@@ -106,9 +106,6 @@ pub enum Error {
 
     #[error("upstream C selftests: {0}")]
     Upstream(String),
-
-    #[error("guest probe: {0}")]
-    Probe(String),
 
     #[error("bisect demo: {0}")]
     Demo(String),

@@ -1,20 +1,17 @@
 //! The guest's init: a busybox shell script, PID 1 inside the guest, that
-//! mounts the shares, probes KVM and runs every test binary, reporting
-//! progress with marker lines on the serial console.
+//! mounts the shares, puts the bundle in the guest's tmpfs and runs its
+//! `run.sh` (which probes KVM and runs every test binary, reporting progress
+//! with marker lines on the serial console), then powers off.
 
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 
-use crate::coverage;
 use crate::error::Result;
-use crate::limits::{self, Limits};
-use crate::test_binaries::TestBinary;
+use crate::limits::{self, Limit, Limits};
 use crate::upstream::CTest;
-use crate::util::{self, io_err, shell_quote};
-#[cfg(test)]
-use std::path::PathBuf;
+use crate::util::{io_err, shell_quote};
 
 /// Prefix of the lines the generated init prints to report progress.
 pub const MARKER: &str = "@@KVM-SELFTESTS@@";
@@ -31,33 +28,40 @@ pub struct Files<'a> {
     pub known_failures: Option<&'a Path>,
     /// `KVM_SELFTESTS_KERNEL_HISTORY`.
     pub history: Option<&'a Path>,
+    /// With `--coverage`: the hook run.sh calls around each suite.
+    pub coverage_hook: Option<&'a Path>,
 }
 
-/// How the guest runs the suite: gcov saved per suite, binaries at once,
-/// each binary's and C test's time limit.
-#[derive(Debug, Clone)]
+/// How the guest runs the suite: binaries at once, and the time-limit
+/// settings (`[NAME=]SECS`, in order) run.sh applies after the bundle's
+/// defaults.
+#[derive(Debug, Clone, Default)]
 pub struct Shape {
-    pub coverage: bool,
     pub binary_jobs: usize,
-    pub limits: Limits,
+    pub limits: Vec<Limit>,
 }
 
-impl Default for Shape {
-    fn default() -> Self {
-        Shape { coverage: false, binary_jobs: 1, limits: Limits::default() }
-    }
+/// Where the init finds the bundle it runs (host paths, seen through the
+/// 9p root).
+#[derive(Debug, Clone, Copy)]
+pub enum Bundle<'a> {
+    /// A staged bundle directory: copied into the guest's tmpfs.
+    Dir(&'a Path),
+    /// A bundle tarball: unpacked into an empty directory of the guest.
+    Tarball(&'a Path),
 }
 
+/// The guest's init: mount what the guest needs, put the bundle in its
+/// tmpfs, run the bundle's `run.sh` with the results share as its output
+/// directory, power off. Everything about running the tests is run.sh's.
 pub fn init_script(
     busybox: &Path,
-    xtask: &Path,
-    binaries: &[TestBinary],
+    bundle: Bundle<'_>,
     c_tests: &[CTest],
     args: &[String],
     files: Files<'_>,
     shape: &Shape,
 ) -> String {
-    let Files { known_failures, history } = files;
     let bb = busybox.display();
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let mut s = format!(
@@ -66,10 +70,6 @@ pub fn init_script(
 bb={bb}
 M={MARKER}
 R=/run/results
-T=/run/tmp
-# fd 3: the console, for the time-limit watchdog of a binary whose output
-# is redirected.
-exec 3>&1
 die() {{ echo "$M $1"; $bb poweroff -f; }}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 $bb mount -t proc proc /proc || die "setup-failed mounting /proc"
@@ -77,156 +77,59 @@ $bb mount -t sysfs sysfs /sys || die "setup-failed mounting /sys"
 [ -c /dev/null ] || $bb mount -t devtmpfs devtmpfs /dev || die "setup-failed mounting /dev"
 $bb mkdir -p /dev/shm && $bb mount -t tmpfs tmpfs /dev/shm
 $bb mount -t tmpfs tmpfs /run || die "setup-failed mounting tmpfs on /run"
-# debugfs: the fault-injection knobs and, with --coverage, the gcov data.
-[ -d /sys/kernel/debug ] && $bb mount -t debugfs debugfs /sys/kernel/debug
-$bb mkdir -p $R /run/tmp
+$bb mkdir -p $R /run/bundle
 $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
     || die "setup-failed mounting the results share"
 echo "$M init"
-# 2 MiB huge pages for the hugetlb-backed conversion scenarios (128 MiB).
-echo 64 > /proc/sys/vm/nr_hugepages
-[ -c /dev/kvm ] || die "no-kvm"
-{history}probe=$({xtask} guest-probe --results $R/results.jsonl 2>&1)
-rc=$?
-# 126/127: the probe could not even be executed, which is not the kernel's fault.
-[ $rc -ge 126 ] && die "setup-failed cannot run the guest probe: $probe"
-[ $rc = 0 ] || die "probe-failed $probe"
-echo "$M probe $probe"
-export HOME=/run TMPDIR=/run/tmp RUST_BACKTRACE=1
-export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
-"#,
-        xtask = q(xtask),
-        // The evidence the versioned rules are decided by, for the probe and
-        // the tests alike (the host's / is the guest's root).
-        history = history.map(|h| format!("export KVM_SELFTESTS_KERNEL_HISTORY={}\n", q(h))).unwrap_or_default(),
+"#
+    );
+    let _ = writeln!(
+        s,
+        "{}",
+        match bundle {
+            Bundle::Dir(dir) => format!(
+                "$bb cp -a {}/. /run/bundle/ || die \"setup-failed copying the bundle\"\nrun=/run/bundle/run.sh",
+                q(dir)
+            ),
+            Bundle::Tarball(file) => format!(
+                "$bb tar -xJf {} -C /run/bundle || die \"setup-failed unpacking the bundle\"\n\
+                 run=$(echo /run/bundle/*/run.sh)\n[ -x \"$run\" ] || die \"setup-failed no run.sh in the bundle\"\n\
+                 echo \"the bundle, unpacked into an empty directory: $run\"",
+                q(file)
+            ),
+        }
     );
     // The host's suite settings (watchdog, seeds, budgets, ...) apply in the
-    // guest too; the runner's own variables are set above.
+    // guest too; the runner's own variables are set by run.sh.
     for (name, value) in forwarded_settings(env::vars()) {
         let _ = writeln!(s, "export {name}={}", shell_quote(&value));
     }
-    if let Some(list) = known_failures {
-        // The host's / is the guest's root, so the host path works as is.
-        let _ = writeln!(s, "export KVM_SELFTESTS_KNOWN_FAILURES={}", q(list));
+    let mut run = vec!["$bb sh \"$run\" -o $R".to_string()];
+    if let Some(list) = files.known_failures {
+        run.push(format!("--known-failures {}", q(list)));
     }
-    // cargo runs integration tests from the package directory; do the same.
-    let _ = writeln!(s, "cd {} || die \"setup-failed cd\"", q(&util::workspace_root().join("tests")));
-    let args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
-    // Wall times in centiseconds, from /proc/uptime ("12.34" -> 1234).
-    s.push_str("now() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }\n");
-    s.push_str(LIMITED);
-    // Coverage counts the suites only: not boot, not the probe.
-    if shape.coverage {
-        s.push_str(coverage::init_functions());
-        s.push_str("gcov_reset\n");
+    if let Some(history) = files.history {
+        run.push(format!("--history {}", q(history)));
     }
-    s.push_str(&binary_runs(binaries, &args, shape.binary_jobs, &shape.limits));
-    if shape.coverage {
-        s.push_str("gcov_save rust\n");
-        if !c_tests.is_empty() {
-            s.push_str("gcov_reset\n");
-        }
+    if let Some(hook) = files.coverage_hook {
+        run.push(format!("--hook {}", q(hook)));
     }
-    s.push_str(&c_test_runs(c_tests, &shape.limits));
-    if shape.coverage && !c_tests.is_empty() {
-        s.push_str("gcov_save upstream\n");
+    if shape.binary_jobs > 1 {
+        run.push(format!("--jobs {}", shape.binary_jobs));
     }
-    s.push_str("echo done > $R/status\n$bb sync\necho \"$M done\"\n$bb poweroff -f\n");
-    s
-}
-
-/// `limited NAME SECS PROG ARGS...`: PROG in a session (so a process group)
-/// of its own, with a watchdog that, once SECS have passed, announces the
-/// timeout, sends SIGTERM to the whole group (threads, forked children,
-/// helpers) and SIGKILL 5 s later. busybox's `timeout` signals only its
-/// child, not the group. The watchdog is a session of its own too, so that
-/// killing it takes its `sleep` along. Returns PROG's status and sets `timed_out` to SECS
-/// when the watchdog fired, else empty. `setsid` execs in place (a
-/// background job is no group leader), so `$!` is the group's id.
-const LIMITED: &str = r#"limited() {
-    _n=$1 _s=$2
-    shift 2
-    $bb setsid "$@" 3>&- &
-    _p=$!
-    $bb setsid $bb sh -c '$0 sleep $1 <&- >&- 2>&-; : > $3/timed-out.$4; echo "$5 timeout $2 $1" >&3
-        kill -TERM -$4; $0 sleep 5; kill -KILL -$4' $bb $_s "$_n" $T $_p "$M" 2>/dev/null &
-    _w=$!
-    wait $_p
-    _rc=$?
-    # The group once the watchdog is in its own session; the process itself
-    # if it is not yet (then it has started nothing).
-    kill -KILL -$_w 2>/dev/null || kill -KILL $_w 2>/dev/null
-    wait $_w 2>/dev/null
-    timed_out=
-    [ -e $T/timed-out.$_p ] && { timed_out=$_s; $bb rm -f $T/timed-out.$_p; }
-    return $_rc
-}
-"#;
-
-/// The shell lines running each test binary and recording its exit status
-/// and wall time, and its time limit if it ran out (then its test list, to
-/// name the tests that never reported). With `jobs` > 1, up to that many
-/// binaries run at once (the guest's CPUs idle while tests wait in the
-/// kernel, e.g. for VM teardown); each one's output is held back and
-/// printed when it finishes, so the console shows whole binaries, not
-/// interleaved lines.
-fn binary_runs(binaries: &[TestBinary], args: &[String], jobs: usize, limits: &Limits) -> String {
-    let mut s = String::new();
-    if jobs > 1 {
-        s.push_str("running=0\n");
+    // The bundle knows its binaries' defaults; the C tests' come from here,
+    // then the environment's and --test-timeout's settings, in order.
+    let c_defaults = c_tests.iter().map(|t| Limit::One(t.name.clone(), Limits::default().of(&t.name)));
+    for limit in c_defaults.chain(shape.limits.iter().cloned()) {
+        run.push(format!("--timeout {}", shell_quote(&limit.to_string())));
     }
-    for b in binaries {
-        let name = shell_quote(&b.name);
-        let secs = limits.of(&b.name);
-        let exe = shell_quote(&b.path.to_string_lossy());
-        let run = format!("limited {name} {secs} {exe} {}", args.join(" "));
-        let list = shell_quote(&format!("{}.tests", b.name));
-        let record = format!(
-            "echo {name} $rc >> $R/exit-codes\necho {name} $(( $(now) - t0 )) >> $R/wall-times\n\
-             [ -n \"$timed_out\" ] && {{ echo {name} $timed_out >> $R/timeouts\n\
-             limited {name} 30 {exe} --list {} > $R/{list} 2>/dev/null; }}\necho \"$M end \"{name}\" $rc\"",
-            args.join(" ")
-        );
-        if jobs > 1 {
-            let out = shell_quote(&format!("/run/tmp/{}.out", b.name));
-            let _ = writeln!(
-                s,
-                "[ $running -ge {jobs} ] && {{ wait -n; running=$((running - 1)); }}\n\
-                 (\necho \"$M run \"{name}\nt0=$(now)\n{run} > {out} 2>&1\nrc=$?\n$bb cat {out}\n{record}\n) &\n\
-                 running=$((running + 1))"
-            );
-        } else {
-            let _ = writeln!(s, "echo \"$M run \"{name}\nt0=$(now)\n{run}\nrc=$?\n{record}");
-        }
-    }
-    if jobs > 1 {
-        s.push_str("wait\n");
-    }
-    s
-}
-
-/// The tree's C tests (--upstream), each recorded as a result of binary
-/// `upstream` from its kselftest exit code (4 meaning skip), or as a
-/// failure naming its time limit when that ran out.
-fn c_test_runs(c_tests: &[CTest], limits: &Limits) -> String {
-    let q = |p: &Path| shell_quote(&p.to_string_lossy());
-    let mut s = String::new();
     for t in c_tests {
-        let name = shell_quote(&t.name);
-        let secs = limits.of(&t.name);
-        let _ = writeln!(
-            s,
-            "echo \"$M run \"{name}\nt0=$(now)\nlimited {name} {secs} {}\nrc=$?\ncs=$(( $(now) - t0 ))\n\
-             case $rc in 0) o=pass;; 4) o=skip;; *) o=fail;; esac\nmsg=\"exit status $rc\"\n\
-             [ -n \"$timed_out\" ] && {{ o=fail; msg=\"did not finish within its time limit of $timed_out s: its \
-             process group was killed (exit status $rc; the limit is set with --test-timeout \"{name}\"=SECS or \
-             {env})\"; }}\n\
-             echo \"{{\\\"binary\\\":\\\"upstream\\\",\\\"test\\\":\\\"\"{name}\"\\\",\\\"outcome\\\":\\\"$o\\\",\\\"duration_ms\\\":$(( cs * 10 )),\\\"message\\\":\\\"$msg\\\"}}\" >> $R/results.jsonl\n\
-             echo \"$M end \"{name}\" $rc\"",
-            q(&t.path),
-            env = limits::ENV,
-        );
+        run.push(format!("--c-test {}", q(&t.path)));
     }
+    run.push("--".into());
+    run.extend(args.iter().map(|a| shell_quote(a)));
+    let _ = writeln!(s, "{}", run.join(" \\\n    "));
+    s.push_str("[ -e $R/status ] && echo \"$M done\"\n$bb sync\n$bb poweroff -f\n");
     s
 }
 
@@ -250,163 +153,39 @@ fn forwarded_settings(vars: impl Iterator<Item = (String, String)>) -> Vec<(Stri
 mod tests {
     use super::*;
 
-    /// Run the part of `script` after the setup (the helpers and the tests)
-    /// under busybox, with `dir` as the results share and scratch space.
-    fn run_body(script: &str, dir: &Path) -> std::process::Output {
-        let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
-        std::process::Command::new("busybox")
-            .arg("sh")
-            .arg("-c")
-            .arg(format!("bb=busybox M=@@ R={0} T={0}\nexec 3>&1\n{body}", dir.display()))
-            .output()
-            .unwrap()
-    }
-
-    fn scratch(what: &str) -> PathBuf {
-        let dir = env::temp_dir().join(format!("xtask-{what}-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn c_test(name: &str, path: &Path) -> CTest {
-        CTest { name: name.into(), path: path.into(), ported_by: &["x"], cases: &[] }
-    }
-
     #[test]
-    fn c_tests_record_their_verdict_as_results() {
-        let dir = scratch("init");
-        let tests = [c_test("passing_test", Path::new("/bin/true")), c_test("failing_test", Path::new("/bin/false"))];
-        let script = init_script(
-            Path::new("/bin/busybox"),
-            Path::new("/x"),
-            &[],
-            &tests,
-            &[],
-            Files::default(),
-            &Shape::default(),
-        );
-        let out = run_body(&script, &dir);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let results = crate::report::read_results(&dir.join("results.jsonl")).unwrap();
-        let verdicts: Vec<_> =
-            results.iter().map(|r| (r.test.as_str(), r.outcome.to_string(), r.message.as_str())).collect();
-        assert_eq!(
-            verdicts,
-            [("passing_test", "pass".into(), "exit status 0"), ("failing_test", "fail".into(), "exit status 1")]
-        );
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_binary_or_c_test_out_of_time_is_killed_with_its_children_and_the_rest_runs() {
-        let dir = scratch("limits");
-        // A test binary that lists two tests and, run, leaves a child and hangs.
-        let hang = dir.join("hang");
-        fs::write(
-            &hang,
-            format!(
-                "#!/bin/sh\n[ \"$1\" = --list ] && {{ echo 'a: test'; echo 'b: test'; exit 0; }}\n\
-                 sleep 100 & echo $! > {0}/child.$$\nsleep 100\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        set_executable(&hang).unwrap();
-        let binaries = [
-            TestBinary { name: "hangs".into(), path: hang.clone() },
-            TestBinary { name: "after".into(), path: "/bin/true".into() },
-        ];
-        let tests = [c_test("hanging_test", &hang), c_test("next_test", Path::new("/bin/true"))];
-        let shape = Shape {
-            limits: Limits::new(["1".parse().unwrap(), "hanging_test=2".parse().unwrap()]),
-            ..Shape::default()
-        };
-        let script =
-            init_script(Path::new("/bin/busybox"), Path::new("/x"), &binaries, &tests, &[], Files::default(), &shape);
-        assert!(script.contains("limited 'hangs' 1 "), "{script}");
-        assert!(script.contains("limited 'hanging_test' 2 "), "{script}");
-        let start = std::time::Instant::now();
-        let out = run_body(&script, &dir);
-        let took = start.elapsed();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(took < std::time::Duration::from_secs(20), "{took:?}");
-        assert!(stdout.contains("@@ timeout hangs 1\n"), "{stdout}");
-        assert!(stdout.contains("@@ end after 0\n"), "{stdout}");
-        assert_eq!(fs::read_to_string(dir.join("timeouts")).unwrap(), "hangs 1\n");
-        assert_eq!(fs::read_to_string(dir.join("exit-codes")).unwrap(), "hangs 143\nafter 0\n");
-        assert_eq!(fs::read_to_string(dir.join("hangs.tests")).unwrap(), "a: test\nb: test\n");
-        // The process group went: no child of a killed run survives it.
-        for entry in fs::read_dir(&dir).unwrap() {
-            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-            if name.starts_with("child.") {
-                let pid = fs::read_to_string(dir.join(&name)).unwrap();
-                // Gone, or a zombie waiting for whoever inherited it.
-                let stat = fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-                let state = stat.rsplit_once(") ").map_or("", |(_, rest)| &rest[..1]);
-                assert!(matches!(state, "" | "Z"), "{name} ({pid}) survived: {stat}");
-            }
-        }
-        let results = crate::report::read_results(&dir.join("results.jsonl")).unwrap();
-        let verdicts: Vec<_> = results.iter().map(|r| (r.test.as_str(), r.outcome.to_string())).collect();
-        assert_eq!(verdicts, [("hanging_test", "fail".into()), ("next_test", "pass".into())]);
-        assert!(
-            results[0].message.starts_with(
-                "did not finish within its time limit of 2 s: its process group was killed (exit status 143; the \
-                 limit is set with --test-timeout hanging_test=SECS or KVM_SELFTESTS_TEST_TIMEOUT)"
-            ),
-            "{}",
-            results[0].message
-        );
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn init_quotes_arguments() {
+    fn init_hands_run_sh_the_files_limits_and_quoted_arguments() {
+        let c = CTest { name: "vm_types_test".into(), path: "/c/vm_types_test".into(), ported_by: &[], cases: &[] };
         let s = init_script(
             Path::new("/bin/busybox"),
-            Path::new("/x/xtask"),
-            &[TestBinary { name: "vm_types".into(), path: "/t/vm types-1".into() }],
-            &[],
+            Bundle::Dir(Path::new("/t/the bundle")),
+            &[c],
             &["it's".into(), "--exact".into()],
             Files {
                 known_failures: Some(Path::new("/k/known failures.txt")),
                 history: Some(Path::new("/r/kernel history.txt")),
+                coverage_hook: None,
             },
-            &Shape::default(),
+            &Shape { binary_jobs: 1, limits: vec!["vm_types=7".parse().unwrap(), "90".parse().unwrap()] },
         );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
-        // Before the probe, which prints the rules it decides.
-        let history = s.find("export KVM_SELFTESTS_KERNEL_HISTORY='/r/kernel history.txt'\n").unwrap();
-        assert!(history < s.find("guest-probe").unwrap());
-        assert!(s.contains("export KVM_SELFTESTS_KNOWN_FAILURES='/k/known failures.txt'\n"));
-        assert!(s.contains("limited 'vm_types' 60 '/t/vm types-1' 'it'\\''s' '--exact'\n"), "{s}");
-        assert!(s.contains("echo 'vm_types' $rc >> $R/exit-codes"));
-    }
-
-    #[test]
-    fn binaries_run_in_parallel_record_each_status_and_whole_output() {
-        let dir = env::temp_dir().join(format!("xtask-jobs-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let binaries: Vec<TestBinary> = [("a", "/bin/true"), ("b", "/bin/false"), ("c", "/bin/echo")]
-            .map(|(name, path)| TestBinary { name: name.into(), path: path.into() })
-            .into();
-        let body = binary_runs(&binaries, &["hello".to_string()], 2, &Limits::default())
-            .replace("/run/tmp", &dir.to_string_lossy());
-        let out = std::process::Command::new("busybox")
-            .arg("sh")
-            .arg("-c")
-            .arg(format!("bb=busybox M=@@ R={0} T={0}\nnow() {{ echo 0; }}\n{LIMITED}{body}", dir.display()))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut codes: Vec<String> =
-            fs::read_to_string(dir.join("exit-codes")).unwrap().lines().map(String::from).collect();
-        codes.sort();
-        assert_eq!(codes, ["a 0", "b 1", "c 0"]);
-        assert_eq!(fs::read_to_string(dir.join("wall-times")).unwrap().lines().count(), 3);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("hello\n"), "the held-back output is printed");
-        fs::remove_dir_all(&dir).unwrap();
+        assert!(s.contains("$bb cp -a '/t/the bundle'/. /run/bundle/"), "{s}");
+        assert!(s.contains("--known-failures '/k/known failures.txt'"), "{s}");
+        assert!(s.contains("--history '/r/kernel history.txt'"), "{s}");
+        // The C test's default first, so that the settings override it.
+        let order = ["--timeout 'vm_types_test=60'", "--timeout 'vm_types=7'", "--timeout '90'"].map(|t| s.find(t));
+        assert!(order.iter().all(Option::is_some) && order.is_sorted(), "{s}");
+        assert!(s.contains("--c-test '/c/vm_types_test'"), "{s}");
+        assert!(s.contains("-- \\\n    'it'\\''s' \\\n    '--exact'\n"), "{s}");
+        let t = init_script(
+            Path::new("/bin/busybox"),
+            Bundle::Tarball(Path::new("/t/b.tar.xz")),
+            &[],
+            &[],
+            Files::default(),
+            &Shape::default(),
+        );
+        assert!(t.contains("$bb tar -xJf '/t/b.tar.xz' -C /run/bundle"), "{t}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer and CI automation for the KVM selftests.
 
 mod bisect;
+mod bundle;
 mod coverage;
 mod debian;
 mod error;
@@ -12,7 +13,6 @@ mod kconfig;
 mod kernel;
 mod limits;
 mod patch;
-mod probe;
 mod qemu;
 mod recipe;
 mod report;
@@ -89,12 +89,13 @@ enum Cmd {
         /// The same, as a flag.
         #[arg(long = "results", value_name = "FILE", conflicts_with = "results")]
         results_file: Option<PathBuf>,
-        /// File stem of the reports under target/kvm-selftests.
-        #[arg(long, default_value = "host-report")]
-        name: String,
+        /// File stem of the reports under target/kvm-selftests (default
+        /// host-report; for kcidb, kcidb.json beside the results file).
+        #[arg(long)]
+        name: Option<String>,
         /// ktap-junit: <name>.ktap and <name>.junit.xml; kcidb:
-        /// <name>.kcidb.json (KCIDB schema 5.3), checked with kcidb-io when
-        /// python3 can import it.
+        /// a KCIDB 5.3 JSON file, checked with kcidb-io when python3 can
+        /// import it.
         #[arg(long, value_enum, default_value_t = ReportFormat::KtapJunit)]
         format: ReportFormat,
         /// (kcidb) The kernel the results are of: its checkout and build.
@@ -120,12 +121,16 @@ enum Cmd {
         #[arg(long, value_name = "X.Y")]
         debian: Vec<Release>,
     },
-    /// (inside the guest) check that protected VMs are offered and work,
-    /// and that the capability and the behaviour agree.
-    GuestProbe {
-        /// Append the probe's verdict to this results file.
-        #[arg(long, value_name = "FILE")]
-        results: Option<PathBuf>,
+    /// Build the relocatable bundle: static test binaries, the guest probe,
+    /// run.sh, the kselftest layout and the known-failure lists, packed as
+    /// kvm-private-mem-selftests-VERSION-x86_64.tar.xz; prints its path.
+    Bundle {
+        /// Directory to write the tarball to.
+        #[arg(long, value_name = "DIR", default_value = "target/kvm-selftests")]
+        out: PathBuf,
+        /// Bundle the benchmarks (optimized) instead of the tests.
+        #[arg(long)]
+        bench: bool,
     },
 }
 
@@ -187,6 +192,10 @@ struct VmArgs {
     /// Run these test executables instead of building the suite's.
     #[arg(long = "test-binary", value_name = "PATH")]
     test_binaries: Vec<PathBuf>,
+    /// Run this bundle (`cargo xtask bundle`'s tarball), unpacked into an
+    /// empty directory of the guest, instead of building the suite.
+    #[arg(long, value_name = "TARBALL", conflicts_with_all = ["test_binaries", "bench"])]
+    bundle: Option<PathBuf>,
     /// Known bugs of the guest kernel (see KVM_SELFTESTS_KNOWN_FAILURES in
     /// the README): they are reported as xfail.
     #[arg(long, value_name = "FILE")]
@@ -290,6 +299,7 @@ impl VmArgs {
             upstream: self.upstream,
             binary_jobs: self.binary_jobs as usize,
             test_timeouts: self.test_timeout,
+            bundle: self.bundle,
             ..VmOpts::default()
         };
         self.guest.apply(&mut opts);
@@ -359,8 +369,14 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 ReportFormat::KtapJunit if source.tree.is_some() || source.debian.is_some() || validate => {
                     Err(Error::Usage("--tree, --debian and --validate go with --format kcidb".into()))
                 }
-                ReportFormat::KtapJunit => report_cmd(&file, &name),
-                ReportFormat::Kcidb => kcidb_cmd(&file, &name, &source.source(), &origin, validate),
+                ReportFormat::KtapJunit => report_cmd(&file, name.as_deref().unwrap_or("host-report")),
+                ReportFormat::Kcidb => {
+                    let out = match name {
+                        Some(stem) => util::output_dir().join(format!("{stem}.kcidb.json")),
+                        None => file.parent().unwrap_or(std::path::Path::new(".")).join("kcidb.json"),
+                    };
+                    kcidb_cmd(&file, &out, &source.source(), &origin, validate)
+                }
             }
         }
         Cmd::KernelConfig { tree, debian } => {
@@ -369,7 +385,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             kconfig::print(&sources)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::GuestProbe { results } => probe::run(results.as_deref()),
+        Cmd::Bundle { out, bench } => {
+            println!("{}", bundle::run(&out, bench)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -401,17 +420,23 @@ fn report_cmd(file: &std::path::Path, stem: &str) -> Result<ExitCode> {
 }
 
 /// The KCIDB document of a results file, under target/kvm-selftests.
-fn kcidb_cmd(file: &std::path::Path, stem: &str, source: &Source, origin: &str, validate: bool) -> Result<ExitCode> {
+fn kcidb_cmd(
+    file: &std::path::Path,
+    out: &std::path::Path,
+    source: &Source,
+    origin: &str,
+    validate: bool,
+) -> Result<ExitCode> {
     // Bad input before any work: the results are read first.
     let text = std::fs::read_to_string(file).map_err(util::io_err(file))?;
     let results = report::read_results(file)?;
     let kernel = kcidb::Kernel::of(source)?;
     let doc = kcidb::document(&results, &kernel, origin, &kcidb::run_id(&text));
-    let dir = util::output_dir();
-    util::create_dir_all(&dir)?;
-    let out = dir.join(format!("{stem}.kcidb.json"));
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        util::create_dir_all(dir)?;
+    }
     let json = serde_json::to_string_pretty(&doc).map_err(|e| Error::Config(format!("KCIDB: {e}")))?;
-    std::fs::write(&out, json + "\n").map_err(util::io_err(&out))?;
+    std::fs::write(out, json + "\n").map_err(util::io_err(out))?;
     eprintln!("xtask: KCIDB report: {}", out.display());
     let s = report::summarize(&results);
     eprintln!(
@@ -423,7 +448,7 @@ fn kcidb_cmd(file: &std::path::Path, stem: &str, source: &Source, origin: &str, 
         s.skip
     );
     if validate || kcidb::validator_available() {
-        eprintln!("xtask: {}", kcidb::validate(&out)?);
+        eprintln!("xtask: {}", kcidb::validate(out)?);
     } else {
         eprintln!("xtask: not validated: python3 cannot import kcidb_io (python3 -m pip install kcidb-io)");
     }
@@ -476,7 +501,8 @@ mod tests {
             ("kernel --debain 7.3", "similar argument exists: '--debian'"),
             ("bisect-demo --debain 7.3", "similar argument exists: '--debian'"),
             ("report r --nmae x", "similar argument exists: '--name'"),
-            ("guest-probe --result f", "similar argument exists: '--results'"),
+            ("bundle --ot d", "similar argument exists: '--out'"),
+            ("vm --bundle b --test-binary t", "--test-binary"),
             // Test filters go after `--` only.
             ("vm address_space", "address_space"),
             ("vm --debian 7.3 model::", "model::"),

@@ -15,43 +15,72 @@ pub struct TestBinary {
     pub path: PathBuf,
 }
 
+/// What a build of the suite made: the test (or benchmark) executables and
+/// the guest probe.
+#[derive(Debug)]
+pub struct Built {
+    pub tests: Vec<TestBinary>,
+    pub probe: PathBuf,
+}
+
+/// The target the bundle's binaries are built for. Naming it keeps
+/// `RUSTFLAGS` off build scripts and proc macros (which run on the host)
+/// and puts the static artifacts under target/TRIPLE, apart from the
+/// host's dynamically linked ones.
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+
 /// Build the `kvm-selftests` integration-test executables (or, with
-/// `bench`, its benchmarks, optimized) and return them.
-pub fn build(bench: bool) -> Result<Vec<TestBinary>> {
+/// `bench`, its benchmarks, optimized) and the guest probe, statically
+/// linked (glibc's `crt-static`: they run on any x86_64 root filesystem,
+/// or none but the bundle's), without debug info (symbols stay, for
+/// backtraces), and return them.
+pub fn build(bench: bool) -> Result<Built> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let (subcommand, kind) = if bench { ("bench", "bench") } else { ("test", "test") };
+    let (subcommand, kind, profile) = if bench { ("bench", "bench", "BENCH") } else { ("test", "test", "TEST") };
+    let mut rustflags = env::var("RUSTFLAGS").unwrap_or_default();
+    rustflags.push_str(" -C target-feature=+crt-static");
     let mut cmd = Command::new(cargo);
-    cmd.args([subcommand, "--no-run", "--message-format=json-render-diagnostics"])
+    cmd.args([subcommand, "--no-run", "--message-format=json-render-diagnostics", "--target", TARGET])
         .args(["-p", "kvm-selftests", "--manifest-path"])
         .arg(util::workspace_root().join("Cargo.toml"))
+        .env("RUSTFLAGS", rustflags.trim())
+        .env(format!("CARGO_PROFILE_{profile}_DEBUG"), "false")
+        .env(format!("CARGO_PROFILE_{profile}_STRIP"), "debuginfo")
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
-    eprintln!("xtask: building test binaries");
+    eprintln!("xtask: building test binaries (static, {TARGET})");
     let stdout = util::output(&mut cmd)?;
-    let mut binaries = Vec::new();
+    let mut tests = Vec::new();
+    let mut probe = None;
     for line in stdout.lines() {
         let Ok(msg) = serde_json::from_str::<Value>(line) else {
             continue;
         };
-        let is_test_artifact = msg["reason"] == "compiler-artifact"
-            && msg["profile"]["test"] == true
-            // Only the libtest-mimic integration tests speak the results
-            // contract; the library's unit-test harness does not.
-            && msg["target"]["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == kind));
-        if let (true, Some(exe), Some(name)) =
-            (is_test_artifact, msg["executable"].as_str(), msg["target"]["name"].as_str())
-        {
-            binaries.push(TestBinary { name: name.to_string(), path: PathBuf::from(exe) });
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let kinds = msg["target"]["kind"].as_array().cloned().unwrap_or_default();
+        let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str()) else {
+            continue;
+        };
+        // Only the libtest-mimic integration tests speak the results
+        // contract; the library's unit-test harness does not.
+        if msg["profile"]["test"] == true && kinds.iter().any(|k| k == kind) {
+            tests.push(TestBinary { name: name.to_string(), path: PathBuf::from(exe) });
+        } else if msg["profile"]["test"] == false && name == PROBE && kinds.iter().any(|k| k == "bin") {
+            probe = Some(PathBuf::from(exe));
         }
     }
-    if binaries.is_empty() {
+    if tests.is_empty() {
         return Err(Error::NoTestBinaries);
     }
-    binaries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(binaries)
+    let probe = probe.ok_or(Error::NoTestBinaries)?;
+    tests.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Built { tests, probe })
 }
+
+/// The guest probe's binary (tests/bin/guest_probe.rs).
+pub const PROBE: &str = "guest_probe";
 
 /// The suite name of a cargo test executable: `vm_types-0123456789abcdef` is
 /// `vm_types`, the name its results carry.

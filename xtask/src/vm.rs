@@ -1,28 +1,33 @@
-//! `cargo xtask vm`: run the test binaries inside a guest kernel under QEMU.
+//! `cargo xtask vm`: run the suite's bundle inside a guest kernel under QEMU.
 //!
 //! The guest's root filesystem is the host's `/`, shared read-only over
-//! virtio-9p, so host-built binaries run unchanged; a second, writable share
-//! carries results back. Guest progress is signalled by marker lines on the
-//! serial console, which is streamed to the terminal as it arrives.
+//! virtio-9p; the init copies the bundle (`cargo xtask bundle`'s layout,
+//! staged for this run, or a given tarball) into the guest's tmpfs and runs
+//! its `run.sh`, the runner every other engine uses too; a second, writable
+//! share carries results back. Guest progress is signalled by marker lines
+//! on the serial console, which is streamed to the terminal as it arrives.
 
 use std::env;
 use std::fs;
 use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 
-use crate::coverage;
 use crate::error::{Error, Result};
-use crate::guest_init::{init_script, set_executable, Files, Shape};
+use crate::guest_init::{init_script, set_executable, Bundle, Files, Shape};
+use crate::history;
 use crate::kernel::{self, KernelOpts, Source};
-use crate::limits::{Limit, Limits};
+use crate::limits::{self, Limit, Limits};
 use crate::patch::{self, PatchSet};
 pub use crate::qemu::Accel;
 use crate::qemu::{host_can_nest, qemu_command, supervise, End, Guest};
 use crate::report::{self, Outcome, Summary, TestResult};
-use crate::test_binaries::{self, TestBinary};
+use crate::test_binaries::{self, Built};
 use crate::upstream::{self, CTest};
 use crate::util::{self, io_err, req};
-use crate::{history, probe};
+use crate::{bundle, coverage};
+
+/// Where the guest probe leaves the decision table, next to the results.
+pub const RULES_FILE: &str = "rules.txt";
 
 #[derive(Debug, Clone)]
 pub struct VmOpts {
@@ -46,6 +51,9 @@ pub struct VmOpts {
     /// Time limits of the binaries and C tests (`--test-timeout`), applied
     /// after those of `KVM_SELFTESTS_TEST_TIMEOUT`.
     pub test_timeouts: Vec<Limit>,
+    /// Run this bundle tarball (`cargo xtask bundle`), unpacked into an
+    /// empty directory of the guest, instead of building the suite.
+    pub bundle: Option<PathBuf>,
 }
 
 impl VmOpts {
@@ -70,6 +78,7 @@ impl Default for VmOpts {
             upstream: false,
             binary_jobs: 1,
             test_timeouts: Vec::new(),
+            bundle: None,
         }
     }
 }
@@ -102,6 +111,9 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         return Err(Error::NoKernelImage(k.clone()));
     }
     let limits = time_limits(opts)?;
+    if let Some(b) = opts.bundle.as_ref().filter(|b| !b.is_file()) {
+        return Err(Error::Usage(format!("--bundle {}: no such file", b.display())));
+    }
     // Patches are applied first: one that does not apply is an error before
     // anything builds.
     let prepared = match &opts.kernel {
@@ -111,10 +123,15 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     let patched_tree = prepared.as_ref().and_then(|p| p.tree.clone());
     // Built before the kernel: a broken test build is the host's problem and
     // should stop a bisection before any kernel work.
-    let binaries = if opts.binaries.is_empty() {
-        test_binaries::build(opts.bench)?
-    } else {
-        test_binaries::given(&opts.binaries)?
+    let built = match &opts.bundle {
+        Some(_) => None,
+        None => {
+            let mut built = test_binaries::build(opts.bench)?;
+            if !opts.binaries.is_empty() {
+                built.tests = test_binaries::given(&opts.binaries)?;
+            }
+            Some(built)
+        }
     };
     let kernel = match (&opts.kernel, prepared) {
         (Some(k), _) => k.canonicalize().map_err(io_err(k))?,
@@ -131,7 +148,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     // Per process, so concurrent runs (a bisection next to an interactive
     // run) cannot clobber each other's init or results.
     let mut scratch = Scratch { dir: util::output_dir().join(format!("vm-{}", std::process::id())), keep: true };
-    let init = write_init(&scratch.dir, opts, &binaries, &c_tests, &under_test, limits)?;
+    let init = write_init(&scratch.dir, opts, built.as_ref(), &c_tests, &under_test, limits)?;
     let results_dir = scratch.dir.join("results");
     let accel = match opts.accel {
         Accel::Auto if host_can_nest() => Accel::Kvm,
@@ -142,7 +159,8 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     eprintln!("xtask: booting {} ({accel:?})", kernel.display());
     let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout)?;
     let finished = fs::read_to_string(results_dir.join("status")).is_ok_and(|s| s.trim() == "done");
-    let mut outcome = collect(&guest, finished, &c_tests, &results_dir)?;
+    let report_dir = util::output_dir().join(run_name(opts)?);
+    let mut outcome = collect(&guest, finished, &c_tests, &results_dir, &report_dir)?;
     outcome.kernel = under_test.name;
     if !opts.test_args.is_empty() && finished && !selected_any(&outcome.results) {
         // A green verdict on a run that tested nothing would mislead a
@@ -153,7 +171,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             opts.test_args.join(" ")
         )));
     }
-    if let Ok(table) = fs::read_to_string(results_dir.join(probe::RULES_FILE)) {
+    if let Ok(table) = fs::read_to_string(results_dir.join(RULES_FILE)) {
         eprint!("xtask: versioned rules on {} (rule, outcome applied, what decided it):\n{table}", outcome.kernel);
     }
     let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
@@ -164,13 +182,7 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     if opts.coverage() {
         let sets: &[coverage::Set] =
             if c_tests.is_empty() { &[coverage::RUST] } else { &[coverage::RUST, coverage::UPSTREAM] };
-        let kernel = match &opts.kernel_opts.source {
-            Source::Debian(release) => format!("debian-{release}"),
-            Source::Tree(tree) => kernel::tree_source(tree)?.0,
-        };
-        // A patched kernel's coverage is reported apart from the unpatched one's.
-        let kernel = PatchSet::load(&opts.kernel_opts.patches)?.id(&kernel);
-        eprint!("{}", coverage::report(&results_dir, &kernel, sets)?);
+        eprint!("{}", coverage::report(&results_dir, &kernel_id(opts)?, sets)?);
     }
     scratch.keep = false;
     Ok(outcome)
@@ -182,10 +194,44 @@ fn selected_any(results: &[TestResult]) -> bool {
     results.iter().any(|r| r.binary != "guest_probe")
 }
 
-/// The time limits of this run; a bad setting, or a per-name one that names
-/// no binary or C test the run can have, is refused before anything builds.
-fn time_limits(opts: &VmOpts) -> Result<Limits> {
-    let limits = Limits::from_env(|name| env::var(name).ok(), &opts.test_timeouts).map_err(Error::Config)?;
+/// The kernel's name in paths: `debian-X.Y`, a tree's id, or a prebuilt
+/// image's directory; a patched kernel apart from the unpatched one.
+fn kernel_id(opts: &VmOpts) -> Result<String> {
+    if let Some(image) = &opts.kernel {
+        let dir = image.canonicalize().ok().and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()));
+        return Ok(format!("image-{}", util::sanitize(&dir.unwrap_or_default())));
+    }
+    let kernel = match &opts.kernel_opts.source {
+        Source::Debian(release) => format!("debian-{release}"),
+        Source::Tree(tree) => kernel::tree_source(tree)?.0,
+    };
+    Ok(PatchSet::load(&opts.kernel_opts.patches)?.id(&kernel))
+}
+
+/// The run's name, the directory of its reports under target/kvm-selftests:
+/// the kernel, then the mode (coverage, bench), so that the runs of one CI
+/// job (each kernel, each mode) keep a report each.
+pub fn run_name(opts: &VmOpts) -> Result<String> {
+    let mut name = kernel_id(opts)?;
+    if opts.coverage() {
+        name.push_str("-coverage");
+    }
+    if opts.bench {
+        name.push_str("-bench");
+    }
+    Ok(util::sanitize(&name))
+}
+
+/// The time-limit settings of this run, in order (the environment's, then
+/// --test-timeout's); a bad setting, or a per-name one that names no binary
+/// or C test the run can have, is refused before anything builds.
+fn time_limits(opts: &VmOpts) -> Result<Vec<Limit>> {
+    let mut settings = match env::var(limits::ENV) {
+        Ok(v) => limits::parse_list(&v).map_err(|e| Error::Config(format!("{}={v}: {e}", limits::ENV)))?,
+        Err(_) => Vec::new(),
+    };
+    settings.extend(opts.test_timeouts.iter().cloned());
+    let limits = Limits::new(settings.iter().cloned());
     let given = test_binaries::given(&opts.binaries)?;
     let suite = suite_binary_names();
     let mut known: Vec<&str> = if given.is_empty() {
@@ -198,8 +244,10 @@ fn time_limits(opts: &VmOpts) -> Result<Limits> {
             known.push(name);
         }
     }
-    limits.check_names(&known).map_err(Error::Config)?;
-    Ok(limits)
+    if opts.bundle.is_none() {
+        limits.check_names(&known).map_err(Error::Config)?;
+    }
+    Ok(settings)
 }
 
 /// The suite's test and benchmark binaries: one per file in tests/ but the
@@ -228,15 +276,16 @@ fn upstream_tests(opts: &KernelOpts, tree: Option<(String, PathBuf)>) -> Result<
     upstream::build(&id, &src)
 }
 
-/// Lay out the run directory (results share, a private copy of xtask for
-/// the guest probe) and write the guest's init; returns the init's path.
+/// Lay out the run directory (results share, the staged bundle, the
+/// kernel's history, the coverage hook) and write the guest's init; returns
+/// the init's path.
 fn write_init(
     run_dir: &Path,
     opts: &VmOpts,
-    binaries: &[TestBinary],
+    built: Option<&Built>,
     c_tests: &[CTest],
     under_test: &history::Kernel,
-    limits: Limits,
+    limits: Vec<Limit>,
 ) -> Result<PathBuf> {
     if run_dir.exists() {
         fs::remove_dir_all(run_dir).map_err(io_err(run_dir))?;
@@ -247,11 +296,27 @@ fn write_init(
         Some(list) => Some(list.canonicalize().map_err(io_err(list))?),
         None => None,
     };
-    // A private copy for the guest probe: cargo may rebuild (replace) our
-    // own binary while the guest runs, e.g. during a bisection.
-    let xtask = run_dir.join("xtask");
-    let self_exe = Path::new("/proc/self/exe");
-    fs::copy(self_exe, &xtask).map_err(io_err(self_exe))?;
+    // The bundle as `cargo xtask bundle` lays it out (its own copies of the
+    // binaries: cargo may rebuild them while the guest runs, e.g. during a
+    // bisection), or the tarball given.
+    let staged;
+    let tarball;
+    let bundle = match (built, &opts.bundle) {
+        (Some(built), _) => {
+            staged = bundle::stage(built, &Limits::default(), run_dir, "bundle")?;
+            Bundle::Dir(&staged)
+        }
+        (None, Some(file)) => {
+            tarball = file.canonicalize().map_err(io_err(file))?;
+            Bundle::Tarball(&tarball)
+        }
+        (None, None) => unreachable!("built unless a bundle is given"),
+    };
+    let hook = run_dir.join("coverage-hook");
+    if opts.coverage() {
+        fs::write(&hook, coverage::hook_script()).map_err(io_err(&hook))?;
+        set_executable(&hook)?;
+    }
     // Guest output is copied to our stdout as is: colour codes only where
     // that is a terminal, never into logs and CI artifacts.
     let mut test_args = opts.test_args.clone();
@@ -260,16 +325,13 @@ fn write_init(
     }
     let busybox = util::find_in_path("busybox").expect("ensured before the run");
     let init = run_dir.join("init");
-    let shape = Shape { coverage: opts.coverage(), binary_jobs: opts.binary_jobs, limits };
-    let script = init_script(
-        &busybox,
-        &xtask,
-        binaries,
-        c_tests,
-        &test_args,
-        Files { known_failures: known_failures.as_deref(), history: history.as_deref() },
-        &shape,
-    );
+    let shape = Shape { binary_jobs: opts.binary_jobs, limits };
+    let files = Files {
+        known_failures: known_failures.as_deref(),
+        history: history.as_deref(),
+        coverage_hook: opts.coverage().then_some(hook.as_path()),
+    };
+    let script = init_script(&busybox, bundle, c_tests, &test_args, files, &shape);
     fs::write(&init, script).map_err(io_err(&init))?;
     set_executable(&init)?;
     Ok(init)
@@ -336,9 +398,15 @@ fn judge(guest: &Guest, finished: bool, c_tests: &[CTest]) -> Judged {
 /// during the tests), written as KTAP and JUnit. A guest that never reached
 /// its tests keeps whatever it reported (the probe), for CI artifacts, and
 /// the run fails with the reason.
-fn collect(guest: &Guest, finished: bool, c_tests: &[CTest], results_dir: &Path) -> Result<RunOutcome> {
-    let results = verdict_results(guest, finished, c_tests, results_dir)?;
-    report::write_reports(&results, "report")?;
+fn collect(
+    guest: &Guest,
+    finished: bool,
+    c_tests: &[CTest],
+    results_dir: &Path,
+    report_dir: &Path,
+) -> Result<RunOutcome> {
+    let results = verdict_results(guest, finished, c_tests, results_dir, report_dir)?;
+    report::write_run_reports(&results, report_dir)?;
     let summary = report::summarize(&results);
     if let (Some(first), Some(done)) = (guest.first_test, guest.done) {
         eprintln!(
@@ -352,7 +420,13 @@ fn collect(guest: &Guest, finished: bool, c_tests: &[CTest], results_dir: &Path)
 }
 
 /// The results a verdict is made of, or why there is none.
-fn verdict_results(guest: &Guest, finished: bool, c_tests: &[CTest], results_dir: &Path) -> Result<Vec<TestResult>> {
+fn verdict_results(
+    guest: &Guest,
+    finished: bool,
+    c_tests: &[CTest],
+    results_dir: &Path,
+    report_dir: &Path,
+) -> Result<Vec<TestResult>> {
     let results = report::read_results(&results_dir.join("results.jsonl")).and_then(|mut r| {
         report::add_timeouts(&mut r, results_dir)?;
         report::add_crashed_binaries(&mut r, &results_dir.join("exit-codes"))?;
@@ -367,7 +441,7 @@ fn verdict_results(guest: &Guest, finished: bool, c_tests: &[CTest], results_dir
                 duration_ms: 0,
                 message: e.to_string(),
             });
-            report::write_reports(&partial, "report").ok();
+            report::write_run_reports(&partial, report_dir).ok();
             return Err(e);
         }
         (Judged::NoTests(e), _) => return Err(e),
@@ -462,11 +536,8 @@ mod tests {
             fs::write(dir.join(name), text).unwrap();
         }
         let c_tests = [CTest { name: "pre_fault_memory_test".into(), path: "/c".into(), ported_by: &[], cases: &[] }];
-        let result = verdict_results(&run.guest, run.finished, &c_tests, &dir).map(|results| RunOutcome {
-            summary: report::summarize(&results),
-            results,
-            kernel: String::new(),
-        });
+        let result = verdict_results(&run.guest, run.finished, &c_tests, &dir, &dir.join("report"))
+            .map(|results| RunOutcome { summary: report::summarize(&results), results, kernel: String::new() });
         fs::remove_dir_all(&dir).unwrap();
         let vm = match &result {
             Ok(outcome) if outcome.passed() => 0,

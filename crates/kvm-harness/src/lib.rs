@@ -24,6 +24,7 @@ pub mod runner;
 pub mod settings;
 pub mod signal_storm;
 pub mod stats;
+pub mod tap;
 pub mod threads;
 pub mod uapi;
 pub mod vcpu;

@@ -149,15 +149,25 @@ pub fn parse_strict(value: &str) -> Result<bool> {
     }
 }
 
+/// A registered test: its name, whether libtest should list it as ignored,
+/// and its body, which records its result and returns its verdict.
+struct Case {
+    name: String,
+    ignored: bool,
+    body: Box<dyn FnOnce() -> Verdict + Send>,
+}
+
 /// One test binary's tests.
 pub struct Suite {
     binary: String,
     args: Arguments,
     strict: bool,
+    /// kselftest's TAP 13 instead of libtest's output ([`crate::tap`]).
+    tap: bool,
     results: ResultsFile,
     kvm: Result<Arc<Kvm>, String>,
     known_failures: KnownFailures,
-    trials: Vec<Trial>,
+    cases: Vec<Case>,
 }
 
 impl std::fmt::Debug for Suite {
@@ -186,12 +196,13 @@ impl Suite {
     pub fn new(binary: &str) -> Self {
         let mut raw: Vec<String> = std::env::args().collect();
         let config = strict_from_env(&mut raw).and_then(|strict| {
+            let tap = crate::tap::selected(&mut raw)?;
             // The versioned rules' evidence and settings: a bad setting or
             // an unreadable history fails now, before any test.
             crate::kernel_rules::running_kernel()?;
-            Ok((strict, known_failures::from_env()?))
+            Ok((strict, tap, known_failures::from_env()?))
         });
-        let (strict, known_failures) = config.unwrap_or_else(|e| {
+        let (strict, tap, known_failures) = config.unwrap_or_else(|e| {
             eprintln!("{binary}: {e}");
             std::process::exit(2);
         });
@@ -200,10 +211,11 @@ impl Suite {
             binary: binary.to_string(),
             args: Arguments::from_iter(raw),
             strict,
+            tap,
             results: ResultsFile::from_env(),
             kvm,
             known_failures,
-            trials: Vec::new(),
+            cases: Vec::new(),
         }
     }
 
@@ -240,15 +252,15 @@ impl Suite {
             (Ok(kvm), None) => Some((kvm.clone(), Box::new(body))),
             _ => None,
         };
-        let trial = self.wrap(name, skip.clone(), move || match body {
+        let mut case = self.wrap(name, skip.clone(), move || match body {
             Some((kvm, body)) => body(&kvm),
             None => Ok(()),
         });
         // Listed as ignored so that nextest, which judges a test by its exit
         // status alone, reports a skip or a known failure instead of a pass.
-        let known = self.known_failures.contains_key(&(self.binary.clone(), trial.name().to_string()));
-        let flag = (skip.is_some() && !self.strict || known) && (self.args.list || self.args.ignored);
-        self.trials.push(trial.with_ignored_flag(flag));
+        let known = self.known_failures.contains_key(&(self.binary.clone(), case.name.clone()));
+        case.ignored = (skip.is_some() && !self.strict || known) && (self.args.list || self.args.ignored);
+        self.cases.push(case);
     }
 
     /// Adds a test that does not touch KVM (harness self-tests).
@@ -256,11 +268,11 @@ impl Suite {
     where
         F: FnOnce() -> Result<()> + Send + 'static,
     {
-        let trial = self.wrap(name.into(), None, body);
-        self.trials.push(trial);
+        let case = self.wrap(name.into(), None, body);
+        self.cases.push(case);
     }
 
-    fn wrap<F>(&self, name: String, skip: Option<String>, body: F) -> Trial
+    fn wrap<F>(&self, name: String, skip: Option<String>, body: F) -> Case
     where
         F: FnOnce() -> Result<()> + Send + 'static,
     {
@@ -268,7 +280,8 @@ impl Suite {
         let results = self.results.clone();
         let strict = self.strict;
         let known_failure = self.known_failures.get(&(binary.clone(), name.clone())).cloned();
-        Trial::ignorable_test(name.clone(), move || {
+        let test_name = name.clone();
+        let body = Box::new(move || {
             let start = Instant::now();
             let verdict = match skip {
                 Some(reason) if strict => {
@@ -287,18 +300,49 @@ impl Suite {
             };
             results.record(&Record {
                 binary,
-                test: name,
+                test: test_name,
                 outcome: verdict.outcome(),
                 duration_ms: start.elapsed().as_millis() as u64,
                 message: verdict.message().to_string(),
             });
-            verdict.into_libtest()
-        })
+            verdict
+        });
+        Case { name, ignored: false, body }
     }
 
-    /// Runs the selected tests and returns the exit status (non-zero on any failure).
+    /// Runs the selected tests and returns the exit status: libtest's
+    /// (non-zero on any failure), or with TAP kselftest's (0 pass, 1 a
+    /// failure, 4 every test skipped).
     pub fn run(self) -> ExitCode {
-        let code = libtest_mimic::run(&self.args, self.trials).exit_code();
+        let code = if self.tap && !self.args.list {
+            let threads =
+                self.args.test_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let selected: Vec<(String, crate::tap::Body)> = self
+                .cases
+                .into_iter()
+                // libtest's filters (a name, --exact, --skip) select here too.
+                .filter(|c| !self.args.is_filtered_out(&Trial::test(c.name.clone(), || Ok(()))))
+                .map(|c| {
+                    let body = c.body;
+                    let run: crate::tap::Body = Box::new(move || {
+                        let verdict = body();
+                        (verdict.outcome(), verdict.message().to_string())
+                    });
+                    (c.name, run)
+                })
+                .collect();
+            crate::tap::run(selected, threads)
+        } else {
+            let trials = self
+                .cases
+                .into_iter()
+                .map(|c| {
+                    let body = c.body;
+                    Trial::ignorable_test(c.name, move || body().into_libtest()).with_ignored_flag(c.ignored)
+                })
+                .collect();
+            libtest_mimic::run(&self.args, trials).exit_code()
+        };
         // What the run expected of the versioned rules it checked, and why.
         let table = crate::kernel_rules::consulted_table();
         if !table.is_empty() {
