@@ -111,10 +111,8 @@ fn run_sh_kills_a_binary_or_c_test_out_of_time_with_its_children_and_runs_the_re
             dir.display()
         ),
     );
-    let root = stage(
-        &dir,
-        vec![TestBinary { name: "hangs".into(), path: hang.clone() }, binary(&dir, "after", "pass", 0)],
-    );
+    let root =
+        stage(&dir, vec![TestBinary { name: "hangs".into(), path: hang.clone() }, binary(&dir, "after", "pass", 0)]);
     let c_tests = [
         script(&dir, "hanging_test", "sleep 100"),
         script(&dir, "passing_test", "exit 0"),
