@@ -204,9 +204,10 @@ run_binary() {
     echo "$_b $_rc" >> "$R/exit-codes"
     echo "$_b $(($(now) - _t0))" >> "$R/wall-times"
     if [ -n "$timed_out" ]; then
-        echo "$_b $timed_out" >> "$R/timeouts"
+        _limit=$timed_out
+        echo "$_b $_limit" >> "$R/timeouts"
         limited "$_b" 30 "$C/bin/$_b" --list "$@" > "$R/$_b.tests" 2>/dev/null
-        timed_out_record "$_b" "$timed_out"
+        timed_out_record "$_b" "$_limit"
     elif [ $_rc != 0 ] && ! grep -q "^{\"binary\":\"$_b\",.*\"outcome\":\"fail\"" "$res" 2>/dev/null; then
         record "$_b" exit_status fail 0 "$_b exited with status $_rc without reporting a failed test"
     fi

@@ -16,6 +16,8 @@ mod patch;
 mod qemu;
 mod recipe;
 mod report;
+#[cfg(test)]
+mod run_sh_tests;
 mod test_binaries;
 mod upstream;
 mod util;
@@ -501,7 +503,7 @@ mod tests {
             ("kernel --debain 7.3", "similar argument exists: '--debian'"),
             ("bisect-demo --debain 7.3", "similar argument exists: '--debian'"),
             ("report r --nmae x", "similar argument exists: '--name'"),
-            ("bundle --ot d", "similar argument exists: '--out'"),
+            ("bundle --ot d", "'--ot'"),
             ("vm --bundle b --test-binary t", "--test-binary"),
             // Test filters go after `--` only.
             ("vm address_space", "address_space"),

@@ -53,39 +53,80 @@ fn by_binary(results: &[TestResult]) -> Vec<(&str, Vec<&TestResult>)> {
     groups
 }
 
-/// KTAP v1 with one subtest per binary, as kselftest/KUnit nest them.
+/// The report as kselftest's `run_kselftest.sh` prints a run (TAP 13):
+/// one program per binary, `ok N selftests: kvm_private_mem: BINARY`,
+/// after the binary's own TAP (its `--format tap` output) prefixed with
+/// `# `, which is what the kselftest parsers of KernelCI and LKFT read; the
+/// tree's C tests (binary `upstream`) are programs of collection `kvm`.
 pub fn ktap(results: &[TestResult]) -> String {
     let groups = by_binary(results);
-    let mut out = format!("KTAP version 1\n1..{}\n", groups.len());
-    for (n, (binary, tests)) in groups.iter().enumerate() {
-        let _ = writeln!(out, "    KTAP version 1\n    # Subtest: {binary}\n    1..{}", tests.len());
+    let programs: usize = groups.iter().map(|(b, tests)| if *b == UPSTREAM { tests.len() } else { 1 }).sum();
+    let mut out = format!("TAP version 13\n1..{programs}\n");
+    let mut n = 0;
+    for (binary, tests) in &groups {
+        if *binary == UPSTREAM {
+            for t in tests {
+                n += 1;
+                let header = format!("selftests: kvm: {}", ktap_name(&t.test));
+                let _ = writeln!(out, "# {header}");
+                let _ = writeln!(out, "{}", program_line(n, &header, t.outcome, &t.message));
+            }
+            continue;
+        }
+        n += 1;
+        let header = format!("selftests: {}: {}", crate::bundle::COLLECTION, ktap_name(binary));
+        let _ = writeln!(out, "# {header}\n# TAP version 13\n# 1..{}", tests.len());
         for (i, t) in tests.iter().enumerate() {
             let name = ktap_name(&t.test);
+            let reason = one_line(&t.message);
             match t.outcome {
                 Outcome::Pass => {
-                    let _ = writeln!(out, "    ok {} {name}", i + 1);
+                    let _ = writeln!(out, "# ok {} {name}", i + 1);
                 }
                 Outcome::Skip => {
-                    let _ = writeln!(out, "    ok {} {name} # SKIP {}", i + 1, one_line(&t.message));
+                    let _ = writeln!(out, "# ok {} {name} # SKIP {reason}", i + 1);
                 }
                 Outcome::Xfail => {
-                    let _ = writeln!(out, "    ok {} {name} # XFAIL {}", i + 1, one_line(&t.message));
+                    let _ = writeln!(out, "# ok {} {name} # XFAIL {reason}", i + 1);
                 }
                 Outcome::Fail => {
                     for line in t.message.lines() {
-                        let _ = writeln!(out, "    # {line}");
+                        let _ = writeln!(out, "# # {line}");
                     }
-                    let _ = writeln!(out, "    not ok {} {name}", i + 1);
+                    let _ = writeln!(out, "# not ok {} {name}", i + 1);
                 }
             }
         }
-        let failed = tests.iter().any(|t| t.outcome == Outcome::Fail);
-        let all_skipped = tests.iter().all(|t| t.outcome == Outcome::Skip);
-        let verdict = if failed { "not ok" } else { "ok" };
-        let skip = if all_skipped && !failed { " # SKIP all tests skipped" } else { "" };
-        let _ = writeln!(out, "{verdict} {} {}{skip}", n + 1, ktap_name(binary));
+        let owned: Vec<TestResult> = tests.iter().map(|t| (*t).clone()).collect();
+        let s = summarize(&owned);
+        let _ = writeln!(
+            out,
+            "# # Totals: pass:{} fail:{} xfail:{} xpass:0 skip:{} error:0",
+            s.pass, s.fail, s.xfail, s.skip
+        );
+        let outcome = if s.fail > 0 {
+            Outcome::Fail
+        } else if s.skip == tests.len() {
+            Outcome::Skip
+        } else {
+            Outcome::Pass
+        };
+        let _ = writeln!(out, "{}", program_line(n, &header, outcome, "all tests skipped"));
     }
     out
+}
+
+/// The binary of the tree's C tests' results.
+const UPSTREAM: &str = "upstream";
+
+/// A program's result line as kselftest's runner prints it.
+fn program_line(n: usize, header: &str, outcome: Outcome, reason: &str) -> String {
+    match outcome {
+        Outcome::Pass => format!("ok {n} {header}"),
+        Outcome::Skip => format!("ok {n} {header} # SKIP {}", one_line(reason)),
+        Outcome::Xfail => format!("ok {n} {header} # XFAIL {}", one_line(reason)),
+        Outcome::Fail => format!("not ok {n} {header} # exit=1"),
+    }
 }
 
 /// KTAP names end at `#`, which would turn the rest into a directive.
@@ -336,18 +377,25 @@ mod tests {
     }
 
     #[test]
-    fn ktap_nests_per_binary() {
+    fn ktap_is_what_run_kselftest_prints() {
         let results = [
             r("a", "one", Outcome::Pass, ""),
             r("b", "two", Outcome::Fail, "boom\nline 2"),
             r("a", "three", Outcome::Skip, "no cap"),
+            r("upstream", "x_test", Outcome::Pass, "exit status 0"),
+            r("c", "four", Outcome::Xfail, "known failure: bug: boom"),
         ];
         let k = ktap(&results);
         assert_eq!(
             k,
-            "KTAP version 1\n1..2\n\
-             \x20   KTAP version 1\n    # Subtest: a\n    1..2\n    ok 1 one\n    ok 2 three # SKIP no cap\nok 1 a\n\
-             \x20   KTAP version 1\n    # Subtest: b\n    1..1\n    # boom\n    # line 2\n    not ok 1 two\nnot ok 2 b\n"
+            "TAP version 13\n1..4\n\
+             # selftests: kvm_private_mem: a\n# TAP version 13\n# 1..2\n# ok 1 one\n# ok 2 three # SKIP no cap\n\
+             # # Totals: pass:1 fail:0 xfail:0 xpass:0 skip:1 error:0\nok 1 selftests: kvm_private_mem: a\n\
+             # selftests: kvm_private_mem: b\n# TAP version 13\n# 1..1\n# # boom\n# # line 2\n# not ok 1 two\n\
+             # # Totals: pass:0 fail:1 xfail:0 xpass:0 skip:0 error:0\nnot ok 2 selftests: kvm_private_mem: b # exit=1\n\
+             # selftests: kvm: x_test\nok 3 selftests: kvm: x_test\n\
+             # selftests: kvm_private_mem: c\n# TAP version 13\n# 1..1\n# ok 1 four # XFAIL known failure: bug: boom\n\
+             # # Totals: pass:0 fail:0 xfail:1 xpass:0 skip:0 error:0\nok 4 selftests: kvm_private_mem: c\n"
         );
     }
 
