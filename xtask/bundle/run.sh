@@ -109,9 +109,11 @@ limit_of() {
 mkdir -p "$out" || die "cannot create the results directory $out"
 out=$(cd "$out" && pwd -P)
 R=$out
-T=$out/.run
 res=$R/results.jsonl
-rm -rf "$T" && mkdir -p "$T" || die "cannot create $T"
+# Scratch space (the tests' TMPDIR and cwd), off the results directory,
+# which may be a slow share.
+T=$(mktemp -d "${TMPDIR:-/tmp}/kvm-selftests.XXXXXX") || die "cannot create a directory under ${TMPDIR:-/tmp}"
+trap 'rm -rf "$T"' EXIT
 rm -f "$res" "$R/exit-codes" "$R/wall-times" "$R/timeouts" "$R/status" "$R/rules.txt"
 
 # debugfs: the fault-injection knobs (allocation_failures) and gcov data.

@@ -77,7 +77,8 @@ $bb mount -t sysfs sysfs /sys || die "setup-failed mounting /sys"
 [ -c /dev/null ] || $bb mount -t devtmpfs devtmpfs /dev || die "setup-failed mounting /dev"
 $bb mkdir -p /dev/shm && $bb mount -t tmpfs tmpfs /dev/shm
 $bb mount -t tmpfs tmpfs /run || die "setup-failed mounting tmpfs on /run"
-$bb mkdir -p $R /run/bundle
+$bb mkdir -p $R /run/bundle /run/tmp
+export TMPDIR=/run/tmp
 $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
     || die "setup-failed mounting the results share"
 echo "$M init"
