@@ -130,7 +130,12 @@ echo "$M init"
     run.push("--".into());
     run.extend(args.iter().map(|a| shell_quote(a)));
     let _ = writeln!(s, "{}", run.join(" \\\n    "));
-    s.push_str("[ -e $R/status ] && echo \"$M done\"\n$bb sync\n$bb poweroff -f\n");
+    // run.sh marks a finished run itself; one that stopped before its tests
+    // has said why (no-kvm, probe-failed), else this names it.
+    s.push_str(
+        "rc=$?\nif [ -e $R/status ]; then echo \"$M done\"; else echo \"$M setup-failed run.sh stopped before the \
+         tests (exit status $rc)\"; fi\n$bb sync\n$bb poweroff -f\n",
+    );
     s
 }
 

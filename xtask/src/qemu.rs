@@ -162,7 +162,10 @@ impl Guest {
                 }
             }
             "done" => self.done = Some(since_start),
-            "no-kvm" | "probe-failed" | "setup-failed" => self.failure = Some(m.to_string()),
+            // The first one says why; run.sh's caller may add its own after it.
+            "no-kvm" | "probe-failed" | "setup-failed" => {
+                self.failure.get_or_insert_with(|| m.to_string());
+            }
             _ => {}
         }
     }
@@ -355,6 +358,14 @@ mod tests {
         stream_console(console.as_bytes(), &tx);
         let events: Vec<_> = rx.try_iter().map(|e| format!("{e:?}")).collect();
         assert_eq!(events, ["Marker(\"init\")", "Panic(\"Kernel panic - not syncing: x\")", "Eof"]);
+    }
+
+    #[test]
+    fn the_first_failure_marker_says_why_the_guest_stopped() {
+        let console = "@@KVM-SELFTESTS@@ init\n@@KVM-SELFTESTS@@ probe-failed no protected VMs\n\
+                       @@KVM-SELFTESTS@@ setup-failed run.sh stopped before the tests (exit status 2)\n";
+        let guest = seen(console, End::Exited(ExitStatus::default()));
+        assert!(matches!(guest.failure(), Error::GuestMissingFeature(m) if m == "no protected VMs"));
     }
 
     #[test]
