@@ -276,7 +276,7 @@ fn with_running_guest(
         let mut seen = Vec::new();
         let hosted = host(&rx, &mut seen);
         if hosted.is_err() {
-            let _ = vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT);
+            let _ = vm.delete_slot(kvm_harness::SYSTEM_SLOT);
         }
         let end = threads::join(guest, "vCPU thread")?;
         hosted?;
@@ -346,7 +346,7 @@ fn delete_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
         seen.push(wait_for_vcpu(rx, "after deleting the memslot again")?);
         progress.wait_spinning(3);
         // Now delete the memslot holding code and page tables.
-        vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT)
+        vm.delete_slot(kvm_harness::SYSTEM_SLOT)
     })?;
     let rule = "a deleted memslot reads as MMIO, a re-created one as fresh zeroed memory";
     ensure!(seen.len() == 4, rule, "expected the start report and 3 phase reports, got {seen:#x?}");

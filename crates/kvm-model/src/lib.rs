@@ -919,12 +919,6 @@ impl Model {
         }
     }
 
-    /// Whether a host access of `len` bytes at `offset` of `mem` would
-    /// fault; changes nothing.
-    pub fn host_access_faults(&self, mem: HostMemory, offset: u64, len: u64) -> bool {
-        self.host_check(mem, offset, len).is_err()
-    }
-
     /// The guest reads the u64 at `gpa` (8-byte aligned).
     pub fn guest_read(&mut self, gpa: u64) -> GuestAccess {
         self.obsolete_roots = false;
