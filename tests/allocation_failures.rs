@@ -102,7 +102,7 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
     Ok(())
 }
 
-fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
     let fault = NthFault::for_this_thread()?;
     let fds = fd_table()?;
     let rule =
@@ -124,7 +124,7 @@ fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
     Ok(())
 }
 
-fn protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
     let rule = "KVM_CREATE_VCPU fails with ENOMEM leaving no fd and its id free, or returns a working vCPU";
@@ -336,15 +336,15 @@ fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()>
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("allocation_failures");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     // The scenarios compare the process's fd table before and after a call.
     suite.one_test_at_a_time();
     let needs = || {
         vec![Need::VmType(VmType::SwProtected), Need::Check(Box::new(|_: &Arc<Kvm>| fault_injection::availability()))]
     };
     kvm_harness::register!(suite, needs() =>
-        protected_vm_creation_fails_cleanly_at_every_allocation,
-        protected_vm_vcpu_creation_fails_cleanly_at_every_allocation,
+        sw_protected_vm_creation_fails_cleanly_at_every_allocation,
+        sw_protected_vm_vcpu_creation_fails_cleanly_at_every_allocation,
         memslot_delete_and_move_fail_cleanly_at_every_allocation,
         guest_memfd_creation_fails_cleanly_at_every_allocation,
         guest_memfd_fallocate_fails_cleanly_at_every_allocation,

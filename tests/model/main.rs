@@ -207,38 +207,44 @@ fn gmem_only_slots(kvm: Option<&Arc<Kvm>>, vm_type: VmType) -> bool {
     })
 }
 
+/// What every model test of `vm_type` needs beyond the type. The model's
+/// private memory is the VM's KVM_SET_MEMORY_ATTRIBUTES state; a protected
+/// VM without it (7.4's in-place conversion,
+/// kvm.gmem_in_place_conversion=Y, keeps PRIVATE per guest_memfd) is
+/// outside what the model covers, and skips naming the capability.
+fn needs(vm_type: VmType) -> Vec<Need> {
+    match vm_type {
+        VmType::Default => vec![],
+        VmType::SwProtected => vec![Need::VmCap(vm_type, Cap::MemoryAttributes)],
+    }
+}
+
 fn main() -> ExitCode {
-    let mut suite = Suite::new("model");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
+    // kvm_pvm's known bug (see .ci/known-failures/kvm_pvm.txt) is left
+    // to the focused test below, which that list names.
+    let gmem_only = if on_kvm_pvm() { GmemOnlyAccess::Excluded } else { GmemOnlyAccess::Included };
+    suite.per_vm_type("random_sequences_match_the_model", needs, move |kvm, vm_type| {
+        explore(kvm, vm_type, gmem_only, Windows::Small)
+    });
     for vm_type in VmType::ALL {
-        let short = vm_type.short();
-        // The model's private memory is the VM's KVM_SET_MEMORY_ATTRIBUTES
-        // state; a protected VM without it (7.4's in-place conversion,
-        // kvm.gmem_in_place_conversion=Y, keeps PRIVATE per guest_memfd) is
-        // outside what the model covers, and skips naming the capability.
-        let needs = || match vm_type {
-            VmType::Default => vec![Need::VmType(vm_type)],
-            VmType::SwProtected => vec![Need::VmType(vm_type), Need::VmCap(vm_type, Cap::MemoryAttributes)],
-        };
-        // kvm_pvm's known bug (see .ci/known-failures/kvm_pvm.txt) is left
-        // to the focused test below, which that list names.
-        let gmem_only = if on_kvm_pvm() { GmemOnlyAccess::Excluded } else { GmemOnlyAccess::Included };
-        suite.test(format!("{short}_vm_random_sequences_match_the_model"), needs(), move |kvm| {
-            explore(kvm, vm_type, gmem_only, Windows::Small)
-        });
         if gmem_only_slots(suite.kvm(), vm_type) {
-            suite.test(format!("{short}_vm_guest_accesses_to_gmem_only_slots_match_the_model"), needs(), move |kvm| {
-                explore(kvm, vm_type, GmemOnlyAccess::Focused, Windows::Small)
-            });
-        }
-        // Huge pages under mixed attributes need private memory: VMs
-        // without it have no attributes to mix.
-        if vm_type == VmType::SwProtected {
-            suite.test(
-                format!("{short}_vm_sequences_on_huge_page_backed_memslots_match_the_model"),
-                needs(),
-                move |kvm| explore(kvm, vm_type, gmem_only, Windows::Huge),
+            suite.for_vm_type(
+                vm_type,
+                "guest_accesses_to_gmem_only_slots_match_the_model",
+                needs(vm_type),
+                |kvm, t| explore(kvm, t, GmemOnlyAccess::Focused, Windows::Small),
             );
         }
     }
+    // Huge pages under mixed attributes need private memory: VMs
+    // without it have no attributes to mix.
+    let protected = VmType::SwProtected;
+    suite.for_vm_type(
+        protected,
+        "sequences_on_huge_page_backed_memslots_match_the_model",
+        needs(protected),
+        move |kvm, t| explore(kvm, t, gmem_only, Windows::Huge),
+    );
     suite.run()
 }

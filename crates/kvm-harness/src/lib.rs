@@ -49,7 +49,7 @@ pub use kvm_bindings as bindings;
 pub use memory::{page_size, Fill, GuestMemfd, HostMemory};
 pub use nix::errno::Errno;
 pub use region::{GmemBinding, Region};
-pub use runner::{Need, Suite};
+pub use runner::{Body, Need, Suite};
 pub use signal_storm::SignalStorm;
 pub use vcpu::Vcpu;
 pub use vm::{Vm, SYSTEM_SLOT};

@@ -72,7 +72,9 @@ impl Need {
     }
 }
 
-type KvmBody = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
+/// A test body, boxed: for a binary that builds its variants as a list
+/// of rules and bodies before registering them.
+pub type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
 
 /// Parses a [`STRICT_ENV`] value.
 pub(crate) fn parse_strict(value: &str) -> Result<bool> {
@@ -170,7 +172,7 @@ impl Suite {
             Err(reason) => Some(reason.clone()),
             Ok(kvm) => needs.iter().find_map(|n| n.check(kvm).err()),
         };
-        let body: Option<(Arc<Kvm>, KvmBody)> = match (&self.kvm, &skip) {
+        let body: Option<(Arc<Kvm>, Body)> = match (&self.kvm, &skip) {
             (Ok(kvm), None) => Some((kvm.clone(), Box::new(body))),
             _ => None,
         };
@@ -183,6 +185,30 @@ impl Suite {
         let known = self.known_failures.contains_key(&(self.binary.clone(), trial.name().to_string()));
         let flag = (skip.is_some() && !self.strict || known) && (self.args.list || self.args.ignored);
         self.trials.push(trial.with_ignored_flag(flag));
+    }
+
+    /// Adds `{type}_vm_{rule}` for every VM type ([`VmType::ALL`]): the one
+    /// way to register a per-type variant. Each needs its type and
+    /// `needs(type)`; `body` gets the system fd and the type.
+    pub fn per_vm_type<F>(&mut self, rule: &str, needs: impl Fn(VmType) -> Vec<Need>, body: F)
+    where
+        F: Fn(&Arc<Kvm>, VmType) -> Result<()> + Clone + Send + 'static,
+    {
+        for vm_type in VmType::ALL {
+            self.for_vm_type(vm_type, rule, needs(vm_type), body.clone());
+        }
+    }
+
+    /// Adds `{type}_vm_{rule}` for one VM type, for the variants that exist
+    /// for some types only (a flag only some types advertise): named and
+    /// needing its type as [`Self::per_vm_type`] does.
+    pub fn for_vm_type<F>(&mut self, vm_type: VmType, rule: &str, needs: Vec<Need>, body: F)
+    where
+        F: FnOnce(&Arc<Kvm>, VmType) -> Result<()> + Send + 'static,
+    {
+        let mut all = vec![Need::VmType(vm_type)];
+        all.extend(needs);
+        self.test(format!("{}_vm_{rule}", vm_type.short()), all, move |kvm| body(kvm, vm_type));
     }
 
     /// Adds a test that does not touch KVM (harness self-tests).
