@@ -24,7 +24,7 @@ use kvm_harness::fault_injection::{self, at_every_allocation, Failing, NthFault}
 use kvm_harness::kernel_rules::{ForRunningKernel, Hex, GMEM_BINDING_OVERLAP};
 use kvm_harness::{
     ensure, expect_eq, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op, Region, Result,
-    Suite, Vm, VmType,
+    Suite, SysResult, Vm, VmType,
 };
 use kvm_selftests::SLOT_SIZE;
 
@@ -43,9 +43,9 @@ const SHARED_MARK: u64 = 0x5a5a_5a5a_0000_0001;
 /// The fd table as the scenarios compare it: how many fds are open, and the
 /// lowest free number (an fd reserved but never installed shows only there).
 fn fd_table() -> Result<(usize, RawFd)> {
-    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Misuse(format!("listing /proc/self/fd: {e}")))?;
+    let dir = std::fs::read_dir("/proc/self/fd").sys(|| "opendir(/proc/self/fd)".into())?;
     let open = dir.count();
-    let probe = File::open("/dev/null").map_err(|e| Error::Misuse(format!("opening /dev/null: {e}")))?;
+    let probe = File::open("/dev/null").sys(|| "open(/dev/null)".into())?;
     Ok((open, probe.as_raw_fd()))
 }
 

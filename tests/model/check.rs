@@ -211,7 +211,12 @@ impl Vms {
         match self {
             Self::InLine { kvm, vm_type, windows } => Real::started(kvm, *vm_type, *windows),
             Self::Pipelined { ready, .. } => {
-                ready.recv().map_err(|_| Error::Config("the VM-making thread ended".into()))?
+                // The maker thread sends until this receiver is gone: it ended
+                // early only by panicking, which joining it reports in full.
+                ready.recv().map_err(|_| Error::Panic {
+                    thread: "the VM-making thread".into(),
+                    message: "it ended without handing over a VM".into(),
+                })?
             }
         }
     }

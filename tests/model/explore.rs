@@ -128,7 +128,7 @@ pub(crate) fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess
         let mut runner = TestRunner::new_with_rng(Config::default(), rng(seed));
         let mut tree = sequences(&profile, gmem_only, windows)
             .new_tree(&mut runner)
-            .map_err(|e| Error::Config(format!("generating case {case}: {e}")))?;
+            .map_err(|e| Error::Misuse(format!("generating case {case}: {e}")))?;
         let (_, steps, seen) = tree.current();
         charge(t, |t| &mut t.generate);
         ran += 1;
@@ -162,7 +162,7 @@ pub(crate) fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess
     }
     drop(vms);
     for helper in helpers {
-        helper.join().map_err(|_| Error::Config("a VM helper thread panicked".into()))?;
+        threads::join_spawned(helper, "VM helper thread")?;
     }
     eprintln!("model: {vm_type}: {ran} sequences, {steps_run} steps, all matched, in {:.1?}", start.elapsed());
     let times = Times::take();
@@ -211,15 +211,14 @@ impl Resources {
         // on each in turn, and a file a concurrent test closes meanwhile
         // would then be released when this thread returns to user space,
         // not at that test's close, where its model expects it.
-        let dir = std::fs::metadata("/proc/self/fd").map_err(|e| Error::Config(format!("/proc/self/fd: {e}")))?;
+        let dir = std::fs::metadata("/proc/self/fd").sys(|| "stat(/proc/self/fd)".into())?;
         let fds = match dir.len() {
             // Before 6.2 the size is 0 (this process has fds open, /dev/kvm
             // at least); such kernels have no guest_memfd to close.
-            0 => std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Config(format!("/proc/self/fd: {e}")))?.count(),
+            0 => std::fs::read_dir("/proc/self/fd").sys(|| "opendir(/proc/self/fd)".into())?.count(),
             n => n as usize,
         };
-        let status = std::fs::read_to_string("/proc/self/status")
-            .map_err(|e| Error::Config(format!("/proc/self/status: {e}")))?;
+        let status = std::fs::read_to_string("/proc/self/status").sys(|| "read(/proc/self/status)".into())?;
         let rss_kib = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -52,8 +52,8 @@ use kvm_harness::bindings::{kvm_memory_attributes, kvm_pre_fault_memory, kvm_reg
 use kvm_harness::stats::Stats;
 use kvm_harness::{kernel_rules, watchdog};
 use kvm_harness::{
-    settings, Access, Agent, Cap, ChildFate, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm, Need,
-    Op, Region, Result, Suite, Vm, VmType,
+    settings, threads, Access, Agent, Cap, ChildFate, Error, Exit, GmemBinding, GuestCall, GuestMemfd, HostMemory, Kvm,
+    Need, Op, Region, Result, Suite, SysResult, Vm, VmType,
 };
 use kvm_model::{
     Change, Errno, Fallocate, GmemFd, GuestAccess, HostFault, HostMemory as ModelMemory, MapGpaRange, MemoryRegion,

@@ -72,7 +72,8 @@ pub enum Error {
     /// serve (a bug in the calling test, not in the kernel).
     #[error("harness misuse: {0}")]
     Misuse(String),
-    /// A thread of the test panicked.
+    /// A thread of the test panicked, or a child process it started died
+    /// of a signal before it could report.
     #[error("{thread} panicked: {message}")]
     Panic {
         /// Which thread, e.g. `vCPU thread`.
