@@ -56,6 +56,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 case $jobs in '' | *[!0-9]* | 0) die "--jobs $jobs: a whole number above 0" ;; esac
+if [ "$jobs" -gt 1 ] && ! (sleep 0 & wait -n) 2>/dev/null; then
+    die "--jobs $jobs needs a shell with \`wait -n' (busybox sh, bash): run it as \`busybox sh $0 ...'"
+fi
 
 binaries=$(tr "\n" " " < "$C/binaries") && [ -n "$binaries" ] || die "no $C/binaries: is this an unpacked bundle?"
 c_names=

@@ -105,7 +105,11 @@ echo "$M init"
     for (name, value) in forwarded_settings(env::vars()) {
         let _ = writeln!(s, "export {name}={}", shell_quote(&value));
     }
-    let mut run = vec!["$bb sh \"$run\" -o $R".to_string()];
+    // Run as an engine runs it: by its `#!/bin/sh` (the host's, through
+    // the 9p root; dash on Debian). Running binaries at once needs a shell
+    // with `wait -n`: busybox's.
+    let shell = if shape.binary_jobs > 1 { "$bb sh " } else { "" };
+    let mut run = vec![format!("{shell}\"$run\" -o $R")];
     if let Some(list) = files.known_failures {
         run.push(format!("--known-failures {}", q(list)));
     }
