@@ -46,14 +46,14 @@ impl AsId {
     }
 }
 
-fn protected_vm_reports_single_address_space(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_reports_single_address_space(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let nr = vm.cap(Cap::MultiAddressSpace);
     ensure!(nr == 1, "a KVM_X86_SW_PROTECTED_VM has one memslot address space", "{} = {nr}", Cap::MultiAddressSpace);
     Ok(())
 }
 
-fn protected_vm_rejects_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_rejects_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let region = valid_region(0, 0)?;
     expect_errno("a KVM_X86_SW_PROTECTED_VM rejects a memslot in address space 1 (SMM)", Errno::EINVAL, || {
@@ -61,12 +61,12 @@ fn protected_vm_rejects_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
     })
 }
 
-fn protected_vm_accepts_address_space_zero(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_accepts_address_space_zero(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     expect_ok("a KVM_X86_SW_PROTECTED_VM accepts a memslot in address space 0", || vm.set_region(&valid_region(0, 0)?))
 }
 
-fn smm_default_vm_reports_two_address_spaces(kvm: &Arc<Kvm>) -> Result<()> {
+fn default_vm_with_smm_reports_two_address_spaces(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::Default)?;
     let nr = vm.cap(Cap::MultiAddressSpace);
     ensure!(
@@ -79,7 +79,7 @@ fn smm_default_vm_reports_two_address_spaces(kvm: &Arc<Kvm>) -> Result<()> {
     Ok(())
 }
 
-fn smm_default_vm_accepts_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
+fn default_vm_with_smm_accepts_second_address_space(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::Default)?;
     expect_ok("with KVM_CAP_X86_SMM, a KVM_X86_DEFAULT_VM accepts a memslot in address space 1", || {
         vm.set_region(&valid_region(0, 0)?.in_address_space(1))
@@ -125,34 +125,30 @@ fn system_address_space_count_bounds_every_vm_type(kvm: &Arc<Kvm>) -> Result<()>
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("address_spaces");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     let protected = || vec![Need::VmType(VmType::SwProtected)];
 
     kvm_harness::register!(suite, protected() =>
-        protected_vm_reports_single_address_space,
-        protected_vm_rejects_second_address_space,
-        protected_vm_accepts_address_space_zero,
+        sw_protected_vm_reports_single_address_space,
+        sw_protected_vm_rejects_second_address_space,
+        sw_protected_vm_accepts_address_space_zero,
     );
     kvm_harness::register!(suite, vec![Need::Cap(Cap::X86Smm)] =>
-        smm_default_vm_reports_two_address_spaces,
-        smm_default_vm_accepts_second_address_space,
+        default_vm_with_smm_reports_two_address_spaces,
+        default_vm_with_smm_accepts_second_address_space,
     );
     kvm_harness::register!(suite, vec![] =>
         address_space_count_matches_smm_support,
         system_address_space_count_bounds_every_vm_type,
     );
-    for vm_type in VmType::ALL {
-        for (label, as_id) in [
-            ("first_past_count", AsId::FirstPastCount),
-            ("0x8000", AsId::Fixed(0x8000)),
-            ("0xffff", AsId::Fixed(0xffff)),
-        ] {
-            suite.test(
-                format!("{}_vm_rejects_address_space_{label}", vm_type.short()),
-                vec![Need::VmType(vm_type)],
-                move |kvm| rejects_address_space(kvm, vm_type, as_id),
-            );
-        }
+    for (label, as_id) in
+        [("first_past_count", AsId::FirstPastCount), ("0x8000", AsId::Fixed(0x8000)), ("0xffff", AsId::Fixed(0xffff))]
+    {
+        suite.per_vm_type(
+            &format!("rejects_address_space_{label}"),
+            |_| vec![],
+            move |kvm, vm_type| rejects_address_space(kvm, vm_type, as_id),
+        );
     }
     suite.run()
 }

@@ -24,7 +24,7 @@ use kvm_harness::fault_injection::{self, at_every_allocation, Failing, NthFault}
 use kvm_harness::kernel_rules::{ForRunningKernel, Hex, GMEM_BINDING_OVERLAP};
 use kvm_harness::{
     ensure, expect_eq, page_size, Agent, Errno, Error, Exit, GmemBinding, GuestMemfd, Kvm, Need, Op, Region, Result,
-    Suite, Vm, VmType,
+    Suite, SysResult, Vm, VmType,
 };
 use kvm_selftests::SLOT_SIZE;
 
@@ -43,9 +43,9 @@ const SHARED_MARK: u64 = 0x5a5a_5a5a_0000_0001;
 /// The fd table as the scenarios compare it: how many fds are open, and the
 /// lowest free number (an fd reserved but never installed shows only there).
 fn fd_table() -> Result<(usize, RawFd)> {
-    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| Error::Misuse(format!("listing /proc/self/fd: {e}")))?;
+    let dir = std::fs::read_dir("/proc/self/fd").sys(|| "opendir(/proc/self/fd)".into())?;
     let open = dir.count();
-    let probe = File::open("/dev/null").map_err(|e| Error::Misuse(format!("opening /dev/null: {e}")))?;
+    let probe = File::open("/dev/null").sys(|| "open(/dev/null)".into())?;
     Ok((open, probe.as_raw_fd()))
 }
 
@@ -102,7 +102,7 @@ fn guest_memfd_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Res
     Ok(())
 }
 
-fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
     let fault = NthFault::for_this_thread()?;
     let fds = fd_table()?;
     let rule =
@@ -124,7 +124,7 @@ fn protected_vm_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Re
     Ok(())
 }
 
-fn protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_vcpu_creation_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let fault = NthFault::for_this_thread()?;
     let rule = "KVM_CREATE_VCPU fails with ENOMEM leaving no fd and its id free, or returns a working vCPU";
@@ -336,15 +336,15 @@ fn private_fault_fails_cleanly_at_every_allocation(kvm: &Arc<Kvm>) -> Result<()>
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("allocation_failures");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     // The scenarios compare the process's fd table before and after a call.
     suite.one_test_at_a_time();
     let needs = || {
         vec![Need::VmType(VmType::SwProtected), Need::Check(Box::new(|_: &Arc<Kvm>| fault_injection::availability()))]
     };
     kvm_harness::register!(suite, needs() =>
-        protected_vm_creation_fails_cleanly_at_every_allocation,
-        protected_vm_vcpu_creation_fails_cleanly_at_every_allocation,
+        sw_protected_vm_creation_fails_cleanly_at_every_allocation,
+        sw_protected_vm_vcpu_creation_fails_cleanly_at_every_allocation,
         memslot_delete_and_move_fail_cleanly_at_every_allocation,
         guest_memfd_creation_fails_cleanly_at_every_allocation,
         guest_memfd_fallocate_fails_cleanly_at_every_allocation,

@@ -20,15 +20,12 @@ use kvm_harness::kernel_rules::{
 use kvm_harness::numa::{self, Policy};
 use kvm_harness::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use kvm_harness::{
-    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, sweep, Access, Agent, Cap, ChildFate, Errno,
-    Error, Fill, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region, Result, SignalStorm, Suite, Vm, VmType,
+    ensure, errno_name, expect_eq, expect_errno, expect_ok, page_size, sweep, Access, Agent, Body, Cap, ChildFate,
+    Errno, Error, Fill, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region, Result, SignalStorm, Suite, Vm, VmType,
 };
 use nix::fcntl::FallocateFlags;
 use nix::sys::mman::MapFlags;
 use nix::sys::signal::Signal;
-
-/// A test body, boxed so one closure can register them all.
-type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
 
 /// Pages in the guest_memfd most rules use (upstream: 4).
 const PAGES: u64 = 4;
@@ -48,10 +45,6 @@ impl Case {
             f if f == GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED => "mmap_init_shared",
             _ => "other",
         }
-    }
-
-    fn name(self, rule: &str) -> String {
-        format!("{}_vm_{}_{rule}", self.vm_type.short(), self.flags_label())
     }
 
     /// The parameters, for failure messages.
@@ -658,121 +651,122 @@ fn guest_access(kvm: &Arc<Kvm>, case: Case, how: GmemSlot) -> Result<()> {
     host.expect_filled(&rule, 0, size, Fill::U64(guest_pattern), |offset| format!("guest_memfd offset {offset:#x}"))
 }
 
-fn gmem_needs(vm_type: VmType) -> Vec<Need> {
-    vec![Need::Cap(Cap::GuestMemfd), Need::VmType(vm_type)]
+/// Whether VMs of every type offer GUEST_MEMFD_FLAG_INIT_SHARED only with
+/// GUEST_MEMFD_FLAG_MMAP.
+fn init_shared_flag_implies_mmap_flag(kvm: &Arc<Kvm>, vm_type: VmType) -> Result<()> {
+    let flags = supported_flags(kvm, vm_type)?;
+    ensure!(
+        flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 || flags & GUEST_MEMFD_FLAG_MMAP != 0,
+        format!("{vm_type}: GUEST_MEMFD_FLAG_INIT_SHARED is only offered with GUEST_MEMFD_FLAG_MMAP"),
+        "{} = {flags:#x}",
+        Cap::GuestMemfdFlags
+    );
+    Ok(())
 }
 
-/// What a VM type advertises and accepts at creation, whatever the flags.
-fn register_creation_rules(suite: &mut Suite, vm_type: VmType) {
-    let short = vm_type.short();
-    suite.test(format!("{short}_vm_advertises_guest_memfd_flags_of_its_kernel"), gmem_needs(vm_type), move |kvm| {
-        advertised_flags_match_kernel(kvm, vm_type)
-    });
-    for bit in 0..64 {
-        suite.test(
-            format!("{short}_vm_create_flag_bit_{bit:02}_accepted_iff_advertised"),
-            gmem_needs(vm_type),
-            move |kvm| create_flag_bit(kvm, vm_type, bit),
-        );
-    }
-    suite.test(format!("{short}_vm_create_without_free_fd_fails_with_emfile"), gmem_needs(vm_type), move |kvm| {
-        create_without_free_fd(kvm, vm_type)
-    });
-    suite.test(format!("{short}_vm_init_shared_flag_implies_mmap_flag"), gmem_needs(vm_type), move |kvm| {
-        let flags = supported_flags(kvm, vm_type)?;
-        ensure!(
-            flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 || flags & GUEST_MEMFD_FLAG_MMAP != 0,
-            format!("{vm_type}: GUEST_MEMFD_FLAG_INIT_SHARED is only offered with GUEST_MEMFD_FLAG_MMAP"),
-            "{} = {flags:#x}",
-            Cap::GuestMemfdFlags
-        );
-        Ok(())
-    });
-}
-
-/// The file rules of one (VM type, flags) case.
-fn register_file_rules(suite: &mut Suite, case: Case) {
-    let mut add = |rule: &str, body: Body| {
-        suite.test(case.name(rule), gmem_needs(case.vm_type), body);
-    };
-    add("create_rejects_size_0", Box::new(move |kvm| create_rejects_sizes(kvm, case, [0], "size 0")));
-    add(
-        "create_rejects_sizes_1_to_page_minus_1",
-        Box::new(move |kvm| create_rejects_sizes(kvm, case, 1..page_size(), "every size below a page")),
-    );
-    add(
-        "create_rejects_size_with_bit_63",
-        Box::new(move |kvm| {
-            create_rejects_sizes(kvm, case, [1 << 63, !(page_size() - 1)], "a size negative as loff_t")
-        }),
-    );
-    add("multiple_fds_have_own_size_and_inode", Box::new(move |kvm| multiple_fds(kvm, case)));
-    add("fstat_reports_size_and_page_blksize", Box::new(move |kvm| file_size(kvm, case)));
+/// The file rules of one (VM type, flags) case, each a rule and its body.
+fn file_rules(case: Case) -> Vec<(String, Body)> {
+    let mut rules: Vec<(String, Body)> = vec![
+        ("create_rejects_size_0".into(), Box::new(move |kvm| create_rejects_sizes(kvm, case, [0], "size 0"))),
+        (
+            "create_rejects_sizes_1_to_page_minus_1".into(),
+            Box::new(move |kvm| create_rejects_sizes(kvm, case, 1..page_size(), "every size below a page")),
+        ),
+        (
+            "create_rejects_size_with_bit_63".into(),
+            Box::new(move |kvm| {
+                create_rejects_sizes(kvm, case, [1 << 63, !(page_size() - 1)], "a size negative as loff_t")
+            }),
+        ),
+        ("multiple_fds_have_own_size_and_inode".into(), Box::new(move |kvm| multiple_fds(kvm, case))),
+        ("fstat_reports_size_and_page_blksize".into(), Box::new(move |kvm| file_size(kvm, case))),
+    ];
     for io in IO {
         let rule = format!("{}_fails_with_{}", io.name, errno_name(io.expected).to_lowercase());
-        add(&rule, Box::new(move |kvm| io_fails(kvm, case, io)));
+        rules.push((rule, Box::new(move |kvm| io_fails(kvm, case, io))));
     }
     for (name, steps) in FALLOCATE {
-        add(name, Box::new(move |kvm| fallocate_rule(kvm, case, steps)));
+        rules.push((name.to_string(), Box::new(move |kvm| fallocate_rule(kvm, case, steps))));
     }
     for pair in BAD_PUNCHES {
-        add(&format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair)));
+        rules.push((format!("punch_hole_rejects_{}", pair.0), Box::new(move |kvm| bad_punch(kvm, case, pair))));
     }
-    add("fallocate_and_punch_hole_work_after_vm_is_closed", Box::new(move |kvm| outlives_vm(kvm, case)));
-    add("setattr_fails_with_einval", Box::new(move |kvm| setattr_is_rejected(kvm, case)));
+    rules
+        .push(("fallocate_and_punch_hole_work_after_vm_is_closed".into(), Box::new(move |kvm| outlives_vm(kvm, case))));
+    rules.push(("setattr_fails_with_einval".into(), Box::new(move |kvm| setattr_is_rejected(kvm, case))));
     if case.flags == 0 {
-        add(
-            "fallocate_interrupted_by_signals_fails_with_eintr",
+        rules.push((
+            "fallocate_interrupted_by_signals_fails_with_eintr".into(),
             Box::new(move |kvm| fallocate_interrupted_by_signals(kvm, case)),
-        );
+        ));
     }
+    rules
 }
 
-/// The mapping rules of one case: which depend on MMAP and INIT_SHARED.
-fn register_mapping_rules(suite: &mut Suite, case: Case) {
+/// The mapping rules of one case, which depend on MMAP and INIT_SHARED:
+/// each a rule, what it needs beyond guest_memfd, and its body.
+fn mapping_rules(case: Case) -> Vec<(&'static str, Vec<Need>, Body)> {
     let flags = case.flags;
-    let mut add = |rule: &str, body: Body| {
-        suite.test(case.name(rule), gmem_needs(case.vm_type), body);
-    };
     if flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-        add("mmap_shared_fails_with_enodev", Box::new(move |kvm| mmap_not_supported(kvm, case)));
-        return;
+        return vec![("mmap_shared_fails_with_enodev", vec![], Box::new(move |kvm| mmap_not_supported(kvm, case)))];
     }
-    add("mmap_private_fails_with_einval", Box::new(move |kvm| mmap_private_fails(kvm, case)));
-    add("mbind_policy_round_trips", Box::new(move |kvm| mbind_policy_round_trips(kvm, case)));
+    let mut rules: Vec<(&'static str, Vec<Need>, Body)> = vec![
+        ("mmap_private_fails_with_einval", vec![], Box::new(move |kvm| mmap_private_fails(kvm, case))),
+        ("mbind_policy_round_trips", vec![], Box::new(move |kvm| mbind_policy_round_trips(kvm, case))),
+    ];
     if flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
-        add("any_host_access_raises_sigbus", Box::new(move |kvm| fault_private(kvm, case)));
-        return;
+        rules.push(("any_host_access_raises_sigbus", vec![], Box::new(move |kvm| fault_private(kvm, case))));
+        return rules;
     }
-    add("mmap_round_trips_data_and_punch_hole_zeroes", Box::new(move |kvm| mmap_supported(kvm, case)));
-    add("access_past_end_raises_sigbus", Box::new(move |kvm| fault_overflow(kvm, case)));
-    add("madvise_collapse_fails_with_einval", Box::new(move |kvm| collapse_refused(kvm, case)));
-    add(
-        "guest_and_host_share_data_through_gmem_only_slot",
-        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::WithoutUserspaceAddr)),
-    );
-    add(
-        "guest_and_host_share_data_through_slot_mapping_the_guest_memfd",
-        Box::new(move |kvm| guest_access(kvm, case, GmemSlot::UserspaceAddrIsGmemMapping)),
-    );
-    let mut numa_needs = gmem_needs(case.vm_type);
-    numa_needs.push(numa::need_two_nodes());
-    suite.test(case.name("numa_allocation_follows_policy"), numa_needs, move |kvm| {
-        numa_allocation_follows_policy(kvm, case)
-    });
+    rules.extend::<[(&'static str, Vec<Need>, Body); 6]>([
+        ("mmap_round_trips_data_and_punch_hole_zeroes", vec![], Box::new(move |kvm| mmap_supported(kvm, case))),
+        ("access_past_end_raises_sigbus", vec![], Box::new(move |kvm| fault_overflow(kvm, case))),
+        ("madvise_collapse_fails_with_einval", vec![], Box::new(move |kvm| collapse_refused(kvm, case))),
+        (
+            "guest_and_host_share_data_through_gmem_only_slot",
+            vec![],
+            Box::new(move |kvm| guest_access(kvm, case, GmemSlot::WithoutUserspaceAddr)),
+        ),
+        (
+            "guest_and_host_share_data_through_slot_mapping_the_guest_memfd",
+            vec![],
+            Box::new(move |kvm| guest_access(kvm, case, GmemSlot::UserspaceAddrIsGmemMapping)),
+        ),
+        (
+            "numa_allocation_follows_policy",
+            vec![numa::need_two_nodes()],
+            Box::new(move |kvm| numa_allocation_follows_policy(kvm, case)),
+        ),
+    ]);
+    rules
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("guest_memfd");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     suite.test("system_advertises_guest_memfd_flags_of_its_kernel", vec![Need::Cap(Cap::GuestMemfd)], |kvm| {
         system_advertises_flags_of_kernel(kvm)
     });
+    // What a VM type advertises and accepts at creation, whatever the flags.
+    let gmem = |_| vec![Need::Cap(Cap::GuestMemfd)];
+    suite.per_vm_type("advertises_guest_memfd_flags_of_its_kernel", gmem, advertised_flags_match_kernel);
+    for bit in 0..64 {
+        suite.per_vm_type(&format!("create_flag_bit_{bit:02}_accepted_iff_advertised"), gmem, move |kvm, vm_type| {
+            create_flag_bit(kvm, vm_type, bit)
+        });
+    }
+    suite.per_vm_type("create_without_free_fd_fails_with_emfile", gmem, create_without_free_fd);
+    suite.per_vm_type("init_shared_flag_implies_mmap_flag", gmem, init_shared_flag_implies_mmap_flag);
+    // The flag cases a VM type advertises: `{type}_vm_{flags}_{rule}`.
     for vm_type in VmType::ALL {
-        register_creation_rules(&mut suite, vm_type);
         for flags in flag_cases(suite.kvm(), vm_type) {
             let case = Case { vm_type, flags };
-            register_file_rules(&mut suite, case);
-            register_mapping_rules(&mut suite, case);
+            let with_needs = file_rules(case).into_iter().map(|(rule, body)| (rule, vec![], body));
+            let mapping = mapping_rules(case).into_iter().map(|(rule, needs, body)| (rule.to_string(), needs, body));
+            for (rule, needs, body) in with_needs.chain(mapping) {
+                let mut all = gmem(vm_type);
+                all.extend(needs);
+                suite.for_vm_type(vm_type, &format!("{}_{rule}", case.flags_label()), all, move |kvm, _| body(kvm));
+            }
         }
     }
     suite.run()

@@ -212,7 +212,7 @@ fn payload_labels_are_inside_their_code() -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("harness_guest");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
 
     kvm_harness::register!(suite, vec![] =>
         watchdog_turns_infinite_loop_into_timeout_failure,

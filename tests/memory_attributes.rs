@@ -278,16 +278,14 @@ fn attributes_stay_per_page_in_a_1g_aligned_memslot(kvm: &Arc<Kvm>) -> Result<()
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("memory_attributes");
-    for vm_type in VmType::ALL {
-        for (name, case) in RULES {
-            let case = *case;
-            suite.test(format!("{}_set_memory_attributes_{name}", vm_type.short()), needs(vm_type), move |kvm| {
-                let mut fixture = Fixture::new(kvm, vm_type)?;
-                case(&mut fixture)?;
-                fixture.agent.done().map(drop)
-            });
-        }
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
+    for (name, case) in RULES {
+        let case = *case;
+        suite.per_vm_type(&format!("set_memory_attributes_{name}"), needs, move |kvm, vm_type| {
+            let mut fixture = Fixture::new(kvm, vm_type)?;
+            case(&mut fixture)?;
+            fixture.agent.done().map(drop)
+        });
     }
     kvm_harness::register!(suite, needs(VmType::SwProtected) =>
         attributes_set_before_memslot_creation_apply_to_it,

@@ -505,7 +505,7 @@ fn hypercall_exit_reports_long_mode(kvm: &Arc<Kvm>) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("private_mem_conversions");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
 
     for (name, phase) in [
         ("explicit_conversion_without_fallocate_keeps_host_view_shared", Phase::Explicit { fallocate: false }),
@@ -532,12 +532,10 @@ fn main() -> ExitCode {
         map_gpa_range_without_exit_hypercall_returns_enosys_to_guest,
         hypercall_exit_reports_long_mode,
     );
-    for vm_type in VmType::ALL {
-        suite.test(
-            format!("{}_vm_exit_hypercall_cap_accepts_only_map_gpa_range", vm_type.short()),
-            vec![Need::VmType(vm_type)],
-            move |kvm| exit_hypercall_cap_accepts_only_map_gpa_range(kvm, vm_type),
-        );
-    }
+    suite.per_vm_type(
+        "exit_hypercall_cap_accepts_only_map_gpa_range",
+        |_| vec![],
+        exit_hypercall_cap_accepts_only_map_gpa_range,
+    );
     suite.run()
 }

@@ -426,7 +426,7 @@ fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
 mod exit_sequences;
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("private_mem_exits");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     exit_sequences::register(&mut suite);
 
     kvm_harness::register!(suite, needs() =>

@@ -19,8 +19,8 @@ use kvm_harness::kernel_rules::{
     with_fix_hints, Fix, ForRunningKernel, GMEM_BINDING_OFFSET_SIGNEDNESS, GMEM_BINDING_OVERLAP,
 };
 use kvm_harness::{
-    expect_errno, expect_ok, page_size, sweep, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need, Region,
-    Result, Suite, SysResult, Vm, VmType,
+    expect_errno, expect_ok, page_size, sweep, Body, Cap, Errno, GmemBinding, GuestMemfd, HostMemory, Kvm, Need,
+    Region, Result, Suite, SysResult, Vm, VmType,
 };
 use kvm_selftests::BEYOND_MAX_GPA;
 
@@ -28,9 +28,6 @@ use kvm_selftests::BEYOND_MAX_GPA;
 const SLOT: u32 = 10;
 const GPA: u64 = 0xc000_0000;
 const SIZE: u64 = 0x20_0000;
-
-/// A test body, boxed so one closure can register them all.
-type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
 
 /// A memslot at `gpa` of `size` bytes backed by fresh anonymous memory and
 /// bound to `binding` at `offset`.
@@ -300,12 +297,8 @@ fn binds_guest_memfd(kvm: &Arc<Kvm>, vm_type: VmType) -> bool {
     Vm::bare(kvm, vm_type).is_ok_and(|vm| vm.cap(Cap::GuestMemfd) != 0)
 }
 
-/// Registers a test of one VM type: `rule` is its name after the type
-/// prefix, `extra` what it needs beyond a guest_memfd-capable VM of the type.
-type Add<'a> = dyn FnMut(&str, Vec<Need>, Body) + 'a;
-
 fn main() -> ExitCode {
-    let mut suite = Suite::new("private_memslots");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     for vm_type in VmType::ALL {
         // A type the kernel lacks is listed (and skipped with the reason); a
         // type whose VM fd reports no KVM_CAP_GUEST_MEMFD has no private
@@ -315,21 +308,18 @@ fn main() -> ExitCode {
                 continue;
             }
         }
-        let short = vm_type.short();
-        let needs = move || vec![Need::VmType(vm_type), Need::VmCap(vm_type, Cap::GuestMemfd)];
-        let mut add = |rule: &str, extra: Vec<Need>, body: Body| {
-            let mut all = needs();
-            all.extend(extra);
-            suite.test(format!("{short}_vm_{rule}"), all, body);
-        };
-        register_binding_rules(&mut add, vm_type);
-        register_overlap_and_flag_rules(&mut add, vm_type);
+        for (rule, extra, body) in binding_rules(vm_type).into_iter().chain(overlap_and_flag_rules(vm_type)) {
+            let mut needs = vec![Need::VmCap(vm_type, Cap::GuestMemfd)];
+            needs.extend(extra);
+            suite.for_vm_type(vm_type, &rule, needs, move |kvm, _| body(kvm));
+        }
     }
     suite.run()
 }
 
 /// What a binding may point at: fds, offsets, and a valid binding's lifecycle.
-fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
+fn binding_rules(vm_type: VmType) -> Vec<(String, Vec<Need>, Body)> {
+    let mut rules: Vec<(String, Vec<Need>, Body)> = Vec::new();
     for (name, which) in [
         ("dev_kvm_fd", WrongFd::DevKvm),
         ("vm_fd", WrongFd::VmFd),
@@ -338,18 +328,22 @@ fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
         ("fd_not_open_0x7fffffff", WrongFd::NotOpen(0x7fff_ffff)),
         ("fd_not_open_u32_max", WrongFd::NotOpen(u32::MAX)),
     ] {
-        add(&format!("binding_rejects_{name}"), vec![], Box::new(move |kvm| binding_rejects_fd(kvm, vm_type, which)));
+        rules.push((
+            format!("binding_rejects_{name}"),
+            vec![],
+            Box::new(move |kvm| binding_rejects_fd(kvm, vm_type, which)),
+        ));
     }
-    add(
-        "binding_rejects_offsets_1_to_page_minus_1",
+    rules.push((
+        "binding_rejects_offsets_1_to_page_minus_1".into(),
         vec![],
         Box::new(move |kvm| binding_rejects_unaligned_offsets(kvm, vm_type)),
-    );
-    add(
-        "failed_memslot_creation_releases_its_guest_memfd_binding",
+    ));
+    rules.push((
+        "failed_memslot_creation_releases_its_guest_memfd_binding".into(),
         vec![],
         Box::new(move |kvm| failed_memslot_creation_releases_its_guest_memfd_binding(kvm, vm_type)),
-    );
+    ));
     let page = page_size();
     let none: &'static [Fix] = &[];
     for (name, offset, what, fixes) in [
@@ -372,40 +366,46 @@ fn register_binding_rules(add: &mut Add<'_>, vm_type: VmType) {
             GMEM_BINDING_OFFSET_SIGNEDNESS,
         ),
     ] {
-        add(
-            &format!("binding_rejects_{name}"),
+        rules.push((
+            format!("binding_rejects_{name}"),
             vec![],
             Box::new(move |kvm| with_fix_hints(fixes, || binding_rejects_offset(kvm, vm_type, offset, what))),
-        );
+        ));
     }
-    add("valid_binding_can_be_deleted_and_readded", vec![], Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)));
+    rules.push((
+        "valid_binding_can_be_deleted_and_readded".into(),
+        vec![],
+        Box::new(move |kvm| valid_binding_lifecycle(kvm, vm_type)),
+    ));
+    rules
 }
 
 /// Overlapping bindings and GPA ranges, flag combinations, the v1 ioctl.
-fn register_overlap_and_flag_rules(add: &mut Add<'_>, vm_type: VmType) {
+fn overlap_and_flag_rules(vm_type: VmType) -> Vec<(String, Vec<Need>, Body)> {
+    let mut rules: Vec<(String, Vec<Need>, Body)> = Vec::new();
     for case in OVERLAPS {
         let rule = if case.overlaps {
             format!("binding_rejects_guest_memfd_overlap_{}", case.name)
         } else {
             format!("binding_accepts_guest_memfd_ranges_{}", case.name)
         };
-        add(&rule, vec![], Box::new(move |kvm| overlapping_binding(kvm, vm_type, case)));
+        rules.push((rule.clone(), vec![], Box::new(move |kvm| overlapping_binding(kvm, vm_type, case))));
     }
-    add(
-        "memslot_gpa_overlap_rejected_with_eexist",
+    rules.push((
+        "memslot_gpa_overlap_rejected_with_eexist".into(),
         vec![],
         Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "head")),
-    );
-    add(
-        "memslot_gpa_overlap_back_half_rejected_with_eexist",
+    ));
+    rules.push((
+        "memslot_gpa_overlap_back_half_rejected_with_eexist".into(),
         vec![],
         Box::new(move |kvm| gpa_overlap_is_eexist(kvm, vm_type, "tail")),
-    );
-    add(
-        "guest_memfd_with_log_dirty_pages_rejected",
+    ));
+    rules.push((
+        "guest_memfd_with_log_dirty_pages_rejected".into(),
         vec![],
         Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::LogDirty)),
-    );
+    ));
     // READONLY | GUEST_MEMFD is refused since the fix that made guest_memfd
     // and read-only memslots exclusive (v6.8, before guest_memfd shipped);
     // since v6.11 KVM_MEM_READONLY itself also depends on
@@ -413,10 +413,15 @@ fn register_overlap_and_flag_rules(add: &mut Add<'_>, vm_type: VmType) {
     // reports. Only where READONLY alone is accepted does a rejection of
     // the combination isolate the guest_memfd rule, so that is the
     // capability this test needs.
-    add(
-        "guest_memfd_with_readonly_rejected",
+    rules.push((
+        "guest_memfd_with_readonly_rejected".into(),
         vec![Need::VmCap(vm_type, Cap::ReadonlyMem)],
         Box::new(move |kvm| flag_combo_rejected(kvm, vm_type, FlagCombo::Readonly)),
-    );
-    add("v1_ioctl_rejects_guest_memfd_flag", vec![], Box::new(move |kvm| v1_rejects_guest_memfd_flag(kvm, vm_type)));
+    ));
+    rules.push((
+        "v1_ioctl_rejects_guest_memfd_flag".into(),
+        vec![],
+        Box::new(move |kvm| v1_rejects_guest_memfd_flag(kvm, vm_type)),
+    ));
+    rules
 }

@@ -15,7 +15,7 @@ use kvm_harness::bindings::{
 };
 use kvm_harness::{
     ensure, expect_errno, expect_ok, kernel_rules, threads, Agent, Cap, Errno, Error, Exit, GmemBinding, GuestCall,
-    HostMemory, Kvm, Need, Op, Region, Result, Suite, Vcpu, Vm, VmType,
+    HostMemory, Kvm, Op, Region, Result, Suite, Vcpu, Vm, VmType,
 };
 use kvm_selftests::{valid_region, BEYOND_MAX_GPA};
 
@@ -37,9 +37,6 @@ const REENTER: Duration = Duration::from_millis(100);
 /// Spin iterations (each a read of the watched GPA) the guest makes while
 /// the moved-away memslot's old page holds a value it must never see.
 const WINDOW_SPINS: u64 = 1000;
-
-/// A test body, boxed so one closure can register them all.
-type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
 
 // ---- zero memslots, slot limits ----
 
@@ -276,7 +273,7 @@ fn with_running_guest(
         let mut seen = Vec::new();
         let hosted = host(&rx, &mut seen);
         if hosted.is_err() {
-            let _ = vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT);
+            let _ = vm.delete_slot(kvm_harness::SYSTEM_SLOT);
         }
         let end = threads::join(guest, "vCPU thread")?;
         hosted?;
@@ -346,7 +343,7 @@ fn delete_once(kvm: &Arc<Kvm>, quirk_off: bool) -> Result<()> {
         seen.push(wait_for_vcpu(rx, "after deleting the memslot again")?);
         progress.wait_spinning(3);
         // Now delete the memslot holding code and page tables.
-        vm.delete_slot(kvm_harness::vm::SYSTEM_SLOT)
+        vm.delete_slot(kvm_harness::SYSTEM_SLOT)
     })?;
     let rule = "a deleted memslot reads as MMIO, a re-created one as fresh zeroed memory";
     ensure!(seen.len() == 4, rule, "expected the start report and 3 phase reports, got {seen:#x?}");
@@ -486,7 +483,7 @@ fn exception_through_slotless_idt_exits_delivery_ev(kvm: &Arc<Kvm>, vm_type: VmT
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("set_memory_region");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
     suite.test("zero_memslots_run_exits_with_internal_error", vec![], zero_memslots);
     suite.test("all_nr_memslots_accepted_and_one_more_rejected", vec![], max_memslots);
     suite.test("slot_id_below_nr_memslots_accepted_on_empty_vm", vec![], |kvm| {
@@ -502,21 +499,18 @@ fn main() -> ExitCode {
         dirty_logging_toggle_keeps_memslot_memory,
     );
 
-    for vm_type in VmType::ALL {
-        suite.test(
-            format!("{}_vm_exception_through_slotless_idt_exits_delivery_ev", vm_type.short()),
-            vec![Need::VmType(vm_type)],
-            move |kvm| exception_through_slotless_idt_exits_delivery_ev(kvm, vm_type),
-        );
-        for (ioctl, label) in [(Ioctl::V1, "v1"), (Ioctl::V2, "v2")] {
-            for bit in 0..32 {
-                let body: Body = Box::new(move |kvm| flag_bit(kvm, vm_type, ioctl, bit));
-                suite.test(
-                    format!("{}_vm_{label}_flag_bit_{bit:02}_accepted_iff_supported", vm_type.short()),
-                    vec![Need::VmType(vm_type)],
-                    body,
-                );
-            }
+    suite.per_vm_type(
+        "exception_through_slotless_idt_exits_delivery_ev",
+        |_| vec![],
+        exception_through_slotless_idt_exits_delivery_ev,
+    );
+    for (ioctl, label) in [(Ioctl::V1, "v1"), (Ioctl::V2, "v2")] {
+        for bit in 0..32 {
+            suite.per_vm_type(
+                &format!("{label}_flag_bit_{bit:02}_accepted_iff_supported"),
+                |_| vec![],
+                move |kvm, vm_type| flag_bit(kvm, vm_type, ioctl, bit),
+            );
         }
     }
 

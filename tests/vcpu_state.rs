@@ -221,60 +221,63 @@ fn port_read_returns_the_vmm_data(kvm: &Arc<Kvm>, vm_type: VmType, size: u8) -> 
     )
 }
 
+/// Without host XSAVE every KVM_SET_XCRS fails: no single rule is isolated.
+fn needs_xsave() -> Need {
+    Need::Check(Box::new(|kvm| match host_has_xsave(kvm) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "needs XSAVE: KVM_GET_SUPPORTED_CPUID leaf 0xD offers XCR0 {:#x}",
+            supported_xcr0(kvm).unwrap_or(0)
+        )),
+        Err(e) => Err(format!("needs XSAVE: {e}")),
+    }))
+}
+
 /// A scenario run once per VM type.
 type Scenario = fn(&Arc<Kvm>, VmType) -> Result<()>;
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("vcpu_state");
-    for vm_type in VmType::ALL {
-        let t = vm_type.short();
-        let needs = || vec![Need::VmType(vm_type)];
-        let per_type: [(&str, Scenario); 10] = [
-            ("xcr0_round_trips_through_set_and_get_xcrs", xcr0_round_trips_through_set_and_get_xcrs),
-            ("set_xcrs_accepts_max_xcrs_entries", set_xcrs_accepts_max_xcrs_entries),
-            (
-                "mp_state_without_in_kernel_lapic_accepts_only_runnable",
-                mp_state_without_in_kernel_lapic_accepts_only_runnable,
-            ),
-            ("mp_state_halts_with_split_irqchip", mp_state_halts_with_split_irqchip),
-            ("split_irqchip_reserves_at_most_max_irq_routes_pins", split_irqchip_reserves_at_most_max_irq_routes_pins),
-            ("split_irqchip_enables_only_once", split_irqchip_enables_only_once),
-            ("split_irqchip_is_refused_once_a_vcpu_exists", split_irqchip_is_refused_once_a_vcpu_exists),
-            ("cpuid_reads_back_as_set", cpuid_reads_back_as_set),
-            ("cpuid_read_into_a_short_buffer_fails_with_e2big", cpuid_read_into_a_short_buffer_fails_with_e2big),
-            ("reports_every_sync_regs_field", reports_every_sync_regs_field),
-        ];
-        for (name, scenario) in per_type {
-            suite.test(format!("{t}_vm_{name}"), needs(), move |kvm| scenario(kvm, vm_type));
-        }
-        let rejected: [(&str, kvm_xcrs, &'static str); 6] = [
-            ("more_than_max_xcrs_entries", xcrs(KVM_MAX_XCRS + 1, XCR0_X87_SSE, 0), "nr_xcrs above KVM_MAX_XCRS"),
-            ("nonzero_flags", xcrs(1, XCR0_X87_SSE, 1), "flags bit 0"),
-            ("flags_bit_31", xcrs(1, XCR0_X87_SSE, 1 << 31), "flags bit 31"),
-            ("xcr0_without_x87", xcrs(1, 0x2, 0), "XCR0 without x87 state"),
-            ("xcr0_avx_without_sse", xcrs(1, 0x5, 0), "XCR0 with AVX but not SSE state"),
-            ("xcr0_bit_63", xcrs(1, XCR0_X87_SSE | 1 << 63, 0), "XCR0 bit 63 (no such state component)"),
-        ];
-        for (name, input, what) in rejected {
-            let rule = format!("KVM_SET_XCRS with {what} fails with EINVAL");
-            // Without host XSAVE every KVM_SET_XCRS fails: no single rule is isolated.
-            let xsave = Need::Check(Box::new(|kvm| match host_has_xsave(kvm) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(format!(
-                    "needs XSAVE: KVM_GET_SUPPORTED_CPUID leaf 0xD offers XCR0 {:#x}",
-                    supported_xcr0(kvm).unwrap_or(0)
-                )),
-                Err(e) => Err(format!("needs XSAVE: {e}")),
-            }));
-            suite.test(format!("{t}_vm_set_xcrs_rejects_{name}"), vec![Need::VmType(vm_type), xsave], move |kvm| {
-                set_xcrs_rejects(kvm, vm_type, input, &rule)
-            });
-        }
-        for size in [1u8, 2, 4] {
-            suite.test(format!("{t}_vm_port_read_of_{size}_bytes_returns_the_vmm_data"), needs(), move |kvm| {
-                port_read_returns_the_vmm_data(kvm, vm_type, size)
-            });
-        }
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
+    let per_type: [(&str, Scenario); 10] = [
+        ("xcr0_round_trips_through_set_and_get_xcrs", xcr0_round_trips_through_set_and_get_xcrs),
+        ("set_xcrs_accepts_max_xcrs_entries", set_xcrs_accepts_max_xcrs_entries),
+        (
+            "mp_state_without_in_kernel_lapic_accepts_only_runnable",
+            mp_state_without_in_kernel_lapic_accepts_only_runnable,
+        ),
+        ("mp_state_halts_with_split_irqchip", mp_state_halts_with_split_irqchip),
+        ("split_irqchip_reserves_at_most_max_irq_routes_pins", split_irqchip_reserves_at_most_max_irq_routes_pins),
+        ("split_irqchip_enables_only_once", split_irqchip_enables_only_once),
+        ("split_irqchip_is_refused_once_a_vcpu_exists", split_irqchip_is_refused_once_a_vcpu_exists),
+        ("cpuid_reads_back_as_set", cpuid_reads_back_as_set),
+        ("cpuid_read_into_a_short_buffer_fails_with_e2big", cpuid_read_into_a_short_buffer_fails_with_e2big),
+        ("reports_every_sync_regs_field", reports_every_sync_regs_field),
+    ];
+    for (name, scenario) in per_type {
+        suite.per_vm_type(name, |_| vec![], scenario);
+    }
+    let rejected: [(&str, kvm_xcrs, &'static str); 6] = [
+        ("more_than_max_xcrs_entries", xcrs(KVM_MAX_XCRS + 1, XCR0_X87_SSE, 0), "nr_xcrs above KVM_MAX_XCRS"),
+        ("nonzero_flags", xcrs(1, XCR0_X87_SSE, 1), "flags bit 0"),
+        ("flags_bit_31", xcrs(1, XCR0_X87_SSE, 1 << 31), "flags bit 31"),
+        ("xcr0_without_x87", xcrs(1, 0x2, 0), "XCR0 without x87 state"),
+        ("xcr0_avx_without_sse", xcrs(1, 0x5, 0), "XCR0 with AVX but not SSE state"),
+        ("xcr0_bit_63", xcrs(1, XCR0_X87_SSE | 1 << 63, 0), "XCR0 bit 63 (no such state component)"),
+    ];
+    for (name, input, what) in rejected {
+        let rule = format!("KVM_SET_XCRS with {what} fails with EINVAL");
+        suite.per_vm_type(
+            &format!("set_xcrs_rejects_{name}"),
+            |_| vec![needs_xsave()],
+            move |kvm, vm_type| set_xcrs_rejects(kvm, vm_type, input, &rule),
+        );
+    }
+    for size in [1u8, 2, 4] {
+        suite.per_vm_type(
+            &format!("port_read_of_{size}_bytes_returns_the_vmm_data"),
+            |_| vec![],
+            move |kvm, vm_type| port_read_returns_the_vmm_data(kvm, vm_type, size),
+        );
     }
     suite.run()
 }

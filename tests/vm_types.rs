@@ -68,7 +68,7 @@ fn vm_types_always_advertises_default_vm(kvm: &Arc<Kvm>) -> Result<()> {
     Ok(())
 }
 
-fn protected_vm_reports_private_memory_attribute(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_reports_private_memory_attribute(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let attrs = vm.cap(Cap::MemoryAttributes) as u64;
     ensure!(
@@ -101,7 +101,7 @@ fn default_vm_rejects_private_memory_attribute(kvm: &Arc<Kvm>) -> Result<()> {
     expect_errno(rule, expected, || vm.make_private(0, page_size()))
 }
 
-fn protected_vm_reports_guest_memfd(kvm: &Arc<Kvm>) -> Result<()> {
+fn sw_protected_vm_reports_guest_memfd(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::SwProtected)?;
     let cap = vm.cap(Cap::GuestMemfd);
     ensure!(cap == 1, "a KVM_X86_SW_PROTECTED_VM reports KVM_CAP_GUEST_MEMFD = 1", "VM fd reports {cap}");
@@ -119,7 +119,7 @@ fn create_vm_without_free_fd_fails_with_emfile(kvm: &Arc<Kvm>, vm_type: VmType) 
 }
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new("vm_types");
+    let mut suite = Suite::new(env!("CARGO_CRATE_NAME"));
 
     for n in 0..64u64 {
         suite.test(format!("create_vm_type_{n:02}_succeeds_iff_advertised"), vec![], move |kvm| {
@@ -135,29 +135,23 @@ fn main() -> ExitCode {
     }
     kvm_harness::register!(suite, vec![] => vm_types_always_advertises_default_vm);
     kvm_harness::register!(suite, vec![Need::VmType(VmType::SwProtected)] =>
-        protected_vm_reports_private_memory_attribute,
+        sw_protected_vm_reports_private_memory_attribute,
     );
     kvm_harness::register!(suite, vec![] =>
         default_vm_reports_no_private_memory_attribute,
         default_vm_rejects_private_memory_attribute,
     );
-    kvm_harness::register!(suite, vec![Need::VmType(VmType::SwProtected)] => protected_vm_reports_guest_memfd);
-    for vm_type in VmType::ALL {
-        suite.test(
-            format!("{}_vm_create_without_free_fd_fails_with_emfile", vm_type.short()),
-            vec![Need::VmType(vm_type)],
-            move |kvm| create_vm_without_free_fd_fails_with_emfile(kvm, vm_type),
-        );
-        suite.test(
-            format!("{}_vm_guest_memfd_cap_matches_slot_binding", vm_type.short()),
-            vec![Need::VmType(vm_type), Need::Cap(Cap::GuestMemfd)],
-            move |kvm| guest_memfd_cap_matches_binding(kvm, vm_type),
-        );
-        suite.test(
-            format!("payload_syncs_round_trip_in_{}_vm", vm_type.short()),
-            vec![Need::VmType(vm_type)],
-            move |kvm| payload_runs(kvm, vm_type),
-        );
-    }
+    kvm_harness::register!(suite, vec![Need::VmType(VmType::SwProtected)] => sw_protected_vm_reports_guest_memfd);
+    suite.per_vm_type(
+        "create_without_free_fd_fails_with_emfile",
+        |_| vec![],
+        create_vm_without_free_fd_fails_with_emfile,
+    );
+    suite.per_vm_type(
+        "guest_memfd_cap_matches_slot_binding",
+        |_| vec![Need::Cap(Cap::GuestMemfd)],
+        guest_memfd_cap_matches_binding,
+    );
+    suite.per_vm_type("payload_syncs_round_trip", |_| vec![], payload_runs);
     suite.run()
 }

@@ -56,6 +56,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 case $jobs in '' | *[!0-9]* | 0) die "--jobs $jobs: a whole number above 0" ;; esac
+if [ "$jobs" -gt 1 ] && ! (sleep 0 & wait -n) 2>/dev/null; then
+    die "--jobs $jobs needs a shell with \`wait -n' (busybox sh, bash): run it as \`busybox sh $0 ...'"
+fi
 
 binaries=$(tr "\n" " " < "$C/binaries") && [ -n "$binaries" ] || die "no $C/binaries: is this an unpacked bundle?"
 c_names=
@@ -109,9 +112,11 @@ limit_of() {
 mkdir -p "$out" || die "cannot create the results directory $out"
 out=$(cd "$out" && pwd -P)
 R=$out
-T=$out/.run
 res=$R/results.jsonl
-rm -rf "$T" && mkdir -p "$T" || die "cannot create $T"
+# Scratch space (the tests' TMPDIR and cwd), off the results directory,
+# which may be a slow share.
+T=$(mktemp -d "${TMPDIR:-/tmp}/kvm-selftests.XXXXXX") || die "cannot create a directory under ${TMPDIR:-/tmp}"
+trap 'rm -rf "$T"' EXIT
 rm -f "$res" "$R/exit-codes" "$R/wall-times" "$R/timeouts" "$R/status" "$R/rules.txt"
 
 # debugfs: the fault-injection knobs (allocation_failures) and gcov data.

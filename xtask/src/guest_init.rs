@@ -77,7 +77,8 @@ $bb mount -t sysfs sysfs /sys || die "setup-failed mounting /sys"
 [ -c /dev/null ] || $bb mount -t devtmpfs devtmpfs /dev || die "setup-failed mounting /dev"
 $bb mkdir -p /dev/shm && $bb mount -t tmpfs tmpfs /dev/shm
 $bb mount -t tmpfs tmpfs /run || die "setup-failed mounting tmpfs on /run"
-$bb mkdir -p $R /run/bundle
+$bb mkdir -p $R /run/bundle /run/tmp
+export TMPDIR=/run/tmp
 $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
     || die "setup-failed mounting the results share"
 echo "$M init"
@@ -104,7 +105,11 @@ echo "$M init"
     for (name, value) in forwarded_settings(env::vars()) {
         let _ = writeln!(s, "export {name}={}", shell_quote(&value));
     }
-    let mut run = vec!["$bb sh \"$run\" -o $R".to_string()];
+    // Run as an engine runs it: by its `#!/bin/sh` (the host's, through
+    // the 9p root; dash on Debian). Running binaries at once needs a shell
+    // with `wait -n`: busybox's.
+    let shell = if shape.binary_jobs > 1 { "$bb sh " } else { "" };
+    let mut run = vec![format!("{shell}\"$run\" -o $R")];
     if let Some(list) = files.known_failures {
         run.push(format!("--known-failures {}", q(list)));
     }
@@ -129,7 +134,12 @@ echo "$M init"
     run.push("--".into());
     run.extend(args.iter().map(|a| shell_quote(a)));
     let _ = writeln!(s, "{}", run.join(" \\\n    "));
-    s.push_str("[ -e $R/status ] && echo \"$M done\"\n$bb sync\n$bb poweroff -f\n");
+    // run.sh marks a finished run itself; one that stopped before its tests
+    // has said why (no-kvm, probe-failed), else this names it.
+    s.push_str(
+        "rc=$?\nif [ -e $R/status ]; then echo \"$M done\"; else echo \"$M setup-failed run.sh stopped before the \
+         tests (exit status $rc)\"; fi\n$bb sync\n$bb poweroff -f\n",
+    );
     s
 }
 

@@ -2,9 +2,11 @@
 //! style of kselftest's per-directory `settings` (`timeout=N`): each binary
 //! and each C test has a default sized from measured times, which
 //! `KVM_SELFTESTS_TEST_TIMEOUT` and then `--test-timeout` override, for
-//! all of them (`SECS`) or for one (`NAME=SECS`). The guest's init kills a
-//! binary's whole process group when its limit runs out, records the
-//! binary as failed, and goes on with the next one.
+//! all of them (`SECS`) or for one (`NAME=SECS`). The binaries' defaults
+//! go into the bundle (`kvm_private_mem/timeouts`); the bundle's run.sh
+//! applies the settings, kills a binary's whole process group when its
+//! limit runs out, records the binary as failed, and goes on with the next
+//! one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,9 +16,9 @@ use std::str::FromStr;
 /// applied before those of `--test-timeout`.
 pub const ENV: &str = "KVM_SELFTESTS_TEST_TIMEOUT";
 
-/// The model's exploring budget variable and its default (tests/model.rs):
-/// the `model` binary's limit follows it.
-const MODEL_BUDGET_ENV: &str = "KVM_SELFTESTS_MODEL_BUDGET";
+/// The model's exploring budget default (tests/model.rs): the `model`
+/// binary's limit follows it; run.sh follows `KVM_SELFTESTS_MODEL_BUDGET`
+/// where it runs.
 const MODEL_BUDGET_DEFAULT: u64 = 120;
 
 /// Defaults in seconds: the slower wall time measured in the 6.12.118 and
@@ -103,7 +105,6 @@ pub fn parse_list(value: &str) -> Result<Vec<Limit>, String> {
 pub struct Limits {
     all: Option<u64>,
     named: BTreeMap<String, u64>,
-    model_budget: Option<u64>,
 }
 
 impl Limits {
@@ -125,20 +126,6 @@ impl Limits {
         limits
     }
 
-    /// The environment's settings (`KVM_SELFTESTS_TEST_TIMEOUT`, and the
-    /// model's budget the `model` default follows), then `args`. A bad value
-    /// is an error naming the variable.
-    pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[Limit]) -> Result<Self, String> {
-        let from_env = match env(ENV) {
-            Some(v) => parse_list(&v).map_err(|e| format!("{ENV}={v}: {e}"))?,
-            None => Vec::new(),
-        };
-        let mut limits = Limits::new(from_env.into_iter().chain(args.iter().cloned()));
-        // model.rs refuses a malformed budget itself, before any test.
-        limits.model_budget = env(MODEL_BUDGET_ENV).and_then(|v| v.trim().parse().ok());
-        Ok(limits)
-    }
-
     /// The limit of the binary or C test `name`, in seconds.
     pub fn of(&self, name: &str) -> u64 {
         if let Some(&secs) = self.named.get(name) {
@@ -152,7 +139,7 @@ impl Limits {
             // Each of two test threads runs two model tests, each exploring
             // for up to the budget; the rest covers setup, the last case and
             // a shrink under way.
-            return 2 * self.model_budget.unwrap_or(MODEL_BUDGET_DEFAULT) + 180;
+            return 2 * MODEL_BUDGET_DEFAULT + 180;
         }
         DEFAULTS.iter().find(|(n, _)| *n == name).map_or(FALLBACK, |&(_, secs)| secs)
     }
@@ -205,10 +192,6 @@ fn edits(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
-    }
-
     #[test]
     fn settings_parse_as_secs_or_name_equals_secs() {
         assert_eq!("30".parse(), Ok(Limit::All(30)));
@@ -221,12 +204,12 @@ mod tests {
 
     #[test]
     fn later_settings_override_earlier_ones() {
-        let l = Limits::from_env(env(&[(ENV, "model=900,vm_types=7")]), &[Limit::All(40)]).unwrap();
+        let settings = |env: &str, args: &[Limit]| [parse_list(env).unwrap(), args.to_vec()].concat();
+        let l = Limits::new(settings("model=900,vm_types=7", &[Limit::All(40)]));
         assert_eq!((l.of("model"), l.of("vm_types"), l.of("anything")), (40, 40, 40));
-        let l = Limits::from_env(env(&[(ENV, "45")]), &["vm_types=7".parse().unwrap()]).unwrap();
+        let l = Limits::new(settings("45", &["vm_types=7".parse().unwrap()]));
         assert_eq!((l.of("model"), l.of("vm_types")), (45, 7));
-        let e = Limits::from_env(env(&[(ENV, "60,x=0")]), &[]).unwrap_err();
-        assert!(e.starts_with("KVM_SELFTESTS_TEST_TIMEOUT=60,x=0: "), "{e}");
+        assert!(parse_list("60,x=0").is_err());
     }
 
     #[test]
@@ -235,8 +218,6 @@ mod tests {
         assert_eq!(l.of("pre_fault_memory_test"), 60);
         assert_eq!(l.of("some_new_binary"), FALLBACK);
         assert_eq!(l.of("model"), 2 * MODEL_BUDGET_DEFAULT + 180);
-        let l = Limits::from_env(env(&[(MODEL_BUDGET_ENV, "900")]), &[]).unwrap();
-        assert_eq!(l.of("model"), 1980);
         // Every scenario binary of the suite has a measured default.
         let tests = std::fs::read_dir(crate::util::workspace_root().join("tests")).unwrap();
         for entry in tests {

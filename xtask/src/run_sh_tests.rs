@@ -167,3 +167,27 @@ fn run_sh_kills_a_binary_or_c_test_out_of_time_with_its_children_and_runs_the_re
     assert!(results[4].message.starts_with("did not finish within its time limit of 2 s"), "{}", results[4].message);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn run_sh_runs_binaries_at_once_and_records_each_status_and_whole_output() {
+    let dir = scratch("jobs");
+    let root =
+        stage(&dir, vec![binary(&dir, "a", "pass", 0), binary(&dir, "b", "fail", 1), binary(&dir, "c", "pass", 0)]);
+    let out = dir.join("out");
+    let o = run("busybox sh", &root, &out, &["--jobs", "2"]);
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{printed}{}", String::from_utf8_lossy(&o.stderr));
+    let mut codes: Vec<String> =
+        fs::read_to_string(out.join("exit-codes")).unwrap().lines().map(String::from).collect();
+    codes.sort();
+    assert_eq!(codes, ["a 0", "b 1", "c 0"]);
+    assert_eq!(fs::read_to_string(out.join("wall-times")).unwrap().lines().count(), 3);
+    for b in ["a", "b", "c"] {
+        assert!(printed.contains(&format!("@@KVM-SELFTESTS@@ end {b} ")), "{printed}");
+    }
+    assert_eq!(outcomes(&out).len(), 4, "the probe's check and one per binary");
+    let o = run("dash", &root, &out, &["--jobs", "2"]);
+    assert_eq!(o.status.code(), Some(2), "dash has no `wait -n`: refused, not run one at a time");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a shell with `wait -n'"));
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -43,6 +43,3 @@ impl Payload {
 }
 
 include!(concat!(env!("OUT_DIR"), "/payloads.rs"));
-
-/// Every test payload (not the runtime), for tools that list or check them.
-pub static ALL: &[&Payload] = &[&SYNC_ROUNDTRIP, &SPIN_FOREVER, &ASSERT_FAIL, &RAISE_UD, &GUEST_AGENT, &WATCH_MEMSLOT];

@@ -3,12 +3,11 @@
 
 use guest_payloads::layout::{PROBE_TABLE_GPA, PROBE_TABLE_STRIDE};
 pub use guest_payloads::protocol::Op;
-use guest_payloads::protocol::{
-    ASSERT_PATTERN_MISMATCH, MAILBOX_ARG0, MAILBOX_OP, PROBE_CHECK, PROBE_ENTRY_SIZE, PROBE_STORE,
-};
+use guest_payloads::protocol::{ASSERT_PATTERN_MISMATCH, PROBE_CHECK, PROBE_ENTRY_SIZE, PROBE_STORE};
 
 use crate::error::{Error, Result};
-use crate::vcpu::{Exit, GuestCall, Vcpu};
+use crate::exit::{Exit, GuestCall};
+use crate::vcpu::Vcpu;
 
 /// One guest access of an [`Agent::probe`] batch: at `gpa` (8-byte
 /// aligned), read and compare with `expect`, then store `store`.
@@ -38,7 +37,7 @@ pub struct ProbeMismatch {
 /// [`Self::submit`] or [`Self::vcpu`], through which a scenario may run or
 /// reshape it): a parked agent makes one more round trip when the test
 /// drops it, to show that KVM left the vCPU working (see
-/// [`crate::runner::Liveness`]).
+/// [`crate::liveness::Liveness`]).
 #[derive(Debug)]
 pub struct Agent {
     vcpu: Vcpu,
@@ -71,7 +70,7 @@ impl Agent {
     /// Writes `op` into the mailbox without running the vCPU.
     pub fn submit(&mut self, op: Op) -> Result<()> {
         self.vcpu.agent_parked = false;
-        write_op(&self.vcpu, op)
+        self.vcpu.write_agent_op(op)
     }
 
     /// Runs until the agent reports `READY(result)` after `what`.
@@ -231,38 +230,6 @@ impl Agent {
         self.submit(Op::Done {})?;
         self.vcpu.expect_done()?;
         Ok(self.vcpu)
-    }
-}
-
-fn write_op(vcpu: &Vcpu, op: Op) -> Result<()> {
-    let (code, args) = op.encode();
-    let (memory, mailbox) = vcpu.mailbox()?;
-    for (i, arg) in args.iter().enumerate() {
-        memory.write_u64(mailbox + MAILBOX_ARG0 + 8 * i as u64, *arg);
-    }
-    memory.write_u64(mailbox + MAILBOX_OP, code);
-    Ok(())
-}
-
-impl Vcpu {
-    /// One command through the parked agent (a read of its own mailbox,
-    /// in the system memslot): the guest still runs and answers.
-    pub(crate) fn agent_round_trip(&mut self) -> Result<()> {
-        let (_, mailbox) = self.mailbox()?;
-        self.agent_parked = false;
-        write_op(self, Op::Read { gpa: mailbox + MAILBOX_OP })?;
-        let what = "a round trip of the parked guest agent at the end of the test";
-        let call = self.next_ok_call().map_err(|e| match e.errno() {
-            Some(errno) => crate::vm::dead("vCPU", format!("KVM_RUN(vCPU {}) in {what}", self.id()), errno),
-            None => e,
-        })?;
-        match call {
-            GuestCall::Ready(_) => {
-                self.agent_parked = true;
-                Ok(())
-            }
-            other => Err(Error::Guest(format!("vCPU {}: {what}: expected READY, got {other:x?}", self.id()))),
-        }
     }
 }
 

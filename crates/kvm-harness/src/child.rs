@@ -202,7 +202,12 @@ pub(crate) unsafe fn ioctl_without_free_fds(op: &str, fd: i32, request: u64, arg
     match unsafe { run_in_child(&op, fd_ioctl_child, &mut call) }? {
         ChildFate::Exited(0) => Ok(()),
         ChildFate::Exited(errno) => Err(Error::Sys { op, errno: nix::errno::Errno::from_raw(errno) }),
-        ChildFate::Signaled(signal) => Err(Error::Guest(format!("{op}: the child was killed by {}", signal.as_str()))),
+        // The child died before it could report: as a panicked thread, not
+        // the guest's doing nor a failed call with an errno.
+        ChildFate::Signaled(signal) => Err(Error::Panic {
+            thread: format!("the child running {op}"),
+            message: format!("killed by {}", signal.as_str()),
+        }),
     }
 }
 

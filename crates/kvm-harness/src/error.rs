@@ -4,8 +4,6 @@ use std::fmt::{self, Debug};
 
 use nix::errno::Errno;
 
-use crate::vcpu::ExitReport;
-
 /// Result of a harness operation or of a test body.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -31,8 +29,10 @@ pub enum Error {
     UnexpectedExit {
         /// What the host expected at that point.
         while_doing: String,
-        /// The exit, RIP and registers.
-        report: Box<ExitReport>,
+        /// The exit, RIP and registers, as `exit::ExitReport` renders them:
+        /// rendered when the error is made, so that this type, the bottom of
+        /// the crate, depends on nothing in it.
+        report: String,
     },
     /// The guest reported a failed assertion or an exception.
     #[error("guest failure: {0}")]
@@ -72,7 +72,8 @@ pub enum Error {
     /// serve (a bug in the calling test, not in the kernel).
     #[error("harness misuse: {0}")]
     Misuse(String),
-    /// A thread of the test panicked.
+    /// A thread of the test panicked, or a child process it started died
+    /// of a signal before it could report.
     #[error("{thread} panicked: {message}")]
     Panic {
         /// Which thread, e.g. `vCPU thread`.
@@ -84,7 +85,7 @@ pub enum Error {
 
 impl Error {
     /// Builds an [`Error::Sys`] for `op` from the current `errno`.
-    pub fn last_os(op: impl Into<String>) -> Self {
+    pub(crate) fn last_os(op: impl Into<String>) -> Self {
         Self::Sys { op: op.into(), errno: Errno::last() }
     }
 

@@ -78,7 +78,7 @@ impl Mismatch {
     }
 
     /// The rule violation, naming the field, the expected and the actual value.
-    pub fn into_error(self, vcpu: u64) -> Error {
+    pub(crate) fn into_error(self, vcpu: u64) -> Error {
         let stale = if self.stale {
             " (the value the field held before this KVM_RUN: left over from an earlier exit or the VMM)"
         } else {

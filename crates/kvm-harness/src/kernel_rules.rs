@@ -189,7 +189,7 @@ pub fn decision_table(ids: Option<&BTreeSet<&'static str>>) -> Result<String> {
 }
 
 /// The table of the rules this process consulted; empty if none.
-pub fn consulted_table() -> String {
+pub(crate) fn consulted_table() -> String {
     let ids = CONSULTED.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if ids.is_empty() {
         return String::new();

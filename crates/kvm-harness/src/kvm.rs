@@ -208,7 +208,7 @@ impl Kvm {
 
     /// `KVM_GET_VCPU_MMAP_SIZE`, cached: the size of each vCPU's `kvm_run`
     /// mapping, which bounds where an exit's data may lie.
-    pub fn vcpu_mmap_size(&self) -> Result<usize> {
+    pub(crate) fn vcpu_mmap_size(&self) -> Result<usize> {
         if let Some(size) = self.vcpu_mmap_size.get() {
             return Ok(*size);
         }
@@ -239,7 +239,7 @@ impl Kvm {
     }
 
     /// Whether the CPU vendor is AMD or Hygon (SVM: `vmmcall`, not `vmcall`).
-    pub fn is_amd_like(&self) -> Result<bool> {
+    pub(crate) fn is_amd_like(&self) -> Result<bool> {
         let cpuid = self.supported_cpuid()?;
         let leaf0 = cpuid.as_slice().iter().find(|e| e.function == 0);
         Ok(leaf0.is_some_and(|e| {

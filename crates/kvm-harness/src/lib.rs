@@ -8,40 +8,49 @@
 
 #![warn(missing_docs)]
 
-pub mod agent;
+// Modules whose types the root re-exports are private, so that each type
+// has one path; the rest are public and reached through their module.
+mod agent;
 pub mod backing;
-pub mod child;
-pub mod error;
+mod child;
+mod error;
+mod exit;
 mod exit_fields;
 pub mod fault_injection;
 pub mod kernel_rules;
-pub mod known_failures;
-pub mod kvm;
-pub mod memory;
+mod known_failures;
+mod kvm;
+mod liveness;
+mod memory;
+#[cfg(test)]
+mod module_graph;
 pub mod numa;
+mod region;
 pub mod results;
-pub mod runner;
+mod runner;
 pub mod settings;
-pub mod signal_storm;
+mod signal_storm;
 pub mod stats;
 pub mod tap;
 pub mod threads;
 pub mod uapi;
-pub mod vcpu;
-pub mod vcpu_state;
-pub mod vm;
+mod vcpu;
+mod vcpu_state;
+mod vm;
 pub mod watchdog;
-pub mod x86;
+mod x86;
 
 pub use agent::{Agent, Op, Probe, ProbeMismatch};
 pub use child::{Access, ChildFate};
 pub use error::{errno_name, expect_eq, expect_errno, expect_ok, sweep, Error, Result, SysResult};
+pub use exit::{Exit, ExitReport, GuestCall};
 pub use kvm::{Cap, Kvm, VmType};
 /// The uAPI structs and constants, for tests that spell out raw requests.
 pub use kvm_bindings as bindings;
 pub use memory::{page_size, Fill, GuestMemfd, HostMemory};
 pub use nix::errno::Errno;
-pub use runner::{Need, Suite};
+pub use region::{GmemBinding, Region};
+pub use runner::{Body, Need, Suite};
 pub use signal_storm::SignalStorm;
-pub use vcpu::{Exit, ExitReport, GuestCall, Vcpu};
-pub use vm::{GmemBinding, Region, Vm};
+pub use vcpu::Vcpu;
+pub use vm::{Vm, SYSTEM_SLOT};

@@ -54,7 +54,7 @@ impl HostMemory {
     /// [`Self::anonymous`] at an address that is a multiple of `align` (a
     /// power of two), e.g. so each 2 MiB of it can be one transparent huge
     /// page whatever the kernel's own placement of anonymous mappings.
-    pub fn anonymous_aligned(len: u64, align: u64) -> Result<Self> {
+    pub(crate) fn anonymous_aligned(len: u64, align: u64) -> Result<Self> {
         if !align.is_power_of_two() || len == 0 {
             return Err(Error::Misuse(format!("aligned anonymous mapping of {len:#x} bytes at alignment {align:#x}")));
         }
@@ -81,7 +81,7 @@ impl HostMemory {
     }
 
     /// A mapping of `fd` at `offset` with the given flags (`MAP_SHARED`, `MAP_PRIVATE`).
-    pub fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, flags: MapFlags) -> Result<Self> {
+    pub(crate) fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, flags: MapFlags) -> Result<Self> {
         let size = std::num::NonZeroUsize::new(len as usize)
             .ok_or_else(|| Error::Misuse("a host mapping cannot be empty".into()))?;
         // SAFETY: a new mapping chosen by the kernel aliases no Rust object.
@@ -157,7 +157,7 @@ impl HostMemory {
     }
 
     /// Host virtual address, for `userspace_addr`.
-    pub fn addr(&self) -> u64 {
+    pub(crate) fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
 

@@ -25,7 +25,7 @@ pub enum Policy {
 const MAX_NODE: u64 = 64;
 
 /// The online nodes, from `/sys/devices/system/node/online` ("0-1,3").
-pub fn online_nodes() -> Result<Vec<u32>> {
+pub(crate) fn online_nodes() -> Result<Vec<u32>> {
     const PATH: &str = "/sys/devices/system/node/online";
     let text = fs::read_to_string(PATH).map_err(|e| Error::Config(format!("reading {PATH}: {e}")))?;
     parse_node_list(text.trim()).ok_or_else(|| Error::Config(format!("{PATH} = `{}` is no node list", text.trim())))

@@ -5,10 +5,9 @@
 //! ignored with the reason and the value the kernel reported. Strict mode
 //! turns every such skip into a failure.
 
-use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
@@ -16,6 +15,7 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use crate::error::{Error, Result};
 use crate::known_failures::{self, KnownFailure, KnownFailures, KNOWN_FAILURES_ENV};
 use crate::kvm::{Cap, Kvm, VmType, KVM_PATH};
+use crate::liveness::Liveness;
 use crate::results::{Outcome, Record, ResultsFile};
 use crate::vm::Vm;
 use crate::watchdog;
@@ -72,76 +72,12 @@ impl Need {
     }
 }
 
-type KvmBody = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
-
-/// Whether the VMs and vCPUs a test made still work at its end.
-///
-/// A VM that KVM killed (`kvm_vm_dead()`, e.g. after a `KVM_BUG_ON()`)
-/// fails every later ioctl with EIO; a test whose last call on it happened
-/// before the kill would pass. So every [`Vm`] and [`crate::Vcpu`] made on
-/// a test's thread (and the vCPUs made from those VMs, wherever they go)
-/// answers a call that must succeed when the test drops it: the VM fd
-/// `KVM_CHECK_EXTENSION`, a vCPU `KVM_GET_REGS` or, for a guest agent left
-/// parked at `READY`, one round trip through the guest. A failure lands
-/// here and the runner fails the test with it after its body returns, one
-/// place for every scenario. Objects the test drops on another thread
-/// after its body returned are not seen.
-#[derive(Debug, Default)]
-pub struct Liveness {
-    failures: Mutex<Vec<String>>,
-}
-
-thread_local! {
-    /// The running test's [`Liveness`], on the thread running its body.
-    static CURRENT_TEST: RefCell<Option<Arc<Liveness>>> = const { RefCell::new(None) };
-}
-
-impl Liveness {
-    /// The [`Liveness`] of the test running on this thread, if any.
-    pub fn current() -> Option<Arc<Liveness>> {
-        CURRENT_TEST.with(|c| c.borrow().clone())
-    }
-
-    /// Records a failed check.
-    pub fn report(&self, failure: String) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).push(failure);
-    }
-
-    /// Runs `body` as this thread's current test.
-    fn around<T>(self: &Arc<Self>, body: impl FnOnce() -> T) -> T {
-        let previous = CURRENT_TEST.with(|c| c.replace(Some(self.clone())));
-        let value = body();
-        CURRENT_TEST.with(|c| *c.borrow_mut() = previous);
-        value
-    }
-
-    /// The outcome of a test body with this test's liveness failures added.
-    fn judge(&self, ran: Result<(), String>) -> Result<(), String> {
-        let failures = std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()));
-        if failures.is_empty() {
-            return ran;
-        }
-        // The first few say what happened; a test that made many VMs (a
-        // loop, a shrinking search) would otherwise drown its own message.
-        const SHOWN: usize = 3;
-        let more = match failures.len().saturating_sub(SHOWN) {
-            0 => String::new(),
-            n => format!("; and {n} more"),
-        };
-        let what = format!(
-            "rule violated: the VMs and vCPUs a test made still work at its end ({} failed): {}{more}",
-            failures.len(),
-            failures[..failures.len().min(SHOWN)].join("; ")
-        );
-        match ran {
-            Ok(()) => Err(what),
-            Err(message) => Err(format!("{message}\nalso: {what}")),
-        }
-    }
-}
+/// A test body, boxed: for a binary that builds its variants as a list
+/// of rules and bodies before registering them.
+pub type Body = Box<dyn FnOnce(&Arc<Kvm>) -> Result<()> + Send>;
 
 /// Parses a [`STRICT_ENV`] value.
-pub fn parse_strict(value: &str) -> Result<bool> {
+pub(crate) fn parse_strict(value: &str) -> Result<bool> {
     match value.trim() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "" | "0" | "false" | "no" | "off" => Ok(false),
@@ -248,7 +184,7 @@ impl Suite {
             Err(reason) => Some(reason.clone()),
             Ok(kvm) => needs.iter().find_map(|n| n.check(kvm).err()),
         };
-        let body: Option<(Arc<Kvm>, KvmBody)> = match (&self.kvm, &skip) {
+        let body: Option<(Arc<Kvm>, Body)> = match (&self.kvm, &skip) {
             (Ok(kvm), None) => Some((kvm.clone(), Box::new(body))),
             _ => None,
         };
@@ -261,6 +197,30 @@ impl Suite {
         let known = self.known_failures.contains_key(&(self.binary.clone(), case.name.clone()));
         case.ignored = (skip.is_some() && !self.strict || known) && (self.args.list || self.args.ignored);
         self.cases.push(case);
+    }
+
+    /// Adds `{type}_vm_{rule}` for every VM type ([`VmType::ALL`]): the one
+    /// way to register a per-type variant. Each needs its type and
+    /// `needs(type)`; `body` gets the system fd and the type.
+    pub fn per_vm_type<F>(&mut self, rule: &str, needs: impl Fn(VmType) -> Vec<Need>, body: F)
+    where
+        F: Fn(&Arc<Kvm>, VmType) -> Result<()> + Clone + Send + 'static,
+    {
+        for vm_type in VmType::ALL {
+            self.for_vm_type(vm_type, rule, needs(vm_type), body.clone());
+        }
+    }
+
+    /// Adds `{type}_vm_{rule}` for one VM type, for the variants that exist
+    /// for some types only (a flag only some types advertise): named and
+    /// needing its type as [`Self::per_vm_type`] does.
+    pub fn for_vm_type<F>(&mut self, vm_type: VmType, rule: &str, needs: Vec<Need>, body: F)
+    where
+        F: FnOnce(&Arc<Kvm>, VmType) -> Result<()> + Send + 'static,
+    {
+        let mut all = vec![Need::VmType(vm_type)];
+        all.extend(needs);
+        self.test(format!("{}_vm_{rule}", vm_type.short()), all, move |kvm| body(kvm, vm_type));
     }
 
     /// Adds a test that does not touch KVM (harness self-tests).
@@ -463,25 +423,6 @@ mod tests {
         assert_eq!(judge(Ok(()), Some(&race)), Verdict::Pass);
         assert_eq!(judge(Err("boom".into()), Some(&race)), Verdict::KnownFailure("known failure: race: boom".into()));
         assert_eq!(Verdict::KnownFailure(String::new()).outcome().to_string(), "xfail");
-    }
-
-    #[test]
-    fn liveness_failures_fail_a_passing_test_and_add_to_a_failing_one() {
-        let liveness = Arc::new(Liveness::default());
-        assert!(Liveness::current().is_none());
-        liveness.around(|| Liveness::current().expect("set while the body runs").report("VM dead".into()));
-        assert!(Liveness::current().is_none());
-        let failed = liveness.judge(Ok(())).unwrap_err();
-        assert!(failed.contains("still work at its end (1 failed): VM dead"), "{failed}");
-        assert_eq!(liveness.judge(Ok(())), Ok(()), "failures are reported once");
-        liveness.report("vCPU dead".into());
-        let both = liveness.judge(Err("boom".into())).unwrap_err();
-        assert!(both.starts_with("boom\nalso: rule violated") && both.ends_with("vCPU dead"), "{both}");
-        for i in 0..5 {
-            liveness.report(format!("VM {i} dead"));
-        }
-        let many = liveness.judge(Ok(())).unwrap_err();
-        assert!(many.contains("(5 failed): VM 0 dead; VM 1 dead; VM 2 dead; and 2 more"), "{many}");
     }
 
     #[test]

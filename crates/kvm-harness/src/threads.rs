@@ -8,7 +8,7 @@ use std::thread::ScopedJoinHandle;
 use crate::error::{Error, Result};
 
 /// The text of a panic payload (`panic!` gives a `&str` or a `String`).
-pub fn panic_text(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_text(payload: &(dyn Any + Send)) -> String {
     payload
         .downcast_ref::<String>()
         .cloned()
@@ -18,6 +18,11 @@ pub fn panic_text(payload: &(dyn Any + Send)) -> String {
 
 /// Joins a scoped thread; a panic becomes [`Error::Panic`] naming `thread`.
 pub fn join<T>(handle: ScopedJoinHandle<'_, T>, thread: &str) -> Result<T> {
+    handle.join().map_err(|payload| Error::Panic { thread: thread.to_string(), message: panic_text(&*payload) })
+}
+
+/// [`join`] for a thread of `std::thread::spawn`.
+pub fn join_spawned<T>(handle: std::thread::JoinHandle<T>, thread: &str) -> Result<T> {
     handle.join().map_err(|payload| Error::Panic { thread: thread.to_string(), message: panic_text(&*payload) })
 }
 

@@ -46,13 +46,6 @@ impl Vcpu {
         self.fd.get_cpuid2(capacity).sys(|| format!("KVM_GET_CPUID2(vCPU {}, room for {capacity} entries)", self.id))
     }
 
-    /// `KVM_SET_CPUID2`.
-    pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<()> {
-        self.fd
-            .set_cpuid2(cpuid)
-            .sys(|| format!("KVM_SET_CPUID2(vCPU {}, {} entries)", self.id, cpuid.as_slice().len()))
-    }
-
     /// Supplies the bytes a guest port read (`KVM_EXIT_IO`, direction IN)
     /// returns: copies `data` (exactly `size * count` bytes) into the
     /// `kvm_run` data area before the next `KVM_RUN`.

@@ -23,7 +23,7 @@ const REKICK: Duration = Duration::from_millis(5);
 pub(crate) const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// Parses a [`TIMEOUT_ENV`] value: positive, finite seconds.
-pub fn parse_timeout(value: &str) -> Result<Duration> {
+pub(crate) fn parse_timeout(value: &str) -> Result<Duration> {
     let secs: f64 = value
         .trim()
         .parse()

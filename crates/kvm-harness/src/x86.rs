@@ -37,7 +37,7 @@ const _: () = assert!(PD_GPA + IDENTITY_MAP_GIB * 0x1000 <= MAILBOX_GPA);
 
 /// Writes page tables identity-mapping the first `IDENTITY_MAP_GIB` GiB with
 /// 2 MiB pages into `system` (the memslot at GPA 0).
-pub fn write_page_tables(system: &HostMemory) {
+pub(crate) fn write_page_tables(system: &HostMemory) {
     system.write_u64(PML4_GPA, PDPT_GPA | PTE_PRESENT | PTE_WRITABLE);
     for gib in 0..IDENTITY_MAP_GIB {
         let pd = PD_GPA + gib * 0x1000;
@@ -59,7 +59,7 @@ fn segment_descriptor(base: u64, limit: u32, access: u8, flags: u8) -> u64 {
 }
 
 /// Writes the GDT (null, code64, data, TSS) and a zeroed TSS.
-pub fn write_gdt(system: &HostMemory) {
+pub(crate) fn write_gdt(system: &HostMemory) {
     system.write_u64(GDT_GPA, 0);
     // Present, DPL 0, code, execute/read, accessed; G and L.
     system.write_u64(GDT_GPA + u64::from(CODE_SELECTOR), segment_descriptor(0, 0xfffff, 0x9b, 0xa));
@@ -72,7 +72,7 @@ pub fn write_gdt(system: &HostMemory) {
 }
 
 /// Writes an IDT whose first 32 vectors are the runtime's exception stubs.
-pub fn write_idt(system: &HostMemory, runtime: &Payload) {
+pub(crate) fn write_idt(system: &HostMemory, runtime: &Payload) {
     for vector in 0..32u64 {
         let handler = runtime.label(&format!("vector_{vector}"));
         // Interrupt gate, present, DPL 0.
@@ -101,7 +101,7 @@ fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
 }
 
 /// Puts `sregs` in 64-bit long mode with paging on, using the tables above.
-pub fn set_long_mode(sregs: &mut kvm_sregs) {
+pub(crate) fn set_long_mode(sregs: &mut kvm_sregs) {
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = PML4_GPA;
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
