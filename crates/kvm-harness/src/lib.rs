@@ -15,6 +15,7 @@ pub mod error;
 mod exit_fields;
 pub mod fault_injection;
 pub mod kernel_rules;
+pub mod kmsg;
 pub mod known_failures;
 pub mod kvm;
 pub mod memory;
