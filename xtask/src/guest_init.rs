@@ -131,6 +131,15 @@ export KVM_SELFTESTS_STRICT=1 KVM_SELFTESTS_RESULTS=$R/results.jsonl
     if shape.coverage && !c_tests.is_empty() {
         s.push_str("gcov_save upstream\n");
     }
+    // The kernel-log oracle's final check: the whole log into the results
+    // share, and a failure for each report no test saw (boot, the probe,
+    // between binaries).
+    let _ = writeln!(
+        s,
+        "{} guest-kernel-log --results $R/results.jsonl --log $R/{}",
+        q(xtask),
+        crate::kernel_log::LOG_FILE
+    );
     s.push_str("echo done > $R/status\n$bb sync\necho \"$M done\"\n$bb poweroff -f\n");
     s
 }
@@ -253,7 +262,10 @@ mod tests {
     /// Run the part of `script` after the setup (the helpers and the tests)
     /// under busybox, with `dir` as the results share and scratch space.
     fn run_body(script: &str, dir: &Path) -> std::process::Output {
-        let body = &script[script.find("now() {").unwrap()..script.find("echo done").unwrap()];
+        // Up to the final kernel-log check, which needs a guest.
+        let end = script.find(" guest-kernel-log").unwrap();
+        let end = script[..end].rfind('\n').unwrap() + 1;
+        let body = &script[script.find("now() {").unwrap()..end];
         std::process::Command::new("busybox")
             .arg("sh")
             .arg("-c")

@@ -8,6 +8,7 @@ mod findings;
 mod guest_init;
 mod history;
 mod kernel;
+mod kernel_log;
 mod limits;
 mod patch;
 mod probe;
@@ -92,6 +93,17 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         results: Option<PathBuf>,
     },
+    /// (inside the guest, after the tests) write the whole kernel log to
+    /// --log and add a failure to --results for each kernel report no
+    /// test's window saw (boot, the probe, between binaries).
+    GuestKernelLog {
+        /// The run's results file (the binaries' verdicts sit next to it).
+        #[arg(long, value_name = "FILE")]
+        results: PathBuf,
+        /// Where to write the kernel log.
+        #[arg(long, value_name = "FILE")]
+        log: PathBuf,
+    },
 }
 
 /// Which kernel: at most one of these; Debian's 6.12 by default.
@@ -129,12 +141,17 @@ struct GuestArgs {
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
     /// Seconds for the whole guest run.
-    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
     /// Seconds for the guest to reach init.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_BOOT_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
     boot_timeout: u64,
 }
+
+/// `--timeout`'s default.
+const DEFAULT_TIMEOUT: u64 = 600;
+/// `--boot-timeout`'s default.
+const DEFAULT_BOOT_TIMEOUT: u64 = 60;
 
 #[derive(Debug, Args)]
 struct VmArgs {
@@ -167,6 +184,12 @@ struct VmArgs {
     /// (per suite with --upstream); HTML under target/kvm-selftests/coverage.
     #[arg(long, conflicts_with_all = ["kernel", "bench"])]
     coverage: bool,
+    /// The debug lane: build the kernel with lockdep, DEBUG_VM, KASAN and
+    /// UBSAN (xtask/debug-kernel.config, a build and image of its own) and
+    /// run the suite under the kernel-log oracle. Unless given, the run's
+    /// limit becomes 5400 s, the boot's 300 s and each binary's 1200 s.
+    #[arg(long, conflicts_with_all = ["kernel", "bench", "coverage"])]
+    debug_kernel: bool,
     /// Test binaries to run at once in the guest (default 1, one after the
     /// other). In the 6.12 guest, 2 took the suite (without `model`) from
     /// 31.1, 28.5, 32.9 s to 24.7, 25.5, 30.4 s, but puts the deadline-bound
@@ -230,6 +253,7 @@ impl VmArgs {
             kernel: self.kernel,
             kernel_opts: KernelOpts {
                 coverage: self.coverage,
+                debug: self.debug_kernel,
                 patches: self.patch.patches,
                 ..self.build.kernel_opts(self.source.source())
             },
@@ -243,6 +267,18 @@ impl VmArgs {
             ..VmOpts::default()
         };
         self.guest.apply(&mut opts);
+        if self.debug_kernel {
+            // KASAN and lockdep slow boot and every test several times
+            // over under TCG; the defaults are sized for the plain kernel.
+            // Settings given on the command line still win.
+            if opts.timeout == DEFAULT_TIMEOUT {
+                opts.timeout = 5400;
+            }
+            if opts.boot_timeout == DEFAULT_BOOT_TIMEOUT {
+                opts.boot_timeout = 300;
+            }
+            opts.test_timeouts.insert(0, limits::Limit::All(1200));
+        }
         opts
     }
 }
@@ -305,6 +341,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::FindingsCheck => findings::check(&util::workspace_root().join("findings")),
         Cmd::Report { results, name } => report_cmd(&results, &name),
         Cmd::GuestProbe { results } => probe::run(results.as_deref()),
+        Cmd::GuestKernelLog { results, log } => kernel_log::guest_check(&results, &log),
     }
 }
 

@@ -228,10 +228,12 @@ impl Guest {
 
 /// Run QEMU to completion, streaming its console and enforcing the boot and
 /// overall deadlines; QEMU is killed rather than waited on forever.
-pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64) -> Result<Guest> {
+/// The console is also written, as it arrives, to `console`.
+pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64, console: &Path) -> Result<Guest> {
     let start = Instant::now();
+    let log = fs::File::create(console).map_err(util::io_err(console))?;
     let mut child = cmd.spawn().map_err(|source| Error::Spawn { cmd: util::describe(cmd), source })?;
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let stdout = Tee { inner: child.stdout.take().expect("stdout is piped"), log };
     let (tx, rx) = mpsc::channel();
     let reader = thread::spawn(move || stream_console(stdout, &tx));
 
@@ -271,6 +273,21 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64) -> Result<G
         }
     }
     Ok(guest)
+}
+
+/// A reader that copies what it reads into a file: the run's console log.
+struct Tee<R> {
+    inner: R,
+    log: fs::File,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        // A full disk must not stop the run; the terminal still has it all.
+        let _ = self.log.write_all(&buf[..n]);
+        Ok(n)
+    }
 }
 
 fn kill(child: &mut Child) {

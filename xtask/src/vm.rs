@@ -22,7 +22,7 @@ use crate::report::{self, Outcome, Summary, TestResult};
 use crate::test_binaries::{self, TestBinary};
 use crate::upstream::{self, CTest};
 use crate::util::{self, io_err, req};
-use crate::{history, probe};
+use crate::{history, kernel_log, probe};
 
 #[derive(Debug, Clone)]
 pub struct VmOpts {
@@ -140,7 +140,12 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     };
     let mut qemu = qemu_command(&kernel, &init, &results_dir, accel);
     eprintln!("xtask: booting {} ({accel:?})", kernel.display());
-    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout)?;
+    // The console and the guest's kernel log are kept next to the reports.
+    util::create_dir_all(&util::output_dir())?;
+    let console = kernel_log::kept(kernel_log::CONSOLE_FILE);
+    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout, &console)?;
+    eprintln!("xtask: console log: {}", console.display());
+    kernel_log::keep_guest_log(&results_dir)?;
     let finished = fs::read_to_string(results_dir.join("status")).is_ok_and(|s| s.trim() == "done");
     let mut outcome = collect(&guest, finished, &c_tests, &results_dir)?;
     outcome.kernel = under_test.name;
