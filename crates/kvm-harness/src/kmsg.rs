@@ -131,7 +131,8 @@ impl Report {
 /// The reports in `records`: each starts at a record a marker matches and
 /// takes the kernel lines after it, up to [`QUOTED_LINES`], the next
 /// report's start (or the `[ cut here ]` line before it) or the
-/// `---[ end trace` line that closes a WARN or an oops.
+/// `---[ end trace` line that closes a WARN or an oops, without its
+/// register and code dump.
 pub fn reports(records: &[LogRecord]) -> Vec<Report> {
     let mut found = Vec::new();
     for (i, record) in records.iter().enumerate().filter(|(_, r)| r.starts_report()) {
@@ -141,7 +142,7 @@ pub fn reports(records: &[LogRecord]) -> Vec<Report> {
             if r.starts_report() || r.text.contains("[ cut here ]") || lines.len() >= QUOTED_LINES {
                 break;
             }
-            lines.extend(r.text.lines().map(String::from));
+            lines.extend(r.text.lines().filter(|l| !is_register_dump(l)).map(String::from));
             if r.text.contains("---[ end trace") {
                 break;
             }
@@ -150,6 +151,16 @@ pub fn reports(records: &[LogRecord]) -> Vec<Report> {
         found.push(Report { seq: record.seq, lines });
     }
     found
+}
+
+/// The lines of an x86 oops or WARN that dump machine state (code bytes,
+/// registers): left out of the quote so that its 15 lines reach the call
+/// trace; the whole report is in the kept kernel log.
+fn is_register_dump(line: &str) -> bool {
+    const DUMPS: &[&str] =
+        &["Code: ", "RSP: ", "RAX: ", "RDX: ", "RBP: ", "R10: ", "R13: ", "FS: ", "CS: ", "CR2: ", "DR0: ", "DR3: "];
+    let line = line.trim_start();
+    DUMPS.iter().any(|d| line.starts_with(d)) || line.starts_with("PKRU: ")
 }
 
 /// A reader of the kernel log from some position on.

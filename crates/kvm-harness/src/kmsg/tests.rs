@@ -16,6 +16,8 @@ fn warn_splat(first_seq: u64) -> Vec<LogRecord> {
         "Modules linked in:",
         "CPU: 1 UID: 0 PID: 312 Comm: memory_attribu Not tainted 6.12.118 #1",
         "RIP: 0010:kvm_arch_post_set_memory_attributes+0x2b/0x40",
+        "Code: 37 00 48 39 eb 72 84 4c 89 ef e8 ec 9e 0d 00 e9 cb 00 00 00 49 89 d5 48 c1 f8 0c <0f> 0b",
+        "RSP: 0018:ffff888000b27e90 EFLAGS: 00000202",
     ]
     .iter()
     .enumerate()
@@ -72,15 +74,16 @@ fn a_report_is_its_first_lines_up_to_the_next_report_or_its_end() {
     }
     records.push(user(24, "kvm-selftests: binary model end"));
     records.extend(warn_splat(30));
-    records.push(kernel(35, "---[ end trace 0000000000000000 ]---"));
-    records.push(kernel(36, "kvm: unrelated"));
+    records.push(kernel(37, "---[ end trace 0000000000000000 ]---"));
+    records.push(kernel(38, "kvm: unrelated"));
     records.extend(warn_splat(40));
     let found = reports(&records);
     let starts: Vec<u64> = found.iter().map(|r| r.seq).collect();
     assert_eq!(starts, [3, 31, 41], "{found:?}");
     assert_eq!(found[0].lines.len(), QUOTED_LINES);
     assert_eq!(found[0].lines[0], "WARNING: possible circular locking dependency detected");
-    // The splat's RIP line is part of it, the end-trace line closes it.
+    // The splat's RIP line is part of it, its code and register dump are
+    // not, the end-trace line closes it.
     assert_eq!(found[1].lines.len(), 5);
     assert_eq!(found[1].lines[4], "---[ end trace 0000000000000000 ]---");
     assert_eq!(found[2].lines.len(), 4);
