@@ -336,8 +336,8 @@ impl Seen {
         let shared = match self.overlapped.len() {
             0 => String::new(),
             n => format!(
-                "; {n} other test{} of this binary ran during this window ({}): a report in a parallel window cannot \
-                 be pinned to one test, so each fails with it (--test-threads=1 pins it)",
+                "; {n} other test{} of this binary ran during part of this window ({}): the report may be theirs; \
+                 every test whose window holds it fails with it (--test-threads=1 pins it)",
                 if n == 1 { "" } else { "s" },
                 self.overlapped.join(", ")
             ),
