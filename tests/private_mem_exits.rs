@@ -411,6 +411,77 @@ fn guest_keeps_private_memory_after_the_vm_fd_is_closed(kvm: &Arc<Kvm>) -> Resul
     agent.done().map(drop)
 }
 
+/// The last close of a guest_memfd racing the deletion of the memslot that
+/// binds it, while the guest faults the slot's private page in and the
+/// host punches it out: `kvm_gmem_unbind()` then meets a dying file, whose
+/// bindings it must change under the file's invalidate lock as
+/// `kvm_gmem_release()` does (the 6.12.118 fix "KVM: guest_memfd: take
+/// the invalidate lock when unbinding a dying file"). Each round's vCPU
+/// ends in the private fault of a page with no guest_memfd (the memslot
+/// gone, or its file released first), the VM and vCPU still answer (the
+/// runner's liveness check), and the kernel logs nothing (the kernel-log
+/// oracle; lockdep and KASAN in `--debug-kernel`).
+fn guest_memfd_closed_while_its_memslot_is_deleted_unbinds_under_the_invalidate_lock(kvm: &Arc<Kvm>) -> Result<()> {
+    const ROUNDS: usize = 12;
+    const PUNCHES: usize = 16;
+    for round in 0..ROUNDS {
+        let vm = Vm::with_payload(kvm, VmType::SwProtected, &GUEST_AGENT)?;
+        let mut agent = Agent::start(vm.vcpu(0, [0; 4])?)?;
+        let gmem = Arc::new(vm.create_guest_memfd(SLOT_SIZE, 0)?);
+        let _shared = vm.add_private_memory(SLOT, TEST_AREA_GPA, SLOT_SIZE, &gmem, 0)?;
+        vm.make_private(TARGET_GPA, PAGE)?;
+        agent.write(TARGET_GPA, WRITTEN)?;
+        // The memslot no longer counts as a holder: the last Arc is the
+        // file's last reference, dropped by the closer thread.
+        vm.forget_guest_memfd(SLOT)?;
+        // Stride 0: the guest reads the page forever, faulting it in again
+        // after every punch, until its memslot or file is gone.
+        agent.submit(Op::Touch { gpa: TARGET_GPA, len: 8, stride: 0, write: false })?;
+        let start = std::sync::Barrier::new(3);
+        std::thread::scope(|s| {
+            let vcpu = s.spawn(move || {
+                let exit = agent.vcpu().run();
+                (agent, exit)
+            });
+            // Let the guest fault the page in and spin on it.
+            std::thread::sleep(Duration::from_millis(50));
+            let puncher = {
+                let gmem = gmem.clone();
+                let start = &start;
+                s.spawn(move || -> Result<()> {
+                    for _ in 0..PUNCHES {
+                        gmem.punch_hole(TARGET_GPA - TEST_AREA_GPA, PAGE)?;
+                    }
+                    start.wait();
+                    Ok(())
+                })
+            };
+            let closer = {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    drop(gmem);
+                })
+            };
+            start.wait();
+            vm.delete_slot(SLOT)?;
+            threads::join_result(puncher, "punching thread")?;
+            threads::join(closer, "closing thread")?;
+            let (mut agent, exit) = threads::join(vcpu, "vCPU thread")?;
+            expect_private_fault(
+                &mut agent,
+                exit?,
+                TARGET_GPA,
+                &format!(
+                    "round {round}: a private read whose memslot was deleted as its guest_memfd was closed exits \
+                     KVM_EXIT_MEMORY_FAULT"
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// The guest reads `gpa`, which has no memslot: an 8-byte MMIO read, completed.
 fn mmio_read(agent: &mut Agent, gpa: u64) -> Result<()> {
     match agent.read_or_mmio(gpa)? {
@@ -436,6 +507,7 @@ fn main() -> ExitCode {
         private_read_served_from_guest_memfd_after_earlier_mmio_at_that_gpa,
         private_read_exits_memory_fault_after_its_guest_memfd_is_closed,
         guest_keeps_private_memory_after_the_vm_fd_is_closed,
+        guest_memfd_closed_while_its_memslot_is_deleted_unbinds_under_the_invalidate_lock,
     );
     for access in Access::ALL {
         suite.test(

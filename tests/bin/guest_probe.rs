@@ -8,12 +8,20 @@
 //! when the suite can run (a mismatch is recorded as a failed check in
 //! FILE), 2 when the kernel offers no protected VMs (untestable), 3 when it
 //! could not probe at all (no `/dev/kvm`, bad settings).
+//!
+//! `guest_probe --kernel-log LOG --results FILE`, after the last test: the
+//! kernel-log oracle's final check. It writes the whole kernel log to LOG
+//! and adds one failure to FILE for the kernel reports no test's window saw
+//! (boot, the probe, between binaries). Its findings are results, so it
+//! exits 0 unless it could not write them; a log it cannot read is said
+//! once, and nothing is claimed checked.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use kvm_harness::kmsg;
 use kvm_harness::results::{Outcome, Record};
 use kvm_harness::{errno_name, Cap, Error, Kvm, Vm, VmType};
 
@@ -77,24 +85,72 @@ fn observe() -> Result<Observation, String> {
 }
 
 /// `--results FILE` and `--rules FILE`; anything else is refused.
-fn parse_args(args: impl Iterator<Item = String>) -> Result<(Option<PathBuf>, Option<PathBuf>), String> {
-    let (mut results, mut rules) = (None, None);
+/// The command line: the probe's files, or the final kernel-log check.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Args {
+    results: Option<PathBuf>,
+    rules: Option<PathBuf>,
+    kernel_log: Option<PathBuf>,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
+    const USAGE: &str = "usage: guest_probe [--results FILE] [--rules FILE] | --kernel-log LOG --results FILE";
+    let mut parsed = Args::default();
     let mut args = args;
     while let Some(arg) = args.next() {
         let slot = match arg.as_str() {
-            "--results" => &mut results,
-            "--rules" => &mut rules,
-            other => {
-                return Err(format!("unknown argument `{other}` (usage: guest_probe [--results FILE] [--rules FILE])"))
-            }
+            "--results" => &mut parsed.results,
+            "--rules" => &mut parsed.rules,
+            "--kernel-log" => &mut parsed.kernel_log,
+            other => return Err(format!("unknown argument `{other}` ({USAGE})")),
         };
         *slot = Some(PathBuf::from(args.next().ok_or_else(|| format!("{arg} needs a FILE"))?));
     }
-    Ok((results, rules))
+    if parsed.kernel_log.is_some() && (parsed.results.is_none() || parsed.rules.is_some()) {
+        return Err(format!("--kernel-log needs --results and takes no --rules ({USAGE})"));
+    }
+    Ok(parsed)
+}
+
+/// The kernel-log oracle's final check; see the module comment.
+fn final_kernel_log_check(results: &Path, log: &Path) {
+    match kmsg::check_run(results, log) {
+        Err(why) => println!("kernel-log oracle off for the run: {why}: no test or boot step was checked"),
+        Ok(check) => {
+            let unchecked = match check.unchecked.len() {
+                0 => String::new(),
+                n => format!(
+                    "; {n} unchecked (the oracle was off: {})",
+                    check
+                        .unchecked
+                        .iter()
+                        .take(3)
+                        .map(|(who, why)| format!("{who}: {why}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            };
+            let lost = match check.lost {
+                0 => String::new(),
+                n => format!("; {n} records were overwritten before they were read, unchecked"),
+            };
+            println!(
+                "kernel-log oracle: {} test windows checked{unchecked}; {} reports in the log, {} outside every \
+                 test{lost}",
+                check.checked,
+                check.reports,
+                check.outside.len()
+            );
+        }
+    }
 }
 
 fn run() -> Result<u8, (u8, String)> {
-    let (results, rules) = parse_args(std::env::args().skip(1)).map_err(|e| (CANNOT_PROBE, e))?;
+    let Args { results, rules, kernel_log } = parse_args(std::env::args().skip(1)).map_err(|e| (CANNOT_PROBE, e))?;
+    if let (Some(log), Some(results)) = (&kernel_log, &results) {
+        final_kernel_log_check(results, log);
+        return Ok(0);
+    }
     let start = Instant::now();
     let observation = observe().map_err(|e| (CANNOT_PROBE, e))?;
     let (outcome, message) = match judge(&observation) {
@@ -153,7 +209,15 @@ mod tests {
     #[test]
     fn arguments_are_checked() {
         let args = |s: &str| parse_args(s.split_whitespace().map(String::from));
-        assert_eq!(args("--results r --rules t").unwrap(), (Some("r".into()), Some("t".into())));
+        assert_eq!(
+            args("--results r --rules t").unwrap(),
+            Args { results: Some("r".into()), rules: Some("t".into()), kernel_log: None }
+        );
+        assert_eq!(
+            args("--kernel-log l --results r").unwrap(),
+            Args { results: Some("r".into()), rules: None, kernel_log: Some("l".into()) }
+        );
+        assert!(args("--kernel-log l").unwrap_err().contains("--kernel-log needs --results"));
         assert!(args("--results").unwrap_err().contains("--results needs a FILE"));
         assert!(args("--result r").unwrap_err().contains("unknown argument `--result`"));
     }

@@ -256,6 +256,10 @@ if [ -n "$c_tests" ]; then
     done
     [ -n "$hook" ] && $hook end upstream
 fi
+# The kernel-log oracle's final check: the whole kernel log next to the
+# results, and one failure for the reports no test's window saw (boot, the
+# probe, between binaries).
+"$C/bin/guest_probe" --kernel-log "$R/kernel-log.txt" --results "$res"
 echo done > "$R/status"
 
 count() { grep -c "\"outcome\":\"$1\"" "$res" 2>/dev/null; }

@@ -54,6 +54,8 @@ pub struct KernelOpts {
     pub coverage: bool,
     /// Patches applied, in order, to a copy of the source (`--patch`).
     pub patches: Vec<PathBuf>,
+    /// The debug lane (`--debug-kernel`): lockdep, DEBUG_VM, KASAN, UBSAN.
+    pub debug: bool,
 }
 
 impl Default for KernelOpts {
@@ -63,12 +65,30 @@ impl Default for KernelOpts {
             jobs: thread::available_parallelism().map_or(1, |n| n.get()),
             coverage: false,
             patches: Vec::new(),
+            debug: false,
         }
     }
 }
 
 pub fn fragment_path() -> PathBuf {
     util::workspace_root().join("xtask/kernel.config")
+}
+
+/// The debug lane's options, added to the recipe by `--debug-kernel`.
+pub fn debug_fragment_path() -> PathBuf {
+    util::workspace_root().join("xtask/debug-kernel.config")
+}
+
+impl KernelOpts {
+    /// The build id of source `id` with these options: a gcov or debug
+    /// build has its own build directory and image.
+    fn build_id(&self, id: &str) -> String {
+        match (self.coverage, self.debug) {
+            (true, _) => format!("{id}-coverage"),
+            (false, true) => format!("{id}-debug"),
+            (false, false) => id.to_string(),
+        }
+    }
 }
 
 /// A kernel ready to be built: its source extracted, patched and
@@ -114,6 +134,11 @@ pub fn prepare(opts: &KernelOpts) -> Result<Prepared> {
     if opts.coverage {
         fragment.push_str(coverage::FRAGMENT);
     }
+    if opts.debug {
+        let debug = debug_fragment_path();
+        fragment.push('\n');
+        fragment.push_str(&fs::read_to_string(&debug).map_err(io_err(&debug))?);
+    }
 
     let (id, src, cache_image) = match &opts.source {
         Source::Tree(tree) => {
@@ -126,7 +151,7 @@ pub fn prepare(opts: &KernelOpts) -> Result<Prepared> {
             // without extracting the source or asking make; a tree can
             // change under us and is always rebuilt (incrementally, in its
             // own O= directory). Patches are part of the key.
-            let key_id = build_id(&patches.id(&tarball.id), opts.coverage);
+            let key_id = opts.build_id(&patches.id(&tarball.id));
             // A gcov image is only usable with its build directory's .gcno
             // notes (a CI cache may restore the image without them).
             let notes = util::cache_dir().join("build").join(&key_id).join("virt/kvm/kvm_main.gcno");
@@ -139,13 +164,13 @@ pub fn prepare(opts: &KernelOpts) -> Result<Prepared> {
             (tarball.id, src, true)
         }
     };
-    let unpatched_build = build_id(&id, opts.coverage);
+    let unpatched_build = opts.build_id(&id);
     let (id, src) =
         if patches.is_empty() { (id, src) } else { patch::patched_source(&id, &src, &patches, cache_image)? };
     let tree = Some((id.clone(), src.clone()));
     let src = if opts.coverage { coverage::instrumented_source(&id, &src, cache_image)? } else { src };
     let seed_from = (!patches.is_empty()).then_some(unpatched_build);
-    Ok(Prepared { tree, plan: Plan::Build { id: build_id(&id, opts.coverage), src, cache_image, fragment, seed_from } })
+    Ok(Prepared { tree, plan: Plan::Build { id: opts.build_id(&id), src, cache_image, fragment, seed_from } })
 }
 
 /// The source tree `opts` names, with its patches applied: (id, directory).
@@ -217,15 +242,6 @@ pub fn build_prepared(opts: &KernelOpts, prepared: Prepared) -> Result<PathBuf> 
 /// the cached image's directory name and the KCIDB build id).
 pub fn config_hash(recipe: &Recipe) -> String {
     format!("{:016x}", util::fnv1a(&[RECIPE.as_bytes(), recipe.text.as_bytes()]))
-}
-
-/// The build directory and image name of source `id`: a gcov build has its own.
-fn build_id(id: &str, coverage: bool) -> String {
-    if coverage {
-        format!("{id}-coverage")
-    } else {
-        id.to_string()
-    }
 }
 
 /// The recipe is resolved against the source's Kconfig, so the image's key

@@ -11,6 +11,7 @@ mod history;
 mod kcidb;
 mod kconfig;
 mod kernel;
+mod kernel_log;
 mod limits;
 mod patch;
 mod qemu;
@@ -171,12 +172,17 @@ struct GuestArgs {
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
     /// Seconds for the whole guest run.
-    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
     /// Seconds for the guest to reach init.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_BOOT_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
     boot_timeout: u64,
 }
+
+/// `--timeout`'s default.
+const DEFAULT_TIMEOUT: u64 = 600;
+/// `--boot-timeout`'s default.
+const DEFAULT_BOOT_TIMEOUT: u64 = 60;
 
 #[derive(Debug, Args)]
 struct VmArgs {
@@ -213,6 +219,12 @@ struct VmArgs {
     /// (per suite with --upstream); HTML under target/kvm-selftests/coverage.
     #[arg(long, conflicts_with_all = ["kernel", "bench"])]
     coverage: bool,
+    /// The debug lane: build the kernel with lockdep, DEBUG_VM, KASAN and
+    /// UBSAN (xtask/debug-kernel.config, a build and image of its own) and
+    /// run the suite under the kernel-log oracle. Unless given, the run's
+    /// limit becomes 5400 s, the boot's 300 s and each binary's 1200 s.
+    #[arg(long, conflicts_with_all = ["kernel", "bench", "coverage"])]
+    debug_kernel: bool,
     /// Test binaries to run at once in the guest (default 1, one after the
     /// other). In the 6.12 guest, 2 took the suite (without `model`) from
     /// 31.1, 28.5, 32.9 s to 24.7, 25.5, 30.4 s, but puts the deadline-bound
@@ -291,6 +303,7 @@ impl VmArgs {
             kernel: self.kernel,
             kernel_opts: KernelOpts {
                 coverage: self.coverage,
+                debug: self.debug_kernel,
                 patches: self.patch.patches,
                 ..self.build.kernel_opts(self.source.source())
             },
@@ -305,6 +318,18 @@ impl VmArgs {
             ..VmOpts::default()
         };
         self.guest.apply(&mut opts);
+        if self.debug_kernel {
+            // KASAN and lockdep slow boot and every test several times
+            // over under TCG; the defaults are sized for the plain kernel.
+            // Settings given on the command line still win.
+            if opts.timeout == DEFAULT_TIMEOUT {
+                opts.timeout = 5400;
+            }
+            if opts.boot_timeout == DEFAULT_BOOT_TIMEOUT {
+                opts.boot_timeout = 300;
+            }
+            opts.test_timeouts.insert(0, limits::Limit::All(1200));
+        }
         opts
     }
 }

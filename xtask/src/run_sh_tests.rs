@@ -43,7 +43,8 @@ fn stage(dir: &Path, tests: Vec<TestBinary>) -> PathBuf {
     let probe = script(
         dir,
         "probe.sh",
-        "echo 'KVM_CAP_VM_TYPES = 0x3, KVM_X86_SW_PROTECTED_VM created'; : > \"$4\"\n\
+        "[ \"$1\" = --kernel-log ] && { : > \"$2\"; exit 0; }\n\
+         echo 'KVM_CAP_VM_TYPES = 0x3, KVM_X86_SW_PROTECTED_VM created'; : > \"$4\"\n\
          echo '{\"binary\":\"guest_probe\",\"test\":\"protected_vm_capability_matches_creation\",\"outcome\":\"pass\"}' >> \"$2\"",
     );
     bundle::stage(&Built { tests, probe }, &Limits::default(), &dir.join("staged"), "b").unwrap()

@@ -24,7 +24,7 @@ use crate::report::{self, Outcome, Summary, TestResult};
 use crate::test_binaries::{self, Built};
 use crate::upstream::{self, CTest};
 use crate::util::{self, io_err, req};
-use crate::{bundle, coverage};
+use crate::{bundle, coverage, kernel_log};
 
 /// Where the guest probe leaves the decision table, next to the results.
 pub const RULES_FILE: &str = "rules.txt";
@@ -157,9 +157,14 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
     };
     let mut qemu = qemu_command(&kernel, &init, &results_dir, accel);
     eprintln!("xtask: booting {} ({accel:?})", kernel.display());
-    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout)?;
-    let finished = fs::read_to_string(results_dir.join("status")).is_ok_and(|s| s.trim() == "done");
+    // The console and the guest's kernel log are kept with the run's reports.
     let report_dir = util::output_dir().join(run_name(opts)?);
+    util::create_dir_all(&report_dir)?;
+    let console = report_dir.join(kernel_log::CONSOLE_FILE);
+    let guest = supervise(&mut qemu, opts.boot_timeout, opts.timeout, &console)?;
+    eprintln!("xtask: console log: {}", console.display());
+    kernel_log::keep_guest_log(&results_dir, &report_dir)?;
+    let finished = fs::read_to_string(results_dir.join("status")).is_ok_and(|s| s.trim() == "done");
     let mut outcome = collect(&guest, finished, &c_tests, &results_dir, &report_dir)?;
     outcome.kernel = under_test.name;
     if !opts.test_args.is_empty() && finished && !selected_any(&outcome.results) {
@@ -215,6 +220,9 @@ pub fn run_name(opts: &VmOpts) -> Result<String> {
     let mut name = kernel_id(opts)?;
     if opts.coverage() {
         name.push_str("-coverage");
+    }
+    if opts.kernel_opts.debug {
+        name.push_str("-debug");
     }
     if opts.bench {
         name.push_str("-bench");

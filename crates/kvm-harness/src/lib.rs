@@ -18,6 +18,7 @@ mod exit;
 mod exit_fields;
 pub mod fault_injection;
 pub mod kernel_rules;
+pub mod kmsg;
 mod known_failures;
 mod kvm;
 mod liveness;

@@ -102,6 +102,11 @@ impl ResultsFile {
         Self(std::env::var_os(RESULTS_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
     }
 
+    /// The file, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.0.as_deref()
+    }
+
     /// Appends `record`, if there is a file. Losing a verdict silently would
     /// hide a failure from the VM runner, so a failed write ends the process
     /// with status 2.

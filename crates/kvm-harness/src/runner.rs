@@ -13,6 +13,7 @@ use std::time::Instant;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 use crate::error::{Error, Result};
+use crate::kmsg;
 use crate::known_failures::{self, KnownFailure, KnownFailures, KNOWN_FAILURES_ENV};
 use crate::kvm::{Cap, Kvm, VmType, KVM_PATH};
 use crate::liveness::Liveness;
@@ -136,6 +137,7 @@ impl Suite {
             // The versioned rules' evidence and settings: a bad setting or
             // an unreadable history fails now, before any test.
             crate::kernel_rules::running_kernel()?;
+            kmsg::check_setting()?;
             Ok((strict, tap, known_failures::from_env()?))
         });
         let (strict, tap, known_failures) = config.unwrap_or_else(|e| {
@@ -143,12 +145,27 @@ impl Suite {
             std::process::exit(2);
         });
         let kvm = Kvm::open().map(Arc::new).map_err(|e| format!("needs {KVM_PATH}: {e}"));
+        let results = ResultsFile::from_env();
+        // Said once per binary, and recorded so that the run's final check
+        // does not count this binary's tests as checked.
+        if let kmsg::Oracle::Off(why) = kmsg::oracle() {
+            eprintln!("{binary}: kernel-log oracle off ({why}): no test of this binary is checked for kernel warnings");
+            let line = kmsg::Checked {
+                binary: binary.to_string(),
+                test: String::new(),
+                checked: false,
+                why: why.clone(),
+                reports: Vec::new(),
+            };
+            kmsg::record_checked(results.path(), &line);
+        }
+        kmsg::mark_binary_start(binary);
         Self {
             binary: binary.to_string(),
             args: Arguments::from_iter(raw),
             strict,
             tap,
-            results: ResultsFile::from_env(),
+            results,
             kvm,
             known_failures,
             cases: Vec::new(),
@@ -250,12 +267,14 @@ impl Suite {
                 Some(reason) => Verdict::Skip(reason),
                 None => {
                     let liveness = Arc::new(Liveness::default());
+                    let window = kmsg::Window::open(&test_name);
                     let ran = liveness.around(|| match std::panic::catch_unwind(AssertUnwindSafe(body)) {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(panic) => Err(panic_message(&*panic)),
                     });
-                    judge(liveness.judge(ran), known_failure.as_ref())
+                    let ran = kernel_log(window, liveness.judge(ran), &binary, &test_name, &results);
+                    judge(ran, known_failure.as_ref())
                 }
             };
             results.record(&Record {
@@ -274,6 +293,7 @@ impl Suite {
     /// (non-zero on any failure), or with TAP kselftest's (0 pass, 1 a
     /// failure, 4 every test skipped).
     pub fn run(self) -> ExitCode {
+        let binary = self.binary.clone();
         let code = if self.tap && !self.args.list {
             let threads =
                 self.args.test_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -303,6 +323,7 @@ impl Suite {
                 .collect();
             libtest_mimic::run(&self.args, trials).exit_code()
         };
+        kmsg::mark_binary_end(&binary);
         // What the run expected of the versioned rules it checked, and why.
         let table = crate::kernel_rules::consulted_table();
         if !table.is_empty() {
@@ -320,6 +341,43 @@ macro_rules! register {
     ($suite:expr, $needs:expr => $($scenario:ident),+ $(,)?) => {
         $( $suite.test(stringify!($scenario), $needs, $scenario); )+
     };
+}
+
+/// The outcome of a test body with the kernel-log oracle's verdict on its
+/// window added, and that verdict recorded for the run's final check. A
+/// window that could not be opened or read leaves the test unchecked (and
+/// recorded so), never failed.
+fn kernel_log(
+    window: Result<kmsg::Window, String>,
+    ran: Result<(), String>,
+    binary: &str,
+    test: &str,
+    results: &ResultsFile,
+) -> Result<(), String> {
+    let seen = window.and_then(kmsg::Window::close);
+    let checked = kmsg::Checked {
+        binary: binary.to_string(),
+        test: test.to_string(),
+        checked: seen.is_ok(),
+        why: seen.as_ref().err().cloned().unwrap_or_default(),
+        reports: seen.as_ref().map(|s| s.reports.iter().map(|r| r.seq).collect()).unwrap_or_default(),
+    };
+    kmsg::record_checked(results.path(), &checked);
+    let failure = match &seen {
+        Ok(seen) => seen.failure(),
+        // The binary already said the oracle is off; a window that failed
+        // on its own is worth its own line.
+        Err(why) if *kmsg::oracle() == kmsg::Oracle::On => {
+            eprintln!("{binary}::{test}: kernel log not checked: {why}");
+            None
+        }
+        Err(_) => None,
+    };
+    match (ran, failure) {
+        (ran, None) => ran,
+        (Ok(()), Some(what)) => Err(what),
+        (Err(message), Some(what)) => Err(format!("{message}\nalso: {what}")),
+    }
 }
 
 /// How a test ended.
