@@ -21,10 +21,12 @@
 //! has no guest_memfd fails with `EFAULT`.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
+
+use nix::unistd::{gettid, Pid};
 
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::kvm_pre_fault_memory;
@@ -93,9 +95,13 @@ fn setup_slot(kvm: &Arc<Kvm>, combo: Combo, slot: u32, gpa: u64, size: u64) -> R
 
 /// Longest a prefault may take before it counts as hung: the configured
 /// watchdog deadline, capped. A healthy 2 MiB prefault took at most 0.15 s
-/// in the nested-TCG guests even with both host cores busy, so 2 s keeps a
-/// tenfold margin while a kernel that spins (6.12) costs 2 s, not 5.
-const PREFAULT_DEADLINE_CAP: Duration = Duration::from_secs(2);
+/// in the nested-TCG guests with both host cores busy, but once in about
+/// 700 racing calls on 7.3.4, with the host at load 10, one was still in the
+/// kernel after 2 s (no progress, the deletion waiting): 5 s keeps a wide
+/// margin for a stall, and the failure quotes both threads' kernel stacks
+/// (`stacks_if_still_running`) so a stall and a retry loop tell themselves
+/// apart. A kernel that spins (6.12) costs 5 s per test.
+const PREFAULT_DEADLINE_CAP: Duration = Duration::from_secs(5);
 
 /// What the slot racer and the prefaulting thread tell each other.
 #[derive(Debug, Default)]
@@ -108,6 +114,8 @@ struct RaceFlags {
     deleted: AtomicBool,
     /// Re-create the slot and finish.
     recreate: AtomicBool,
+    /// The worker's thread id, for its kernel stack if a prefault hangs.
+    worker_tid: AtomicI32,
 }
 
 /// A worker thread that deletes the test slot the moment a prefault starts
@@ -126,6 +134,7 @@ impl<'scope> SlotRacer<'scope> {
         let worker = {
             let flags = flags.clone();
             scope.spawn(move || -> Result<()> {
+                flags.worker_tid.store(gettid().as_raw(), Ordering::SeqCst);
                 flags.ready.store(true, Ordering::SeqCst);
                 while !flags.go.load(Ordering::SeqCst) {
                     std::hint::spin_loop();
@@ -143,6 +152,11 @@ impl<'scope> SlotRacer<'scope> {
         }
         flags.go.store(true, Ordering::SeqCst);
         Self { flags, worker: Some(worker) }
+    }
+
+    /// The worker's thread id.
+    fn worker_tid(&self) -> Pid {
+        Pid::from_raw(self.flags.worker_tid.load(Ordering::SeqCst))
     }
 
     /// Whether the worker's slot deletion has returned.
@@ -204,14 +218,21 @@ fn prefault_until_settled(
     let outcome = loop {
         let before = range.size;
         let started = Instant::now();
-        let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+        let threads: Vec<Pid> = std::iter::once(gettid()).chain(racer.as_ref().map(|r| r.worker_tid())).collect();
+        let done = AtomicBool::new(false);
+        let (result, fired, stacks) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| stacks_if_still_running(&done, deadline.mul_f64(0.9), &threads));
+            let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+            done.store(true, Ordering::SeqCst);
+            (result, fired, sampler.join().unwrap_or_default())
+        });
         if fired {
             let deletion_done = racer.as_ref().map(|r| r.deleted());
             if let Some(racer) = racer.as_mut() {
                 racer.finish()?;
             }
             let waited = started.elapsed();
-            return Err(hang_error(&what, &result, &range, waited, deletion_done));
+            return Err(hang_error(&what, &result, &range, waited, deletion_done, &stacks));
         }
         check_progress(&what, &result, &range, before, slot_gpa + offset, size)?;
         if matches!(&result, Err(e) if e.errno() == Some(Errno::EINTR)) {
@@ -289,12 +310,41 @@ fn check_progress(
 
 /// The failure for a prefault only the watchdog's signal ended;
 /// `deletion_done` is `None` without a racer, else whether its deletion had returned.
+/// The kernel stacks of `threads` (the prefaulting thread, then the slot
+/// worker) if the prefault is still running after `after`: what a hang was
+/// doing before the watchdog's signal ends it, so that a stall (the
+/// prefault blocked, say, in page allocation) and a retry loop tell
+/// themselves apart in the failure. Empty when the call returned in time;
+/// needs root to read, and says so otherwise.
+fn stacks_if_still_running(done: &AtomicBool, after: Duration, threads: &[Pid]) -> String {
+    let until = Instant::now() + after;
+    while Instant::now() < until {
+        if done.load(Ordering::SeqCst) {
+            return String::new();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let role = ["prefaulting thread", "slot worker"];
+    threads
+        .iter()
+        .zip(role)
+        .map(|(tid, role)| {
+            let path = format!("/proc/self/task/{tid}/stack");
+            match std::fs::read_to_string(&path) {
+                Ok(stack) => format!("\n  kernel stack of the {role} (tid {tid}) after {after:.1?}:\n{stack}"),
+                Err(e) => format!("\n  kernel stack of the {role}: {path}: {e}"),
+            }
+        })
+        .collect()
+}
+
 fn hang_error(
     what: &str,
     result: &Result<()>,
     range: &kvm_pre_fault_memory,
     waited: Duration,
     deletion_done: Option<bool>,
+    stacks: &str,
 ) -> Error {
     let rule = if deletion_done.is_some() {
         "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
@@ -321,7 +371,7 @@ fn hang_error(
         rule,
         format!(
             "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
-             ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}",
+             ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}{stacks}",
             waited.as_secs_f64(),
             range.gpa,
             range.size
