@@ -98,9 +98,10 @@ fn setup_slot(kvm: &Arc<Kvm>, combo: Combo, slot: u32, gpa: u64, size: u64) -> R
 /// in the nested-TCG guests with both host cores busy, but once in about
 /// 700 racing calls on 7.3.4, with the host at load 10, one was still in the
 /// kernel after 2 s (no progress, the deletion waiting): 5 s keeps a wide
-/// margin for a stall, and the failure quotes both threads' kernel stacks
-/// (`stacks_if_still_running`) so a stall and a retry loop tell themselves
-/// apart. A kernel that spins (6.12) costs 5 s per test.
+/// margin for a stall, and the failure quotes what both threads were doing
+/// in the kernel (`kernel_states_if_still_running`) so a stall and a retry
+/// loop tell themselves apart (6.12.118: the prefault in state R, 223 ticks
+/// of kernel time in 2.3 s; the deletion in D at `__synchronize_srcu`). A kernel that spins (6.12) costs 5 s per test.
 const PREFAULT_DEADLINE_CAP: Duration = Duration::from_secs(5);
 
 /// What the slot racer and the prefaulting thread tell each other.
@@ -220,8 +221,8 @@ fn prefault_until_settled(
         let started = Instant::now();
         let threads: Vec<Pid> = std::iter::once(gettid()).chain(racer.as_ref().map(|r| r.worker_tid())).collect();
         let done = AtomicBool::new(false);
-        let (result, fired, stacks) = std::thread::scope(|s| {
-            let sampler = s.spawn(|| stacks_if_still_running(&done, deadline.mul_f64(0.9), &threads));
+        let (result, fired, states) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| kernel_states_if_still_running(&done, deadline.mul_f64(0.9), &threads));
             let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
             done.store(true, Ordering::SeqCst);
             (result, fired, sampler.join().unwrap_or_default())
@@ -232,7 +233,7 @@ fn prefault_until_settled(
                 racer.finish()?;
             }
             let waited = started.elapsed();
-            return Err(hang_error(&what, &result, &range, waited, deletion_done, &stacks));
+            return Err(hang_error(&what, &result, &range, waited, deletion_done, &states));
         }
         check_progress(&what, &result, &range, before, slot_gpa + offset, size)?;
         if matches!(&result, Err(e) if e.errno() == Some(Errno::EINTR)) {
@@ -310,32 +311,78 @@ fn check_progress(
 
 /// The failure for a prefault only the watchdog's signal ended;
 /// `deletion_done` is `None` without a racer, else whether its deletion had returned.
-/// The kernel stacks of `threads` (the prefaulting thread, then the slot
-/// worker) if the prefault is still running after `after`: what a hang was
-/// doing before the watchdog's signal ends it, so that a stall (the
-/// prefault blocked, say, in page allocation) and a retry loop tell
-/// themselves apart in the failure. Empty when the call returned in time;
-/// needs root to read, and says so otherwise.
-fn stacks_if_still_running(done: &AtomicBool, after: Duration, threads: &[Pid]) -> String {
-    let until = Instant::now() + after;
-    while Instant::now() < until {
-        if done.load(Ordering::SeqCst) {
-            return String::new();
+/// What `threads` (the prefaulting thread, then the slot worker) were doing
+/// in the kernel if the prefault is still running after half of `after`
+/// and again after all of it: scheduler state, wait channel and kernel CPU
+/// time from `/proc` (the lean kernel has no `/proc/PID/stack`). A retry
+/// loop runs (state R, kernel time growing); a stall sleeps (S or D, a wait
+/// channel). Empty when the call returned in time.
+fn kernel_states_if_still_running(done: &AtomicBool, after: Duration, threads: &[Pid]) -> String {
+    let wait_until = |until: Instant| {
+        while Instant::now() < until {
+            if done.load(Ordering::SeqCst) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        true
+    };
+    let start = Instant::now();
+    if !wait_until(start + after / 2) {
+        return String::new();
+    }
+    let first: Vec<_> = threads.iter().map(|&tid| ThreadState::read(tid)).collect();
+    if !wait_until(start + after) {
+        return String::new();
     }
     let role = ["prefaulting thread", "slot worker"];
     threads
         .iter()
         .zip(role)
-        .map(|(tid, role)| {
-            let path = format!("/proc/self/task/{tid}/stack");
-            match std::fs::read_to_string(&path) {
-                Ok(stack) => format!("\n  kernel stack of the {role} (tid {tid}) after {after:.1?}:\n{stack}"),
-                Err(e) => format!("\n  kernel stack of the {role}: {path}: {e}"),
+        .zip(first)
+        .map(|((&tid, role), first)| {
+            let now = ThreadState::read(tid);
+            match (first, now) {
+                (Ok(a), Ok(b)) => format!(
+                    "; the {role} (tid {tid}) after {:.1?}: state {}, wait channel {}, then after {after:.1?}: \
+                     state {}, wait channel {}, {} ticks of kernel time between",
+                    after / 2,
+                    a.state,
+                    a.wchan,
+                    b.state,
+                    b.wchan,
+                    b.kernel_ticks.saturating_sub(a.kernel_ticks)
+                ),
+                (Err(e), _) | (_, Err(e)) => format!("; the {role} (tid {tid}): {e}"),
             }
         })
         .collect()
+}
+
+/// A thread's scheduler state, wait channel and kernel CPU time.
+struct ThreadState {
+    state: String,
+    wchan: String,
+    kernel_ticks: u64,
+}
+
+impl ThreadState {
+    fn read(tid: Pid) -> std::result::Result<Self, String> {
+        let read = |what: &str| {
+            let path = format!("/proc/self/task/{tid}/{what}");
+            std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))
+        };
+        let stat = read("stat")?;
+        // After the parenthesized command name: state is the 1st field,
+        // stime the 13th (proc(5)'s fields 3 and 15).
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        let (Some(state), Some(stime)) = (fields.first(), fields.get(12).and_then(|t| t.parse().ok())) else {
+            return Err(format!("/proc/self/task/{tid}/stat: unexpected format: {stat}"));
+        };
+        let wchan =
+            read("wchan").map(|w| if w.is_empty() || w == "0" { "none".into() } else { w }).unwrap_or_else(|e| e);
+        Ok(Self { state: state.to_string(), wchan, kernel_ticks: stime })
+    }
 }
 
 fn hang_error(
@@ -344,7 +391,7 @@ fn hang_error(
     range: &kvm_pre_fault_memory,
     waited: Duration,
     deletion_done: Option<bool>,
-    stacks: &str,
+    states: &str,
 ) -> Error {
     let rule = if deletion_done.is_some() {
         "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
@@ -371,7 +418,7 @@ fn hang_error(
         rule,
         format!(
             "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
-             ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}{stacks}",
+             ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}{states}",
             waited.as_secs_f64(),
             range.gpa,
             range.size
