@@ -31,6 +31,7 @@ use nix::unistd::{gettid, Pid};
 use guest_payloads::{layout::TEST_AREA_GPA, GUEST_AGENT};
 use kvm_harness::bindings::kvm_pre_fault_memory;
 use kvm_harness::kernel_rules::{with_fix_hints, PREFAULT_VS_MEMSLOT_DELETION};
+use kvm_harness::task_state::TaskState;
 use kvm_harness::{
     ensure, watchdog, Agent, Cap, Errno, Error, GmemBinding, HostMemory, Kvm, Need, Region, Result, SignalStorm, Suite,
     Vcpu, Vm, VmType,
@@ -331,7 +332,7 @@ fn kernel_states_if_still_running(done: &AtomicBool, after: Duration, threads: &
     if !wait_until(start + after / 2) {
         return String::new();
     }
-    let first: Vec<_> = threads.iter().map(|&tid| ThreadState::read(tid)).collect();
+    let first: Vec<_> = threads.iter().map(|&tid| TaskState::read(tid)).collect();
     if !wait_until(start + after) {
         return String::new();
     }
@@ -341,7 +342,7 @@ fn kernel_states_if_still_running(done: &AtomicBool, after: Duration, threads: &
         .zip(role)
         .zip(first)
         .map(|((&tid, role), first)| {
-            let now = ThreadState::read(tid);
+            let now = TaskState::read(tid);
             match (first, now) {
                 (Ok(a), Ok(b)) => format!(
                     "; the {role} (tid {tid}) after {:.1?}: state {}, wait channel {}, then after {after:.1?}: \
@@ -357,32 +358,6 @@ fn kernel_states_if_still_running(done: &AtomicBool, after: Duration, threads: &
             }
         })
         .collect()
-}
-
-/// A thread's scheduler state, wait channel and kernel CPU time.
-struct ThreadState {
-    state: String,
-    wchan: String,
-    kernel_ticks: u64,
-}
-
-impl ThreadState {
-    fn read(tid: Pid) -> std::result::Result<Self, String> {
-        let read = |what: &str| {
-            let path = format!("/proc/self/task/{tid}/{what}");
-            std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))
-        };
-        let stat = read("stat")?;
-        // After the parenthesized command name: state is the 1st field,
-        // stime the 13th (proc(5)'s fields 3 and 15).
-        let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-        let (Some(state), Some(stime)) = (fields.first(), fields.get(12).and_then(|t| t.parse().ok())) else {
-            return Err(format!("/proc/self/task/{tid}/stat: unexpected format: {stat}"));
-        };
-        let wchan =
-            read("wchan").map(|w| if w.is_empty() || w == "0" { "none".into() } else { w }).unwrap_or_else(|e| e);
-        Ok(Self { state: state.to_string(), wchan, kernel_ticks: stime })
-    }
 }
 
 fn hang_error(

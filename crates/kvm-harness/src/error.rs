@@ -38,7 +38,7 @@ pub enum Error {
     #[error("guest failure: {0}")]
     Guest(String),
     /// The watchdog kicked a vCPU out of `KVM_RUN`.
-    #[error("watchdog: vCPU {vcpu} still in KVM_RUN after {timeout_secs:.1} s, at RIP {rip:#x}{}", symbol.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    #[error("watchdog: vCPU {vcpu} still in KVM_RUN after {timeout_secs:.1} s, at RIP {rip:#x}{}; its thread when kicked: {kernel_state}", symbol.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
     Timeout {
         /// vCPU id.
         vcpu: u64,
@@ -48,6 +48,9 @@ pub enum Error {
         rip: u64,
         /// Payload label at RIP, when known.
         symbol: Option<String>,
+        /// What the vCPU thread was doing in the kernel when the deadline
+        /// fired (`task_state::TaskState`, rendered), or why it is unknown.
+        kernel_state: String,
     },
     /// A kernel rule the test checks does not hold.
     #[error("rule violated: {rule}: {detail}")]

@@ -33,6 +33,7 @@ pub mod settings;
 mod signal_storm;
 pub mod stats;
 pub mod tap;
+pub mod task_state;
 pub mod threads;
 pub mod uapi;
 mod vcpu;

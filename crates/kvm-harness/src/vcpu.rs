@@ -82,7 +82,7 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<Exit> {
         loop {
             let before = self.exit_union();
-            let ((ret, errno), fired) = self.under_watchdog(self.timeout, |vcpu| {
+            let ((ret, errno), kick) = self.under_watchdog(self.timeout, |vcpu| {
                 // SAFETY: KVM_RUN on our vCPU fd takes no argument; the kernel
                 // writes only into the kvm_run mapping.
                 let ret = unsafe { libc::ioctl(vcpu.fd.as_raw_fd(), uapi::KVM_RUN as _, 0) };
@@ -92,7 +92,7 @@ impl Vcpu {
                 return self.decode_checked(None, &before);
             }
             match errno {
-                Errno::EINTR if fired => return Err(self.timeout_error()),
+                Errno::EINTR if kick.is_some() => return Err(self.timeout_error(kick)),
                 Errno::EINTR => continue,
                 Errno::EFAULT | Errno::EHWPOISON
                     if self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_MEMORY_FAULT =>
@@ -110,7 +110,7 @@ impl Vcpu {
     /// a completed exit or a memory fault is checked as in [`Self::run`].
     pub fn run_failing(&mut self, fault: &NthFault, failing: Failing) -> Result<Injected<(Option<Errno>, Exit)>> {
         let before = self.exit_union();
-        let (call, fired) = self.under_watchdog(self.timeout, |vcpu| {
+        let (call, kick) = self.under_watchdog(self.timeout, |vcpu| {
             let fd = vcpu.fd.as_raw_fd();
             fault.around(failing, || {
                 // SAFETY: as in `run`: KVM_RUN takes no argument.
@@ -120,8 +120,8 @@ impl Vcpu {
         });
         let call = call?;
         let (ret, errno) = call.outcome;
-        if ret < 0 && errno == Errno::EINTR && fired {
-            return Err(self.timeout_error());
+        if ret < 0 && errno == Errno::EINTR && kick.is_some() {
+            return Err(self.timeout_error(kick));
         }
         let errno = (ret < 0).then_some(errno);
         let fault_exit = self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_MEMORY_FAULT
@@ -174,13 +174,14 @@ impl Vcpu {
         Ok(self.decode_exit(errno))
     }
 
-    fn timeout_error(&self) -> Error {
+    fn timeout_error(&self, kick: Option<String>) -> Error {
         let rip = self.regs().map(|r| r.rip).unwrap_or(u64::MAX);
         Error::Timeout {
             vcpu: self.id,
             timeout_secs: self.timeout.as_secs_f64(),
             rip,
             symbol: symbolize(self.payload, rip),
+            kernel_state: kick.unwrap_or_else(|| "not sampled".into()),
         }
     }
 
@@ -353,12 +354,14 @@ impl Vcpu {
         range: &mut kvm_bindings::kvm_pre_fault_memory,
         deadline: Duration,
     ) -> (Result<()>, bool) {
-        self.under_watchdog(deadline, |vcpu| vcpu.pre_fault_memory(range))
+        let (result, kick) = self.under_watchdog(deadline, |vcpu| vcpu.pre_fault_memory(range));
+        (result, kick.is_some())
     }
 
     /// Runs `call` (a blocking ioctl on this vCPU) with the watchdog armed;
-    /// returns its value and whether the deadline fired.
-    fn under_watchdog<R>(&mut self, deadline: Duration, call: impl FnOnce(&mut Self) -> R) -> (R, bool) {
+    /// returns its value and, if the deadline fired, what the thread was
+    /// doing in the kernel when it did.
+    fn under_watchdog<R>(&mut self, deadline: Duration, call: impl FnOnce(&mut Self) -> R) -> (R, Option<String>) {
         let run = self.fd.get_kvm_run();
         let immediate_exit: *mut u8 = &mut run.immediate_exit;
         // SAFETY: immediate_exit lives in this vCPU's kvm_run mapping, which

@@ -11,6 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::task_state::TaskState;
+use nix::unistd::Pid;
 
 /// Environment variable overriding the per-run deadline, in seconds.
 pub const TIMEOUT_ENV: &str = "KVM_SELFTESTS_TIMEOUT";
@@ -47,9 +49,13 @@ struct Entry {
     id: u64,
     deadline: Instant,
     thread: libc::pthread_t,
+    /// The same thread's id, for its kernel state when the deadline fires.
+    tid: Pid,
     /// `kvm_run.immediate_exit` of the armed vCPU, valid while the entry exists.
     immediate_exit: usize,
     fired: Arc<AtomicBool>,
+    /// The thread's kernel state sampled at the first kick.
+    seen: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -102,7 +108,11 @@ impl Watchdog {
             let mut next_wake: Option<Instant> = None;
             for entry in &state.entries {
                 if entry.deadline <= now {
-                    entry.fired.store(true, Ordering::SeqCst);
+                    if !entry.fired.swap(true, Ordering::SeqCst) {
+                        // Before the kick changes it: running or asleep, and where.
+                        let state = TaskState::read(entry.tid).map_or_else(|e| e, |s| s.to_string());
+                        *entry.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+                    }
                     // SAFETY: the entry is registered, so its vCPU (and the
                     // kvm_run mapping holding immediate_exit) is alive and
                     // blocked in or around KVM_RUN; the byte is only ever
@@ -134,6 +144,7 @@ pub(crate) struct Armed {
     id: u64,
     immediate_exit: *mut u8,
     fired: Arc<AtomicBool>,
+    seen: Arc<Mutex<Option<String>>>,
 }
 
 /// Arms a deadline `timeout` from now for the calling thread's vCPU.
@@ -144,6 +155,7 @@ pub(crate) struct Armed {
 pub(crate) unsafe fn arm(timeout: Duration, immediate_exit: *mut u8) -> Armed {
     let watchdog = watchdog();
     let fired = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(None));
     let mut state = watchdog.state.lock().unwrap_or_else(|e| e.into_inner());
     let id = state.next_id;
     state.next_id += 1;
@@ -152,18 +164,21 @@ pub(crate) unsafe fn arm(timeout: Duration, immediate_exit: *mut u8) -> Armed {
         deadline: Instant::now() + timeout,
         // SAFETY: pthread_self has no preconditions.
         thread: unsafe { libc::pthread_self() },
+        tid: nix::unistd::gettid(),
         immediate_exit: immediate_exit as usize,
         fired: fired.clone(),
+        seen: seen.clone(),
     });
     drop(state);
     watchdog.wake.notify_one();
-    Armed { id, immediate_exit, fired }
+    Armed { id, immediate_exit, fired, seen }
 }
 
 impl Armed {
-    /// Removes the deadline; returns whether it fired. Clears
-    /// `immediate_exit` so the next `KVM_RUN` enters the guest.
-    pub(crate) fn disarm(self) -> bool {
+    /// Removes the deadline; returns, if it fired, what the thread was
+    /// doing in the kernel when it did. Clears `immediate_exit` so the next
+    /// `KVM_RUN` enters the guest.
+    pub(crate) fn disarm(self) -> Option<String> {
         let watchdog = watchdog();
         let mut state = watchdog.state.lock().unwrap_or_else(|e| e.into_inner());
         state.entries.retain(|e| e.id != self.id);
@@ -175,7 +190,8 @@ impl Armed {
             let immediate_exit = unsafe { &*(self.immediate_exit as *const AtomicU8) };
             immediate_exit.store(0, Ordering::SeqCst);
         }
-        fired
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+        fired.then(|| seen.unwrap_or_else(|| "not sampled".into()))
     }
 }
 
@@ -204,7 +220,9 @@ mod tests {
         let mut buf = [0u8; 1];
         let result = nix::unistd::read(&read_end, &mut buf);
         assert_eq!(result, Err(nix::errno::Errno::EINTR));
-        assert!(armed.disarm(), "the deadline should have fired");
+        let seen = armed.disarm().expect("the deadline should have fired");
+        // Blocked in read(): asleep in the kernel, not running.
+        assert!(seen.starts_with("state S"), "{seen}");
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_millis(200), "kicked early: {elapsed:?}");
         assert_eq!(immediate_exit, 0, "disarm must clear immediate_exit");
@@ -229,7 +247,7 @@ mod tests {
         let mut immediate_exit = 0u8;
         // SAFETY: as above.
         let armed = unsafe { arm(Duration::from_millis(50), &mut immediate_exit) };
-        assert!(!armed.disarm());
+        assert!(armed.disarm().is_none());
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(immediate_exit, 0);
     }
