@@ -30,16 +30,22 @@ fn watchdog_turns_infinite_loop_into_timeout_failure(kvm: &Arc<Kvm>) -> Result<(
     let elapsed = start.elapsed();
     let spin = SPIN_FOREVER.label("spin");
     match outcome {
-        Err(Error::Timeout { rip, ref symbol, .. }) if rip == spin => {
+        Err(Error::Timeout { rip, ref symbol, ref kernel_state, .. }) if rip == spin => {
             ensure!(
                 symbol.as_deref() == Some("spin_forever:spin+0x0"),
                 "the timeout names the payload label",
                 "{symbol:?}"
             );
+            // A vCPU running its guest is a running thread, not a sleeping one.
+            ensure!(
+                kernel_state.starts_with("state R"),
+                "the timeout says the vCPU thread was running in the kernel when kicked",
+                "{kernel_state}"
+            );
             // Not a speed target: proves the kick fired at the deadline
             // rather than some other exit ending the run.
             ensure!(elapsed >= deadline, "the watchdog waits for its deadline", "kicked after {elapsed:?}");
-            println!("watchdog: deadline {deadline:?}, vCPU kicked out after {elapsed:?}");
+            println!("watchdog: deadline {deadline:?}, vCPU kicked out after {elapsed:?}; its thread: {kernel_state}");
             Ok(())
         }
         other => Err(Error::rule(
