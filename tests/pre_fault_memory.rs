@@ -22,6 +22,7 @@
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
@@ -102,7 +103,8 @@ fn setup_slot(kvm: &Arc<Kvm>, combo: Combo, slot: u32, gpa: u64, size: u64) -> R
 /// margin for a stall, and the failure quotes what both threads were doing
 /// in the kernel (`kernel_states_if_still_running`) so a stall and a retry
 /// loop tell themselves apart (6.12.118: the prefault in state R, 223 ticks
-/// of kernel time in 2.3 s; the deletion in D at `__synchronize_srcu`). A kernel that spins (6.12) costs 5 s per test.
+/// of kernel time in 2.3 s; the deletion in D at `__synchronize_srcu`). A
+/// kernel that spins (6.12) costs 5 s per test.
 const PREFAULT_DEADLINE_CAP: Duration = Duration::from_secs(5);
 
 /// What the slot racer and the prefaulting thread tell each other.
@@ -116,7 +118,7 @@ struct RaceFlags {
     deleted: AtomicBool,
     /// Re-create the slot and finish.
     recreate: AtomicBool,
-    /// The worker's thread id, for its kernel stack if a prefault hangs.
+    /// The worker's thread id, for its kernel state if a prefault hangs.
     worker_tid: AtomicI32,
 }
 
@@ -221,11 +223,13 @@ fn prefault_until_settled(
         let before = range.size;
         let started = Instant::now();
         let threads: Vec<Pid> = std::iter::once(gettid()).chain(racer.as_ref().map(|r| r.worker_tid())).collect();
-        let done = AtomicBool::new(false);
+        // Dropping `returned` wakes the sampler at once when the call ends.
+        let (returned, call_ended) = mpsc::channel::<()>();
         let (result, fired, states) = std::thread::scope(|s| {
-            let sampler = s.spawn(|| kernel_states_if_still_running(&done, deadline.mul_f64(0.9), &threads));
+            let threads = &threads;
+            let sampler = s.spawn(move || kernel_states_if_still_running(call_ended, deadline.mul_f64(0.9), threads));
             let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
-            done.store(true, Ordering::SeqCst);
+            drop(returned);
             (result, fired, sampler.join().unwrap_or_default())
         });
         if fired {
@@ -310,23 +314,19 @@ fn check_progress(
     Ok(())
 }
 
-/// The failure for a prefault only the watchdog's signal ended;
-/// `deletion_done` is `None` without a racer, else whether its deletion had returned.
 /// What `threads` (the prefaulting thread, then the slot worker) were doing
 /// in the kernel if the prefault is still running after half of `after`
 /// and again after all of it: scheduler state, wait channel and kernel CPU
 /// time from `/proc` (the lean kernel has no `/proc/PID/stack`). A retry
 /// loop runs (state R, kernel time growing); a stall sleeps (S or D, a wait
 /// channel). Empty when the call returned in time.
-fn kernel_states_if_still_running(done: &AtomicBool, after: Duration, threads: &[Pid]) -> String {
+fn kernel_states_if_still_running(call_ended: Receiver<()>, after: Duration, threads: &[Pid]) -> String {
+    // Whether the call is still running at `until` (its sender not dropped).
     let wait_until = |until: Instant| {
-        while Instant::now() < until {
-            if done.load(Ordering::SeqCst) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
+        matches!(
+            call_ended.recv_timeout(until.saturating_duration_since(Instant::now())),
+            Err(RecvTimeoutError::Timeout)
+        )
     };
     let start = Instant::now();
     if !wait_until(start + after / 2) {
@@ -360,6 +360,9 @@ fn kernel_states_if_still_running(done: &AtomicBool, after: Duration, threads: &
         .collect()
 }
 
+/// The failure for a prefault only the watchdog's signal ended;
+/// `deletion_done` is `None` without a racer, else whether its deletion had returned;
+/// `states` is what [`kernel_states_if_still_running`] saw.
 fn hang_error(
     what: &str,
     result: &Result<()>,

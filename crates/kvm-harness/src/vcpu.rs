@@ -92,8 +92,10 @@ impl Vcpu {
                 return self.decode_checked(None, &before);
             }
             match errno {
-                Errno::EINTR if kick.is_some() => return Err(self.timeout_error(kick)),
-                Errno::EINTR => continue,
+                Errno::EINTR => match kick {
+                    Some(state) => return Err(self.timeout_error(state)),
+                    None => continue,
+                },
                 Errno::EFAULT | Errno::EHWPOISON
                     if self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_MEMORY_FAULT =>
                 {
@@ -120,8 +122,8 @@ impl Vcpu {
         });
         let call = call?;
         let (ret, errno) = call.outcome;
-        if ret < 0 && errno == Errno::EINTR && kick.is_some() {
-            return Err(self.timeout_error(kick));
+        if let (true, Some(state)) = (ret < 0 && errno == Errno::EINTR, kick) {
+            return Err(self.timeout_error(state));
         }
         let errno = (ret < 0).then_some(errno);
         let fault_exit = self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_MEMORY_FAULT
@@ -174,14 +176,16 @@ impl Vcpu {
         Ok(self.decode_exit(errno))
     }
 
-    fn timeout_error(&self, kick: Option<String>) -> Error {
+    /// The timeout of a vCPU the watchdog kicked; `kernel_state` is what
+    /// its thread was doing in the kernel at the kick.
+    fn timeout_error(&self, kernel_state: String) -> Error {
         let rip = self.regs().map(|r| r.rip).unwrap_or(u64::MAX);
         Error::Timeout {
             vcpu: self.id,
             timeout_secs: self.timeout.as_secs_f64(),
             rip,
             symbol: symbolize(self.payload, rip),
-            kernel_state: kick.unwrap_or_else(|| "not sampled".into()),
+            kernel_state,
         }
     }
 

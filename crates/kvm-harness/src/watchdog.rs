@@ -6,7 +6,7 @@
 //! few milliseconds until the vCPU disarms: `KVM_RUN` then returns `EINTR`
 //! and the harness reports a timeout naming the guest RIP.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -53,9 +53,9 @@ struct Entry {
     tid: Pid,
     /// `kvm_run.immediate_exit` of the armed vCPU, valid while the entry exists.
     immediate_exit: usize,
-    fired: Arc<AtomicBool>,
-    /// The thread's kernel state sampled at the first kick.
-    seen: Arc<Mutex<Option<String>>>,
+    /// Set at the first kick: the thread's kernel state just before it
+    /// (`Some` is also how `disarm` knows the deadline fired).
+    fired: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -108,11 +108,12 @@ impl Watchdog {
             let mut next_wake: Option<Instant> = None;
             for entry in &state.entries {
                 if entry.deadline <= now {
-                    if !entry.fired.swap(true, Ordering::SeqCst) {
+                    let mut fired = entry.fired.lock().unwrap_or_else(|e| e.into_inner());
+                    if fired.is_none() {
                         // Before the kick changes it: running or asleep, and where.
-                        let state = TaskState::read(entry.tid).map_or_else(|e| e, |s| s.to_string());
-                        *entry.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+                        *fired = Some(TaskState::read(entry.tid).map_or_else(|e| e, |s| s.to_string()));
                     }
+                    drop(fired);
                     // SAFETY: the entry is registered, so its vCPU (and the
                     // kvm_run mapping holding immediate_exit) is alive and
                     // blocked in or around KVM_RUN; the byte is only ever
@@ -143,8 +144,7 @@ impl Watchdog {
 pub(crate) struct Armed {
     id: u64,
     immediate_exit: *mut u8,
-    fired: Arc<AtomicBool>,
-    seen: Arc<Mutex<Option<String>>>,
+    fired: Arc<Mutex<Option<String>>>,
 }
 
 /// Arms a deadline `timeout` from now for the calling thread's vCPU.
@@ -154,8 +154,7 @@ pub(crate) struct Armed {
 /// stay valid until the returned guard is disarmed, on this thread.
 pub(crate) unsafe fn arm(timeout: Duration, immediate_exit: *mut u8) -> Armed {
     let watchdog = watchdog();
-    let fired = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(None));
+    let fired = Arc::new(Mutex::new(None));
     let mut state = watchdog.state.lock().unwrap_or_else(|e| e.into_inner());
     let id = state.next_id;
     state.next_id += 1;
@@ -167,11 +166,10 @@ pub(crate) unsafe fn arm(timeout: Duration, immediate_exit: *mut u8) -> Armed {
         tid: nix::unistd::gettid(),
         immediate_exit: immediate_exit as usize,
         fired: fired.clone(),
-        seen: seen.clone(),
     });
     drop(state);
     watchdog.wake.notify_one();
-    Armed { id, immediate_exit, fired, seen }
+    Armed { id, immediate_exit, fired }
 }
 
 impl Armed {
@@ -183,15 +181,14 @@ impl Armed {
         let mut state = watchdog.state.lock().unwrap_or_else(|e| e.into_inner());
         state.entries.retain(|e| e.id != self.id);
         drop(state);
-        let fired = self.fired.load(Ordering::SeqCst);
-        if fired {
+        let fired = self.fired.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if fired.is_some() {
             // SAFETY: `arm`'s contract keeps the pointer valid until now, and
             // the watchdog no longer touches it (the entry is gone).
             let immediate_exit = unsafe { &*(self.immediate_exit as *const AtomicU8) };
             immediate_exit.store(0, Ordering::SeqCst);
         }
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).take();
-        fired.then(|| seen.unwrap_or_else(|| "not sampled".into()))
+        fired
     }
 }
 
