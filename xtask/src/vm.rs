@@ -133,6 +133,9 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
             Some(built)
         }
     };
+    if let Some(built) = &built {
+        check_test_args(&built.tests, &opts.test_args)?;
+    }
     let kernel = match (&opts.kernel, prepared) {
         (Some(k), _) => k.canonicalize().map_err(io_err(k))?,
         (None, Some(prepared)) => kernel::build_prepared(&opts.kernel_opts, prepared)?,
@@ -228,6 +231,27 @@ pub fn run_name(opts: &VmOpts) -> Result<String> {
         name.push_str("-bench");
     }
     Ok(util::sanitize(&name))
+}
+
+/// Test arguments every binary would refuse (libtest's usage error, exit
+/// 2) are bad input, refused here before any kernel builds or boots: in the
+/// guest each binary would exit 2 and the run would read as a failing kernel.
+/// One binary on the host, listing only, says so.
+fn check_test_args(binaries: &[test_binaries::TestBinary], args: &[String]) -> Result<()> {
+    let Some(first) = binaries.first().filter(|_| !args.is_empty()) else {
+        return Ok(());
+    };
+    let out = std::process::Command::new(&first.path).arg("--list").args(args).output().map_err(io_err(&first.path))?;
+    if out.status.code() == Some(2) {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Usage(format!(
+            "the test arguments `{}` are refused by the test binaries ({}): {}",
+            args.join(" "),
+            first.name,
+            why.lines().find(|l| !l.trim().is_empty()).unwrap_or("exit status 2").trim()
+        )));
+    }
+    Ok(())
 }
 
 /// The time-limit settings of this run, in order (the environment's, then
@@ -493,6 +517,34 @@ mod tests {
 
     use super::*;
     use crate::bisect;
+
+    #[test]
+    fn test_arguments_a_binary_refuses_are_bad_input_before_any_build() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = env::temp_dir().join(format!("xtask-args-{}", std::process::id()));
+        util::create_dir_all(&dir).unwrap();
+        // Stands in for a libtest binary: one filter is fine, a second is a usage error.
+        let path = dir.join("fake_suite");
+        fs::write(
+            &path,
+            "#!/bin/sh
+[ $# -gt 2 ] && { echo \"error: unexpected argument '$3' found\" >&2; exit 2; }
+exit 0
+",
+        )
+        .unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = [test_binaries::TestBinary { name: "fake_suite".into(), path }];
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_test_args(&bin, &args(&["prefault"])).is_ok());
+        assert!(check_test_args(&bin, &[]).is_ok());
+        let err = check_test_args(&bin, &args(&["prefault", "watchdog"])).unwrap_err().to_string();
+        assert!(
+            err.contains("`prefault watchdog` are refused") && err.contains("unexpected argument 'watchdog'"),
+            "{err}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A guest run as the supervisor saw it, with the files its init left.
     struct Run {
