@@ -575,12 +575,12 @@ fn fallocate_interrupted_by_signals(kvm: &Arc<Kvm>, case: Case) -> Result<()> {
     // 16384 pages: far longer to allocate than the storm's 200 µs period.
     const SIZE: u64 = 64 << 20;
     let (_vm, gmem) = case.gmem(kvm, SIZE)?;
-    let storm = SignalStorm::start(Duration::from_micros(200));
+    let storm = SignalStorm::start(Duration::from_micros(200))?;
     let interrupted = gmem.allocate(0, SIZE);
-    let sent = storm.sent();
+    let received = storm.received();
     drop(storm);
     expect_errno(
-        &case.rule(&format!("fallocate of {SIZE:#x} bytes while {sent} signals arrive fails with EINTR")),
+        &case.rule(&format!("fallocate of {SIZE:#x} bytes while {received} signals arrive fails with EINTR")),
         Errno::EINTR,
         || interrupted,
     )?;

@@ -99,13 +99,17 @@ fn setup_slot(kvm: &Arc<Kvm>, combo: Combo, slot: u32, gpa: u64, size: u64) -> R
 /// watchdog deadline, capped. A healthy 2 MiB prefault took at most 0.15 s
 /// in the nested-TCG guests with both host cores busy, but once in about
 /// 700 racing calls on 7.3.4, with the host at load 10, one was still in the
-/// kernel after 2 s (no progress, the deletion waiting): 5 s keeps a wide
-/// margin for a stall, and the failure quotes what both threads were doing
-/// in the kernel (`kernel_states_if_still_running`) so a stall and a retry
-/// loop tell themselves apart (6.12.118: the prefault in state R, 223 ticks
-/// of kernel time in 2.3 s; the deletion in D at `__synchronize_srcu`). A
-/// kernel that spins (6.12) costs 5 s per test.
+/// kernel after 2 s (no progress, the deletion waiting). Under TCG the
+/// guest's clocks, its CPU-time accounting included, run on the host's wall
+/// clock, so a starved emulator looks the same from inside as a kernel that
+/// spins; only a wide margin tells them apart: 5 s. The failure quotes what
+/// both threads were doing in the kernel ([`kernel_states_while_running`]).
+/// A kernel that spins (6.12.118) costs 5 s per test.
 const PREFAULT_DEADLINE_CAP: Duration = Duration::from_secs(5);
+
+/// How often both racing threads' kernel state is sampled while a prefault
+/// runs, for the message of a hang.
+const STATE_SAMPLE: Duration = Duration::from_millis(250);
 
 /// What the slot racer and the prefaulting thread tell each other.
 #[derive(Debug, Default)]
@@ -225,20 +229,20 @@ fn prefault_until_settled(
         let threads: Vec<Pid> = std::iter::once(gettid()).chain(racer.as_ref().map(|r| r.worker_tid())).collect();
         // Dropping `returned` wakes the sampler at once when the call ends.
         let (returned, call_ended) = mpsc::channel::<()>();
-        let (result, fired, states) = std::thread::scope(|s| {
+        let (result, kick, states) = std::thread::scope(|s| {
             let threads = &threads;
-            let sampler = s.spawn(move || kernel_states_if_still_running(call_ended, deadline.mul_f64(0.9), threads));
-            let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+            let sampler = s.spawn(move || kernel_states_while_running(call_ended, threads));
+            let (result, kick) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
             drop(returned);
-            (result, fired, sampler.join().unwrap_or_default())
+            (result, kick, sampler.join().unwrap_or_default())
         });
-        if fired {
+        if let Some(at_kick) = kick {
             let deletion_done = racer.as_ref().map(|r| r.deleted());
             if let Some(racer) = racer.as_mut() {
                 racer.finish()?;
             }
-            let waited = started.elapsed();
-            return Err(hang_error(&what, &result, &range, waited, deletion_done, &states));
+            let hang = Hang { waited: started.elapsed(), at_kick, deletion_done, states };
+            return Err(hang_error(&what, &result, &range, &hang));
         }
         check_progress(&what, &result, &range, before, slot_gpa + offset, size)?;
         if matches!(&result, Err(e) if e.errno() == Some(Errno::EINTR)) {
@@ -315,62 +319,61 @@ fn check_progress(
 }
 
 /// What `threads` (the prefaulting thread, then the slot worker) were doing
-/// in the kernel if the prefault is still running after half of `after`
-/// and again after all of it: scheduler state, wait channel and kernel CPU
-/// time from `/proc` (the lean kernel has no `/proc/PID/stack`). A retry
-/// loop runs (state R, kernel time growing); a stall sleeps (S or D, a wait
-/// channel). Empty when the call returned in time.
-fn kernel_states_if_still_running(call_ended: Receiver<()>, after: Duration, threads: &[Pid]) -> String {
-    // Whether the call is still running at `until` (its sender not dropped).
-    let wait_until = |until: Instant| {
-        matches!(
-            call_ended.recv_timeout(until.saturating_duration_since(Instant::now())),
-            Err(RecvTimeoutError::Timeout)
-        )
-    };
+/// in the kernel while the prefault ran: scheduler state, wait channel and
+/// kernel CPU time from `/proc` (the lean kernel has no `/proc/PID/stack`),
+/// sampled every [`STATE_SAMPLE`] and rendered from the first and the last
+/// sample. A retry loop runs (state R, kernel time growing); a stall sleeps
+/// (S or D, a wait channel). Empty when the call returned before the first
+/// sample.
+fn kernel_states_while_running(call_ended: Receiver<()>, threads: &[Pid]) -> String {
     let start = Instant::now();
-    if !wait_until(start + after / 2) {
-        return String::new();
+    let sample = || (start.elapsed(), threads.iter().map(|&tid| TaskState::read(tid)).collect::<Vec<_>>());
+    let mut first = None;
+    let mut last = None;
+    while let Err(RecvTimeoutError::Timeout) = call_ended.recv_timeout(STATE_SAMPLE) {
+        let now = sample();
+        if first.is_none() {
+            first = Some(now);
+        } else {
+            last = Some(now);
+        }
     }
-    let first: Vec<_> = threads.iter().map(|&tid| TaskState::read(tid)).collect();
-    if !wait_until(start + after) {
-        return String::new();
-    }
+    let (Some((t1, first)), Some((t2, last))) = (first, last) else { return String::new() };
     let role = ["prefaulting thread", "slot worker"];
     threads
         .iter()
         .zip(role)
-        .zip(first)
-        .map(|((&tid, role), first)| {
-            let now = TaskState::read(tid);
-            match (first, now) {
-                (Ok(a), Ok(b)) => format!(
-                    "; the {role} (tid {tid}) after {:.1?}: state {}, wait channel {}, then after {after:.1?}: \
-                     state {}, wait channel {}, {} ticks of kernel time between",
-                    after / 2,
-                    a.state,
-                    a.wchan,
-                    b.state,
-                    b.wchan,
-                    b.kernel_ticks.saturating_sub(a.kernel_ticks)
-                ),
-                (Err(e), _) | (_, Err(e)) => format!("; the {role} (tid {tid}): {e}"),
-            }
+        .zip(first.into_iter().zip(last))
+        .map(|((&tid, role), sampled)| match sampled {
+            (Ok(a), Ok(b)) => format!(
+                "; the {role} (tid {tid}) after {t1:.1?}: state {}, wait channel {}, then after {t2:.1?}: \
+                 state {}, wait channel {}, {} ticks of kernel time between",
+                a.state,
+                a.wchan,
+                b.state,
+                b.wchan,
+                b.kernel_ticks.saturating_sub(a.kernel_ticks)
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("; the {role} (tid {tid}): {e}"),
         })
         .collect()
 }
 
-/// The failure for a prefault only the watchdog's signal ended;
-/// `deletion_done` is `None` without a racer, else whether its deletion had returned;
-/// `states` is what [`kernel_states_if_still_running`] saw.
-fn hang_error(
-    what: &str,
-    result: &Result<()>,
-    range: &kvm_pre_fault_memory,
+/// How a prefault that only the watchdog's kick ended looked.
+struct Hang {
+    /// Wall time from the call to its end.
     waited: Duration,
+    /// The prefaulting thread at the kick, from the watchdog.
+    at_kick: String,
+    /// `None` without a racer, else whether its deletion had returned.
     deletion_done: Option<bool>,
-    states: &str,
-) -> Error {
+    /// Both threads while the call ran ([`kernel_states_while_running`]).
+    states: String,
+}
+
+/// The failure for a prefault only the watchdog's kick ended.
+fn hang_error(what: &str, result: &Result<()>, range: &kvm_pre_fault_memory, hang: &Hang) -> Error {
+    let Hang { waited, at_kick, deletion_done, states } = hang;
     let rule = if deletion_done.is_some() {
         "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
     } else {
@@ -396,7 +399,7 @@ fn hang_error(
         rule,
         format!(
             "{what} was still in the kernel after {:.1} s and only the watchdog's signal ended it \
-             ({result:?}; gpa {:#x}, {:#x} bytes left){race_note}{states}",
+             ({result:?}; gpa {:#x}, {:#x} bytes left; at the kick: {at_kick}){race_note}{states}",
             waited.as_secs_f64(),
             range.gpa,
             range.size
@@ -469,12 +472,17 @@ fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
     let deadline = watchdog::configured_timeout()?;
     let mut range = kvm_pre_fault_memory { gpa: STORM_GPA, size: STORM_SIZE, ..Default::default() };
     let (mut calls, mut eintr) = (0u64, 0u64);
-    let storm = SignalStorm::start(Duration::from_micros(200));
+    let storm = SignalStorm::start(Duration::from_micros(200))?;
     while range.size != 0 {
         let (before_gpa, before_size) = (range.gpa, range.size);
-        let (result, fired) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
+        let (result, kick) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
         calls += 1;
-        ensure!(!fired, "KVM_PRE_FAULT_MEMORY under signals returns", "call {calls} hung past {deadline:?}");
+        ensure!(
+            kick.is_none(),
+            "KVM_PRE_FAULT_MEMORY under signals returns",
+            "call {calls} hung past {deadline:?} (at the kick: {})",
+            kick.unwrap_or_default()
+        );
         let consumed = before_size - range.size;
         match result {
             Err(e) if e.errno() == Some(Errno::EINTR) => {
@@ -502,10 +510,10 @@ fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
             }
         }
     }
-    let sent = storm.sent();
+    let received = storm.received();
     drop(storm);
     println!(
-        "pre_fault_memory: {}_{} {STORM_SIZE:#x} bytes in {calls} calls ({eintr} EINTR), {sent} signals",
+        "pre_fault_memory: {}_{} {STORM_SIZE:#x} bytes in {calls} calls ({eintr} EINTR), {received} signals received",
         combo.vm_type.short(),
         combo.side()
     );
@@ -515,7 +523,7 @@ fn prefault_interrupted_by_signals(kvm: &Arc<Kvm>, combo: Combo) -> Result<()> {
         ensure!(
             calls > 1,
             "a signal interrupts a long KVM_PRE_FAULT_MEMORY (it checks signal_pending between pages)",
-            "{STORM_SIZE:#x} bytes prefaulted in one call despite {sent} signals"
+            "{STORM_SIZE:#x} bytes prefaulted in one call although {received} signals (every 200 µs) reached the thread"
         );
     }
     guest_reads_every_page(

@@ -278,9 +278,11 @@ impl Real {
         let mut range = kvm_pre_fault_memory { gpa, size, flags, ..Default::default() };
         let deadline = watchdog::configured_timeout().map_err(|e| e.to_string())?;
         let result = match agent.vcpu().pre_fault_memory_with_deadline(&mut range, deadline) {
-            (_, true) => return Err(format!("KVM_PRE_FAULT_MEMORY still running after {deadline:?}")),
-            (Ok(()), false) => Ok(()),
-            (Err(e), false) => Err(model_errno(&e)?),
+            (_, Some(at_kick)) => {
+                return Err(format!("KVM_PRE_FAULT_MEMORY still running after {deadline:?} (at the kick: {at_kick})"))
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), None) => Err(model_errno(&e)?),
         };
         Ok(Outcome::PreFault(PreFault { result, gpa: range.gpa, size: range.size }))
     }

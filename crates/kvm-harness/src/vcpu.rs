@@ -351,15 +351,15 @@ impl Vcpu {
     /// bug could keep the ioctl spinning (it only gives up on a signal).
     ///
     /// Returns the ioctl's outcome (with `range` updated as the kernel left
-    /// it) and whether the deadline fired. When it fired, the watchdog's kick
-    /// is what ended the call: the caller should treat that as a hang.
+    /// it) and, if the deadline fired, what the thread was doing in the
+    /// kernel when it did: the watchdog's kick is what ended the call, and
+    /// the caller should treat that as a hang.
     pub fn pre_fault_memory_with_deadline(
         &mut self,
         range: &mut kvm_bindings::kvm_pre_fault_memory,
         deadline: Duration,
-    ) -> (Result<()>, bool) {
-        let (result, kick) = self.under_watchdog(deadline, |vcpu| vcpu.pre_fault_memory(range));
-        (result, kick.is_some())
+    ) -> (Result<()>, Option<String>) {
+        self.under_watchdog(deadline, |vcpu| vcpu.pre_fault_memory(range))
     }
 
     /// Runs `call` (a blocking ioctl on this vCPU) with the watchdog armed;
