@@ -8,6 +8,7 @@ mod error;
 mod findings;
 mod guest_init;
 mod history;
+mod host_share;
 mod kcidb;
 mod kconfig;
 mod kernel;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::guest_init::MARKER;
+use crate::host_share::HostShare;
 use crate::util;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +119,8 @@ pub struct Guest {
     /// The init's no-kvm / probe-failed / setup-failed marker.
     pub failure: Option<String>,
     pub end: End,
+    /// QEMU's share of a host CPU while each binary ran (`host_share`).
+    pub host_share: std::collections::BTreeMap<String, u32>,
 }
 
 /// Oops lines kept for the failure record: the cause, then where it was.
@@ -135,6 +138,7 @@ impl Guest {
             panic: None,
             failure: None,
             end: End::RunTimeout(0),
+            host_share: std::collections::BTreeMap::new(),
         }
     }
 
@@ -249,6 +253,7 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64, console: &P
     let reader = thread::spawn(move || stream_console(stdout, &tx));
 
     let mut guest = Guest::new();
+    let mut share = HostShare::new(child.id());
     let boot_deadline = start + Duration::from_secs(boot_timeout);
     let run_deadline = start + Duration::from_secs(timeout);
     loop {
@@ -256,10 +261,14 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64, console: &P
         let wait = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(event) => guest.see(event, start.elapsed()),
+            Ok(event) => {
+                share.see(&event);
+                guest.see(event, start.elapsed());
+            }
             Err(RecvTimeoutError::Timeout) => {
                 kill(&mut child);
                 reader.join().ok();
+                guest.host_share = share.per_binary;
                 guest.end =
                     if guest.booted { End::RunTimeout(timeout) } else { End::BootTimeout(boot_timeout.min(timeout)) };
                 return Ok(guest);
@@ -267,6 +276,7 @@ pub fn supervise(cmd: &mut Command, boot_timeout: u64, timeout: u64, console: &P
         }
     }
     reader.join().ok();
+    guest.host_share = std::mem::take(&mut share.per_binary);
     // The console closed, so QEMU is exiting; still bound the wait.
     let grace = Instant::now() + Duration::from_secs(10);
     loop {
@@ -298,6 +308,18 @@ impl<R: Read> Read for Tee<R> {
         // A full disk must not stop the run; the terminal still has it all.
         let _ = self.log.write_all(&buf[..n]);
         Ok(n)
+    }
+}
+
+impl HostShare {
+    /// Starts or ends a binary's measurement at its `run`/`end` marker.
+    fn see(&mut self, event: &Event) {
+        let Event::Marker(m) = event else { return };
+        match m.split_once(' ') {
+            Some(("run", name)) => self.start(name),
+            Some(("end", rest)) => self.end(rest.rsplit_once(' ').map_or(rest, |(name, _rc)| name)),
+            _ => {}
+        }
     }
 }
 

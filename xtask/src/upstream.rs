@@ -153,14 +153,16 @@ pub fn comparison(tests: &[CTest], results: &[TestResult], wall_ms: &BTreeMap<St
 }
 
 /// Each binary's wall time, test count and summed test time (the tests of
-/// one binary run on several threads, so the sum can exceed the wall time).
-pub fn wall_times(results: &[TestResult], wall_ms: &BTreeMap<String, u64>) -> String {
-    let mut out = String::from("xtask: wall time per binary:\n");
+/// one binary run on several threads, so the sum can exceed the wall time),
+/// and QEMU's share of a host CPU meanwhile where it was measured.
+pub fn wall_times(results: &[TestResult], wall_ms: &BTreeMap<String, u64>, share: &BTreeMap<String, u32>) -> String {
+    let mut out = String::from("xtask: wall time per binary (and QEMU's share of a host CPU meanwhile):\n");
     for (binary, ms) in wall_ms {
         let own: Vec<&TestResult> = results.iter().filter(|r| &r.binary == binary).collect();
         let summed: u64 = own.iter().map(|r| r.duration_ms).sum();
+        let qemu = share.get(binary).map(|s| format!("  QEMU {s:>3}%")).unwrap_or_default();
         out.push_str(&format!(
-            "xtask:   {binary:<26} {:>7.2} s  {:>4} tests  summed {:>7.2} s\n",
+            "xtask:   {binary:<26} {:>7.2} s  {:>4} tests  summed {:>7.2} s{qemu}\n",
             *ms as f64 / 1000.0,
             own.len(),
             summed as f64 / 1000.0
@@ -236,8 +238,8 @@ mod tests {
             words[1..].join(" "),
             "t_test C 0.50 s (pass) Rust 2.00 s (a, 3 tests) ratio 4.0x | matching: Rust 0.50 s (2 tests) ratio 1.0x"
         );
-        let walls = wall_times(&results, &wall);
+        let walls = wall_times(&results, &wall, &BTreeMap::from([("a".to_string(), 87)]));
         let words: Vec<&str> = walls.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(words[1..].join(" "), "a 2.00 s 3 tests summed 0.51 s");
+        assert_eq!(words[1..].join(" "), "a 2.00 s 3 tests summed 0.51 s QEMU 87%");
     }
 }

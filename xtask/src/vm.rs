@@ -24,7 +24,7 @@ use crate::report::{self, Outcome, Summary, TestResult};
 use crate::test_binaries::{self, Built};
 use crate::upstream::{self, CTest};
 use crate::util::{self, io_err, req};
-use crate::{bundle, coverage, kernel_log};
+use crate::{bundle, coverage, host_share, kernel_log};
 
 /// Where the guest probe leaves the decision table, next to the results.
 pub const RULES_FILE: &str = "rules.txt";
@@ -183,7 +183,12 @@ pub fn run(opts: &VmOpts) -> Result<RunOutcome> {
         eprint!("xtask: versioned rules on {} (rule, outcome applied, what decided it):\n{table}", outcome.kernel);
     }
     let wall = upstream::read_wall_times(&results_dir.join("wall-times"));
-    eprint!("{}", upstream::wall_times(&outcome.results, &wall));
+    eprint!("{}", upstream::wall_times(&outcome.results, &wall, &guest.host_share));
+    let mut failed: Vec<&str> =
+        outcome.results.iter().filter(|r| r.outcome == Outcome::Fail).map(|r| r.binary.as_str()).collect();
+    failed.sort_unstable();
+    failed.dedup();
+    eprint!("{}", host_share::starvation_notes(&failed, &guest.host_share));
     if !c_tests.is_empty() {
         eprint!("{}", upstream::comparison(&c_tests, &outcome.results, &wall));
     }
