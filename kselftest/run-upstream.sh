@@ -26,10 +26,11 @@
 # injection knobs) and 64 huge pages of 2 MiB (hugetlb conversions).
 # kselftest's runner writes each program's output through /dev/stdout; in a
 # guest whose /dev lacks that link or cannot be written (a read-only share),
-# the nested lines are lost silently, and under vng they go to a port of
-# their own. So /dev/stdout is made a link to /proc/self/fd/1 as in a
-# distribution's /dev: in place, or on a devtmpfs mounted over a read-only
-# /dev (with the stdin, stderr and fd links).
+# the nested lines are lost silently, and vng links it to a port of its
+# own (virtme.dev_stdout), a second channel apart from the runner's lines.
+# So /dev/stdout is made a link to /proc/self/fd/1 as in a distribution's
+# /dev: in place, or on a devtmpfs mounted over a read-only /dev (with the
+# stdin, stderr and fd links).
 
 die() { echo "run-upstream.sh: $*" >&2; exit 2; }
 
@@ -71,6 +72,13 @@ if [ -n "$log" ]; then
     : > "$log" || die "--log: cannot write $log"
 fi
 
+# /dev/stdout links to /proc/self/fd/1 and opens for writing; checked with
+# a pipe as stdout, as the runner will have it (see below).
+stdout_ok() {
+    [ "$(readlink /dev/stdout 2>/dev/null)" = /proc/self/fd/1 ] &&
+        [ "$({ : >> /dev/stdout && echo y; } 2>/dev/null)" = y ]
+}
+
 if [ $setup = 1 ]; then
     if [ -d /sys/kernel/debug ] && ! grep -q ' /sys/kernel/debug debugfs ' /proc/mounts; then
         mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || echo "run-upstream.sh: cannot mount debugfs (allocation_failures will need it)" >&2
@@ -78,10 +86,7 @@ if [ $setup = 1 ]; then
     if [ "$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)" -lt 64 ]; then
         echo 64 > /proc/sys/vm/nr_hugepages 2>/dev/null || echo "run-upstream.sh: cannot reserve 64 huge pages" >&2
     fi
-    # Both checks: vng links /dev/stdout to a virtio port of its own
-    # (virtme.dev_stdout), so the nested lines would travel apart from the
-    # runner's own, on a second channel.
-    if [ "$(readlink /dev/stdout 2>/dev/null)" != /proc/self/fd/1 ] || ! { : >> /dev/stdout; } 2>/dev/null; then
+    if ! stdout_ok; then
         echo "run-upstream.sh: /dev/stdout is not a writable link to /proc/self/fd/1 ($(ls -l /dev/stdout 2>&1)): relinking it" >&2
         if ! ln -sfn /proc/self/fd/1 /dev/stdout 2>/dev/null; then
             echo "run-upstream.sh: /dev is read-only: mounting a devtmpfs on /dev" >&2
@@ -91,7 +96,7 @@ if [ $setup = 1 ]; then
             [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
             ln -sfn /proc/self/fd/1 /dev/stdout || die "cannot link /dev/stdout on the new /dev"
         fi
-        { : >> /dev/stdout; } 2>/dev/null || die "/dev/stdout still cannot be opened for writing"
+        stdout_ok || die "/dev/stdout still cannot be opened for writing"
     fi
 fi
 
@@ -105,11 +110,8 @@ if ! { cp "$selftests/run_kselftest.sh" "$W/" && cp -R "$selftests/kselftest" "$
     die "cannot set up the install in $W"
 fi
 
-if [ -n "$log" ]; then
-    { "$W/run_kselftest.sh" "$@"; echo $? > "$W/rc"; } | tee "$log"
-    rc=$(cat "$W/rc" 2>/dev/null || echo 2)
-else
-    "$W/run_kselftest.sh" "$@"
-    rc=$?
-fi
+# The runner's output goes through a pipe: its /dev/stdout reopens fd 1, and
+# a virtio console port (vng's stdout) can be open only once (EBUSY).
+{ "$W/run_kselftest.sh" "$@"; echo $? > "$W/rc"; } | tee "${log:-/dev/null}"
+rc=$(cat "$W/rc" 2>/dev/null) || die "run_kselftest.sh left no exit status"
 exit "$rc"
