@@ -162,9 +162,9 @@ impl<'scope> SlotRacer<'scope> {
         Self { flags, worker: Some(worker) }
     }
 
-    /// The worker's thread id.
-    fn worker_tid(&self) -> Pid {
-        Pid::from_raw(self.flags.worker_tid.load(Ordering::SeqCst))
+    /// The worker's thread id, while it runs (not once `finish` joined it).
+    fn live_worker_tid(&self) -> Option<Pid> {
+        self.worker.as_ref().map(|_| Pid::from_raw(self.flags.worker_tid.load(Ordering::SeqCst)))
     }
 
     /// Whether the worker's slot deletion has returned.
@@ -226,7 +226,9 @@ fn prefault_until_settled(
     let outcome = loop {
         let before = range.size;
         let started = Instant::now();
-        let threads: Vec<Pid> = std::iter::once(gettid()).chain(racer.as_ref().map(|r| r.worker_tid())).collect();
+        // A finished racer's worker has exited: only a running one is sampled.
+        let threads: Vec<Pid> =
+            std::iter::once(gettid()).chain(racer.as_ref().and_then(|r| r.live_worker_tid())).collect();
         // Dropping `returned` wakes the sampler at once when the call ends.
         let (returned, call_ended) = mpsc::channel::<()>();
         let (result, kick, states) = std::thread::scope(|s| {
