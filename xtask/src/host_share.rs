@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::time::Instant;
 
+use kvm_harness::task_state::Stat;
+
 /// A binary whose QEMU share was below this many percent of a host CPU
 /// gets a note when it failed.
 pub const STARVED_PERCENT: u32 = 50;
@@ -56,19 +58,10 @@ impl HostShare {
 }
 
 /// User plus system time of every thread of process `pid`, in clock ticks
-/// (proc(5): fields 14 and 15 of `/proc/PID/stat`).
+/// (utime and stime of `/proc/PID/stat`).
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_ticks(&stat)
-}
-
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // After the parenthesized command name: state is field 3, utime 14.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Stat::parse(&stat).map(|s| s.user_ticks + s.kernel_ticks)
 }
 
 /// The notes for failed binaries that ran on a starved emulator.
@@ -89,13 +82,6 @@ pub fn starvation_notes(failed_binaries: &[&str], shares: &BTreeMap<String, u32>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_ticks_are_utime_plus_stime_after_the_command_name() {
-        let stat = "42 (qemu (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 700 130 0 0 20 0 5 0 5 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(830));
-        assert_eq!(parse_cpu_ticks("42 (x) S 1"), None);
-    }
 
     #[test]
     fn this_process_accrues_cpu_time_and_gets_a_share() {

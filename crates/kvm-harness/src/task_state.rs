@@ -33,18 +33,42 @@ impl TaskState {
     }
 
     fn parse(stat: &str, wchan: Result<String, String>) -> Option<Self> {
-        // After the parenthesized command name (which may hold spaces and
-        // parentheses): the state, then stime 12 fields on.
-        let (_, rest) = stat.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let state = fields.first()?.to_string();
-        let kernel_ticks = fields.get(12)?.parse().ok()?;
+        let fields = Stat::parse(stat)?;
+        let state = fields.state.to_string();
+        let kernel_ticks = fields.kernel_ticks;
         let wchan = match wchan {
             Ok(w) if w.is_empty() || w == "0" => "none".into(),
             Ok(w) => w,
             Err(e) => e,
         };
         Some(Self { state, wchan, kernel_ticks })
+    }
+}
+
+/// The fields of a `/proc/PID/stat` or `/proc/PID/task/TID/stat` line
+/// that the harness and xtask read (proc(5)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat<'a> {
+    /// Field 3: `R`, `S`, `D`, ...
+    pub state: &'a str,
+    /// Field 14, utime: user CPU time in clock ticks.
+    pub user_ticks: u64,
+    /// Field 15, stime: kernel CPU time in clock ticks.
+    pub kernel_ticks: u64,
+}
+
+impl<'a> Stat<'a> {
+    /// Parses one stat line; `None` if it is not one.
+    pub fn parse(stat: &'a str) -> Option<Self> {
+        // After the parenthesized command name (which may hold spaces and
+        // parentheses): the state (field 3), then utime and stime (14, 15).
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        Some(Self {
+            state: fields.first()?,
+            user_ticks: fields.get(11)?.parse().ok()?,
+            kernel_ticks: fields.get(12)?.parse().ok()?,
+        })
     }
 }
 
@@ -66,6 +90,7 @@ mod tests {
         let running = TaskState::parse(stat, Ok("0".into())).unwrap();
         assert_eq!(running.wchan, "none");
         assert!(TaskState::parse("42 (x) S 1", Ok(String::new())).is_none());
+        assert_eq!(Stat::parse(stat), Some(Stat { state: "S", user_ticks: 7, kernel_ticks: 13 }));
     }
 
     #[test]
