@@ -163,7 +163,7 @@ impl Guest {
                 self.running.push(rest.to_string());
             }
             "end" => {
-                let name = rest.rsplit_once(' ').map_or(rest, |(name, _rc)| name);
+                let name = ended_binary(rest);
                 if let Some(at) = self.running.iter().position(|r| r == name) {
                     self.running.remove(at);
                 }
@@ -311,13 +311,18 @@ impl<R: Read> Read for Tee<R> {
     }
 }
 
+/// The binary an `end NAME RC` marker names, from what follows `end `.
+fn ended_binary(rest: &str) -> &str {
+    rest.rsplit_once(' ').map_or(rest, |(name, _rc)| name)
+}
+
 impl HostShare {
     /// Starts or ends a binary's measurement at its `run`/`end` marker.
     fn see(&mut self, event: &Event) {
         let Event::Marker(m) = event else { return };
         match m.split_once(' ') {
             Some(("run", name)) => self.start(name),
-            Some(("end", rest)) => self.end(rest.rsplit_once(' ').map_or(rest, |(name, _rc)| name)),
+            Some(("end", rest)) => self.end(ended_binary(rest)),
             _ => {}
         }
     }
