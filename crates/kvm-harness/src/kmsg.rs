@@ -276,6 +276,11 @@ fn open_windows() -> &'static Mutex<Open> {
     OPEN.get_or_init(|| Mutex::new(Vec::new()))
 }
 
+/// Takes window `id` off the list of open ones.
+fn forget_window(id: u64) {
+    open_windows().lock().unwrap_or_else(|p| p.into_inner()).retain(|(open, _, _)| *open != id);
+}
+
 /// One test's view of the kernel log, from just before its body ran.
 #[derive(Debug)]
 pub struct Window {
@@ -315,14 +320,20 @@ impl Window {
         }
         // Opened after registering, so a report of a test that overlapped
         // ours is never in our window without its name in our list.
-        let reader = Reader::from_now().map_err(|e| format!("cannot read {KMSG_PATH}: {e}"))?;
-        Ok(Window { reader, id, overlapped })
+        match Reader::from_now() {
+            Ok(reader) => Ok(Window { reader, id, overlapped }),
+            Err(e) => {
+                // No window: later tests must not count this one as open.
+                forget_window(id);
+                Err(format!("cannot read {KMSG_PATH}: {e}"))
+            }
+        }
     }
 
     /// Closes the window: the reports logged since it opened.
     pub fn close(mut self) -> std::result::Result<Seen, String> {
         let records = self.reader.read_new().map_err(|e| format!("reading {KMSG_PATH}: {e}"));
-        open_windows().lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _, _)| *id != self.id);
+        forget_window(self.id);
         let overlapped = self.overlapped.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
         Ok(Seen { reports: reports(&records?), overlapped, lost: self.reader.lost })
     }
