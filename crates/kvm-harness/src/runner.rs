@@ -186,6 +186,17 @@ impl Suite {
         self.args.test_threads = Some(1);
     }
 
+    /// Runs up to `n` tests at once unless `--test-threads` says otherwise:
+    /// for a binary whose tests may each wait out a wall-clock deadline on
+    /// a kernel with a bug, so that those waits overlap instead of adding
+    /// up (libtest's default is one thread per CPU).
+    pub fn test_threads_at_least(&mut self, n: usize) {
+        if self.args.test_threads.is_none() {
+            let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+            self.args.test_threads = Some(n.max(cpus));
+        }
+    }
+
     /// Whether strict mode is on.
     pub fn strict(&self) -> bool {
         self.strict

@@ -1,7 +1,7 @@
 //! One test per rule, on the 6.12 and 7.3 profiles where they differ.
 
 use super::*;
-use crate::decide::{Basis, History, KernelFacts};
+use crate::decide::{contains_folded, Basis, History, KernelFacts};
 use crate::versioned::GMEM_BINDING_OVERLAP;
 
 const P: u64 = PAGE_SIZE;
@@ -49,6 +49,36 @@ fn facts(release: &str, history: Option<History>) -> KernelFacts {
 const CHANGELOG_6_12_118: &str =
     "linux (6.12.118-1) trixie-security; urgency=high\n\n  * New upstream stable update:\n    \
     - KVM: guest_memfd: Establish memslot<=>guest_memfd bindings *after* memslot\n      is ready (CVE-2026-99335)\n";
+
+/// The history's search matches what searching the text with its white
+/// space folded matched, on texts built to tell them apart: wrapped and
+/// indented subjects, a first word that occurs often, words that begin or
+/// end others, a subject cut off at the end of the text.
+#[test]
+fn history_search_matches_the_folded_text() {
+    let fold = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    let texts = [
+        "- KVM: x86: fix it\n",
+        "- KVM: x86:\n      fix it now",
+        "KVM: KVM: x86: fix",
+        "xKVM: x86: fixing",
+        "KVM:x86: fix it",
+        "KVM: x86\t:\tfix it",
+        "- KVM: x86: fix",
+        "",
+        "   \n\t ",
+        "KVM: arm64: fix it; KVM: x86: other; KVM: x86: fix it",
+    ];
+    let subjects = ["KVM: x86: fix it", "KVM: x86: fix", "VM: x86: fi", "fix", "x86: fix it now", "KVM:", " ", ""];
+    for text in texts {
+        for subject in subjects {
+            let words: Vec<&str> = subject.split_whitespace().collect();
+            let folded = fold(subject);
+            let expected = !folded.is_empty() && fold(text).contains(&folded);
+            assert_eq!(contains_folded(text, &words), expected, "text {text:?}, subject {subject:?}");
+        }
+    }
+}
 
 #[test]
 fn a_backport_in_the_changelog_decides_over_the_release() {
