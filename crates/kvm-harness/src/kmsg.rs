@@ -394,11 +394,7 @@ pub fn record_checked(results: Option<&Path>, checked: &Checked) {
     let Some(results) = results else { return };
     let path = seen_path(results);
     let line = serde_json::to_string(checked).expect("plain strings and numbers serialize");
-    let written = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+    let written = results::append_line(&path, &format!("{line}\n"));
     if let Err(e) = written {
         // Losing it would make the final check fail the run for reports a
         // test already failed with, or claim checks that never ran.

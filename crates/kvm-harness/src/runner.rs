@@ -146,6 +146,14 @@ impl Suite {
         });
         let kvm = Kvm::open().map(Arc::new).map_err(|e| format!("needs {KVM_PATH}: {e}"));
         let results = ResultsFile::from_env();
+        // Both files the tests' verdicts go to are opened before any test
+        // runs (see results::keep_open).
+        for path in results.path().map(|p| [p.to_path_buf(), kmsg::seen_path(p)]).into_iter().flatten() {
+            if let Err(e) = crate::results::keep_open(&path) {
+                eprintln!("{binary}: cannot open {} for appending: {e}", path.display());
+                std::process::exit(2);
+            }
+        }
         // Said once per binary, and recorded so that the run's final check
         // does not count this binary's tests as checked.
         if let kmsg::Oracle::Off(why) = kmsg::oracle() {
