@@ -589,11 +589,11 @@ mod tests {
                 mail.display()
             )
         );
-        let parsed = kvm_harness::kernel_rules::parse_history(&history).unwrap();
+        let parsed = kvm_harness::kernel_rules::parse_history(history.clone()).unwrap();
         assert!(parsed.complete());
         // Without a history of its own, the patches' subjects are one, incomplete.
         let tree = annotate(history::Kernel { name: "tree".into(), history: None }, &set);
-        assert!(!kvm_harness::kernel_rules::parse_history(&tree.history.unwrap()).unwrap().complete());
+        assert!(!kvm_harness::kernel_rules::parse_history(tree.history.unwrap()).unwrap().complete());
         let bare_only =
             annotate(history::Kernel { name: "tree".into(), history: None }, &PatchSet::load(&[bare]).unwrap());
         assert_eq!(bare_only.history, None);

@@ -33,8 +33,8 @@ impl History {
     /// 6.12.118-1~deb12u1`); `complete` says whether it lists every change
     /// the kernel carries (a full git log, a distribution changelog of
     /// stable updates), so that a change it does not name is absent.
-    pub fn new(source: impl Into<String>, text: &str, complete: bool) -> Self {
-        History { source: source.into(), text: text.to_owned(), complete }
+    pub fn new(source: impl Into<String>, text: impl Into<String>, complete: bool) -> Self {
+        History { source: source.into(), text: text.into(), complete }
     }
 
     /// Where the history was read.
