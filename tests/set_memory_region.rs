@@ -60,10 +60,11 @@ fn max_memslots(kvm: &Arc<Kvm>) -> Result<()> {
     let vm = Vm::bare(kvm, VmType::Default)?;
     // One reservation for all slots; MAP_NORESERVE keeps it cheap.
     let memory = Arc::new(HostMemory::anonymous(u64::from(nr) * SIZE)?);
+    let rule = format!("every slot id below KVM_CAP_NR_MEMSLOTS ({nr}) is accepted");
     for slot in 0..nr {
         let offset = u64::from(slot) * SIZE;
         let region = Region { memory_offset: offset, size: SIZE, ..Region::new(slot, offset, memory.clone()) };
-        expect_ok(&format!("every slot id below KVM_CAP_NR_MEMSLOTS ({nr}) is accepted"), || vm.set_region(&region))?;
+        expect_ok(&rule, || vm.set_region(&region))?;
     }
     let extra = Region::new(nr, u64::from(nr) * SIZE, Arc::new(HostMemory::anonymous(SIZE)?));
     expect_errno(
