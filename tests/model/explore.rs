@@ -90,19 +90,30 @@ pub(crate) fn sequences(profile: &Profile, gmem_only: GmemOnlyAccess, windows: W
     )
 }
 
+/// The huge window's sequences for `small` in the small window: a third
+/// (each costs about three times as much), and at least one, so that
+/// `KVM_SELFTESTS_MODEL_CASES=1` reruns the first case of every test.
+pub(crate) fn huge_cases(small: u32) -> u32 {
+    (small / 3).max(1)
+}
+
 /// Runs the configured number of random sequences on VMs of `vm_type`; on
 /// a mismatch, shrinks it and fails with the reproducer.
 pub(crate) fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess, windows: Windows) -> Result<()> {
     let profile = probe_profile(kvm, vm_type)?;
     let base = settings::u64_opt(SEED_ENV)?.unwrap_or(DEFAULT_SEED);
-    let default_cases = match windows {
-        Windows::Small => DEFAULT_CASES,
-        Windows::Huge => HUGE_DEFAULT_CASES,
-    };
-    let cases = match settings::u64_opt(CASES_ENV)? {
-        None => default_cases,
+    let small_cases = match settings::u64_opt(CASES_ENV)? {
+        None => DEFAULT_CASES,
         Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => n as u32,
         Some(n) => return Err(Error::Config(format!("{CASES_ENV}={n}: expected at least 1"))),
+    };
+    let default_cases = match windows {
+        Windows::Small => DEFAULT_CASES,
+        Windows::Huge => huge_cases(DEFAULT_CASES),
+    };
+    let cases = match windows {
+        Windows::Small => small_cases,
+        Windows::Huge => huge_cases(small_cases),
     };
     eprintln!(
         "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}, \

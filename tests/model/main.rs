@@ -26,7 +26,7 @@
 //!
 //! Settings: `KVM_SELFTESTS_SEED` (u64, decimal or 0x-hex; the default is
 //! fixed, so runs are reproducible), `KVM_SELFTESTS_MODEL_CASES` (sequences
-//! per VM type, default 120; 40 in the huge window). Each case's seed is printed on failure: with
+//! per VM type, default 120; a third of it in the huge window). Each case's seed is printed on failure: with
 //! it as `KVM_SELFTESTS_SEED` and `KVM_SELFTESTS_MODEL_CASES=1` that exact
 //! case runs first. Cases, steps and shrink iterations are bounded, every
 //! `KVM_RUN` has the harness watchdog, and a time budget stops exploring
@@ -125,8 +125,6 @@ const DEFAULT_SEED: u64 = 0x6b76_6d5f_6d6f_6465;
 /// kvm_main.c, mmu.c, x86.c) was no lower at 100 than at 200, while the 80 more cost 3-4 s of the 6.12
 /// suite's 40 s idle budget. Deeper runs set [`CASES_ENV`] (and the soak).
 const DEFAULT_CASES: u32 = 120;
-/// Sequences of the huge window's test ([`Windows::Huge`]).
-const HUGE_DEFAULT_CASES: u32 = 40;
 const STEPS: std::ops::RangeInclusive<usize> = 30..=50;
 const MAX_SHRINK_RUNS: u32 = 3000;
 const BUDGET_ENV: &str = "KVM_SELFTESTS_MODEL_BUDGET";
