@@ -167,6 +167,11 @@ impl<'scope> SlotRacer<'scope> {
         self.worker.as_ref().map(|_| Pid::from_raw(self.flags.worker_tid.load(Ordering::SeqCst)))
     }
 
+    /// The flags, shared with the sampler of a call's kernel states.
+    fn flags(&self) -> Arc<RaceFlags> {
+        self.flags.clone()
+    }
+
     /// Whether the worker's slot deletion has returned.
     fn deleted(&self) -> bool {
         self.flags.deleted.load(Ordering::SeqCst)
@@ -231,19 +236,21 @@ fn prefault_until_settled(
             std::iter::once(gettid()).chain(racer.as_ref().and_then(|r| r.live_worker_tid())).collect();
         // Dropping `returned` wakes the sampler at once when the call ends.
         let (returned, call_ended) = mpsc::channel::<()>();
-        let (result, kick, states) = std::thread::scope(|s| {
+        let flags = racer.as_ref().map(|r| r.flags());
+        let (result, kick, (states, deletion_done)) = std::thread::scope(|s| {
             let threads = &threads;
-            let sampler = s.spawn(move || kernel_states_while_running(call_ended, threads));
+            let flags = flags.as_deref();
+            let sampler = s.spawn(move || kernel_states_while_running(call_ended, threads, flags));
             let (result, kick) = vcpu.pre_fault_memory_with_deadline(&mut range, deadline);
             drop(returned);
             (result, kick, sampler.join().unwrap_or_default())
         });
         if let Some(at_kick) = kick {
-            let deletion_done = racer.as_ref().map(|r| r.deleted());
             if let Some(racer) = racer.as_mut() {
                 racer.finish()?;
             }
-            let hang = Hang { waited: started.elapsed(), at_kick, deletion_done, states };
+            let in_racing_slot = (slot_gpa..slot_gpa + TEST_SIZE).contains(&range.gpa);
+            let hang = Hang { waited: started.elapsed(), at_kick, deletion_done, in_racing_slot, states };
             return Err(hang_error(&what, &result, &range, &hang));
         }
         check_progress(&what, &result, &range, before, slot_gpa + offset, size)?;
@@ -326,13 +333,21 @@ fn check_progress(
 /// sampled every [`STATE_SAMPLE`] and rendered from the first and the last
 /// sample. A retry loop runs (state R, kernel time growing); a stall sleeps
 /// (S or D, a wait channel). Empty when the call returned before the first
-/// sample.
-fn kernel_states_while_running(call_ended: Receiver<()>, threads: &[Pid]) -> String {
+/// sample. With a racer's `flags`, also whether its deletion had returned
+/// at the last sample: read after the kick it would always have, as the
+/// kick ends the prefault that a deletion may be waiting for.
+fn kernel_states_while_running(
+    call_ended: Receiver<()>,
+    threads: &[Pid],
+    flags: Option<&RaceFlags>,
+) -> (String, Option<bool>) {
     let start = Instant::now();
     let sample = || (start.elapsed(), threads.iter().map(|&tid| TaskState::read(tid)).collect::<Vec<_>>());
     let mut first = None;
     let mut last = None;
+    let mut deleted = flags.map(|f| f.deleted.load(Ordering::SeqCst));
     while let Err(RecvTimeoutError::Timeout) = call_ended.recv_timeout(STATE_SAMPLE) {
+        deleted = flags.map(|f| f.deleted.load(Ordering::SeqCst));
         let now = sample();
         if first.is_none() {
             first = Some(now);
@@ -340,9 +355,9 @@ fn kernel_states_while_running(call_ended: Receiver<()>, threads: &[Pid]) -> Str
             last = Some(now);
         }
     }
-    let (Some((t1, first)), Some((t2, last))) = (first, last) else { return String::new() };
+    let (Some((t1, first)), Some((t2, last))) = (first, last) else { return (String::new(), deleted) };
     let role = ["prefaulting thread", "slot worker"];
-    threads
+    let states = threads
         .iter()
         .zip(role)
         .zip(first.into_iter().zip(last))
@@ -358,7 +373,8 @@ fn kernel_states_while_running(call_ended: Receiver<()>, threads: &[Pid]) -> Str
             ),
             (Err(e), _) | (_, Err(e)) => format!("; the {role} (tid {tid}): {e}"),
         })
-        .collect()
+        .collect();
+    (states, deleted)
 }
 
 /// How a prefault that only the watchdog's kick ended looked.
@@ -367,15 +383,18 @@ struct Hang {
     waited: Duration,
     /// The prefaulting thread at the kick, from the watchdog.
     at_kick: String,
-    /// `None` without a racer, else whether its deletion had returned.
+    /// `None` without a racer, else whether its deletion had returned
+    /// before the kick.
     deletion_done: Option<bool>,
+    /// Whether the GPA the call stopped at lies in the slot being deleted.
+    in_racing_slot: bool,
     /// Both threads while the call ran ([`kernel_states_while_running`]).
     states: String,
 }
 
 /// The failure for a prefault only the watchdog's kick ended.
 fn hang_error(what: &str, result: &Result<()>, range: &kvm_pre_fault_memory, hang: &Hang) -> Error {
-    let Hang { waited, at_kick, deletion_done, states } = hang;
+    let Hang { waited, at_kick, deletion_done, in_racing_slot, states } = hang;
     let rule = if deletion_done.is_some() {
         "KVM_PRE_FAULT_MEMORY never hangs while its memslot is deleted and re-created"
     } else {
@@ -389,12 +408,20 @@ fn hang_error(what: &str, result: &Result<()>, range: &kvm_pre_fault_memory, han
              deletion made obsolete (upstream 20a6cff3b283, \"KVM: x86/mmu: Check and free obsolete \
              roots in kvm_mmu_reload()\")"
         }
-        Some(false) => {
+        Some(false) if *in_racing_slot => {
             "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
              the deletion waits for the prefault's kvm->srcu read side while the prefault retries \
              its fault on the memslot being deleted, a deadlock newer kernels break by failing the \
              prefault with EAGAIN (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace \
              deletes/moves memslot during prefault\")"
+        }
+        Some(false) => {
+            "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either, and the \
+             GPA lies outside the memslot being deleted, so no EAGAIN for that memslot applies: \
+             the deletion's zap of all roots (KVM_X86_QUIRK_SLOT_ZAP_ALL) made the vCPU's root \
+             obsolete during the call, kvm_tdp_page_prefault() retries RET_PF_RETRY without \
+             kvm_mmu_reload() (which runs once per range), and the deletion's last \
+             synchronize_srcu() waits for the prefault's kvm->srcu read side"
         }
     };
     Error::rule(
