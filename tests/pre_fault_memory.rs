@@ -409,11 +409,12 @@ fn hang_error(what: &str, result: &Result<()>, range: &kvm_pre_fault_memory, han
              roots in kvm_mmu_reload()\")"
         }
         Some(false) if *in_racing_slot => {
-            "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: \
-             the deletion waits for the prefault's kvm->srcu read side while the prefault retries \
-             its fault on the memslot being deleted, a deadlock newer kernels break by failing the \
-             prefault with EAGAIN (upstream \"KVM: x86/mmu: Return -EAGAIN if userspace \
-             deletes/moves memslot during prefault\")"
+            "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: it waits in \
+             synchronize_srcu() for the prefault's kvm->srcu read side while the prefault retries. \
+             Upstream fails a prefault on the memslot being deleted with EAGAIN (\"KVM: x86/mmu: \
+             Return -EAGAIN if userspace deletes/moves memslot during prefault\"), but not one whose \
+             root the deletion's zap of all roots made obsolete during the call: \
+             kvm_tdp_page_prefault() retries RET_PF_RETRY without kvm_mmu_reload() (7.3.4)"
         }
         Some(false) => {
             "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either, and the \
