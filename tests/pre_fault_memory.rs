@@ -377,6 +377,13 @@ fn kernel_states_while_running(
     (states, deleted)
 }
 
+/// Why a prefault hangs while a default VM's memslot is deleted on a kernel
+/// with the fixes of 6.12's livelocks (7.3.4): findings/prefault-obsolete-root.
+const OBSOLETE_ROOT: &str = "the deletion's zap of all roots (a default VM's KVM_X86_QUIRK_SLOT_ZAP_ALL) made \
+                             the vCPU's root obsolete during the call, and kvm_tdp_page_prefault() retries \
+                             RET_PF_RETRY without kvm_mmu_reload() while holding the kvm->srcu read side the \
+                             deletion waits for (findings/prefault-obsolete-root)";
+
 /// How a prefault that only the watchdog's kick ended looked.
 struct Hang {
     /// Wall time from the call to its end.
@@ -408,22 +415,18 @@ fn hang_error(what: &str, result: &Result<()>, range: &kvm_pre_fault_memory, han
              deletion made obsolete (upstream 20a6cff3b283, \"KVM: x86/mmu: Check and free obsolete \
              roots in kvm_mmu_reload()\")"
         }
-        Some(false) if *in_racing_slot => {
+        Some(false) if *in_racing_slot => &format!(
             "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either: it waits in \
              synchronize_srcu() for the prefault's kvm->srcu read side while the prefault retries. \
              Upstream fails a prefault on the memslot being deleted with EAGAIN (\"KVM: x86/mmu: \
-             Return -EAGAIN if userspace deletes/moves memslot during prefault\"), but not one whose \
-             root the deletion's zap of all roots made obsolete during the call: \
-             kvm_tdp_page_prefault() retries RET_PF_RETRY without kvm_mmu_reload() (7.3.4)"
-        }
-        Some(false) => {
+             Return -EAGAIN if userspace deletes/moves memslot during prefault\"), but not one where \
+             {OBSOLETE_ROOT}"
+        ),
+        Some(false) => &format!(
             "; the worker's KVM_SET_USER_MEMORY_REGION2(delete) had not returned either, and the \
              GPA lies outside the memslot being deleted, so no EAGAIN for that memslot applies: \
-             the deletion's zap of all roots (a default VM's KVM_X86_QUIRK_SLOT_ZAP_ALL) made the \
-             vCPU's root obsolete during the call, kvm_tdp_page_prefault() retries RET_PF_RETRY without \
-             kvm_mmu_reload() (which runs once per range), and the deletion's last \
-             synchronize_srcu() waits for the prefault's kvm->srcu read side"
-        }
+             {OBSOLETE_ROOT}"
+        ),
     };
     Error::rule(
         rule,
@@ -533,16 +536,13 @@ fn slotless_prefault_fails_with_enoent_while_another_memslot_is_deleted(kvm: &Ar
             let outcome = match (&result, kick) {
                 (_, Some(at_kick)) => Err(format!(
                     "call {call} was still in the kernel after {deadline:?} and only the watchdog's signal \
-                     ended it ({result:?}; at the kick: {at_kick}), after {} deletions: the deletion's zap of \
-                     all roots made the vCPU's root obsolete during the call and kvm_tdp_page_prefault() \
-                     retries without kvm_mmu_reload(), holding the kvm->srcu read side the deletion waits for",
+                     ended it ({result:?}; at the kick: {at_kick}), after {} deletions: {OBSOLETE_ROOT}",
                     deletions.load(Ordering::SeqCst)
                 )),
                 (Err(e), None) if e.errno() == Some(Errno::ENOENT) && range.size == PAGE => Ok(()),
                 (Err(e), None) if e.errno() == Some(Errno::EINTR) => Ok(()),
                 (other, None) => Err(format!(
-                    "call {call}: expected ENOENT with the page left, got {other:?} with \
-                                               {:#x} bytes left",
+                    "call {call}: expected ENOENT with the page left, got {other:?} with {:#x} bytes left",
                     range.size
                 )),
             };
@@ -718,7 +718,9 @@ fn main() -> ExitCode {
 
     // Shared sides only: a private prefault of a GPA without a memslot
     // fails with EFAULT before the stale-root check.
-    for combo in Combo::ALL.into_iter().filter(|c| !c.private) {
+    let slotless = Combo::ALL.into_iter().filter(|c| !c.private);
+    let hang_prone = Combo::ALL.len() + slotless.clone().count();
+    for combo in slotless {
         let rule = "slotless_prefault_fails_with_enoent_while_another_memslot_is_deleted";
         suite.for_vm_type(combo.vm_type, rule, combo.needs(), move |kvm, _| {
             slotless_prefault_fails_with_enoent_while_another_memslot_is_deleted(kvm, combo)
@@ -732,6 +734,6 @@ fn main() -> ExitCode {
     // of several in a row (10.9 s of the binary's wall time on 6.12.118
     // with two threads and three such tests). A kernel without the bugs
     // finishes them in milliseconds either way.
-    suite.test_threads_at_least(Combo::ALL.len() + 2);
+    suite.test_threads_at_least(hang_prone);
     suite.run()
 }
