@@ -107,14 +107,11 @@ pub(crate) fn explore(kvm: &Arc<Kvm>, vm_type: VmType, gmem_only: GmemOnlyAccess
         Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => n as u32,
         Some(n) => return Err(Error::Config(format!("{CASES_ENV}={n}: expected at least 1"))),
     };
-    let default_cases = match windows {
-        Windows::Small => DEFAULT_CASES,
-        Windows::Huge => huge_cases(DEFAULT_CASES),
+    let in_window = |small: u32| match windows {
+        Windows::Small => small,
+        Windows::Huge => huge_cases(small),
     };
-    let cases = match windows {
-        Windows::Small => small_cases,
-        Windows::Huge => huge_cases(small_cases),
-    };
+    let (default_cases, cases) = (in_window(DEFAULT_CASES), in_window(small_cases));
     eprintln!(
         "model: {vm_type} on {}, {profile:?}, seed {base:#x}, {cases} cases, gmem-only guest accesses {gmem_only:?}, \
          windows {windows:?}, guest hypercalls {}",
